@@ -1,0 +1,104 @@
+# Loyalty platform: one entry point for setup, infrastructure, services, checks and benchmarks.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+LOCAL := .local
+RUN_DIR := $(LOCAL)/run
+SERVICES := ledger rules metrics
+PORT_ledger := 8001
+PORT_rules := 8002
+PORT_metrics := 8003
+PYTEST_ARGS ?=
+
+.PHONY: help setup kafka-jars kafka-up kafka-down db-up db-down db-migrate topics infra up down run test test-fast \
+        lint fmt typecheck schemas check-schemas bench bench-ledger bench-rules clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+setup: $(VENV)/.installed kafka-jars ## Create .venv, install the pinned dependencies, fetch the Kafka jars
+
+kafka-jars: ## Resolve the Apache Kafka broker classpath from Maven Central
+	@deploy/kafka/kafka.sh jars
+
+kafka-up: $(VENV)/.installed ## Start the local Kafka broker (KRaft); reuse it when running
+	@deploy/kafka/kafka.sh up
+
+kafka-down: ## Stop the local Kafka broker
+	@deploy/kafka/kafka.sh down
+
+db-up: ## Start PostgreSQL 15 when it is down; create the role and databases
+	@deploy/postgres/db-up.sh
+
+db-down: ## Stop the local PostgreSQL cluster
+	pg_ctlcluster 15 main stop || true
+
+db-migrate: $(VENV)/.installed db-up ## Apply every service's alembic migrations
+	$(BIN)/loyalty migrate
+
+topics: kafka-up ## Create the platform's topics (idempotent)
+	$(BIN)/loyalty topics
+
+infra: kafka-up db-up ## Kafka and PostgreSQL up
+
+up: infra db-migrate topics ## Infrastructure, migrations and the three services in the background
+	@mkdir -p $(RUN_DIR)
+	@for s in $(SERVICES); do \
+	  if [ -f $(RUN_DIR)/$$s.pid ] && kill -0 $$(cat $(RUN_DIR)/$$s.pid) 2>/dev/null; then \
+	    echo "$$s: already running (pid $$(cat $(RUN_DIR)/$$s.pid))"; \
+	  else \
+	    setsid nohup $(PY) -m $$s > $(RUN_DIR)/$$s.log 2>&1 < /dev/null & echo $$! > $(RUN_DIR)/$$s.pid; \
+	    echo "$$s: started (pid $$!, log $(RUN_DIR)/$$s.log)"; \
+	  fi; \
+	done
+	@for s in $(SERVICES); do \
+	  port=$$(eval echo \$$PORT_$$s); \
+	  for i in $$(seq 1 60); do \
+	    if curl -fs http://127.0.0.1:$$port/readyz >/dev/null; then echo "$$s: ready on http://127.0.0.1:$$port"; break; fi; \
+	    if ! kill -0 $$(cat $(RUN_DIR)/$$s.pid) 2>/dev/null; then echo "$$s: exited; see $(RUN_DIR)/$$s.log"; tail -n 20 $(RUN_DIR)/$$s.log; exit 1; fi; \
+	    sleep 1; \
+	    if [ $$i = 60 ]; then echo "$$s: not ready after 60 s"; exit 1; fi; \
+	  done; \
+	done
+
+down: ## Stop the services and the Kafka broker (PostgreSQL stays up: make db-down)
+	@for s in $(SERVICES); do \
+	  if [ -f $(RUN_DIR)/$$s.pid ]; then kill $$(cat $(RUN_DIR)/$$s.pid) 2>/dev/null && echo "$$s: stopped"; rm -f $(RUN_DIR)/$$s.pid; fi; \
+	done
+	@deploy/kafka/kafka.sh down
+
+run: up ## Everything up, sample events in, then stay in the foreground (Ctrl-C stops it all)
+	@scripts/run-demo.sh
+
+test: setup infra ## The whole suite against the real Kafka and PostgreSQL (started when down)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed ## Tests that need neither Kafka nor PostgreSQL
+	$(BIN)/pytest -m "not kafka and not db and not disruptive" $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(VENV)/.installed ## Format and autofix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: $(VENV)/.installed ## mypy (strict) over services, shared and tests
+	$(BIN)/mypy shared services/ledger/ledger services/rules/rules services/metrics/metrics tests
+
+schemas: $(VENV)/.installed ## Re-export the event JSON Schemas into shared/schemas
+	$(PY) -m shared.schema_export
+
+clean: down ## Stop everything and remove local state (Kafka data, logs)
+	rm -rf $(LOCAL)/kafka/data $(LOCAL)/kafka/logs $(RUN_DIR)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Starts the machine's PostgreSQL 15 cluster when it is down and creates the project's role and
+# databases. Idempotent. With an external server, skip this and point the *_DATABASE_URL settings at it.
+set -euo pipefail
+version=${PG_VERSION:-15}
+cluster=${PG_CLUSTER:-main}
+role=${LOYALTY_DB_USER:-loyalty}
+password=${LOYALTY_DB_PASSWORD:-loyalty}
+databases=${LOYALTY_DATABASES:-"loyalty_ledger loyalty_rules loyalty_metrics loyalty_ledger_test loyalty_rules_test loyalty_metrics_test"}
+
+log() { printf 'postgres: %s\n' "$*" >&2; }
+
+if command -v pg_lsclusters >/dev/null; then
+  status=$(pg_lsclusters -h "$version" "$cluster" 2>/dev/null | awk '{print $4}')
+  if [ -z "$status" ]; then
+    log "no cluster $version/$cluster; creating it"
+    pg_createcluster "$version" "$cluster"
+    status=down
+  fi
+  if [ "$status" != "online" ]; then
+    log "starting cluster $version/$cluster"
+    pg_ctlcluster "$version" "$cluster" start
+  fi
+fi
+
+psql_admin() {
+  if [ "$(id -u)" = 0 ]; then su postgres -c "psql -v ON_ERROR_STOP=1 -qAtX $*"; else sudo -u postgres psql -v ON_ERROR_STOP=1 -qAtX "$@"; fi
+}
+
+for _ in $(seq 1 30); do psql_admin "-c 'select 1'" >/dev/null 2>&1 && break; sleep 1; done
+
+if [ "$(psql_admin "-c \"select 1 from pg_roles where rolname = '$role'\"")" != 1 ]; then
+  log "creating role $role"
+  psql_admin "-c \"create role $role login password '$password' createdb\""
+fi
+for db in $databases; do
+  if [ "$(psql_admin "-c \"select 1 from pg_database where datname = '$db'\"")" != 1 ]; then
+    log "creating database $db"
+    psql_admin "-c \"create database $db owner $role\""
+  fi
+done
+log "ready on 127.0.0.1:5432 (role $role; databases: $databases)"

@@ -1,0 +1,1 @@
+"""Ledger service: the append-only, double-entry points ledger."""

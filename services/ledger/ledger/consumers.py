@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ledger.service import ledger_service
+from shared.consumer import ConsumerRunner, Inbound, Rejection
+from shared.db import transaction
+from shared.runtime import Runtime
+from shared.topics import POINTS_COMMANDS
+
+GROUP = "ledger"
+
+
+def commands_consumer(runtime: Runtime) -> ConsumerRunner:
+    group = runtime.settings.group(GROUP)
+
+    async def on_batch(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+        async with transaction(runtime.sessionmaker) as session:
+            return await ledger_service.handle_commands(session, batch, group=group)
+
+    return runtime.make_consumer(group=GROUP, topics=[POINTS_COMMANDS], handler=on_batch)

@@ -1,0 +1,1 @@
+"""Metrics service: the loyalty KPIs marketing steers on."""

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from metrics.service import metrics_service
+from shared.consumer import ConsumerRunner, Inbound, Rejection
+from shared.db import transaction
+from shared.runtime import Runtime
+from shared.topics import PURCHASES
+
+GROUP = "metrics"
+
+
+def purchases_consumer(runtime: Runtime) -> ConsumerRunner:
+    group = runtime.settings.group(GROUP)
+
+    async def on_batch(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+        async with transaction(runtime.sessionmaker) as session:
+            return await metrics_service.handle_batch(session, batch, group=group)
+
+    return runtime.make_consumer(group=GROUP, topics=[PURCHASES], handler=on_batch)

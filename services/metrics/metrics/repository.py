@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date
+from decimal import Decimal
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from metrics.models import DailyPurchases
+
+
+class DailyPurchasesRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    @classmethod
+    def from_session(cls, session: AsyncSession) -> DailyPurchasesRepository:
+        return cls(session)
+
+    async def add(self, tenant_id: str, day: date, currency: str, orders: int, net_revenue: Decimal) -> None:
+        table = DailyPurchases
+        stmt = insert(table).values(
+            tenant_id=tenant_id, day=day, currency=currency, orders=orders, net_revenue=net_revenue
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[table.tenant_id, table.day, table.currency],
+            set_={"orders": table.orders + orders, "net_revenue": table.net_revenue + net_revenue},
+        )
+        await self.session.execute(stmt)
+
+    async def between(self, tenant_id: str, start: date, end: date) -> Sequence[DailyPurchases]:
+        stmt = (
+            select(DailyPurchases)
+            .where(DailyPurchases.tenant_id == tenant_id, DailyPurchases.day >= start, DailyPurchases.day <= end)
+            .order_by(DailyPurchases.day, DailyPurchases.currency)
+        )
+        return (await self.session.execute(stmt)).scalars().all()

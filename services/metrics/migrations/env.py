@@ -1,0 +1,5 @@
+from metrics.config import settings
+from metrics.models import Base
+from shared.migrations import run_env
+
+run_env(Base.metadata, settings.database_url)

@@ -1,0 +1,1 @@
+"""Rules service: turns purchases and engagement into points commands."""

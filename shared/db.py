@@ -1,0 +1,68 @@
+"""Async SQLAlchemy engine and session helpers. The boundary (a request or a consumed batch) owns the
+transaction: it commits on success and rolls back on error; services only flush."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, NewType
+
+from fastapi import Depends
+from sqlalchemy import MetaData, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from starlette.requests import Request
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+AsyncReadSession = NewType("AsyncReadSession", AsyncSession)
+
+
+def make_metadata(schema: str) -> MetaData:
+    return MetaData(schema=schema, naming_convention=NAMING_CONVENTION)
+
+
+def create_engine(dsn: str, *, pool_size: int = 10, application_name: str = "loyalty") -> AsyncEngine:
+    return create_async_engine(
+        dsn,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        connect_args={"server_settings": {"application_name": application_name, "timezone": "UTC"}},
+    )
+
+
+def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+@asynccontextmanager
+async def transaction(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """One unit of work: commits when the block succeeds, rolls back when it raises."""
+    async with sessionmaker() as session, session.begin():
+        yield session
+
+
+async def ping(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(text("select 1"))
+
+
+async def _request_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with transaction(request.state.sessionmaker) as session:
+        yield session
+
+
+async def _read_session(request: Request) -> AsyncIterator[AsyncReadSession]:
+    async with request.state.sessionmaker() as session:
+        yield AsyncReadSession(session)
+
+
+# scope="function": the commit happens before the response is sent, so a 2xx means the write is durable.
+SessionDep = Annotated[AsyncSession, Depends(_request_session, scope="function")]
+ReadSessionDep = Annotated[AsyncReadSession, Depends(_read_session, scope="function")]

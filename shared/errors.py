@@ -1,0 +1,119 @@
+"""RFC 9457 problem+json, rendered in one place for every service.
+
+Services raise `ServiceError` subclasses (a base per context, leaf errors per case); endpoints never
+build error responses themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class ServiceError(Exception):
+    status_code: int = 500
+    title: str | None = None
+
+    def __init__(self, message: str, status_code: int | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if status_code is not None:
+            self.status_code = status_code
+        self.extra = extra
+
+
+class ResourceNotFound(ServiceError):
+    status_code = 404
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+
+
+class Forbidden(ServiceError):
+    status_code = 403
+
+
+class Conflict(ServiceError):
+    status_code = 409
+
+
+class UnprocessableEntity(ServiceError):
+    status_code = 422
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "-", name).lower()
+
+
+def problem(
+    status: int, title: str, detail: str, *, instance: str | None = None, error: str | None = None, **extra: Any
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": f"urn:loyalty:problem:{_slug(error or title.replace(' ', ''))}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if error:
+        body["error"] = error
+    if instance:
+        body["instance"] = instance
+    body.update(extra)
+    headers = {"WWW-Authenticate": 'ApiKey realm="loyalty"'} if status == 401 else None
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _title(cls: type[ServiceError]) -> str:
+    return cls.title or re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return problem(
+        exc.status_code,
+        _title(type(exc)),
+        exc.message,
+        instance=request.url.path,
+        error=type(exc).__name__,
+        **exc.extra,
+    )
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    detail = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}" if first["loc"] else str(first["msg"])
+    return problem(422, "Validation Error", detail, instance=request.url.path, error="ValidationError", errors=errors)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    title = {404: "Not Found", 405: "Method Not Allowed"}.get(exc.status_code, "HTTP Error")
+    return problem(exc.status_code, title, str(exc.detail), instance=request.url.path)
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", extra={"path": request.url.path})
+    return problem(
+        500, "Internal Server Error", "an unexpected error occurred; it has been logged", instance=request.url.path
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unhandled)

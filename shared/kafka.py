@@ -1,0 +1,99 @@
+"""Producer wrapper and topic administration on aiokafka."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from shared.events import CloudEvent
+from shared.topics import ALL_TOPICS, DLQ_MAX_MESSAGE_BYTES, TopicSpec
+
+log = logging.getLogger(__name__)
+
+
+class EventProducer:
+    """Idempotent, acks=all producer; events are keyed `tenant:customer` so a customer's stay in order."""
+
+    def __init__(self, bootstrap_servers: str, *, client_id: str, **options: Any) -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers,
+            client_id=client_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=options.pop("linger_ms", 5),
+            max_batch_size=options.pop("max_batch_size", 256 * 1024),
+            compression_type=options.pop("compression_type", None),
+            # Dead letters carry an original message plus headers, so allow what the DLQ topic accepts.
+            max_request_size=options.pop("max_request_size", DLQ_MAX_MESSAGE_BYTES),
+            **options,
+        )
+
+    @property
+    def raw(self) -> AIOKafkaProducer:
+        return self._producer
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def publish(self, topic: str, event: CloudEvent[Any]) -> None:
+        await self._producer.send_and_wait(topic, event.to_bytes(), key=event.key)
+
+    async def publish_many(self, topic: str, events: Iterable[CloudEvent[Any]]) -> None:
+        # Sends are pipelined and awaited together: one round of acks for the whole set.
+        futures = [await self._producer.send(topic, e.to_bytes(), key=e.key) for e in events]
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def ping(self, timeout_s: float = 2.0) -> None:
+        """Raises unless a broker answers a metadata request within `timeout_s` seconds."""
+        client = self._producer.client
+        ok = await asyncio.wait_for(client.fetch_all_metadata(), timeout_s)
+        if ok is None or not ok.brokers():
+            raise ConnectionError("no Kafka broker answered the metadata request")
+
+
+async def ensure_topics(
+    bootstrap_servers: str,
+    specs: Sequence[TopicSpec] = ALL_TOPICS,
+    *,
+    replication_factor: int = 1,
+    partitions_override: int | None = None,
+) -> list[str]:
+    """Creates the missing topics; existing ones are left as they are. Returns the names created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(s.name, partitions_override or s.partitions, replication_factor, topic_configs=s.configs)
+            for s in specs
+            if s.name not in existing
+        ]
+        if not missing:
+            return []
+        try:
+            await admin.create_topics(missing)
+        except TopicAlreadyExistsError:
+            pass  # another service created it between our list and create
+        log.info("created topics", extra={"topics": [t.name for t in missing]})
+        return [t.name for t in missing]
+    finally:
+        await admin.close()
+
+
+async def delete_topics(bootstrap_servers: str, names: Sequence[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.delete_topics(list(names))
+    finally:
+        await admin.close()

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEV_PASSWORD = "loyalty"
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every service shares; each service subclasses it with its own env prefix and defaults."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    service_name: str = "service"
+    environment: Literal["dev", "test", "prod"] = "dev"
+    log_level: str = "INFO"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    database_url: str = "postgresql+asyncpg://loyalty:loyalty@127.0.0.1:5432/loyalty"
+    database_pool_size: int = 10
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_client_id_prefix: str = "loyalty"
+    topic_replication_factor: int = Field(default=1, ge=1)
+    topic_partitions: int | None = Field(default=None, ge=1, description="Override every topic's partition count")
+    create_topics: bool = True
+    topic_namespace: str = Field(default="", description="Prefix for every topic name (isolates test runs)")
+    consumer_group_suffix: str = Field(default="", description="Appended to every consumer group id")
+    consumers_enabled: bool = True
+    max_event_bytes: int = Field(default=256 * 1024, description="Larger messages are dead-lettered")
+    consumer_batch_size: int = Field(default=500, ge=1)
+    consumer_batch_timeout_ms: int = Field(default=200, ge=1)
+    api_key_cache_seconds: float = Field(default=5.0, ge=0)
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_namespace}{name}"
+
+    def group(self, name: str) -> str:
+        return f"{name}{self.consumer_group_suffix}"
+
+    @model_validator(mode="after")
+    def _no_dev_secrets_in_prod(self) -> Self:
+        if self.environment == "prod" and f":{_DEV_PASSWORD}@" in self.database_url:
+            raise ValueError("the development database password must not be used in prod")
+        return self

@@ -1,0 +1,37 @@
+"""Event builders for tests; every argument can be overridden."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from shared.events import CloudEvent, EarnPoints, PurchaseCompleted, PurchaseLine, make_event
+
+
+def purchase(
+    tenant: str, customer: str = "cust-1", *, net: str = "100.00", currency: str = "EUR", **overrides: Any
+) -> CloudEvent[Any]:
+    fields: dict[str, Any] = {
+        "order_id": f"SO-{uuid.uuid4().hex[:10]}",
+        "customer_id": customer,
+        "member_id": "buyer-1",
+        "channel": "webshop",
+        "currency": currency,
+        "net_amount": Decimal(net),
+        "gross_amount": Decimal(net) * Decimal("1.21"),
+        "lines": [PurchaseLine(sku="SKU-1", category="tools", quantity=Decimal(1), unit_price=Decimal(net))],
+    }
+    fields.update(overrides)
+    return make_event("purchase.completed", PurchaseCompleted(**fields), tenant_id=tenant, source="tests")
+
+
+def earn(tenant: str, customer: str = "cust-1", *, points: int = 10, **overrides: Any) -> CloudEvent[Any]:
+    fields: dict[str, Any] = {
+        "command_id": f"cmd-{uuid.uuid4().hex[:12]}",
+        "customer_id": customer,
+        "points": points,
+        "source_event_id": f"evt-{uuid.uuid4().hex[:12]}",
+    }
+    fields.update(overrides)
+    return make_event("points.earn", EarnPoints(**fields), tenant_id=tenant, source="tests")

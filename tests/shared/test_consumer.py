@@ -1,0 +1,225 @@
+"""The consumer runner against the real broker and database, through the rules service's real path
+(purchases counted per customer)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Sequence
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+from sqlalchemy import func, select
+
+from rules.app import create_app
+from rules.models import CustomerState, processed_events
+from rules.service import rules_service
+from shared.consumer import ConsumerRunner, Inbound, Rejection
+from shared.db import create_engine, create_sessionmaker, transaction
+from shared.kafka import EventProducer, ensure_topics
+from shared.topics import DLQ, PURCHASES, TopicSpec
+from tests.conftest import (
+    KAFKA,
+    create_api_key,
+    dead_letters_for,
+    eventually,
+    running_app,
+    service_settings,
+    topic,
+)
+from tests.factories import purchase
+
+pytestmark = [pytest.mark.kafka, pytest.mark.db]
+
+
+async def purchase_count(client: httpx.AsyncClient, key: str, customer: str) -> int:
+    response = await client.get(f"/v1/customers/{customer}/state", headers={"X-API-Key": key})
+    return int(response.json()["purchase_count"]) if response.status_code == 200 else 0
+
+
+class TestConsumeAndDeadLetter:
+    async def test_valid_event_has_visible_effect(self, raw_producer: AIOKafkaProducer, tenant: str) -> None:
+        key = await create_api_key("rules", tenant, ["points:read"])
+        async with running_app(create_app(service_settings("rules", consumer_group_suffix=f"-{tenant}"))) as client:
+            for _ in range(3):
+                event = purchase(tenant, "c-1")
+                await raw_producer.send_and_wait(topic(PURCHASES), event.to_bytes(), key=event.key)
+            assert await eventually(lambda: _count_is(client, key, "c-1", 3))
+
+    async def test_bad_input_goes_to_dlq_and_consumer_keeps_going(
+        self, raw_producer: AIOKafkaProducer, tenant: str
+    ) -> None:
+        key = await create_api_key("rules", tenant, ["points:read"])
+        marker = uuid.uuid4().hex
+        garbage = b"\x00\x01 not json " + marker.encode()
+        wrong = json.loads(purchase(tenant, "c-2").to_bytes())
+        wrong["data"]["currency"] = 42
+        wrong["source"] = f"tests/{marker}"
+        oversized = json.loads(purchase(tenant, "c-2").to_bytes())
+        oversized["source"] = f"tests/{marker}/" + "x" * 300_000
+        async with running_app(create_app(service_settings("rules", consumer_group_suffix=f"-{tenant}"))) as client:
+            for value in (garbage, json.dumps(wrong).encode(), json.dumps(oversized).encode()):
+                await raw_producer.send_and_wait(
+                    topic(PURCHASES), value, key=f"{tenant}:c-2".encode(), headers=[("origin", b"test")]
+                )
+            after = purchase(tenant, "c-2")
+            await raw_producer.send_and_wait(topic(PURCHASES), after.to_bytes(), key=after.key)
+            # The valid event behind the three bad ones on the same partition is still consumed.
+            assert await eventually(lambda: _count_is(client, key, "c-2", 1))
+
+        letters = await dead_letters_for(marker.encode(), count=3)
+        by_value = {letter.value: letter for letter in letters}
+        assert by_value[garbage].reason.startswith("not JSON")
+        assert "data.currency" in by_value[json.dumps(wrong).encode()].reason
+        assert "exceeds the limit of 262144 bytes" in by_value[json.dumps(oversized).encode()].reason
+        for letter in letters:
+            assert letter.source_topic == topic(PURCHASES)
+            assert letter.source_offset >= 0
+            assert letter.headers["origin"] == b"test", "the original headers travel with the dead letter"
+            assert letter.key == f"{tenant}:c-2".encode()
+
+
+async def fresh_topic(name: str) -> str:
+    """A topic of its own, so a test's consumer sees only the test's messages."""
+    full = topic(f"{name}.v1")
+    await ensure_topics(KAFKA, [TopicSpec(full, 3)])
+    return full
+
+
+async def _count_is(client: httpx.AsyncClient, key: str, customer: str, expected: int) -> bool:
+    return await purchase_count(client, key, customer) == expected
+
+
+class _SimulatedCrash(BaseException):
+    """A BaseException, like the process being killed: nothing in the runner may absorb it."""
+
+
+class CrashBeforeOffsetCommit(ConsumerRunner):
+    """Dies after the handler's effect is committed but before the offsets are: the worst moment."""
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        raise _SimulatedCrash
+
+
+class TestRestart:
+    async def test_restart_mid_stream_processes_nothing_twice(
+        self, raw_producer: AIOKafkaProducer, kafka_topics: list[str], tenant: str
+    ) -> None:
+        settings = service_settings("rules")
+        engine = create_engine(settings.database_url, pool_size=2)
+        sessionmaker = create_sessionmaker(engine)
+        producer = EventProducer(KAFKA, client_id="test-restart")
+        await producer.start()
+        group = f"restart-{tenant}"
+        source = await fresh_topic(f"restart-{tenant}")
+
+        async def handler(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+            async with transaction(sessionmaker) as session:
+                return await rules_service.handle_batch(session, batch, group=group)
+
+        def runner(cls: type[ConsumerRunner]) -> ConsumerRunner:
+            return cls(
+                service="rules",
+                topics=[source],
+                group_id=group,
+                bootstrap_servers=KAFKA,
+                handler=handler,
+                dlq_producer=producer,
+                dlq_topic=topic(DLQ),
+                batch_timeout_ms=50,
+                batch_size=10,
+            )
+
+        async def total() -> int:
+            async with sessionmaker() as session:
+                stmt = select(func.coalesce(func.sum(CustomerState.purchase_count), 0)).where(
+                    CustomerState.tenant_id == tenant
+                )
+                return int((await session.execute(stmt)).scalar_one())
+
+        events = [purchase(tenant, f"c-{i % 4}") for i in range(40)]
+        try:
+            for event in events:
+                await raw_producer.send(source, event.to_bytes(), key=event.key)
+            await raw_producer.flush()
+
+            crashing = runner(CrashBeforeOffsetCommit)
+            await crashing.start()
+            await eventually(lambda: not crashing.running)
+            await crashing.stop()
+            applied_before_crash = await total()
+            assert applied_before_crash > 0, "the crash came after the effect was durable"
+
+            healthy = runner(ConsumerRunner)
+            await healthy.start()
+            try:
+                await eventually(lambda: _equals(total(), len(events)))
+                await asyncio.sleep(1.0)  # let any redelivery land before the final check
+                assert await total() == len(events)
+            finally:
+                await healthy.stop()
+            async with sessionmaker() as session:
+                tracked = (
+                    await session.execute(
+                        select(func.count())
+                        .select_from(processed_events)
+                        .where(
+                            processed_events.c.consumer_group == group,
+                            processed_events.c.event_id.in_([e.id for e in events]),
+                        )
+                    )
+                ).scalar_one()
+            assert tracked == len(events)
+        finally:
+            await producer.stop()
+            await engine.dispose()
+
+
+async def _equals(value: object, expected: int) -> bool:
+    assert asyncio.iscoroutine(value)
+    return bool(await value == expected)
+
+
+class TestPoisonMessage:
+    async def test_handler_failing_on_one_message_dead_letters_only_that_one(
+        self, raw_producer: AIOKafkaProducer, kafka_topics: list[str], tenant: str
+    ) -> None:
+        source = await fresh_topic(f"poison-{tenant}")
+        producer = EventProducer(KAFKA, client_id="test-poison")
+        await producer.start()
+        seen: list[str] = []
+        poison = purchase(tenant, "c-poison")
+
+        async def handler(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+            if any(m.event.id == poison.id for m in batch):
+                raise ValueError("cannot handle this one")
+            seen.extend(m.event.id for m in batch)
+            return []
+
+        runner = ConsumerRunner(
+            service="test",
+            topics=[source],
+            group_id=f"poison-{tenant}",
+            bootstrap_servers=KAFKA,
+            handler=handler,
+            dlq_producer=producer,
+            dlq_topic=topic(DLQ),
+            batch_timeout_ms=50,
+            retry_backoff_s=0.01,
+        )
+        good = [purchase(tenant, "c-poison") for _ in range(5)]
+        try:
+            for event in [*good[:2], poison, *good[2:]]:
+                await raw_producer.send(source, event.to_bytes(), key=event.key)
+            await raw_producer.flush()
+            await runner.start()
+            await eventually(lambda: all(e.id in seen for e in good))
+            letters = await dead_letters_for(poison.id.encode())
+            assert "handler failed 3 times" in letters[0].reason
+            assert "cannot handle this one" in letters[0].reason
+            assert runner.running
+        finally:
+            await runner.stop()
+            await producer.stop()

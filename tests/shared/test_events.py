@@ -1,0 +1,108 @@
+import json
+from datetime import datetime
+from decimal import Decimal
+
+import pytest
+
+from shared.events import (
+    CloudEvent,
+    EventDecodeError,
+    PurchaseCompleted,
+    decode_event,
+)
+from shared.schema_export import SCHEMA_DIR, exported_schemas
+from tests.factories import purchase
+
+
+class TestEnvelope:
+    def test_round_trip_keeps_decimal_money_exact(self) -> None:
+        event = purchase("acme", net="1234.5678")
+        decoded = decode_event(event.to_bytes())
+        assert isinstance(decoded.data, PurchaseCompleted)
+        assert decoded.data.net_amount == Decimal("1234.5678")
+        assert decoded == event
+
+    def test_structured_mode_attributes(self) -> None:
+        doc = json.loads(purchase("acme", "c-9").to_bytes())
+        assert doc["specversion"] == "1.0"
+        assert doc["type"] == "purchase.completed"
+        assert doc["subject"] == "c-9"
+        assert doc["tenantid"] == "acme"
+        assert doc["datacontenttype"] == "application/json"
+        assert isinstance(doc["data"]["net_amount"], str), "money travels as a decimal string"
+
+    def test_key_is_tenant_and_customer(self) -> None:
+        assert purchase("acme", "c-9").key == b"acme:c-9"
+
+    def test_times_are_utc(self) -> None:
+        doc = json.loads(purchase("acme").to_bytes())
+        doc["time"] = "2026-01-01T12:00:00+02:00"
+        event = decode_event(json.dumps(doc).encode())
+        assert event.time == datetime.fromisoformat("2026-01-01T10:00:00+00:00")
+        offset = event.time.utcoffset()
+        assert offset is not None
+        assert offset.total_seconds() == 0
+
+
+class TestDecodeErrors:
+    @pytest.mark.parametrize(
+        ("raw", "reason"),
+        [
+            (b"\xff\xfe garbage", "not JSON"),
+            (b"[1, 2]", "not an object"),
+            (b'{"id": "x"}', "missing 'type'"),
+            (b'{"type": "order.placed"}', "unknown event type"),
+            (None, "empty message"),
+        ],
+    )
+    def test_reasons(self, raw: bytes | None, reason: str) -> None:
+        with pytest.raises(EventDecodeError, match=reason):
+            decode_event(raw)
+
+    def test_wrong_schema_names_the_field(self) -> None:
+        doc = json.loads(purchase("acme").to_bytes())
+        del doc["data"]["currency"]
+        doc["data"]["net_amount"] = "lots"
+        with pytest.raises(EventDecodeError) as info:
+            decode_event(json.dumps(doc).encode())
+        assert "data.currency" in str(info.value)
+        assert "data.net_amount" in str(info.value)
+
+    def test_naive_time_is_refused(self) -> None:
+        doc = json.loads(purchase("acme").to_bytes())
+        doc["time"] = "2026-01-01T12:00:00"
+        with pytest.raises(EventDecodeError, match="timezone"):
+            decode_event(json.dumps(doc).encode())
+
+    def test_lowercase_currency_is_refused(self) -> None:
+        doc = json.loads(purchase("acme").to_bytes())
+        doc["data"]["currency"] = "eur"
+        with pytest.raises(EventDecodeError, match="currency"):
+            decode_event(json.dumps(doc).encode())
+
+    def test_type_not_allowed_on_topic(self) -> None:
+        with pytest.raises(EventDecodeError, match="does not belong"):
+            decode_event(purchase("acme").to_bytes(), allowed_types=frozenset({"points.earn"}))
+
+    def test_unknown_version(self) -> None:
+        doc = json.loads(purchase("acme").to_bytes())
+        doc["dataversion"] = 7
+        with pytest.raises(EventDecodeError, match="unsupported dataversion 7"):
+            decode_event(json.dumps(doc).encode())
+
+
+class TestSchemas:
+    def test_checked_in_schemas_match_the_models(self) -> None:
+        exported = exported_schemas()
+        on_disk = {p.name: p.read_text() for p in SCHEMA_DIR.glob("*.json")}
+        assert set(on_disk) == set(exported), "run `make schemas`"
+        for name, text in exported.items():
+            assert on_disk[name] == text, f"shared/schemas/{name} is stale: run `make schemas`"
+
+    def test_schema_describes_the_payload(self) -> None:
+        schema = json.loads((SCHEMA_DIR / "purchase.completed.v1.json").read_text())
+        assert "data" in schema["required"]
+        assert "PurchaseCompleted" in json.dumps(schema)
+
+    def test_envelope_is_generic_over_payloads(self) -> None:
+        assert CloudEvent[PurchaseCompleted].model_json_schema()["properties"]["specversion"]["const"] == "1.0"
