@@ -97,6 +97,14 @@ fmt: $(VENV)/.installed ## Format and autofix
 typecheck: $(VENV)/.installed ## mypy (strict) over services, shared and tests
 	$(BIN)/mypy shared services/ledger/ledger services/rules/rules services/metrics/metrics tests
 
+bench: bench-ledger bench-rules ## Every benchmark (prints figures)
+
+bench-ledger: setup infra db-migrate ## Ledger benchmark: earn entries/s from Kafka, redeem p50/p99, balance reads/s
+	$(PY) bench/ledger_bench.py
+
+bench-rules: setup infra db-migrate ## Rules benchmark: in-process events/s per core, consume→produce events/s
+	$(PY) bench/rules_bench.py
+
 schemas: $(VENV)/.installed ## Re-export the event JSON Schemas into shared/schemas
 	$(PY) -m shared.schema_export
 
