@@ -31,6 +31,7 @@ from shared.topics import ALL_TOPICS, DLQ
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA = os.environ.get("LOYALTY_TEST_KAFKA", "127.0.0.1:9092")
 PG = os.environ.get("LOYALTY_TEST_PG", "postgresql+asyncpg://loyalty:loyalty@127.0.0.1:5432")
+DB_SUFFIX = os.environ.get("LOYALTY_TEST_DB_SUFFIX", "_test")
 NAMESPACE = f"t{uuid.uuid4().hex[:8]}."
 
 
@@ -40,7 +41,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def database_url(service: str) -> str:
-    return f"{PG}/loyalty_{service}_test"
+    return f"{PG}/loyalty_{service}{DB_SUFFIX}"
 
 
 def service_settings(service: str, **overrides: Any) -> Any:
