@@ -9,9 +9,8 @@ PY := $(BIN)/python
 LOCAL := .local
 RUN_DIR := $(LOCAL)/run
 SERVICES := ledger rules metrics
-PORT_ledger := 8001
-PORT_rules := 8002
-PORT_metrics := 8003
+# service:port pairs; the ports are the services' defaults (LEDGER_HTTP_PORT etc. override them)
+SERVICE_PORTS := ledger:$${LEDGER_HTTP_PORT:-8001} rules:$${RULES_HTTP_PORT:-8002} metrics:$${METRICS_HTTP_PORT:-8003}
 PYTEST_ARGS ?=
 
 .PHONY: help setup kafka-jars kafka-up kafka-down db-up db-down db-migrate topics infra up down run test test-fast \
@@ -61,8 +60,8 @@ up: infra db-migrate topics ## Infrastructure, migrations and the three services
 	    echo "$$s: started (pid $$!, log $(RUN_DIR)/$$s.log)"; \
 	  fi; \
 	done
-	@for s in $(SERVICES); do \
-	  port=$$(eval echo \$$PORT_$$s); \
+	@for pair in $(SERVICE_PORTS); do \
+	  s=$${pair%%:*}; port=$${pair##*:}; \
 	  for i in $$(seq 1 60); do \
 	    if curl -fs http://127.0.0.1:$$port/readyz >/dev/null; then echo "$$s: ready on http://127.0.0.1:$$port"; break; fi; \
 	    if ! kill -0 $$(cat $(RUN_DIR)/$$s.pid) 2>/dev/null; then echo "$$s: exited; see $(RUN_DIR)/$$s.log"; tail -n 20 $(RUN_DIR)/$$s.log; exit 1; fi; \

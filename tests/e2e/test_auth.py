@@ -93,3 +93,13 @@ class TestTenantIsolation:
 async def _status(client: httpx.AsyncClient, path: str, key: str, expected: int) -> bool:
     response = await client.get(path, headers={"X-API-Key": key})
     return bool(response.status_code == expected)
+
+
+class TestObservability:
+    async def test_requests_are_counted_per_route_template(self, tenant: str) -> None:
+        key = await create_api_key("rules", tenant, ["points:read"])
+        async with running_app(rules_app(service_settings("rules", consumers_enabled=False))) as client:
+            await client.get("/v1/customers/some-customer/state", headers={"X-API-Key": key})
+            text = (await client.get("/metrics")).text
+        assert 'route="/v1/customers/{customer_id}/state"' in text
+        assert "some-customer" not in text, "raw paths would explode label cardinality"
