@@ -107,5 +107,8 @@ bench-rules: setup infra db-migrate ## Rules benchmark: in-process events/s per 
 schemas: $(VENV)/.installed ## Re-export the event JSON Schemas into shared/schemas
 	$(PY) -m shared.schema_export
 
+check-schemas: $(VENV)/.installed ## Fail when a checked-in JSON Schema differs from its model
+	$(PY) -m shared.schema_export --check
+
 clean: down ## Stop everything and remove local state (Kafka data, logs)
 	rm -rf $(LOCAL)/kafka/data $(LOCAL)/kafka/logs $(RUN_DIR)
