@@ -1,5 +1,6 @@
 import json
 import logging
+import sys
 
 from shared.observability import JsonFormatter
 
@@ -7,7 +8,7 @@ from shared.observability import JsonFormatter
 class TestJsonLogs:
     def test_one_json_object_per_line_with_extras(self) -> None:
         record = logging.LogRecord("shared.consumer", logging.WARNING, __file__, 1, "dead-lettered %s", ("x",), None)
-        record.topic = "loyalty.purchases.v1"
+        record.__dict__["topic"] = "loyalty.purchases.v1"
         line = JsonFormatter("rules").format(record)
         doc = json.loads(line)
         assert doc["level"] == "warning"
@@ -21,8 +22,6 @@ class TestJsonLogs:
         try:
             raise ValueError("boom")
         except ValueError:
-            import sys
-
             record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
         doc = json.loads(JsonFormatter("ledger").format(record))
         assert "ValueError: boom" in doc["exc"]
