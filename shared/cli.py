@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table as RichTable
 from sqlalchemy import Table, select
 
+from ledger.cli import app as ledger_app
 from shared.auth import SCOPES, generate_key, revoke_key, store_key, validate_scopes
 from shared.db import create_engine
 from shared.events import PurchaseCompleted, PurchaseLine, make_event
@@ -28,6 +29,7 @@ from shared.topics import ALL_TOPICS, DLQ, PURCHASES
 app = typer.Typer(help="Operate the loyalty platform.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys: bound to one tenant, with scopes.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(ledger_app, name="ledger")
 console = Console()
 err = Console(stderr=True)
 

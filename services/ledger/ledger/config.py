@@ -1,3 +1,4 @@
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import ServiceSettings
@@ -9,6 +10,12 @@ class Settings(ServiceSettings):
     service_name: str = "ledger"
     http_port: int = 8001
     database_url: str = "postgresql+asyncpg://loyalty:loyalty@127.0.0.1:5432/loyalty_ledger"
+    outbox_relay_enabled: bool = Field(default=True, description="Relay committed entries to loyalty.ledger-entries.v1")
+    outbox_batch_size: int = Field(default=1000, ge=1)
+    outbox_poll_interval_s: float = Field(default=0.05, gt=0, description="Idle wait between outbox polls")
+    tasks_enabled: bool = Field(default=True, description="Mature, expire and release holds in the background")
+    tasks_interval_s: float = Field(default=30.0, gt=0)
+    tasks_batch_limit: int = Field(default=1000, ge=1, description="Due lots or holds handled per task run")
 
 
 settings = Settings()

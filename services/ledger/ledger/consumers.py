@@ -12,10 +12,10 @@ GROUP = "ledger"
 
 
 def commands_consumer(runtime: Runtime) -> ConsumerRunner:
-    group = runtime.settings.group(GROUP)
-
     async def on_batch(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+        # The whole batch is one database transaction: the command claims, the entries, the balances
+        # and the outbox rows commit together, and only then does the runner commit the offsets.
         async with transaction(runtime.sessionmaker) as session:
-            return await ledger_service.handle_commands(session, batch, group=group)
+            return await ledger_service.handle_commands(session, batch)
 
     return runtime.make_consumer(group=GROUP, topics=[POINTS_COMMANDS], handler=on_batch)

@@ -1,0 +1,308 @@
+"""Ledger benchmark (`make bench-ledger`): prints figures, asserts nothing.
+
+1. Earn commands consumed from Kafka into the ledger: the real consumer (batches of many commands per
+   database transaction) with the outbox relay running, in this process.
+2. REST redeem latency at a fixed arrival rate, against the service run by uvicorn in a subprocess.
+3. Balance reads per second with concurrent keep-alive connections against the same server.
+
+Runs against the dev database (`loyalty_ledger`, migrated by `make db-migrate`) and the local broker,
+on a fresh tenant and a fresh topic namespace, so it leaves the real topics alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+
+from ledger.config import Settings
+from ledger.consumers import commands_consumer
+from ledger.models import api_keys
+from ledger.repository import LedgerRepository
+from ledger.tasks import background
+from shared.auth import generate_key, store_key
+from shared.events import EarnPoints, make_event
+from shared.kafka import delete_topics, ensure_topics
+from shared.runtime import Runtime
+from shared.topics import ALL_TOPICS, POINTS_COMMANDS
+
+ROOT = Path(__file__).resolve().parent.parent
+EARN_COMMANDS = int(os.environ.get("BENCH_EARN_COMMANDS", "60000"))
+CUSTOMERS = 5000
+BATCH = int(os.environ.get("BENCH_BATCH", "2000"))
+REDEEM_RATES = (300, 150)
+REDEEM_SECONDS = 10
+READ_SECONDS = 10
+READ_CONNECTIONS = 32
+PORTS = (8091, 8092)
+
+
+class Connection:
+    """A minimal keep-alive HTTP/1.1 client: the load generator must cost far less CPU than the server."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def request(self, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, bytes]:
+        lines = [f"{method} {path} HTTP/1.1", "Host: bench", f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def earn_from_kafka(settings: Settings, tenant: str) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=20, acks="all")
+    await producer.start()
+    rng = random.Random(7)
+    try:
+        started = time.perf_counter()
+        futures = []
+        for i in range(EARN_COMMANDS):
+            data = EarnPoints(
+                command_id=f"bench-{tenant}-{i}",
+                customer_id=f"cust-{i % CUSTOMERS:05d}",  # every customer gets points
+                member_id="buyer-1",
+                points=rng.randint(50, 500),
+                source_event_id=f"evt-{i}",
+                ruleset_id="bench",
+                ruleset_version=1,
+            )
+            event = make_event("points.earn", data, tenant_id=tenant, source="bench")
+            futures.append(await producer.send(settings.topic(POINTS_COMMANDS), event.to_bytes(), key=event.key))
+        await asyncio.gather(*futures)
+        print(f"  produced {EARN_COMMANDS} earn commands in {time.perf_counter() - started:.1f} s")
+    finally:
+        await producer.stop()
+
+    async with (
+        Runtime(settings, api_keys=api_keys, consumers=[commands_consumer]) as runtime,
+        background(settings, runtime.sessionmaker, runtime.producer),
+    ):
+        runner = runtime.consumers[0]
+        started = time.perf_counter()
+        first_at, first_count = 0.0, 0
+        while runner.processed < EARN_COMMANDS:
+            await asyncio.sleep(0.05)
+            if not first_at and runner.processed:
+                # The group join takes seconds; the rate is measured from the first applied batch on.
+                first_at, first_count = time.perf_counter(), runner.processed
+        ended = time.perf_counter()
+        # The relay ran alongside; let it finish, so the REST phases do not compete with its backlog.
+        await wait_for_empty_outbox(runtime)
+        drained = time.perf_counter()
+    steady = (EARN_COMMANDS - first_count) / (ended - first_at)
+    print(f"  consumed all {EARN_COMMANDS} in {ended - started:.1f} s including the consumer group join")
+    print(f"  earn commands applied: {steady:,.0f}/s  ->  ledger entries posted: {2 * steady:,.0f}/s")
+    print("  (each earn posts 2 entries: customer credit + issuance debit; plus a lot and 2 outbox rows)")
+    print(f"  outbox relayed every entry to Kafka {drained - started:.1f} s after the consumer started")
+
+
+async def wait_for_empty_outbox(runtime: Runtime) -> None:
+    while True:
+        async with runtime.sessionmaker() as session:
+            if not await LedgerRepository.from_session(session).outbox_size():
+                return
+        await asyncio.sleep(0.2)
+
+
+def start_server(settings: Settings, port: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "LEDGER_DATABASE_URL": settings.database_url,
+            "LEDGER_TOPIC_NAMESPACE": settings.topic_namespace,
+            "LEDGER_CONSUMERS_ENABLED": "false",
+            "LEDGER_TASKS_ENABLED": "false",
+            "LEDGER_LOG_LEVEL": "WARNING",
+            "LEDGER_DATABASE_POOL_SIZE": "10",
+        }
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "ledger.app:create_app",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    return subprocess.Popen(command, env=env, cwd=ROOT)
+
+
+async def wait_ready(port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            conn = await Connection.open(port)
+            status, _ = await conn.request("GET", "/readyz", {})
+            conn.close()
+            if status == 200:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.3)
+    raise RuntimeError("the ledger server did not become ready")
+
+
+async def redeem_latency(token: str, rate: int, *, report: bool = True) -> None:
+    pool: asyncio.Queue[Connection] = asyncio.Queue()
+    for i in range(64):
+        pool.put_nowait(await Connection.open(PORTS[i % len(PORTS)]))
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    rng = random.Random(11)
+
+    async def one(i: int) -> None:
+        conn = await pool.get()
+        body = json.dumps({"points": 1, "reference": f"order-{i}"}).encode()
+        headers = {
+            "X-API-Key": token,
+            "Idempotency-Key": f"bench-redeem-{uuid.uuid4()}",
+            "Content-Type": "application/json",
+        }
+        sent = time.perf_counter()
+        status, _ = await conn.request(
+            "POST", f"/v1/accounts/cust-{rng.randrange(CUSTOMERS):05d}/redeem", headers, body
+        )
+        latencies.append((time.perf_counter() - sent) * 1000)
+        statuses[status] = statuses.get(status, 0) + 1
+        pool.put_nowait(conn)
+
+    total = rate * (REDEEM_SECONDS if report else 2)
+    tasks = []
+    start = time.perf_counter()
+    for i in range(total):
+        # Open loop: requests go out on schedule whether or not earlier ones have returned.
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    while not pool.empty():
+        pool.get_nowait().close()
+    if not report:
+        return
+    print(f"  {total} redeems at {rate} req/s offered ({total / elapsed:.0f} req/s achieved), statuses {statuses}")
+    print(
+        f"  latency p50 {statistics.median(latencies):.1f} ms, p90 {pct(latencies, 0.90):.1f} ms, "
+        f"p99 {pct(latencies, 0.99):.1f} ms, max {max(latencies):.1f} ms"
+    )
+
+
+async def balance_reads(token: str) -> None:
+    count = 0
+    stop = time.perf_counter() + READ_SECONDS
+    errors = 0
+
+    async def worker(seed: int) -> None:
+        nonlocal count, errors
+        rng = random.Random(seed)
+        conn = await Connection.open(PORTS[seed % len(PORTS)])
+        try:
+            while time.perf_counter() < stop:
+                status, _ = await conn.request(
+                    "GET", f"/v1/accounts/cust-{rng.randrange(CUSTOMERS):05d}", {"X-API-Key": token}
+                )
+                count += 1
+                errors += status != 200
+        finally:
+            conn.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(READ_CONNECTIONS)))
+    elapsed = time.perf_counter() - started
+    print(f"  {count / elapsed:,.0f} balance reads/s with {READ_CONNECTIONS} connections ({errors} errors)")
+
+
+async def main() -> None:
+    namespace = f"bench{uuid.uuid4().hex[:6]}."
+    tenant = f"bench-{uuid.uuid4().hex[:8]}"
+    base = Settings()
+    # No TLS on the loopback connection to PostgreSQL: asyncpg would otherwise negotiate it (`prefer`).
+    dsn = base.database_url if "?" in base.database_url else f"{base.database_url}?ssl=disable"
+    settings = Settings(
+        database_url=dsn,
+        topic_namespace=namespace,
+        consumer_group_suffix=f"-{namespace}",
+        consumer_batch_size=BATCH,
+        consumer_batch_timeout_ms=100,
+        tasks_enabled=False,
+        log_level="WARNING",
+    )
+    specs = [replace(t, name=settings.topic(t.name)) for t in ALL_TOPICS]
+    await ensure_topics(settings.kafka_bootstrap_servers, specs, partitions_override=6)
+    print(f"ledger benchmark: tenant {tenant}, topics {namespace}*, {os.cpu_count()} cores")
+    servers: list[subprocess.Popen[bytes]] = []
+    try:
+        print(f"[1] earn commands from Kafka (batches of up to {BATCH} commands per DB transaction)")
+        await earn_from_kafka(settings, tenant)
+
+        from sqlalchemy import text
+
+        from shared.db import create_engine
+
+        engine = create_engine(settings.database_url, pool_size=1)
+        # Settle the database after the bulk load (the relay just deleted every outbox row), so the
+        # REST phases measure the service rather than autovacuum catching up.
+        async with engine.connect() as conn:
+            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await autocommit.execute(text("VACUUM (ANALYZE) ledger.outbox, ledger.balances, ledger.lots"))
+        key = generate_key()
+        await store_key(engine, api_keys, key, tenant_id=tenant, name="bench", scopes=["points:read", "points:write"])
+        await engine.dispose()
+
+        # Two single-worker replicas (what a load balancer would spread over), one per core; the client
+        # spreads its keep-alive connections over both.
+        print(f"[2] REST redeem, {len(PORTS)} uvicorn replicas in subprocesses, {REDEEM_SECONDS} s open loop")
+        servers = [start_server(settings, port) for port in PORTS]
+        for port in PORTS:
+            await wait_ready(port)
+        await redeem_latency(key.token, 50, report=False)  # warm-up: connections, prepared statements
+        for rate in REDEEM_RATES:
+            await redeem_latency(key.token, rate)
+
+        print(f"[3] balance reads, {READ_SECONDS} s closed loop")
+        await balance_reads(key.token)
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(timeout=30)
+        await delete_topics(settings.kafka_bootstrap_servers, [s.name for s in specs])
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,352 @@
+"""The ledger service against the real database: invariants under random operation sequences, expiry,
+maturing, hold timeouts, clawback policies, the append-only trigger and tamper detection."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from ledger import schemas
+from ledger.errors import LedgerError
+from ledger.models import Entry
+from ledger.service import ledger_service
+from shared.db import transaction
+from shared.events import ClawbackPoints, make_event
+from tests.factories import earn
+from tests.ledger.conftest import as_superuser, balances, check_books, inbound, new_tenant
+
+pytestmark = pytest.mark.db
+
+CUSTOMERS = ["acme", "acme-sub", "globex"]
+T0 = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
+
+customer = st.sampled_from(CUSTOMERS)
+points = st.integers(min_value=1, max_value=120)
+earn_op = st.tuples(st.just("earn"), customer, points, st.booleans())
+# Earns are drawn more often: without points on the accounts most other operations are refused.
+operation = st.one_of(
+    earn_op,
+    earn_op,
+    earn_op,
+    st.tuples(st.just("redeem"), customer, points),
+    st.tuples(st.just("reserve"), customer, points),
+    st.tuples(st.just("capture"), st.integers(0, 5), st.integers(1, 100)),
+    st.tuples(st.just("void"), st.integers(0, 5)),
+    st.tuples(st.just("transfer"), customer, customer, points),
+    st.tuples(st.just("clawback"), st.integers(0, 5), points),
+    st.tuples(st.just("adjust"), customer, st.integers(-60, 60).filter(bool)),
+    st.tuples(st.just("tick"), st.integers(1, 400)),
+    st.tuples(st.just("replay"), st.integers(0, 30)),
+)
+
+
+class Scenario:
+    """Drives the service like its boundaries do: one transaction per operation, explicit clock."""
+
+    def __init__(self, db: async_sessionmaker[AsyncSession], tenant: str) -> None:
+        self.db = db
+        self.tenant = tenant
+        self.now = T0
+        self.earns: list[Any] = []  # the Kafka earn commands sent so far
+        self.holds: list[uuid.UUID] = []
+        self.replayable: list[tuple[str, Any]] = []
+        self.rejected = 0
+
+    async def kafka(self, *events: Any) -> None:
+        async with transaction(self.db) as session:
+            rejected = await ledger_service.handle_commands(session, [inbound(e) for e in events], now=self.now)
+        self.rejected += len(rejected)
+
+    async def once(self, key: str, fingerprint: str, operation: Any) -> None:
+        async with transaction(self.db) as session:
+            await ledger_service.idempotent(
+                session,
+                tenant_id=self.tenant,
+                key=key,
+                fingerprint=fingerprint,
+                status_code=201,
+                operation=lambda: operation(session),
+            )
+
+    async def rest(self, key: str, fingerprint: str, operation: Any) -> None:
+        try:
+            await self.once(key, fingerprint, operation)
+        except LedgerError:
+            return  # a refused operation (not enough points, hold closed) rolls back and stores nothing
+        self.replayable.append(("rest", (key, fingerprint, operation)))
+
+    async def apply(self, op: tuple[Any, ...]) -> None:
+        name, t, now = op[0], self.tenant, self.now
+        key = str(uuid.uuid4())
+        if name == "earn":
+            _, cust, pts, pending = op
+            event = earn(t, cust, points=pts, matures_at=now + timedelta(days=14) if pending else None)
+            self.earns.append(event)
+            await self.kafka(event)
+            self.replayable.append(("kafka", event))
+        elif name == "clawback" and self.earns:
+            original = self.earns[op[1] % len(self.earns)].data
+            data = ClawbackPoints(
+                command_id=f"cb-{key}",
+                customer_id=original.customer_id,
+                original_command_id=original.command_id,
+                points=op[2],
+                source_event_id=f"refund-{key}",
+            )
+            event = make_event("points.clawback", data, tenant_id=t, source="tests")
+            await self.kafka(event)
+            self.replayable.append(("kafka", event))
+        elif name == "redeem":
+            body = schemas.RedeemCreate(points=op[2])
+            await self.rest(
+                key, f"redeem {op[1]} {op[2]}", lambda s: ledger_service.redeem(s, t, op[1], body, source=key, now=now)
+            )
+        elif name == "reserve":
+            body_h = schemas.HoldCreate(points=op[2])
+
+            async def reserve(session: AsyncSession) -> schemas.HoldPosted:
+                posted = await ledger_service.reserve(session, t, op[1], body_h, source=key, now=now)
+                self.holds.append(posted.hold.hold_id)
+                return posted
+
+            await self.rest(key, f"reserve {op[1]} {op[2]}", reserve)
+        elif name == "capture" and self.holds:
+            hold_id = self.holds[op[1] % len(self.holds)]
+            await self.rest(
+                key,
+                f"capture {hold_id} {op[2]}",
+                lambda s: ledger_service.capture(s, t, hold_id, schemas.HoldCapture(points=op[2]), source=key, now=now),
+            )
+        elif name == "void" and self.holds:
+            hold_id = self.holds[op[1] % len(self.holds)]
+            await self.rest(key, f"void {hold_id}", lambda s: ledger_service.void(s, t, hold_id, source=key, now=now))
+        elif name == "transfer":
+            body_t = schemas.TransferCreate(to_account_id=op[2], points=op[3])
+            await self.rest(
+                key, f"transfer {op[1:]}", lambda s: ledger_service.transfer(s, t, op[1], body_t, source=key, now=now)
+            )
+        elif name == "adjust":
+            body_a = schemas.AdjustmentCreate(points=op[2], reason="property test")
+            await self.rest(
+                key,
+                f"adjust {op[1:]}",
+                lambda s: ledger_service.adjust(s, t, op[1], body_a, source=key, actor_key_id="k", now=now),
+            )
+        elif name == "tick":
+            self.now += timedelta(days=op[1])
+            async with transaction(self.db) as session:
+                await ledger_service.run_tasks(session, now=self.now, tenant_id=t)
+        elif name == "replay" and self.replayable:
+            await self.replay(self.replayable[op[1] % len(self.replayable)])
+
+    async def replay(self, item: tuple[str, Any]) -> None:
+        before = await balances(self.db, self.tenant)
+        kind, payload = item
+        if kind == "kafka":
+            await self.kafka(payload)
+        else:
+            await self.once(*payload)
+        assert await balances(self.db, self.tenant) == before, f"replaying {item} changed the books"
+
+
+class TestInvariants:
+    @settings(
+        max_examples=30,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(ops=st.lists(operation, min_size=20, max_size=60))
+    async def test_random_operations_keep_the_books(
+        self, db: async_sessionmaker[AsyncSession], ops: list[tuple[Any, ...]]
+    ) -> None:
+        scenario = Scenario(db, new_tenant())
+        for op in ops:
+            await scenario.apply(op)
+        assert scenario.rejected == 0  # earns and clawbacks of known earns are never refused
+        await check_books(db, scenario.tenant)
+
+
+async def _earn(
+    db: async_sessionmaker[AsyncSession], tenant: str, account: str, pts: int, now: datetime, **kw: Any
+) -> schemas.Posted:
+    async with transaction(db) as session:
+        return await ledger_service.earn(
+            session, tenant, account, schemas.EarnCreate(points=pts, **kw), source=f"t:{uuid.uuid4()}", now=now
+        )
+
+
+async def _redeem(
+    db: async_sessionmaker[AsyncSession], tenant: str, account: str, pts: int, now: datetime
+) -> schemas.Posted:
+    async with transaction(db) as session:
+        return await ledger_service.redeem(
+            session, tenant, account, schemas.RedeemCreate(points=pts), source=f"t:{uuid.uuid4()}", now=now
+        )
+
+
+async def _tasks(db: async_sessionmaker[AsyncSession], tenant: str, now: datetime) -> schemas.TaskRun:
+    async with transaction(db) as session:
+        return await ledger_service.run_tasks(session, now=now, tenant_id=tenant)
+
+
+async def _balance(db: async_sessionmaker[AsyncSession], tenant: str, account: str) -> schemas.Balance:
+    async with db() as session:
+        balance = await ledger_service.get_balance(session, tenant, account)
+    assert balance is not None
+    return balance
+
+
+class TestExpiry:
+    async def test_lots_expire_into_breakage_earliest_first(self, db: async_sessionmaker[AsyncSession]) -> None:
+        tenant = new_tenant()
+        await _earn(db, tenant, "acme", 100, T0)  # expires T0 + 12 months
+        await _earn(db, tenant, "acme", 50, T0 + timedelta(days=180))  # expires six months later
+        await _redeem(db, tenant, "acme", 70, T0 + timedelta(days=200))  # consumes the first lot first
+        assert (await _tasks(db, tenant, T0 + timedelta(days=360))).expired == 0
+        async with db() as session:
+            soon = await ledger_service.expiring(
+                session, tenant, "acme", within=timedelta(days=30), now=T0 + timedelta(days=360)
+            )
+        assert soon is not None
+        assert soon.points == 30
+        result = await _tasks(db, tenant, T0 + timedelta(days=366))
+        assert result.expired == 1
+        balance = await _balance(db, tenant, "acme")
+        assert (balance.available, balance.expired, balance.redeemed) == (50, 30, 70)
+        assert (await _balance(db, tenant, "system:breakage")).available == 30
+        assert (await _tasks(db, tenant, T0 + timedelta(days=366))).expired == 0  # nothing expires twice
+        await check_books(db, tenant)
+
+    async def test_end_of_next_year_policy(self, db: async_sessionmaker[AsyncSession]) -> None:
+        tenant = new_tenant()
+        async with transaction(db) as session:
+            await ledger_service.set_policy(session, tenant, schemas.PolicyUpdate(expiry_rule="end_of_next_year"))
+        await _earn(db, tenant, "acme", 10, T0)
+        assert (await _tasks(db, tenant, datetime(2027, 12, 31, 23, 59, tzinfo=UTC))).expired == 0
+        assert (await _tasks(db, tenant, datetime(2028, 1, 1, tzinfo=UTC))).expired == 1
+        assert (await _balance(db, tenant, "acme")).expired == 10
+
+
+class TestPending:
+    async def test_pending_points_mature_and_only_then_redeem(self, db: async_sessionmaker[AsyncSession]) -> None:
+        tenant = new_tenant()
+        await _earn(db, tenant, "acme", 40, T0, matures_at=T0 + timedelta(days=14))
+        balance = await _balance(db, tenant, "acme")
+        assert (balance.available, balance.pending) == (0, 40)
+        with pytest.raises(LedgerError, match="0 available points"):
+            await _redeem(db, tenant, "acme", 10, T0 + timedelta(days=1))
+        assert (await _tasks(db, tenant, T0 + timedelta(days=13))).matured == 0
+        assert (await _tasks(db, tenant, T0 + timedelta(days=14))).matured == 1
+        balance = await _balance(db, tenant, "acme")
+        assert (balance.available, balance.pending) == (40, 0)
+        await _redeem(db, tenant, "acme", 40, T0 + timedelta(days=15))
+        await check_books(db, tenant)
+
+
+class TestHolds:
+    async def test_a_hold_is_released_after_its_timeout(self, db: async_sessionmaker[AsyncSession]) -> None:
+        tenant = new_tenant()
+        await _earn(db, tenant, "acme", 100, T0)
+        async with transaction(db) as session:
+            posted = await ledger_service.reserve(
+                session, tenant, "acme", schemas.HoldCreate(points=60, timeout_seconds=600), source="h", now=T0
+            )
+        assert (posted.balance.available, posted.balance.held) == (40, 60)
+        assert (await _tasks(db, tenant, T0 + timedelta(seconds=599))).holds_released == 0
+        assert (await _tasks(db, tenant, T0 + timedelta(seconds=600))).holds_released == 1
+        balance = await _balance(db, tenant, "acme")
+        assert (balance.available, balance.held) == (100, 0)
+        async with db() as session:
+            hold = await ledger_service.get_hold(session, tenant, posted.hold.hold_id)
+        assert hold is not None
+        assert hold.status == "expired"
+        await check_books(db, tenant)
+
+
+async def _clawback(
+    db: async_sessionmaker[AsyncSession], tenant: str, original: schemas.Posted, pts: int
+) -> schemas.Posted:
+    async with transaction(db) as session:
+        body = schemas.ClawbackCreate(original_earn=str(original.transaction_id), points=pts)
+        return await ledger_service.clawback(session, tenant, "acme", body, source="cb", now=T0)
+
+
+class TestClawback:
+    async def test_default_policy_books_spent_points_on_receivable(self, db: async_sessionmaker[AsyncSession]) -> None:
+        tenant = new_tenant()
+        first = await _earn(db, tenant, "acme", 100, T0)
+        await _earn(db, tenant, "acme", 30, T0, matures_at=T0 + timedelta(days=14))
+        await _redeem(db, tenant, "acme", 90, T0)
+        posted = await _clawback(db, tenant, first, 100)
+        # 30 pending first, then the 10 available, and the 60 already spent go to the receivable account.
+        assert (posted.balance.available, posted.balance.pending) == (0, 0)
+        assert (await _balance(db, tenant, "system:receivable")).available == -60
+        await check_books(db, tenant)
+
+    async def test_negative_balance_policy_lets_later_credits_pay_the_debt(
+        self, db: async_sessionmaker[AsyncSession]
+    ) -> None:
+        tenant = new_tenant()
+        async with transaction(db) as session:
+            await ledger_service.set_policy(session, tenant, schemas.PolicyUpdate(clawback_policy="negative_balance"))
+        first = await _earn(db, tenant, "acme", 100, T0)
+        await _redeem(db, tenant, "acme", 80, T0)
+        posted = await _clawback(db, tenant, first, 100)
+        assert posted.balance.available == -80
+        assert (await _earn(db, tenant, "acme", 50, T0)).balance.available == -30
+        with pytest.raises(LedgerError):
+            await _redeem(db, tenant, "acme", 1, T0)
+        await check_books(db, tenant, negative_allowed=True)
+
+
+class TestAppendOnly:
+    async def test_database_refuses_update_delete_and_truncate(self, db: async_sessionmaker[AsyncSession]) -> None:
+        tenant = new_tenant()
+        posted = await _earn(db, tenant, "acme", 10, T0)
+        entry_id = posted.entries[0].entry_id
+        for statement in (
+            "UPDATE ledger.entries SET points = 1000 WHERE entry_id = :id",
+            "DELETE FROM ledger.entries WHERE entry_id = :id",
+            "TRUNCATE ledger.entries CASCADE",
+        ):
+            with pytest.raises(DBAPIError, match="append-only"):
+                async with transaction(db) as session:
+                    await session.execute(text(statement), {"id": entry_id})
+        async with db() as session:
+            stored = await session.get(Entry, entry_id)
+        assert stored is not None
+        assert stored.points == posted.entries[0].points
+
+    async def test_tampering_as_superuser_is_reported_by_verify(self, db: async_sessionmaker[AsyncSession]) -> None:
+        tenant = new_tenant()
+        await _earn(db, tenant, "acme", 10, T0)
+        await _earn(db, tenant, "acme", 20, T0)
+        async with db() as session:
+            before = await ledger_service.verify(session, tenant, "acme")
+            first = (
+                await session.execute(
+                    select(Entry.entry_id).where(Entry.tenant_id == tenant, Entry.account_id == "acme", Entry.seq == 1)
+                )
+            ).scalar_one()
+        assert before is not None
+        assert before.ok
+        await asyncio.to_thread(
+            as_superuser,
+            "SET session_replication_role = replica;\n"
+            f"UPDATE ledger.entries SET points = 1000, balance_after = 1000 WHERE entry_id = '{first}';\n",
+        )
+        async with db() as session:
+            after = await ledger_service.verify(session, tenant, "acme")
+        assert after is not None
+        assert not after.ok
+        assert any("entry 1: content does not match its hash" in p for p in after.problems)
+        assert any("available" in p for p in after.problems)  # the balances row no longer adds up either

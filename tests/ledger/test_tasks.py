@@ -1,0 +1,143 @@
+"""The outbox relay (every committed entry reaches loyalty.ledger-entries.v1 exactly as stored, also when
+the service died before relaying) and the ledger's CLI commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import ConsumerRecord
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from typer.testing import CliRunner
+
+from ledger.app import create_app
+from ledger.models import Entry, Outbox
+from shared.cli import app as cli
+from shared.topics import LEDGER_ENTRIES
+from tests.conftest import create_api_key, eventually, read_topic, running_app, service_settings, topic
+
+pytestmark = [pytest.mark.kafka, pytest.mark.db]
+
+
+def settings(**overrides: Any) -> Any:
+    return service_settings("ledger", consumers_enabled=False, tasks_enabled=False, **overrides)
+
+
+async def write_some(client: httpx.AsyncClient, admin: str) -> None:
+    for account, points in (("acme", 30), ("acme", 20), ("globex", 5)):
+        response = await client.post(
+            f"/v1/accounts/{account}/earn",
+            json={"points": points, "member_id": "m-1"},
+            headers={"X-API-Key": admin, "Idempotency-Key": str(uuid.uuid4())},
+        )
+        assert response.status_code == 201, response.text
+    redeem = await client.post(
+        "/v1/accounts/acme/redeem", json={"points": 15}, headers={"X-API-Key": admin, "Idempotency-Key": "r-1"}
+    )
+    assert redeem.status_code == 201
+
+
+async def stored_entries(db: async_sessionmaker[AsyncSession], tenant: str) -> list[Entry]:
+    async with db() as session:
+        return list((await session.execute(select(Entry).where(Entry.tenant_id == tenant))).scalars())
+
+
+async def published(tenant: str, count: int) -> dict[str, dict[str, Any]]:
+    def mine(records: list[ConsumerRecord[bytes, bytes]]) -> dict[str, dict[str, Any]]:
+        out = {}
+        for record in records:
+            event = json.loads(record.value or b"{}")
+            if event.get("tenantid") == tenant:
+                out[event["id"]] = event
+        return out
+
+    return mine(await read_topic(topic(LEDGER_ENTRIES), until=lambda rs: len(mine(rs)) >= count))
+
+
+async def outbox_rows(db: async_sessionmaker[AsyncSession], entries: list[Entry]) -> int:
+    async with db() as session:
+        stmt = select(func.count()).select_from(Outbox).where(Outbox.entry_id.in_([e.entry_id for e in entries]))
+        return int((await session.execute(stmt)).scalar_one())
+
+
+def assert_as_stored(entry: Entry, event: dict[str, Any]) -> None:
+    data = event["data"]
+    assert event["type"] == "ledger.entry.posted"
+    assert event["id"] == data["entry_id"] == str(entry.entry_id)
+    assert data["transaction_id"] == str(entry.transaction_id)
+    assert (data["account_id"], data["kind"], data["bucket"]) == (entry.account_id, entry.kind, entry.bucket)
+    assert (data["points"], data["balance_after"], data["sequence"]) == (entry.points, entry.balance_after, entry.seq)
+    assert (data["entry_hash"], data["prev_hash"]) == (entry.hash, entry.prev_hash)
+    assert data.get("member_id") == entry.member_id
+    assert datetime.fromisoformat(data["created_at"]) == entry.created_at
+
+
+class TestOutboxRelay:
+    async def test_every_entry_is_published_as_stored(self, tenant: str, db: async_sessionmaker[AsyncSession]) -> None:
+        admin = await create_api_key("ledger", tenant, ["admin"])
+        async with running_app(create_app(settings())) as client:
+            await write_some(client, admin)
+            entries = await stored_entries(db, tenant)
+            events = await published(tenant, len(entries))
+        assert len(entries) == 8
+        assert set(events) == {str(e.entry_id) for e in entries}
+        for entry in entries:
+            assert_as_stored(entry, events[str(entry.entry_id)])
+        customer = events[next(str(e.entry_id) for e in entries if e.account_id == "acme")]
+        assert customer["subject"] == "acme"  # keyed by customer, so one customer's entries stay in order
+
+    async def test_entries_committed_while_the_relay_was_down_arrive_after_restart(
+        self, tenant: str, db: async_sessionmaker[AsyncSession]
+    ) -> None:
+        admin = await create_api_key("ledger", tenant, ["admin"])
+        async with running_app(create_app(settings(outbox_relay_enabled=False))) as client:
+            await write_some(client, admin)
+        entries = await stored_entries(db, tenant)
+        assert await outbox_rows(db, entries) == len(entries) == 8  # committed, not relayed: the service "died" here
+        async with running_app(create_app(settings())):
+            events = await published(tenant, len(entries))
+            for entry in entries:
+                assert_as_stored(entry, events[str(entry.entry_id)])
+            # The relay deletes the rows once the broker acked them (in its own transaction, just after).
+
+            async def drained() -> bool:
+                return await outbox_rows(db, entries) == 0
+
+            await eventually(drained, timeout_s=10)
+
+
+class TestCli:
+    async def test_verify_and_run_tasks(
+        self, tenant: str, db: async_sessionmaker[AsyncSession], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        admin = await create_api_key("ledger", tenant, ["admin"])
+        async with running_app(create_app(settings(outbox_relay_enabled=False))) as client:
+            await write_some(client, admin)
+        monkeypatch.setattr("ledger.cli.settings", settings())
+        runner = CliRunner()
+        # The CLI runs its own event loop, so it is invoked from a worker thread here.
+        ok = await asyncio.to_thread(runner.invoke, cli, ["ledger", "verify", "--tenant", tenant])
+        assert ok.exit_code == 0, ok.output
+        assert "acme" in ok.output
+        assert "MISMATCH" not in ok.output
+        later = (datetime.now(UTC) + timedelta(days=400)).isoformat()
+        ran = await asyncio.to_thread(runner.invoke, cli, ["ledger", "run-tasks", "--tenant", tenant, "--now", later])
+        assert ran.exit_code == 0, ran.output
+        assert "expired 3 lots" in ran.output
+        async with db() as session:
+            breakage = (
+                await session.execute(
+                    select(func.sum(Entry.points)).where(
+                        Entry.tenant_id == tenant, Entry.account_id.startswith("system:breakage/")
+                    )
+                )
+            ).scalar_one()
+        assert breakage == 30 + 20 + 5 - 15
+        unknown = await asyncio.to_thread(runner.invoke, cli, ["ledger", "verify", "--tenant", f"none-{tenant}"])
+        assert unknown.exit_code == 1
