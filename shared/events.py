@@ -174,6 +174,13 @@ class LedgerEntryPosted(Payload):
     balance_after: int
     source: Identifier | None = None
     created_at: UtcDatetime
+    bucket: Literal["available", "pending", "held"] | None = Field(default=None, description="Which balance moved")
+    sequence: int | None = Field(default=None, description="The entry's position in its account's hash chain")
+    entry_hash: str | None = None
+    prev_hash: str | None = None
+    ruleset_id: Identifier | None = None
+    ruleset_version: int | None = None
+    reference_id: Identifier | None = Field(default=None, description="The original earn, hold reference, lot")
 
 
 # --- customers (loyalty.customers.v1) -------------------------------------------------------------
@@ -181,7 +188,8 @@ class LedgerEntryPosted(Payload):
 
 class TierChanged(Payload):
     customer_id: Identifier
-    previous_tier: str | None
+    # A default, because envelopes are serialised without None fields: a first tier must still decode.
+    previous_tier: str | None = None
     tier: str
     reason: str
     ruleset_id: Identifier | None = None

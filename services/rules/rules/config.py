@@ -1,3 +1,4 @@
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import ServiceSettings
@@ -9,6 +10,10 @@ class Settings(ServiceSettings):
     service_name: str = "rules"
     http_port: int = 8002
     database_url: str = "postgresql+asyncpg://loyalty:loyalty@127.0.0.1:5432/loyalty_rules"
+    outbox_sweep_after_seconds: float = Field(
+        default=5.0, ge=0, description="Outbox rows older than this are taken as left behind by a crash"
+    )
+    outbox_sweep_seconds: float = Field(default=2.0, gt=0, description="How often crash leftovers are relayed")
 
 
 settings = Settings()

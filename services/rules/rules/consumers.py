@@ -1,21 +1,51 @@
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
+from datetime import timedelta
 
-from rules.service import rules_service
-from shared.consumer import ConsumerRunner, Inbound, Rejection
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from rules.service import TRACKING_GROUP, OutboxRelay, rules_service
+from shared.consumer import BatchHandler, ConsumerRunner, Inbound, Rejection
 from shared.db import transaction
 from shared.runtime import Runtime
 from shared.topics import ENGAGEMENT, PURCHASES
 
+log = logging.getLogger(__name__)
+
 GROUP = "rules"
 
 
-def purchases_consumer(runtime: Runtime) -> ConsumerRunner:
-    group = runtime.settings.group(GROUP)
-
+def batch_handler(
+    sessionmaker: async_sessionmaker[AsyncSession], relay: OutboxRelay, *, namespace: str
+) -> BatchHandler:
     async def on_batch(batch: Sequence[Inbound]) -> Sequence[Rejection]:
-        async with transaction(runtime.sessionmaker) as session:
-            return await rules_service.handle_batch(session, batch, group=group)
+        async with transaction(sessionmaker) as session:
+            outcome = await rules_service.process_batch(session, batch, group=TRACKING_GROUP, namespace=namespace)
+        # Committed: the commands are durable in the outbox. Publishing them now is the fast path; if
+        # this process dies first, the sweep publishes them (same command ids, so no double award).
+        await relay.publish(outcome.outbox_ids, outcome.outbox_rows)
+        return outcome.rejections
 
-    return runtime.make_consumer(group=GROUP, topics=[PURCHASES, ENGAGEMENT], handler=on_batch)
+    return on_batch
+
+
+def purchases_consumer(runtime: Runtime) -> ConsumerRunner:
+    relay = OutboxRelay(runtime.sessionmaker, runtime.producer.raw, namespace=runtime.settings.topic_namespace)
+    handler = batch_handler(runtime.sessionmaker, relay, namespace=runtime.settings.topic_namespace)
+    return runtime.make_consumer(group=GROUP, topics=[PURCHASES, ENGAGEMENT], handler=handler)
+
+
+async def sweep_outbox(relay: OutboxRelay, *, interval_s: float, older_than: timedelta) -> None:
+    """Publishes outbox rows that a crashed process committed but never relayed; runs until cancelled."""
+    while True:
+        try:
+            while await relay.sweep(older_than=older_than):
+                pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the database or broker is down: try again next round
+            log.warning("outbox sweep failed", exc_info=True)
+        await asyncio.sleep(interval_s)

@@ -1,22 +1,205 @@
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Path, Query
+from starlette.requests import Request
 
 from rules import schemas
+from rules.engine import CustomerSnapshot, Evaluation
 from rules.errors import CustomerNotFound
 from rules.service import rules_service
 from shared.auth import Principal, require
-from shared.db import ReadSessionDep
+from shared.db import ReadSessionDep, SessionDep
+from shared.events import UtcDatetime, utcnow
+from shared.runtime import Runtime
 
-router = APIRouter(prefix="/v1", tags=["customers"])
+router = APIRouter(prefix="/v1")
 
 PointsRead = Annotated[Principal, Depends(require("points:read"))]
+RulesAdmin = Annotated[Principal, Depends(require("rules:admin"))]
+EventsWrite = Annotated[Principal, Depends(require("events:write"))]
 
 
-@router.get("/customers/{customer_id}/state", response_model=schemas.CustomerState)
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+
+
+def _state(state: CustomerSnapshot) -> schemas.CustomerState:
+    at = utcnow()
+    return schemas.CustomerState(
+        customer_id=state.customer_id,
+        purchase_count=state.purchase_count,
+        first_purchase_at=state.first_purchase_at,
+        last_purchase_at=state.last_purchase_at,
+        spend_12m=state.spend_12m(at),
+        points_12m=state.points_12m(at),
+        categories=sorted(state.categories),
+        tier=state.tier,
+        tier_reviewed_at=state.tier_reviewed_at,
+    )
+
+
+def _simulation(evaluation: Evaluation) -> schemas.Simulation:
+    return schemas.Simulation(
+        ruleset_id=evaluation.ruleset_id,
+        version=evaluation.version,
+        event_id=evaluation.event_id,
+        customer_id=evaluation.customer_id,
+        total_points=evaluation.total_points,
+        commands=[schemas.PlannedCommand(**vars(c)) for c in evaluation.commands],
+        rules=[
+            schemas.RuleResult(
+                rule_id=o.rule_id, fired=o.fired, points=o.points, explanation=o.explanation, customer_id=o.customer_id
+            )
+            for o in evaluation.trace
+        ],
+    )
+
+
+# --- customers -------------------------------------------------------------------------------------
+
+
+@router.get("/customers/{customer_id}/state", response_model=schemas.CustomerState, tags=["customers"])
 async def get_customer_state(customer_id: str, principal: PointsRead, session: ReadSessionDep) -> object:
     """The state the rules keep for one customer of the caller's tenant."""
     state = await rules_service.get_state(session, tenant_id=principal.tenant_id, customer_id=customer_id)
     if state is None:
         raise CustomerNotFound(customer_id)
-    return state
+    return _state(state)
+
+
+@router.get("/customers/{customer_id}/tier", response_model=schemas.Tier, tags=["customers"])
+async def get_customer_tier(customer_id: str, principal: PointsRead, session: ReadSessionDep) -> object:
+    """The customer's current tier."""
+    state = await rules_service.get_state(session, tenant_id=principal.tenant_id, customer_id=customer_id)
+    if state is None:
+        raise CustomerNotFound(customer_id)
+    return schemas.Tier(customer_id=customer_id, tier=state.tier, reviewed_at=state.tier_reviewed_at)
+
+
+@router.get("/customers/{customer_id}/awards", response_model=list[schemas.AwardOut], tags=["customers"])
+async def list_customer_awards(
+    customer_id: str,
+    principal: PointsRead,
+    session: ReadSessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> object:
+    """The customer's awards, newest first, each with its ruleset version, rules and arithmetic."""
+    return await rules_service.awards(session, tenant_id=principal.tenant_id, customer_id=customer_id, limit=limit)
+
+
+# --- rulesets --------------------------------------------------------------------------------------
+
+
+@router.post("/rulesets/validate", response_model=schemas.ValidationResult, tags=["rulesets"])
+async def validate_ruleset(body: schemas.RulesetSource, principal: RulesAdmin) -> object:
+    """Validates a ruleset document without storing it; every problem names the rule and the position."""
+    problems = rules_service.check(body.source)
+    return schemas.ValidationResult(valid=not problems, errors=[p.as_dict() for p in problems])
+
+
+@router.post(
+    "/rulesets/{ruleset_id}/versions", response_model=schemas.RulesetVersion, status_code=201, tags=["rulesets"]
+)
+async def create_ruleset_version(
+    ruleset_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,100}$")],
+    body: schemas.RulesetSource,
+    principal: RulesAdmin,
+    session: SessionDep,
+) -> object:
+    """Creates the next version of a ruleset (422 with every problem when the document is invalid)."""
+    return await rules_service.create_version(
+        session, tenant_id=principal.tenant_id, ruleset_id=ruleset_id, source=body.source, key_id=principal.key_id
+    )
+
+
+@router.get("/rulesets", response_model=schemas.RulesetList, tags=["rulesets"])
+async def list_rulesets(principal: RulesAdmin, session: ReadSessionDep) -> object:
+    """Every version and activation of the tenant's rulesets, and the version active now."""
+    versions = await rules_service.list_versions(session, tenant_id=principal.tenant_id)
+    activations = await rules_service.activations(session, tenant_id=principal.tenant_id)
+    active = await rules_service.active_version(session, tenant_id=principal.tenant_id, at=utcnow())
+    return schemas.RulesetList(
+        versions=[schemas.RulesetVersionSummary.model_validate(v) for v in versions],
+        activations=[schemas.Activation.model_validate(a) for a in activations],
+        active_now=schemas.ActiveVersion(ruleset_id=active[0], version=active[1]) if active else None,
+    )
+
+
+@router.get("/rulesets/{ruleset_id}/versions/{version}", response_model=schemas.RulesetVersion, tags=["rulesets"])
+async def get_ruleset_version(ruleset_id: str, version: int, principal: RulesAdmin, session: ReadSessionDep) -> object:
+    """One version of a ruleset, as stored (old versions stay readable)."""
+    return await rules_service.get_version(
+        session, tenant_id=principal.tenant_id, ruleset_id=ruleset_id, version=version
+    )
+
+
+@router.post(
+    "/rulesets/{ruleset_id}/versions/{version}/activate",
+    response_model=schemas.Activation,
+    status_code=201,
+    tags=["rulesets"],
+)
+async def activate_ruleset_version(
+    ruleset_id: str, version: int, body: schemas.ActivationCreate, principal: RulesAdmin, session: SessionDep
+) -> object:
+    """Makes a version the tenant's active ruleset from `effective_from` (default now)."""
+    return await rules_service.activate(
+        session,
+        tenant_id=principal.tenant_id,
+        ruleset_id=ruleset_id,
+        version=version,
+        effective_from=body.effective_from,
+        key_id=principal.key_id,
+    )
+
+
+@router.get("/rulesets/active", response_model=schemas.ActiveVersion, tags=["rulesets"])
+async def get_active_ruleset(principal: RulesAdmin, session: ReadSessionDep, at: UtcDatetime | None = None) -> object:
+    """The version active at `at` (default now)."""
+    return await rules_service.require_active(session, tenant_id=principal.tenant_id, at=at or utcnow())
+
+
+@router.post("/tiers/review", response_model=schemas.TierReview, tags=["rulesets"])
+async def review_tiers(
+    body: schemas.TierReviewRequest, principal: RulesAdmin, session: SessionDep, runtime: RuntimeDep
+) -> object:
+    """Runs the tier review for every customer due at `at`; changes are published as tier.changed."""
+    reviewed, changed = await rules_service.review_tiers(
+        session, tenant_id=principal.tenant_id, at=body.at or utcnow(), namespace=runtime.settings.topic_namespace
+    )
+    return schemas.TierReview(reviewed=reviewed, changed=changed)
+
+
+# --- simulate and ingest ---------------------------------------------------------------------------
+
+
+@router.post("/simulate", response_model=schemas.Simulation, tags=["rulesets"])
+async def simulate(body: schemas.SimulateRequest, principal: RulesAdmin, session: ReadSessionDep) -> object:
+    """Evaluates one event against the stored customer state and returns the full breakdown; stores nothing."""
+    _, event = rules_service.parse_event(body.event, tenant_id=principal.tenant_id)
+    evaluation = await rules_service.simulate(
+        session, tenant_id=principal.tenant_id, event=event, ruleset_id=body.ruleset_id, version=body.version
+    )
+    return _simulation(evaluation)
+
+
+@router.post("/events", response_model=schemas.Accepted, status_code=202, tags=["ingest"])
+async def ingest_event(body: dict[str, Any], principal: EventsWrite, runtime: RuntimeDep) -> object:
+    """Validates one purchase or engagement CloudEvent and produces it to its topic."""
+    ids = await rules_service.ingest(
+        runtime.producer, namespace=runtime.settings.topic_namespace, tenant_id=principal.tenant_id, docs=[body]
+    )
+    return schemas.Accepted(event_ids=ids)
+
+
+@router.post("/events/batch", response_model=schemas.Accepted, status_code=202, tags=["ingest"])
+async def ingest_events(body: schemas.EventBatch, principal: EventsWrite, runtime: RuntimeDep) -> object:
+    """Validates up to 1000 events (all or none) and produces them to their topics."""
+    ids = await rules_service.ingest(
+        runtime.producer, namespace=runtime.settings.topic_namespace, tenant_id=principal.tenant_id, docs=body.events
+    )
+    return schemas.Accepted(event_ids=ids)

@@ -1,3 +1,6 @@
+from datetime import datetime
+
+from rules.ruleset import Problem
 from shared.errors import ServiceError
 
 
@@ -9,4 +12,49 @@ class CustomerNotFound(RulesError):
     status_code = 404
 
     def __init__(self, customer_id: str) -> None:
-        super().__init__(f"no purchases seen for customer {customer_id!r}", customer_id=customer_id)
+        super().__init__(f"no events seen for customer {customer_id!r}", customer_id=customer_id)
+
+
+class RulesetNotFound(RulesError):
+    status_code = 404
+
+    def __init__(self, ruleset_id: str, version: int | None = None) -> None:
+        what = f"ruleset {ruleset_id!r}" + (f" version {version}" if version is not None else "")
+        super().__init__(f"{what} does not exist for this tenant", ruleset_id=ruleset_id, version=version)
+
+
+class RulesetValidationFailed(RulesError):
+    status_code = 422
+
+    def __init__(self, problems: list[Problem]) -> None:
+        first = problems[0]
+        where = f"rule {first.rule!r} at {first.path}" if first.rule else (first.path or "document")
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(
+            f"the ruleset is invalid: {where}: {first.message}{more}", errors=[p.as_dict() for p in problems]
+        )
+
+
+class NoActiveRuleset(RulesError):
+    status_code = 409
+
+    def __init__(self, tenant_id: str, at: datetime) -> None:
+        super().__init__(f"tenant {tenant_id!r} has no ruleset active at {at.isoformat()}", at=at.isoformat())
+
+
+class SimulationNotSupported(RulesError):
+    status_code = 422
+
+
+class InvalidEvent(RulesError):
+    status_code = 422
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message if index is None else f"event [{index}]: {message}", index=index)
+
+
+class TiersNotDefined(RulesError):
+    status_code = 409
+
+    def __init__(self, ruleset_id: str, version: int) -> None:
+        super().__init__(f"ruleset {ruleset_id!r} v{version} defines no tiers", ruleset_id=ruleset_id, version=version)

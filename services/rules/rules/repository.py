@@ -1,42 +1,395 @@
+"""All SQL of the rules service. Batch paths load and save whole batches with one statement each."""
+
 from __future__ import annotations
 
-from datetime import datetime
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Self
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from rules.models import CustomerState
+from rules.engine import AwardRecord, CustomerSnapshot
+from rules.models import (
+    Award,
+    CampaignSpend,
+    CustomerState,
+    Order,
+    OutboxMessage,
+    Ruleset,
+    RulesetActivation,
+)
+
+Key = tuple[str, str]
 
 
-class CustomerStateRepository:
+class RepositoryBase:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
     @classmethod
-    def from_session(cls, session: AsyncSession) -> CustomerStateRepository:
+    def from_session(cls, session: AsyncSession) -> Self:
         return cls(session)
 
+
+class RulesetRepository(RepositoryBase):
+    async def next_version(self, tenant_id: str, ruleset_id: str) -> int:
+        # Serialises concurrent creations of one ruleset: the second waits and takes the next number.
+        await self.session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"rules:{tenant_id}:{ruleset_id}"))))
+        stmt = select(func.coalesce(func.max(Ruleset.version), 0)).where(
+            Ruleset.tenant_id == tenant_id, Ruleset.ruleset_id == ruleset_id
+        )
+        return int((await self.session.execute(stmt)).scalar_one()) + 1
+
+    async def create(self, ruleset: Ruleset) -> Ruleset:
+        self.session.add(ruleset)
+        await self.session.flush()
+        return ruleset
+
+    async def get(self, tenant_id: str, ruleset_id: str, version: int) -> Ruleset | None:
+        return await self.session.get(Ruleset, (tenant_id, ruleset_id, version))
+
+    async def list_versions(self, tenant_id: str, ruleset_id: str | None = None) -> Sequence[Ruleset]:
+        stmt = select(Ruleset).where(Ruleset.tenant_id == tenant_id).order_by(Ruleset.ruleset_id, Ruleset.version)
+        if ruleset_id is not None:
+            stmt = stmt.where(Ruleset.ruleset_id == ruleset_id)
+        return (await self.session.execute(stmt)).scalars().all()
+
+    async def activate(self, activation: RulesetActivation) -> RulesetActivation:
+        self.session.add(activation)
+        await self.session.flush()
+        return activation
+
+    async def activations(self, tenant_ids: Iterable[str]) -> Sequence[RulesetActivation]:
+        stmt = (
+            select(RulesetActivation)
+            .where(RulesetActivation.tenant_id.in_(list(tenant_ids)))
+            .order_by(RulesetActivation.tenant_id, RulesetActivation.effective_from, RulesetActivation.id)
+        )
+        return (await self.session.execute(stmt)).scalars().all()
+
+    async def documents(self, keys: Iterable[tuple[str, str, int]]) -> Sequence[Ruleset]:
+        wanted = list(keys)
+        if not wanted:
+            return []
+        stmt = select(Ruleset).where(tuple_(Ruleset.tenant_id, Ruleset.ruleset_id, Ruleset.version).in_(wanted))
+        return (await self.session.execute(stmt)).scalars().all()
+
+
+@dataclass
+class OrderRecord:
+    tenant_id: str
+    order_id: str
+    customer_id: str
+    event_id: str
+    currency: str
+    net_amount: Decimal
+    refunded_amount: Decimal
+    ordered_at: datetime
+    ruleset_id: str | None
+    ruleset_version: int | None
+
+
+async def _driver(session: AsyncSession) -> Any:
+    """The asyncpg connection under the session's transaction: batch statements pass whole columns as
+    arrays (`unnest`), so one cached statement serves any batch size."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    return raw.driver_connection
+
+
+def _keys(keys: Iterable[Key]) -> tuple[list[str], list[str]]:
+    wanted = sorted(set(keys))
+    return [k[0] for k in wanted], [k[1] for k in wanted]
+
+
+def _json(value: Any) -> dict[str, Any]:
+    # SQLAlchemy's asyncpg dialect installs a jsonb codec on its connections; a bare one returns text.
+    result: dict[str, Any] = json.loads(value) if isinstance(value, str | bytes) else value
+    return result
+
+
+def _snapshot(row: Any) -> CustomerSnapshot:
+    return CustomerSnapshot(
+        customer_id=row["customer_id"],
+        purchase_count=row["purchase_count"],
+        first_purchase_at=row["first_purchase_at"],
+        last_purchase_at=row["last_purchase_at"],
+        spend_by_month={k: Decimal(v) for k, v in _json(row["spend_by_month"]).items()},
+        points_by_month={k: int(v) for k, v in _json(row["points_by_month"]).items()},
+        categories=set(row["categories"]),
+        tier=row["tier"],
+        tier_reviewed_at=row["tier_reviewed_at"],
+        counters={k: int(v) for k, v in _json(row["counters"]).items()},
+    )
+
+
+_LOAD_STATES = """
+select s.* from rules.customer_states s
+join unnest($1::text[], $2::text[]) as k(tenant_id, customer_id)
+  on s.tenant_id = k.tenant_id and s.customer_id = k.customer_id
+order by s.tenant_id, s.customer_id
+"""
+
+_SAVE_STATES = """
+insert into rules.customer_states as s (tenant_id, customer_id, purchase_count, first_purchase_at,
+  last_purchase_at, spend_by_month, points_by_month, categories, tier, tier_reviewed_at, counters)
+select t, c, n, f, l, sm::jsonb, pm::jsonb, array(select jsonb_array_elements_text(cat::jsonb)), tier, tr, co::jsonb
+from unnest($1::text[], $2::text[], $3::int[], $4::timestamptz[], $5::timestamptz[], $6::text[], $7::text[],
+            $8::text[], $9::text[], $10::timestamptz[], $11::text[])
+  as r(t, c, n, f, l, sm, pm, cat, tier, tr, co)
+on conflict (tenant_id, customer_id) do update set
+  purchase_count = excluded.purchase_count, first_purchase_at = excluded.first_purchase_at,
+  last_purchase_at = excluded.last_purchase_at, spend_by_month = excluded.spend_by_month,
+  points_by_month = excluded.points_by_month, categories = excluded.categories, tier = excluded.tier,
+  tier_reviewed_at = excluded.tier_reviewed_at, counters = excluded.counters
+"""
+
+
+class CustomerStateRepository(RepositoryBase):
     async def get(self, tenant_id: str, customer_id: str) -> CustomerState | None:
         return await self.session.get(CustomerState, (tenant_id, customer_id))
 
-    async def count_purchase(self, tenant_id: str, customer_id: str, at: datetime) -> None:
-        table = CustomerState
-        stmt = insert(table).values(
-            tenant_id=tenant_id, customer_id=customer_id, purchase_count=1, first_purchase_at=at, last_purchase_at=at
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[table.tenant_id, table.customer_id],
-            set_={
-                "purchase_count": table.purchase_count + 1,
-                "first_purchase_at": func.least(table.first_purchase_at, at),
-                "last_purchase_at": func.greatest(table.last_purchase_at, at),
-            },
-        )
-        await self.session.execute(stmt)
+    async def load(self, keys: Iterable[Key], *, for_update: bool = False) -> dict[Key, CustomerSnapshot]:
+        # Sorted, so two transactions lock shared customers in the same order and cannot deadlock.
+        tenants, customers = _keys(keys)
+        if not tenants:
+            return {}
+        sql = _LOAD_STATES + (" for update of s" if for_update else "")
+        rows = await (await _driver(self.session)).fetch(sql, tenants, customers)
+        return {(r["tenant_id"], r["customer_id"]): _snapshot(r) for r in rows}
 
-    async def total_purchases(self, tenant_id: str) -> int:
-        stmt = select(func.coalesce(func.sum(CustomerState.purchase_count), 0)).where(
-            CustomerState.tenant_id == tenant_id
+    async def load_tenant(self, tenant_id: str, *, after: str, limit: int) -> list[CustomerSnapshot]:
+        """One page of a tenant's customers in id order, locked for a review."""
+        rows = await (await _driver(self.session)).fetch(
+            """select * from rules.customer_states where tenant_id = $1 and customer_id > $2
+               order by customer_id limit $3 for update""",
+            tenant_id,
+            after,
+            limit,
         )
-        return int((await self.session.execute(stmt)).scalar_one())
+        return [_snapshot(r) for r in rows]
+
+    async def save(self, states: Iterable[tuple[str, CustomerSnapshot]]) -> None:
+        rows = sorted(states, key=lambda ts: (ts[0], ts[1].customer_id))
+        if not rows:
+            return
+        columns: list[list[Any]] = [[] for _ in range(11)]
+        for tenant, s in rows:
+            values = (
+                tenant,
+                s.customer_id,
+                s.purchase_count,
+                s.first_purchase_at,
+                s.last_purchase_at,
+                json.dumps({k: str(v) for k, v in s.spend_by_month.items()}),
+                json.dumps(s.points_by_month),
+                json.dumps(sorted(s.categories)),
+                s.tier,
+                s.tier_reviewed_at,
+                json.dumps(s.counters),
+            )
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
+        await (await _driver(self.session)).execute(_SAVE_STATES, *columns)
+
+
+_ORDER_FIELDS = (
+    "tenant_id",
+    "order_id",
+    "customer_id",
+    "event_id",
+    "currency",
+    "net_amount",
+    "refunded_amount",
+    "ordered_at",
+    "ruleset_id",
+    "ruleset_version",
+)
+
+_INSERT_ORDERS = """
+insert into rules.orders (tenant_id, order_id, customer_id, event_id, currency, net_amount, refunded_amount,
+  ordered_at, ruleset_id, ruleset_version)
+select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::numeric[], $7::numeric[],
+  $8::timestamptz[], $9::text[], $10::int[])
+on conflict do nothing
+"""
+
+_INSERT_AWARDS = """
+insert into rules.awards (command_id, tenant_id, customer_id, order_id, event_id, ruleset_id, ruleset_version,
+  points, matures_at, breakdown)
+select c, t, cu, o, e, r, v, p, m, b::jsonb
+from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[], $8::int[],
+  $9::timestamptz[], $10::text[]) as x(c, t, cu, o, e, r, v, p, m, b)
+on conflict do nothing
+"""
+
+_AWARD_FIELDS = (
+    "command_id",
+    "tenant_id",
+    "customer_id",
+    "order_id",
+    "event_id",
+    "ruleset_id",
+    "ruleset_version",
+    "points",
+    "matures_at",
+    "breakdown",
+)
+
+
+def _columns(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[list[Any]]:
+    return [[row[f] for row in rows] for f in fields]
+
+
+class OrderRepository(RepositoryBase):
+    async def load(self, keys: Iterable[Key]) -> dict[Key, OrderRecord]:
+        tenants, orders = _keys(keys)
+        if not tenants:
+            return {}
+        rows = await (await _driver(self.session)).fetch(
+            """select o.* from rules.orders o
+               join unnest($1::text[], $2::text[]) as k(tenant_id, order_id)
+                 on o.tenant_id = k.tenant_id and o.order_id = k.order_id
+               order by o.tenant_id, o.order_id for update of o""",
+            tenants,
+            orders,
+        )
+        return {(r["tenant_id"], r["order_id"]): OrderRecord(**{f: r[f] for f in _ORDER_FIELDS}) for r in rows}
+
+    async def awards(self, keys: Iterable[Key]) -> dict[Key, list[AwardRecord]]:
+        tenants, orders = _keys(keys)
+        out: dict[Key, list[AwardRecord]] = {}
+        if not tenants:
+            return out
+        rows = await (await _driver(self.session)).fetch(
+            """select a.tenant_id, a.order_id, a.command_id, a.customer_id, a.points, a.clawed_back
+               from rules.awards a
+               join unnest($1::text[], $2::text[]) as k(tenant_id, order_id)
+                 on a.tenant_id = k.tenant_id and a.order_id = k.order_id
+               order by a.command_id for update of a""",
+            tenants,
+            orders,
+        )
+        for r in rows:
+            out.setdefault((r["tenant_id"], r["order_id"]), []).append(
+                AwardRecord(r["command_id"], r["customer_id"], r["points"], r["clawed_back"])
+            )
+        return out
+
+    async def insert_orders(self, rows: Sequence[OrderRecord]) -> None:
+        if rows:
+            columns = [[getattr(o, f) for o in rows] for f in _ORDER_FIELDS]
+            await (await _driver(self.session)).execute(_INSERT_ORDERS, *columns)
+
+    async def set_refunded(self, rows: Sequence[dict[str, Any]]) -> None:
+        for row in rows:
+            await self.session.execute(
+                update(Order)
+                .where(Order.tenant_id == row["tenant_id"], Order.order_id == row["order_id"])
+                .values(refunded_amount=row["refunded_amount"])
+            )
+
+    async def insert_awards(self, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            await (await _driver(self.session)).execute(_INSERT_AWARDS, *_columns(rows, _AWARD_FIELDS))
+
+    async def add_clawed_back(self, amounts: dict[str, int]) -> None:
+        for command_id, points in sorted(amounts.items()):
+            await self.session.execute(
+                update(Award).where(Award.command_id == command_id).values(clawed_back=Award.clawed_back + points)
+            )
+
+    async def awards_for_customer(self, tenant_id: str, customer_id: str, limit: int = 100) -> Sequence[Award]:
+        stmt = (
+            select(Award)
+            .where(Award.tenant_id == tenant_id, Award.customer_id == customer_id)
+            .order_by(Award.created_at.desc(), Award.command_id)
+            .limit(limit)
+        )
+        return (await self.session.execute(stmt)).scalars().all()
+
+
+class TrackingRepository(RepositoryBase):
+    async def claim_new(self, group: str, event_ids: Iterable[str]) -> set[str]:
+        """Like shared.tracking.claim_new (same table, same contract), as one cached array statement."""
+        ids = sorted(set(event_ids))
+        if not ids:
+            return set()
+        rows = await (await _driver(self.session)).fetch(
+            """insert into rules.processed_events (consumer_group, event_id)
+               select $1, unnest($2::text[]) on conflict do nothing returning event_id""",
+            group,
+            ids,
+        )
+        return {r["event_id"] for r in rows}
+
+    async def release(self, group: str, event_ids: Sequence[str]) -> None:
+        if event_ids:
+            await (await _driver(self.session)).execute(
+                "delete from rules.processed_events where consumer_group = $1 and event_id = any($2::text[])",
+                group,
+                list(event_ids),
+            )
+
+
+class CampaignRepository(RepositoryBase):
+    async def spent(self, keys: Iterable[Key], *, for_update: bool = False) -> dict[Key, int]:
+        wanted = sorted(set(keys))
+        if not wanted:
+            return {}
+        stmt = (
+            select(CampaignSpend.tenant_id, CampaignSpend.campaign_id, CampaignSpend.points)
+            .where(tuple_(CampaignSpend.tenant_id, CampaignSpend.campaign_id).in_(wanted))
+            .order_by(CampaignSpend.tenant_id, CampaignSpend.campaign_id)
+        )
+        if for_update:
+            stmt = stmt.with_for_update()
+        return {(r.tenant_id, r.campaign_id): int(r.points) for r in (await self.session.execute(stmt)).all()}
+
+    async def add(self, amounts: dict[Key, int]) -> None:
+        rows = [{"tenant_id": t, "campaign_id": c, "points": p} for (t, c), p in sorted(amounts.items()) if p]
+        if not rows:
+            return
+        stmt = insert(CampaignSpend)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[CampaignSpend.tenant_id, CampaignSpend.campaign_id],
+            set_={"points": CampaignSpend.points + stmt.excluded.points},
+        )
+        await self.session.execute(stmt, rows)
+
+
+class OutboxRepository(RepositoryBase):
+    async def add(self, rows: Sequence[dict[str, Any]]) -> list[int]:
+        if not rows:
+            return []
+        result = await (await _driver(self.session)).fetch(
+            """insert into rules.outbox (topic, key, value)
+               select * from unnest($1::text[], $2::bytea[], $3::bytea[]) returning id""",
+            *_columns(rows, ("topic", "key", "value")),
+        )
+        return [int(r["id"]) for r in result]
+
+    async def delete(self, ids: Sequence[int]) -> None:
+        if ids:
+            await (await _driver(self.session)).execute(
+                "delete from rules.outbox where id = any($1::bigint[])", list(ids)
+            )
+
+    async def claim_stale(
+        self, older_than: timedelta, limit: int, now: datetime, namespace: str = ""
+    ) -> Sequence[OutboxMessage]:
+        # SKIP LOCKED: several relays (replicas) never publish the same rows at the same time. A relay
+        # takes only its deployment's topics (the namespace prefix), never another's.
+        stmt = (
+            select(OutboxMessage)
+            .where(OutboxMessage.created_at < now - older_than, OutboxMessage.topic.startswith(namespace))
+            .order_by(OutboxMessage.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return (await self.session.execute(stmt)).scalars().all()

@@ -1,31 +1,708 @@
 from __future__ import annotations
 
+import bisect
+import json
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from aiokafka import AIOKafkaProducer
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from rules.models import CustomerState, processed_events
-from rules.repository import CustomerStateRepository
+from rules import ruleset as rs
+from rules.engine import (
+    AwardRecord,
+    CompiledRuleset,
+    CustomerSnapshot,
+    Evaluation,
+    EventRefused,
+    PlannedEarn,
+    TierChange,
+    apply_event,
+    apply_refund,
+    command_id,
+    evaluate,
+    event_time,
+    plan_clawbacks,
+    refund_amount,
+    review_tier,
+)
+from rules.errors import (
+    InvalidEvent,
+    NoActiveRuleset,
+    RulesetNotFound,
+    RulesetValidationFailed,
+    SimulationNotSupported,
+    TiersNotDefined,
+)
+from rules.models import Award, Ruleset, RulesetActivation
+from rules.repository import (
+    CampaignRepository,
+    CustomerStateRepository,
+    OrderRecord,
+    OrderRepository,
+    OutboxRepository,
+    RulesetRepository,
+    TrackingRepository,
+)
 from shared.consumer import Inbound, Rejection
-from shared.events import PurchaseCompleted
-from shared.tracking import claim_new
+from shared.db import transaction
+from shared.events import (
+    CUSTOM_TYPE_PREFIX,
+    EVENT_TYPES,
+    TOPIC_EVENT_TYPES,
+    ClawbackPoints,
+    CloudEvent,
+    EarnPoints,
+    EventDecodeError,
+    Payload,
+    PurchaseCompleted,
+    PurchaseRefunded,
+    ReferralConverted,
+    TierChanged,
+    decode_event,
+    utcnow,
+)
+from shared.kafka import EventProducer
+from shared.topics import CUSTOMERS, ENGAGEMENT, POINTS_COMMANDS, PURCHASES
+
+log = logging.getLogger(__name__)
+
+SOURCE = "loyalty/rules"
+# The consumer tracks under the service's name, not its (suffixed) group id: the effect (state, awards)
+# is the service's, so any replica or group that sees an event again must skip it.
+TRACKING_GROUP = "rules"
+VersionKey = tuple[str, str, int]
+# pydantic keeps parametrised generics in a weak cache: without a strong reference, `CloudEvent[EarnPoints]`
+# is rebuilt (~100 µs) whenever it was collected, and even a cache hit costs ~10 µs. Hold them, and build
+# this service's output envelopes from them directly.
+_ENVELOPES: dict[type[Payload], Any] = {
+    m: CloudEvent[m]  # type: ignore[valid-type]
+    for versions in EVENT_TYPES.values()
+    for m in versions.values()
+}
+
+
+def _envelope(event_type: str, data: Payload, *, tenant: str, event_id: str, time: datetime) -> CloudEvent[Any]:
+    """What shared.events.make_event builds, from the held parametrised class."""
+    subject = getattr(data, "customer_id", None)
+    built: CloudEvent[Any] = _ENVELOPES[type(data)](
+        type=event_type, source=SOURCE, tenantid=tenant, subject=subject, id=event_id, time=time, data=data
+    )
+    return built
+
+
+@dataclass
+class BatchOutcome:
+    rejections: list[Rejection] = field(default_factory=list)
+    outbox_ids: list[int] = field(default_factory=list)
+    outbox_rows: list[dict[str, Any]] = field(default_factory=list)
+    awards: int = 0
+
+
+@dataclass
+class _Schedule:
+    """A tenant's activations sorted by effective time: the active version at t is a binary search."""
+
+    starts: list[datetime]
+    versions: list[tuple[str, int]]
+
+    def at(self, when: datetime) -> tuple[str, int] | None:
+        i = bisect.bisect_right(self.starts, when)
+        return self.versions[i - 1] if i else None
+
+
+class RulesetCache:
+    """Compiled rulesets by (tenant, ruleset id, version). Versions never change, so entries never go stale."""
+
+    def __init__(self, limit: int = 1000) -> None:
+        self._compiled: dict[VersionKey, CompiledRuleset] = {}
+        self._limit = limit
+
+    def get(self, key: VersionKey) -> CompiledRuleset | None:
+        return self._compiled.get(key)
+
+    def put(self, key: VersionKey, document: dict[str, Any]) -> CompiledRuleset:
+        compiled = CompiledRuleset.compile(key[1], key[2], rs.RulesetDocument.model_validate(document))
+        if len(self._compiled) >= self._limit:
+            self._compiled.pop(next(iter(self._compiled)))
+        self._compiled[key] = compiled
+        return compiled
+
+    async def load(self, session: AsyncSession, keys: set[VersionKey]) -> dict[VersionKey, CompiledRuleset]:
+        out = {k: c for k in keys if (c := self.get(k)) is not None}
+        missing = keys - out.keys()
+        for row in await RulesetRepository.from_session(session).documents(missing):
+            key = (row.tenant_id, row.ruleset_id, row.version)
+            out[key] = self.put(key, row.document)
+        return out
+
+
+def _schedules(activations: Sequence[RulesetActivation]) -> dict[str, _Schedule]:
+    out: dict[str, _Schedule] = {}
+    for a in activations:  # ordered by tenant, effective_from, id: a later activation wins a tie
+        s = out.setdefault(a.tenant_id, _Schedule([], []))
+        if s.starts and s.starts[-1] == a.effective_from:
+            s.versions[-1] = (a.ruleset_id, a.version)
+        else:
+            s.starts.append(a.effective_from)
+            s.versions.append((a.ruleset_id, a.version))
+    return out
+
+
+def _outbox_row(topic: str, event: CloudEvent[Any]) -> dict[str, Any]:
+    return {"topic": topic, "key": event.key, "value": event.to_bytes()}
+
+
+def earn_event(
+    tenant: str, source_event: CloudEvent[Any], evaluation: Evaluation, plan: PlannedEarn
+) -> CloudEvent[Any]:
+    data = EarnPoints(
+        command_id=plan.command_id,
+        customer_id=plan.customer_id,
+        member_id=plan.member_id,
+        points=plan.points,
+        source_event_id=source_event.id,
+        matures_at=plan.matures_at,
+        ruleset_id=evaluation.ruleset_id,
+        ruleset_version=evaluation.version,
+        breakdown=plan.breakdown,
+        reason=f"{source_event.type} under ruleset {evaluation.ruleset_id} v{evaluation.version}",
+    )
+    # The envelope id is the command id too, and the time is the source event's: re-evaluating gives
+    # byte-identical commands.
+    return _envelope("points.earn", data, tenant=tenant, event_id=plan.command_id, time=event_time(source_event))
+
+
+INGEST_TOPICS = {PURCHASES: TOPIC_EVENT_TYPES[PURCHASES], ENGAGEMENT: TOPIC_EVENT_TYPES[ENGAGEMENT]}
+
+
+def _carries(types: frozenset[str], event_type: object) -> bool:
+    if not isinstance(event_type, str):
+        return False
+    return event_type in types or (event_type.startswith(CUSTOM_TYPE_PREFIX) and CUSTOM_TYPE_PREFIX in types)
+
+
+def _tier_event(
+    tenant: str, customer_id: str, change: TierChange, compiled: CompiledRuleset, cause: str, at: datetime
+) -> CloudEvent[Any]:
+    data = TierChanged(
+        customer_id=customer_id,
+        previous_tier=change.previous,
+        tier=change.tier,
+        reason=change.reason,
+        ruleset_id=compiled.ruleset_id,
+        ruleset_version=compiled.version,
+    )
+    return _envelope(
+        "tier.changed", data, tenant=tenant, event_id=command_id("tier", tenant, cause, customer_id), time=at
+    )
 
 
 class RulesService:
-    async def handle_batch(self, session: AsyncSession, batch: Sequence[Inbound], *, group: str) -> list[Rejection]:
-        fresh = await claim_new(session, processed_events, group, (m.event.id for m in batch))
-        repo = CustomerStateRepository.from_session(session)
-        for message in batch:
-            if message.event.id not in fresh:
-                continue
-            fresh.discard(message.event.id)  # the same id twice in one batch counts once
-            event = message.event
-            if isinstance(event.data, PurchaseCompleted):
-                await repo.count_purchase(event.tenantid, event.data.customer_id, event.data.ordered_at or event.time)
+    def __init__(self) -> None:
+        self.cache = RulesetCache()
+
+    # --- rulesets ---------------------------------------------------------------------------------
+
+    def validate(self, source: str | dict[str, Any]) -> rs.RulesetDocument:
+        try:
+            return rs.parse(source)
+        except rs.RulesetInvalid as exc:
+            raise RulesetValidationFailed(exc.problems) from exc
+
+    def check(self, source: str | dict[str, Any]) -> list[rs.Problem]:
+        try:
+            rs.parse(source)
+        except rs.RulesetInvalid as exc:
+            return exc.problems
         return []
 
-    async def get_state(self, session: AsyncSession, *, tenant_id: str, customer_id: str) -> CustomerState | None:
-        return await CustomerStateRepository.from_session(session).get(tenant_id, customer_id)
+    async def create_version(
+        self, session: AsyncSession, *, tenant_id: str, ruleset_id: str, source: str | dict[str, Any], key_id: str
+    ) -> Ruleset:
+        document = self.validate(source)
+        repo = RulesetRepository.from_session(session)
+        version = await repo.next_version(tenant_id, ruleset_id)
+        return await repo.create(
+            Ruleset(
+                tenant_id=tenant_id,
+                ruleset_id=ruleset_id,
+                version=version,
+                document=rs.canonical_json(document),
+                source=source if isinstance(source, str) else None,
+                created_by=key_id,
+            )
+        )
+
+    async def get_version(self, session: AsyncSession, *, tenant_id: str, ruleset_id: str, version: int) -> Ruleset:
+        row = await RulesetRepository.from_session(session).get(tenant_id, ruleset_id, version)
+        if row is None:
+            raise RulesetNotFound(ruleset_id, version)
+        return row
+
+    async def list_versions(
+        self, session: AsyncSession, *, tenant_id: str, ruleset_id: str | None = None
+    ) -> Sequence[Ruleset]:
+        return await RulesetRepository.from_session(session).list_versions(tenant_id, ruleset_id)
+
+    async def activate(
+        self,
+        session: AsyncSession,
+        *,
+        tenant_id: str,
+        ruleset_id: str,
+        version: int,
+        effective_from: datetime | None,
+        key_id: str,
+    ) -> RulesetActivation:
+        await self.get_version(session, tenant_id=tenant_id, ruleset_id=ruleset_id, version=version)
+        return await RulesetRepository.from_session(session).activate(
+            RulesetActivation(
+                tenant_id=tenant_id,
+                ruleset_id=ruleset_id,
+                version=version,
+                effective_from=effective_from or utcnow(),
+                activated_by=key_id,
+            )
+        )
+
+    async def activations(self, session: AsyncSession, *, tenant_id: str) -> Sequence[RulesetActivation]:
+        return await RulesetRepository.from_session(session).activations([tenant_id])
+
+    async def active_version(self, session: AsyncSession, *, tenant_id: str, at: datetime) -> tuple[str, int] | None:
+        schedule = _schedules(await RulesetRepository.from_session(session).activations([tenant_id])).get(tenant_id)
+        return schedule.at(at) if schedule else None
+
+    async def require_active(self, session: AsyncSession, *, tenant_id: str, at: datetime) -> dict[str, Any]:
+        active = await self.active_version(session, tenant_id=tenant_id, at=at)
+        if active is None:
+            raise NoActiveRuleset(tenant_id, at)
+        return {"ruleset_id": active[0], "version": active[1]}
+
+    # --- customers --------------------------------------------------------------------------------
+
+    async def get_state(self, session: AsyncSession, *, tenant_id: str, customer_id: str) -> CustomerSnapshot | None:
+        states = await CustomerStateRepository.from_session(session).load([(tenant_id, customer_id)])
+        return states.get((tenant_id, customer_id))
+
+    async def awards(self, session: AsyncSession, *, tenant_id: str, customer_id: str, limit: int) -> Sequence[Award]:
+        return await OrderRepository.from_session(session).awards_for_customer(tenant_id, customer_id, limit)
+
+    async def review_tiers(
+        self, session: AsyncSession, *, tenant_id: str, at: datetime, namespace: str, page: int = 1000
+    ) -> tuple[int, int]:
+        """The scheduled review: every customer of the tenant whose review is due at `at`, under the
+        version active then. Changes go to the outbox (the relay publishes them). Returns (seen, changed)."""
+        active = await self.active_version(session, tenant_id=tenant_id, at=at)
+        if active is None:
+            raise NoActiveRuleset(tenant_id, at)
+        key = (tenant_id, *active)
+        compiled = (await self.cache.load(session, {key}))[key]
+        tiers = compiled.document.tiers
+        if tiers is None:
+            raise TiersNotDefined(active[0], active[1])
+        states = CustomerStateRepository.from_session(session)
+        seen = changed = 0
+        after = ""
+        while batch := await states.load_tenant(tenant_id, after=after, limit=page):
+            after = batch[-1].customer_id
+            seen += len(batch)
+            rows, dirty = [], []
+            for state in batch:
+                change = review_tier(state, tiers, at)
+                if change is None:
+                    continue
+                dirty.append((tenant_id, state))
+                event = _tier_event(tenant_id, state.customer_id, change, compiled, f"review:{at.isoformat()}", at)
+                rows.append(_outbox_row(f"{namespace}{CUSTOMERS}", event))
+            await states.save(dirty)
+            await OutboxRepository.from_session(session).add(rows)
+            changed += len(rows)
+        return seen, changed
+
+    # --- simulate ---------------------------------------------------------------------------------
+
+    async def simulate(
+        self,
+        session: AsyncSession,
+        *,
+        tenant_id: str,
+        event: CloudEvent[Any],
+        ruleset_id: str | None = None,
+        version: int | None = None,
+    ) -> Evaluation:
+        """The award the pipeline would make for `event` given the stored state; nothing is written."""
+        if isinstance(event.data, PurchaseRefunded):
+            raise SimulationNotSupported("a refund claws back stored awards; simulate purchases and engagement")
+        at = event_time(event)
+        if ruleset_id is None or version is None:
+            active = await self.active_version(session, tenant_id=tenant_id, at=at)
+            if active is None:
+                raise NoActiveRuleset(tenant_id, at)
+            ruleset_id, version = active
+        key = (tenant_id, ruleset_id, version)
+        compiled = (await self.cache.load(session, {key})).get(key)
+        if compiled is None:
+            raise RulesetNotFound(ruleset_id, version)
+        customer_id = event.data.customer_id
+        keys = [(tenant_id, customer_id)]
+        referred_id = event.data.referred_customer_id if isinstance(event.data, ReferralConverted) else None
+        if referred_id:
+            keys.append((tenant_id, referred_id))
+        states = await CustomerStateRepository.from_session(session).load(keys)
+        campaigns = [(tenant_id, c) for c, spec in compiled.document.campaigns.items() if spec.budget]
+        spent = await CampaignRepository.from_session(session).spent(campaigns)
+        try:
+            return evaluate(
+                compiled,
+                event,
+                states.get((tenant_id, customer_id)) or CustomerSnapshot(customer_id),
+                referred=(states.get((tenant_id, referred_id)) or CustomerSnapshot(referred_id))
+                if referred_id
+                else None,
+                campaign_spent={c: p for (_, c), p in spent.items()},
+            )
+        except EventRefused as exc:
+            raise SimulationNotSupported(str(exc)) from exc
+
+    # --- REST ingest ------------------------------------------------------------------------------
+
+    def parse_event(
+        self, doc: dict[str, Any], *, tenant_id: str, index: int | None = None
+    ) -> tuple[str, CloudEvent[Any]]:
+        """Validates a purchase or engagement event of the caller's tenant; returns its topic and the event."""
+        doc = dict(doc)
+        if doc.setdefault("tenantid", tenant_id) != tenant_id:
+            raise InvalidEvent(f"tenantid {doc['tenantid']!r} is not the API key's tenant", index)
+        event_type = doc.get("type")
+        topic = next((t for t, types in INGEST_TOPICS.items() if _carries(types, event_type)), None)
+        if topic is None:
+            raise InvalidEvent(
+                f"event type {event_type!r} cannot be ingested here; send purchases or engagement", index
+            )
+        try:
+            event = decode_event(json.dumps(doc).encode(), allowed_types=INGEST_TOPICS[topic])
+        except EventDecodeError as exc:
+            raise InvalidEvent(str(exc), index) from exc
+        return topic, event
+
+    async def ingest(
+        self, producer: EventProducer, *, namespace: str, tenant_id: str, docs: Sequence[dict[str, Any]]
+    ) -> list[str]:
+        # All or nothing: every event is validated before the first one is produced.
+        parsed = [
+            self.parse_event(d, tenant_id=tenant_id, index=i if len(docs) > 1 else None) for i, d in enumerate(docs)
+        ]
+        by_topic: dict[str, list[CloudEvent[Any]]] = {}
+        for topic, event in parsed:
+            by_topic.setdefault(f"{namespace}{topic}", []).append(event)
+        for topic, events in by_topic.items():
+            await producer.publish_many(topic, events)
+        return [e.id for _, e in parsed]
+
+    # --- the pipeline -----------------------------------------------------------------------------
+
+    async def handle_batch(self, session: AsyncSession, batch: Sequence[Inbound], *, group: str) -> list[Rejection]:
+        return (await self.process_batch(session, batch, group=group)).rejections
+
+    async def process_batch(
+        self, session: AsyncSession, batch: Sequence[Inbound], *, group: str = TRACKING_GROUP, namespace: str = ""
+    ) -> BatchOutcome:
+        """Evaluates a batch in memory and writes its effects with one statement per table.
+
+        The tracking rows, state, awards and the outbox of commands commit together (the boundary's
+        transaction), so a redelivered batch finds its events claimed and produces nothing twice.
+        """
+        outcome = BatchOutcome()
+        tracking = TrackingRepository.from_session(session)
+        fresh = await tracking.claim_new(group, (m.event.id for m in batch))
+        messages: list[Inbound] = []
+        for m in batch:
+            if m.event.id in fresh:
+                fresh.discard(m.event.id)  # the same id twice in one batch counts once
+                messages.append(m)
+        if not messages:
+            return outcome
+        work = _BatchWork(self, session, namespace)
+        await work.load(messages)
+        for m in messages:
+            try:
+                work.apply(m)
+            except EventRefused as exc:
+                outcome.rejections.append(Rejection(m, str(exc)))
+        # A refused event changed nothing: release its claim, so replaying it from the DLQ (after the
+        # ruleset learnt the currency, say) processes it instead of skipping it as a duplicate.
+        await tracking.release(group, [r.message.event.id for r in outcome.rejections])
+        await work.save(outcome)
+        return outcome
+
+
+class _BatchWork:
+    """The in-memory state of one batch: loaded once, changed event by event, saved once."""
+
+    def __init__(self, service: RulesService, session: AsyncSession, namespace: str) -> None:
+        self.service = service
+        self.session = session
+        self.namespace = namespace
+        self.states: dict[tuple[str, str], CustomerSnapshot] = {}
+        self.dirty: set[tuple[str, str]] = set()
+        self.orders: dict[tuple[str, str], OrderRecord] = {}
+        self.new_orders: list[OrderRecord] = []
+        self.refunded: dict[tuple[str, str], Decimal] = {}
+        self.order_awards: dict[tuple[str, str], list[AwardRecord]] = {}
+        self.awards: list[dict[str, Any]] = []
+        self.clawed: dict[str, int] = {}
+        self.spent: dict[tuple[str, str], int] = {}
+        self.spent_delta: dict[tuple[str, str], int] = {}
+        self.outbox: list[dict[str, Any]] = []
+        self.schedules: dict[str, _Schedule] = {}
+        self.compiled: dict[VersionKey, CompiledRuleset] = {}
+
+    def version_for(self, event: CloudEvent[Any]) -> CompiledRuleset | None:
+        schedule = self.schedules.get(event.tenantid)
+        active = schedule.at(event_time(event)) if schedule else None
+        return self.compiled.get((event.tenantid, *active)) if active else None
+
+    async def load(self, messages: Sequence[Inbound]) -> None:
+        session = self.session
+        tenants = {m.event.tenantid for m in messages}
+        self.schedules = _schedules(await RulesetRepository.from_session(session).activations(tenants))
+        wanted: set[VersionKey] = set()
+        order_keys: set[tuple[str, str]] = set()
+        customer_keys: set[tuple[str, str]] = set()
+        for m in messages:
+            e = m.event
+            schedule = self.schedules.get(e.tenantid)
+            active = schedule.at(event_time(e)) if schedule else None
+            if active:
+                wanted.add((e.tenantid, *active))
+            customer_keys.add((e.tenantid, e.data.customer_id))
+            if isinstance(e.data, ReferralConverted):
+                customer_keys.add((e.tenantid, e.data.referred_customer_id))
+            if isinstance(e.data, PurchaseRefunded):
+                order_keys.add((e.tenantid, e.data.original_order_id))
+            if isinstance(e.data, PurchaseCompleted):
+                order_keys.add((e.tenantid, e.data.order_id))
+        orders = OrderRepository.from_session(session)
+        self.orders = await orders.load(order_keys)
+        self.order_awards = await orders.awards(order_keys)
+        for order in self.orders.values():
+            if order.ruleset_id is not None and order.ruleset_version is not None:
+                wanted.add((order.tenant_id, order.ruleset_id, order.ruleset_version))
+        self.compiled = await self.service.cache.load(session, wanted)
+        self.states = await CustomerStateRepository.from_session(session).load(customer_keys, for_update=True)
+        campaigns = {
+            (t, c)
+            for (t, _, _), comp in self.compiled.items()
+            for c, spec in comp.document.campaigns.items()
+            if spec.budget
+        }
+        self.spent = await CampaignRepository.from_session(session).spent(campaigns, for_update=True)
+
+    def state(self, tenant: str, customer_id: str) -> CustomerSnapshot:
+        key = (tenant, customer_id)
+        state = self.states.get(key)
+        if state is None:
+            state = self.states[key] = CustomerSnapshot(customer_id)
+        return state
+
+    def apply(self, message: Inbound) -> None:
+        event = message.event
+        if isinstance(event.data, PurchaseRefunded):
+            self._refund(event, event.data)
+            return
+        tenant = event.tenantid
+        data = event.data
+        compiled = self.version_for(event)
+        order_key = (tenant, data.order_id) if isinstance(data, PurchaseCompleted) else None
+        if order_key is not None and order_key in self.orders:
+            seen = self.orders[order_key]
+            raise EventRefused(f"order {data.order_id!r} was already processed (event {seen.event_id})")
+        customer = self.state(tenant, data.customer_id)
+        referred = self.state(tenant, data.referred_customer_id) if isinstance(data, ReferralConverted) else None
+        evaluation: Evaluation | None = None
+        if compiled is not None:
+            spent = {c: p for (t, c), p in self.spent.items() if t == tenant}
+            evaluation = evaluate(compiled, event, customer, referred=referred, campaign_spent=spent)
+        elif event.type.startswith(CUSTOM_TYPE_PREFIX):
+            raise EventRefused(
+                f"custom event type {event.type!r}: tenant {tenant!r} has no active ruleset declaring it"
+            )
+        if order_key is not None and isinstance(data, PurchaseCompleted):
+            order = OrderRecord(
+                tenant_id=tenant,
+                order_id=data.order_id,
+                customer_id=data.customer_id,
+                event_id=event.id,
+                currency=data.currency,
+                net_amount=data.net_amount,
+                refunded_amount=Decimal(0),
+                ordered_at=event_time(event),
+                ruleset_id=compiled.ruleset_id if compiled else None,
+                ruleset_version=compiled.version if compiled else None,
+            )
+            self.orders[order_key] = order
+            self.new_orders.append(order)
+        spend_factor = (
+            compiled.spend_factor(data.currency) if compiled and isinstance(data, PurchaseCompleted) else Decimal(1)
+        )
+        touched = [customer] + ([referred] if referred is not None else [])
+        for snapshot in touched:
+            points = evaluation.points_by_customer.get(snapshot.customer_id, 0) if evaluation else 0
+            counters = evaluation.counters.get(snapshot.customer_id, {}) if evaluation else {}
+            if snapshot is customer or points or counters:
+                apply_event(
+                    snapshot,
+                    event,
+                    spend_factor=spend_factor,
+                    points=points,
+                    counters=counters,
+                )
+                self.dirty.add((tenant, snapshot.customer_id))
+        if evaluation is None or compiled is None:
+            return
+        for campaign, points in evaluation.campaign_points.items():
+            self.spent[(tenant, campaign)] = self.spent.get((tenant, campaign), 0) + points
+            self.spent_delta[(tenant, campaign)] = self.spent_delta.get((tenant, campaign), 0) + points
+        commands_topic = f"{self.namespace}{POINTS_COMMANDS}"
+        for plan in evaluation.commands:
+            command = earn_event(tenant, event, evaluation, plan)
+            self.outbox.append(_outbox_row(commands_topic, command))
+            record = AwardRecord(plan.command_id, plan.customer_id, plan.points, 0)
+            if order_key is not None:
+                self.order_awards.setdefault(order_key, []).append(record)
+            self.awards.append(
+                {
+                    "command_id": plan.command_id,
+                    "tenant_id": tenant,
+                    "customer_id": plan.customer_id,
+                    "order_id": order_key[1] if order_key else None,
+                    "event_id": event.id,
+                    "ruleset_id": evaluation.ruleset_id,
+                    "ruleset_version": evaluation.version,
+                    "points": plan.points,
+                    "matures_at": plan.matures_at,
+                    "breakdown": json.dumps([a.model_dump() for a in plan.breakdown]),
+                }
+            )
+        tiers = compiled.document.tiers
+        if tiers is not None:
+            for snapshot in touched:
+                change = review_tier(snapshot, tiers, event_time(event))
+                if change is None:
+                    continue
+                self.dirty.add((tenant, snapshot.customer_id))
+                tier_event = _tier_event(tenant, snapshot.customer_id, change, compiled, event.id, event_time(event))
+                self.outbox.append(_outbox_row(f"{self.namespace}{CUSTOMERS}", tier_event))
+
+    def _refund(self, event: CloudEvent[Any], refund: PurchaseRefunded) -> None:
+        tenant = event.tenantid
+        key = (tenant, refund.original_order_id)
+        order = self.orders.get(key)
+        if order is None:
+            raise EventRefused(f"refund of order {refund.original_order_id!r}, which this service never saw")
+        if refund.currency != order.currency:
+            raise EventRefused(f"refund in {refund.currency} of order {order.order_id!r} paid in {order.currency}")
+        amount = refund_amount(refund)
+        if amount <= 0:
+            raise EventRefused("a refund needs a positive amount or returned lines")
+        before = self.refunded.get(key, order.refunded_amount)
+        now = min(amount, max(order.net_amount - before, Decimal(0)))
+        awards = self.order_awards.get(key, [])
+        plans = plan_clawbacks(
+            tenant, event.id, awards, order_net=order.net_amount, refunded_before=before, refunded_now=now
+        )
+        self.refunded[key] = before + now
+        by_id = {p.original_command_id: p for p in plans}
+        self.order_awards[key] = [
+            AwardRecord(
+                a.command_id,
+                a.customer_id,
+                a.points,
+                a.clawed_back + (by_id[a.command_id].points if a.command_id in by_id else 0),
+            )
+            for a in awards
+        ]
+        topic = f"{self.namespace}{POINTS_COMMANDS}"
+        for plan in plans:
+            self.clawed[plan.original_command_id] = self.clawed.get(plan.original_command_id, 0) + plan.points
+            data = ClawbackPoints(
+                command_id=plan.command_id,
+                customer_id=plan.customer_id,
+                original_command_id=plan.original_command_id,
+                points=plan.points,
+                source_event_id=event.id,
+                reason=(
+                    f"refund {refund.refund_id} of order {order.order_id}: {now} of {order.net_amount} {order.currency}"
+                    f" under ruleset {order.ruleset_id} v{order.ruleset_version}"
+                ),
+            )
+            claw = _envelope("points.clawback", data, tenant=tenant, event_id=plan.command_id, time=event.time)
+            self.outbox.append(_outbox_row(topic, claw))
+        compiled = (
+            self.compiled.get((tenant, order.ruleset_id, order.ruleset_version))
+            if order.ruleset_id is not None and order.ruleset_version is not None
+            else None
+        )
+        state = self.state(tenant, order.customer_id)
+        apply_refund(state, order.ordered_at, now, compiled.spend_factor(order.currency) if compiled else Decimal(1))
+        self.dirty.add((tenant, order.customer_id))
+
+    async def save(self, outcome: BatchOutcome) -> None:
+        session = self.session
+        await CustomerStateRepository.from_session(session).save((k[0], self.states[k]) for k in self.dirty)
+        orders = OrderRepository.from_session(session)
+        await orders.insert_orders(self.new_orders)
+        # After the insert, so a refund of an order from the same batch updates the new row.
+        await orders.set_refunded(
+            [{"tenant_id": t, "order_id": o, "refunded_amount": amount} for (t, o), amount in self.refunded.items()]
+        )
+        await orders.insert_awards(self.awards)
+        await orders.add_clawed_back(self.clawed)
+        await CampaignRepository.from_session(session).add(self.spent_delta)
+        outcome.outbox_ids = await OutboxRepository.from_session(session).add(self.outbox)
+        outcome.outbox_rows = self.outbox
+        outcome.awards = len(self.awards)
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows and deletes them; a sweep picks up rows a crash left behind.
+
+    A crash after publishing but before the delete publishes a row again: the copy carries the same
+    deterministic command id, which the ledger records once.
+    """
+
+    def __init__(
+        self, sessionmaker: async_sessionmaker[AsyncSession], producer: AIOKafkaProducer, *, namespace: str = ""
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self._producer = producer
+        self._namespace = namespace
+
+    async def publish(self, ids: Sequence[int], rows: Sequence[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        futures = [await self._producer.send(r["topic"], r["value"], key=r["key"]) for r in rows]
+        for future in futures:
+            await future
+        async with transaction(self._sessionmaker) as session:
+            await OutboxRepository.from_session(session).delete(ids)
+
+    async def sweep(self, *, older_than: timedelta = timedelta(seconds=5), limit: int = 5000) -> int:
+        async with transaction(self._sessionmaker) as session:
+            repo = OutboxRepository.from_session(session)
+            rows = await repo.claim_stale(older_than, limit, utcnow(), self._namespace)
+            if not rows:
+                return 0
+            futures = [await self._producer.send(r.topic, r.value, key=r.key) for r in rows]
+            for future in futures:
+                await future
+            await repo.delete([r.id for r in rows])
+            return len(rows)
 
 
 rules_service = RulesService()

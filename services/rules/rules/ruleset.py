@@ -1,0 +1,358 @@
+"""The ruleset document (YAML or JSON): its model, parsing and validation.
+
+Validation reports every problem it finds, each naming the rule (when it is inside one), the path in
+the document and, for YAML input, the line and column, so an author can fix a version in one go.
+Conditions are CEL expressions; they are compiled here once to catch syntax errors and unknown
+variables, and compiled again (once per version) by the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+import cel
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.events import CUSTOM_TYPE_PREFIX, EVENT_TYPES, UtcDatetime
+
+Period = Literal["day", "week", "month", "quarter", "year"]
+Rounding = Literal["floor", "half_up", "half_even", "ceil"]
+RuleKind = Literal["points_per_unit", "line_multiplier", "bonus", "tier_multiplier", "engagement"]
+
+PURCHASE = "purchase.completed"
+ENGAGEMENT_TYPES = frozenset({"review.posted", "referral.converted", "survey.answered", "event.attended"})
+# What a condition may read; `line` only in a line condition.
+EVENT_VARIABLES = frozenset({"event", "customer"})
+LINE_VARIABLES = frozenset({"event", "customer", "line"})
+
+PositiveDecimal = Annotated[Decimal, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CurrencyConfig(_Doc):
+    points_per_unit: PositiveDecimal
+    # Converts an amount in this currency into the programme's reference currency for tier spend.
+    spend_factor: PositiveDecimal = Decimal(1)
+
+
+class Exclusions(_Doc):
+    gift_cards: bool = True
+    shipping: bool = True
+    discounted_lines: bool = False
+    skus: list[str] = Field(default_factory=list)
+    categories: list[str] = Field(default_factory=list)
+
+
+class PeriodCap(_Doc):
+    points: Annotated[int, Field(gt=0)]
+    period: Period
+
+
+class Caps(_Doc):
+    per_order: Annotated[int, Field(gt=0)] | None = None
+    per_customer: PeriodCap | None = None
+
+
+class Campaign(_Doc):
+    starts_at: UtcDatetime | None = None
+    ends_at: UtcDatetime | None = None
+    budget: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Campaign:
+        if self.starts_at and self.ends_at and self.ends_at <= self.starts_at:
+            raise ValueError("ends_at must be after starts_at")
+        return self
+
+
+class TierLevel(_Doc):
+    name: Annotated[str, Field(min_length=1, max_length=40)]
+    threshold: Annotated[Decimal, Field(ge=0)]
+    multiplier: PositiveDecimal = Decimal(1)
+
+
+class Tiers(_Doc):
+    basis: Literal["spend_12m", "points_12m"] = "spend_12m"
+    review_every_days: Annotated[int, Field(ge=1)] = 90
+    downgrade: Literal["one_level", "to_qualified", "never"] = "one_level"
+    levels: Annotated[list[TierLevel], Field(min_length=1)]
+
+    @field_validator("levels")
+    @classmethod
+    def _ascending(cls, levels: list[TierLevel]) -> list[TierLevel]:
+        names = [lv.name for lv in levels]
+        if len(set(names)) != len(names):
+            raise ValueError("tier names must be unique")
+        thresholds = [lv.threshold for lv in levels]
+        if thresholds != sorted(thresholds) or len(set(thresholds)) != len(thresholds):
+            raise ValueError("tier thresholds must be strictly ascending, lowest level first")
+        return levels
+
+
+class Limit(_Doc):
+    count: Annotated[int, Field(gt=0)]
+    period: Period
+
+
+class Rule(_Doc):
+    id: Annotated[str, Field(min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    kind: RuleKind
+    description: str = ""
+    priority: int = 0
+    when: str | None = Field(default=None, description="CEL over event and customer; the rule applies when true")
+    stop: bool = Field(default=False, description="When the rule fires, no lower-priority rule is evaluated")
+    campaign: str | None = None
+    valid_from: UtcDatetime | None = None
+    valid_until: UtcDatetime | None = None
+    max_points: Annotated[int, Field(gt=0)] | None = Field(default=None, description="Cap of this rule per event")
+    pending_days: NonNegativeInt | None = None
+    # points_per_unit / line_multiplier: which lines
+    skus: list[str] = Field(default_factory=list)
+    categories: list[str] = Field(default_factory=list)
+    line_when: str | None = Field(default=None, description="CEL over event, customer and line")
+    factor: PositiveDecimal = Decimal(1)
+    multiplier: PositiveDecimal | None = None
+    # bonus / engagement
+    points: NonNegativeInt | None = None
+    # engagement
+    on: str | None = None
+    referred_points: NonNegativeInt | None = None
+    limit: Limit | None = None
+    # tier_multiplier: overrides the tier levels' multipliers
+    multipliers: dict[str, PositiveDecimal] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> Rule:
+        if self.kind == "line_multiplier":
+            if self.multiplier is None:
+                raise ValueError("a line_multiplier rule needs 'multiplier'")
+            if not (self.skus or self.categories or self.line_when):
+                raise ValueError("a line_multiplier rule needs 'skus', 'categories' or 'line_when'")
+        if self.kind == "bonus" and self.points is None:
+            raise ValueError("a bonus rule needs 'points'")
+        if self.kind == "engagement":
+            if self.on is None or self.points is None:
+                raise ValueError("an engagement rule needs 'on' (an event type) and 'points'")
+        elif self.on is not None or self.referred_points is not None or self.limit is not None:
+            raise ValueError("'on', 'referred_points' and 'limit' belong to engagement rules")
+        if self.referred_points is not None and self.on != "referral.converted":
+            raise ValueError("'referred_points' only applies to referral.converted")
+        if self.valid_from and self.valid_until and self.valid_until <= self.valid_from:
+            raise ValueError("valid_until must be after valid_from")
+        return self
+
+    @property
+    def event_type(self) -> str:
+        return self.on if self.kind == "engagement" and self.on else PURCHASE
+
+
+class RulesetDocument(_Doc):
+    name: Annotated[str, Field(min_length=1, max_length=200)] = "default"
+    description: str = ""
+    currencies: Annotated[dict[Annotated[str, Field(pattern=r"^[A-Z]{3}$")], CurrencyConfig], Field(min_length=1)]
+    rounding: Rounding = "floor"
+    pending_days: NonNegativeInt = 0
+    exclusions: Exclusions = Field(default_factory=Exclusions)
+    caps: Caps = Field(default_factory=Caps)
+    campaigns: dict[str, Campaign] = Field(default_factory=dict)
+    tiers: Tiers | None = None
+    custom_events: list[Annotated[str, Field(pattern=r"^[a-z0-9_.-]+$")]] = Field(default_factory=list)
+    rules: list[Rule] = Field(default_factory=list)
+
+    def ordered_rules(self) -> list[Rule]:
+        # Higher priority first; equal priorities keep document order (sorted() is stable).
+        return sorted(self.rules, key=lambda r: -r.priority)
+
+
+@dataclass(frozen=True)
+class Problem:
+    message: str
+    path: str
+    rule: str | None = None
+    line: int | None = None
+    column: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "path": self.path, "line": self.line, "column": self.column, "message": self.message}
+
+
+class RulesetInvalid(ValueError):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("; ".join(_describe(p) for p in problems))
+        self.problems = problems
+
+
+def _describe(p: Problem) -> str:
+    where = f"rule {p.rule!r} at {p.path}" if p.rule else p.path or "document"
+    if p.line is not None:
+        where += f" (line {p.line}, column {p.column})"
+    return f"{where}: {p.message}"
+
+
+Path = tuple[str | int, ...]
+
+
+def _format_path(path: Path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _positions(node: yaml.Node, path: Path = (), out: dict[Path, tuple[int, int]] | None = None) -> dict[Path, Any]:
+    """Path in the document -> (line, column), 1-based, from the YAML node tree."""
+    out = {} if out is None else out
+    out[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            _positions(value, (*path, key.value), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _positions(item, (*path, i), out)
+    return out
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 would read the key `on:` (engagement rules) as True."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_source(source: str | dict[str, Any]) -> tuple[dict[str, Any], dict[Path, Any]]:
+    """The document as a dict plus positions (YAML text only); raises RulesetInvalid on a syntax error."""
+    if isinstance(source, dict):
+        return source, {}
+    try:
+        node = yaml.compose(source, Loader=_Loader)
+        # Unquoted YAML timestamps load as datetimes, which pydantic accepts like the JSON strings.
+        doc = yaml.load(source, Loader=_Loader)  # safe: _Loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line, column = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+        raise RulesetInvalid([Problem(f"not valid YAML/JSON: {exc}", "", None, line, column)]) from exc
+    if not isinstance(doc, dict) or node is None:
+        raise RulesetInvalid([Problem("the document must be a mapping (YAML) or an object (JSON)", "")])
+    return doc, _positions(node)
+
+
+def parse(source: str | dict[str, Any]) -> RulesetDocument:
+    """Parses and validates a ruleset document; raises RulesetInvalid listing every problem."""
+    doc, positions = load_source(source)
+    rule_ids = _rule_ids(doc)
+
+    def problem(message: str, path: Path) -> Problem:
+        rule = rule_ids.get(path[1]) if len(path) > 1 and path[0] == "rules" and isinstance(path[1], int) else None
+        line, column = _nearest(positions, path)
+        return Problem(message, _format_path(path), rule, line, column)
+
+    try:
+        document = RulesetDocument.model_validate(doc)
+    except ValidationError as exc:
+        raise RulesetInvalid([problem(e["msg"], tuple(e["loc"])) for e in exc.errors()]) from exc
+    problems = [problem(msg, path) for msg, path in _semantic_problems(document)]
+    if problems:
+        raise RulesetInvalid(problems)
+    return document
+
+
+def _rule_ids(doc: dict[str, Any]) -> dict[int, str]:
+    rules = doc.get("rules")
+    if not isinstance(rules, list):
+        return {}
+    return {i: str(r["id"]) for i, r in enumerate(rules) if isinstance(r, dict) and "id" in r}
+
+
+def _nearest(positions: dict[Path, Any], path: Path) -> tuple[int | None, int | None]:
+    for end in range(len(path), -1, -1):
+        hit = positions.get(path[:end])
+        if hit is not None:
+            return hit[0], hit[1]
+    return None, None
+
+
+def check_condition(source: str, allowed: frozenset[str]) -> str | None:
+    """None when `source` compiles and reads only allowed variables, else the reason."""
+    try:
+        program = cel.compile(source)
+    except (ValueError, RuntimeError) as exc:
+        return f"CEL: {exc}"
+    unknown = sorted(set(program.variables()) - allowed - _comprehension_names(source))
+    if unknown:
+        return f"CEL: unknown variable(s) {unknown}; a condition can read {sorted(allowed)}"
+    return None
+
+
+def _comprehension_names(source: str) -> set[str]:
+    # Macros like `l.exists(x, ...)` bind names that CEL reports as variables; accept any name that the
+    # expression binds that way. A superset is harmless: CEL itself fails on a truly unbound name.
+    try:
+        names = set(cel.compile(source).variables())
+    except (ValueError, RuntimeError):
+        return set()
+    bound: set[str] = set()
+    for name in names:
+        for macro in ("all", "exists", "exists_one", "map", "filter"):
+            if f"{macro}({name}," in source.replace(" ", ""):
+                bound.add(name)
+    return bound
+
+
+def _semantic_problems(doc: RulesetDocument) -> list[tuple[str, Path]]:
+    out: list[tuple[str, Path]] = []
+    seen: dict[str, int] = {}
+    known_tiers = {lv.name for lv in doc.tiers.levels} if doc.tiers else set()
+    custom = {f"{CUSTOM_TYPE_PREFIX}{name}" for name in doc.custom_events}
+    for i, rule in enumerate(doc.rules):
+        at: Path = ("rules", i)
+        if rule.id in seen:
+            out.append((f"duplicate rule id {rule.id!r} (first at rules[{seen[rule.id]}])", (*at, "id")))
+        seen.setdefault(rule.id, i)
+        if rule.when is not None:
+            reason = check_condition(rule.when, EVENT_VARIABLES)
+            if reason:
+                out.append((reason, (*at, "when")))
+        if rule.line_when is not None:
+            if rule.kind not in ("points_per_unit", "line_multiplier"):
+                out.append(
+                    ("'line_when' only applies to points_per_unit and line_multiplier rules", (*at, "line_when"))
+                )
+            reason = check_condition(rule.line_when, LINE_VARIABLES)
+            if reason:
+                out.append((reason, (*at, "line_when")))
+        if rule.campaign is not None and rule.campaign not in doc.campaigns:
+            out.append((f"unknown campaign {rule.campaign!r}; declared: {sorted(doc.campaigns)}", (*at, "campaign")))
+        if rule.kind == "engagement" and rule.on is not None:
+            if rule.on not in ENGAGEMENT_TYPES and rule.on not in custom:
+                known = sorted(ENGAGEMENT_TYPES | custom)
+                out.append((f"unknown engagement event type {rule.on!r}; known: {known}", (*at, "on")))
+        if rule.kind == "tier_multiplier":
+            if doc.tiers is None:
+                out.append(("a tier_multiplier rule needs a 'tiers' section", (*at, "kind")))
+            for name in rule.multipliers:
+                if name not in known_tiers:
+                    out.append((f"unknown tier {name!r}; defined: {sorted(known_tiers)}", (*at, "multipliers", name)))
+    for name in doc.custom_events:
+        if f"{CUSTOM_TYPE_PREFIX}{name}" in EVENT_TYPES:
+            out.append((f"custom event {name!r} clashes with a built-in type", ("custom_events",)))
+    return out
+
+
+def canonical_json(doc: RulesetDocument) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(doc.model_dump_json(exclude_defaults=False))
+    return result

@@ -1,0 +1,397 @@
+"""The pure rule engine: every action kind, priorities, caps, windows, tiers and refunds, with the
+expected points worked out by hand in each test."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from rules import ruleset as rs
+from rules.engine import (
+    AwardRecord,
+    CompiledRuleset,
+    Condition,
+    CustomerSnapshot,
+    Evaluation,
+    EventRefused,
+    _fields_read,
+    apply_event,
+    evaluate,
+    plan_clawbacks,
+    review_tier,
+)
+from tests.rules.samples import BASE, T0, TIERS, custom, doc, line, order, referral, review
+
+TENANT = "t-engine"
+
+
+def compiled(document: dict[str, Any], version: int = 1) -> CompiledRuleset:
+    return CompiledRuleset.compile("main", version, rs.parse(document))
+
+
+def run(document: dict[str, Any], event: Any, state: CustomerSnapshot | None = None, **kw: Any) -> Evaluation:
+    return evaluate(compiled(document), event, state or CustomerSnapshot(event.data.customer_id), **kw)
+
+
+def points(evaluation: Evaluation) -> dict[str, int]:
+    return {o.rule_id: o.points for o in evaluation.trace if o.fired}
+
+
+class TestPointsPerUnit:
+    def test_floor_rounding_of_net_amount(self) -> None:
+        # 2 x 10.75 = 21.50 -> 21 points at 1/EUR, floor
+        ev = run(doc(BASE), order(TENANT, "c", [line("A", "tools", "2", "10.75")]))
+        assert ev.total_points == 21
+        assert "21.5 EUR eligible * 1 pt/EUR" in ev.commands[0].breakdown[0].explanation
+
+    def test_half_up_rounding_and_rate_per_currency(self) -> None:
+        # 21.50 USD x 2 pts/USD = 43.00; 10.25 x 2 = 20.50 -> half_up 21
+        document = doc(BASE, currencies={"USD": {"points_per_unit": "2"}}, rounding="half_up")
+        assert run(document, order(TENANT, "c", [line("A", "x", "1", "10.25")], currency="USD")).total_points == 21
+
+    def test_factor(self) -> None:
+        # 40.00 x 1 x 0.5 = 20
+        document = doc({**BASE, "factor": "0.5"})
+        assert run(document, order(TENANT, "c", [line("A", "x", "4", "10")])).total_points == 20
+
+    def test_exclusions_gift_cards_shipping_and_discounted_lines(self) -> None:
+        lines = [
+            line("A", "tools", "1", "100"),
+            line("GIFT", "gift", "1", "50", gift_card=True),
+            line("SHIP", "shipping", "1", "7.50", shipping=True),
+            line("B", "tools", "1", "30", discount=Decimal("5")),
+        ]
+        # default exclusions: gift cards and shipping out -> 100 + (30 - 5) = 125
+        assert run(doc(BASE), order(TENANT, "c", lines)).total_points == 125
+        # discounted lines excluded too -> 100
+        document = doc(BASE, exclusions={"discounted_lines": True})
+        assert run(document, order(TENANT, "c", lines)).total_points == 100
+        # nothing excluded -> 100 + 50 + 7.50 + 25 = 182.50 -> 182
+        document = doc(BASE, exclusions={"gift_cards": False, "shipping": False})
+        assert run(document, order(TENANT, "c", lines)).total_points == 182
+
+    def test_excluded_category(self) -> None:
+        document = doc(BASE, exclusions={"categories": ["tobacco"]})
+        lines = [line("A", "tools", "1", "10"), line("T", "tobacco", "1", "90")]
+        assert run(document, order(TENANT, "c", lines)).total_points == 10
+
+    def test_unknown_currency_is_refused(self) -> None:
+        with pytest.raises(EventRefused, match="unknown currency 'JPY'"):
+            run(doc(BASE), order(TENANT, "c", [line("A", "x", "1", "10")], currency="JPY"))
+
+
+class TestLineMultiplier:
+    def test_by_sku_and_by_category(self) -> None:
+        lines = [line("HERO", "tools", "1", "20"), line("P1", "paint", "2", "5"), line("X", "misc", "1", "3")]
+        document = doc(
+            BASE,
+            {"id": "hero-x3", "kind": "line_multiplier", "skus": ["HERO"], "multiplier": "3"},
+            {"id": "paint-x2", "kind": "line_multiplier", "categories": ["paint"], "multiplier": "2"},
+        )
+        # base 20 + 10 + 3 = 33; HERO extra 20 x (3-1) = 40; paint extra 10 x (2-1) = 10
+        ev = run(document, order(TENANT, "c", lines))
+        assert points(ev) == {"base": 33, "hero-x3": 40, "paint-x2": 10}
+        assert ev.total_points == 83
+
+    def test_line_condition_in_cel(self) -> None:
+        lines = [line("A", "tools", "10", "2"), line("B", "tools", "1", "50")]
+        document = doc(
+            BASE, {"id": "bulk", "kind": "line_multiplier", "line_when": "line.quantity >= 10.0", "multiplier": "1.5"}
+        )
+        # base 20 + 50 = 70; bulk line A: 20 x 0.5 = 10
+        assert points(run(document, order(TENANT, "c", lines))) == {"base": 70, "bulk": 10}
+
+
+class TestBonuses:
+    def test_first_purchase(self) -> None:
+        document = doc(BASE, {"id": "first", "kind": "bonus", "points": 100, "when": "customer.purchase_count == 0"})
+        event = order(TENANT, "c", [line("A", "x", "1", "10")])
+        assert run(document, event).total_points == 110
+        assert run(document, event, CustomerSnapshot("c", purchase_count=1)).total_points == 10
+
+    def test_nth_purchase(self) -> None:
+        document = doc({"id": "third", "kind": "bonus", "points": 30, "when": "customer.purchase_count + 1 == 3"})
+        event = order(TENANT, "c", [line("A", "x", "1", "10")])
+        assert run(document, event, CustomerSnapshot("c", purchase_count=2)).total_points == 30
+        assert run(document, event, CustomerSnapshot("c", purchase_count=3)).total_points == 0
+
+    def test_cross_sell_first_purchase_in_a_new_category(self) -> None:
+        document = doc(
+            {
+                "id": "cross",
+                "kind": "bonus",
+                "points": 25,
+                "when": "customer.purchase_count > 0 && size(event.new_categories) > 0",
+            }
+        )
+        event = order(TENANT, "c", [line("A", "tools", "1", "10"), line("B", "paint", "1", "10")])
+        known = CustomerSnapshot("c", purchase_count=4, categories={"tools"})
+        assert run(document, event, known).total_points == 25
+        seen_all = CustomerSnapshot("c", purchase_count=4, categories={"tools", "paint"})
+        assert run(document, event, seen_all).total_points == 0
+
+    def test_up_sell_order_above_an_amount(self) -> None:
+        document = doc({"id": "up", "kind": "bonus", "points": 75, "when": "event.net_amount >= 500.0"})
+        assert run(document, order(TENANT, "c", [line("A", "x", "1", "500")])).total_points == 75
+        assert run(document, order(TENANT, "c", [line("A", "x", "1", "499.99")])).total_points == 0
+
+
+class TestTierMultiplier:
+    def test_multiplies_the_points_of_earlier_rules(self) -> None:
+        document = doc(BASE, {"id": "tier", "kind": "tier_multiplier", "priority": -1}, tiers=TIERS)
+        event = order(TENANT, "c", [line("A", "x", "1", "41")])
+        # Gold x2: 41 + 41 x (2 - 1) = 82; Silver x1.5: 41 + floor(20.5) = 61; Bronze: 41
+        assert run(document, event, CustomerSnapshot("c", tier="Gold")).total_points == 82
+        assert run(document, event, CustomerSnapshot("c", tier="Silver")).total_points == 61
+        assert run(document, event, CustomerSnapshot("c", tier="Bronze")).total_points == 41
+
+    def test_rule_level_multipliers_override_the_tier_definition(self) -> None:
+        document = doc(
+            BASE, {"id": "tier", "kind": "tier_multiplier", "priority": -1, "multipliers": {"Gold": "3"}}, tiers=TIERS
+        )
+        assert (
+            run(
+                document, order(TENANT, "c", [line("A", "x", "1", "10")]), CustomerSnapshot("c", tier="Gold")
+            ).total_points
+            == 30
+        )
+
+
+class TestCampaigns:
+    def test_date_window(self) -> None:
+        document = doc(
+            BASE,
+            {"id": "spring", "kind": "bonus", "points": 40, "campaign": "spring"},
+            campaigns={"spring": {"starts_at": "2026-03-01T00:00:00Z", "ends_at": "2026-04-01T00:00:00Z"}},
+        )
+        lines = [line("A", "x", "1", "10")]
+        assert run(document, order(TENANT, "c", lines, at=T0)).total_points == 50
+        assert run(document, order(TENANT, "c", lines, at=T0 + timedelta(days=30))).total_points == 10
+        before = run(document, order(TENANT, "c", lines, at=T0 - timedelta(days=10)))
+        assert before.total_points == 10
+        assert "not yet valid" in next(o.explanation for o in before.trace if o.rule_id == "spring")
+
+    def test_rule_validity_window(self) -> None:
+        document = doc({**BASE, "valid_until": "2026-03-10T12:00:00Z"})
+        assert run(document, order(TENANT, "c", [line("A", "x", "1", "10")], at=T0)).total_points == 0
+
+    def test_budget_limits_the_campaign_points(self) -> None:
+        document = doc(
+            {"id": "promo", "kind": "bonus", "points": 40, "campaign": "promo"},
+            campaigns={"promo": {"budget": 100}},
+        )
+        event = order(TENANT, "c", [line("A", "x", "1", "10")])
+        assert run(document, event, campaign_spent={"promo": 0}).total_points == 40
+        # 100 - 70 spent = 30 left
+        ev = run(document, event, campaign_spent={"promo": 70})
+        assert ev.total_points == 30
+        assert ev.campaign_points == {"promo": 30}
+        assert run(document, event, campaign_spent={"promo": 100}).commands == []
+
+
+class TestCaps:
+    def test_rule_max_points(self) -> None:
+        document = doc({**BASE, "max_points": 50})
+        assert run(document, order(TENANT, "c", [line("A", "x", "1", "80")])).total_points == 50
+
+    def test_per_order_cap_trims_the_lowest_priority_rule_first(self) -> None:
+        document = doc(
+            BASE,
+            {"id": "bonus", "kind": "bonus", "points": 50, "priority": 10},
+            caps={"per_order": 100},
+        )
+        # base 80 (priority 100) + bonus 50 (priority 10) = 130 -> cut 30 from the bonus
+        ev = run(document, order(TENANT, "c", [line("A", "x", "1", "80")]))
+        assert points(ev) == {"base": 80, "bonus": 20}
+
+    def test_per_customer_per_period_cap_counts_earlier_awards(self) -> None:
+        document = doc(BASE, caps={"per_customer": {"points": 100, "period": "month"}})
+        state = CustomerSnapshot("c", counters={"cap:month:2026-03": 70})
+        ev = run(document, order(TENANT, "c", [line("A", "x", "1", "80")]), state)
+        assert ev.total_points == 30
+        assert ev.counters["c"]["cap:month:2026-03"] == 30
+        # next month starts afresh
+        april = order(TENANT, "c", [line("A", "x", "1", "80")], at=T0 + timedelta(days=30))
+        assert run(document, april, state).total_points == 80
+
+
+class TestPriorityAndStop:
+    def test_stop_skips_lower_priorities(self) -> None:
+        document = doc(
+            {"id": "low", "kind": "bonus", "points": 5, "priority": 1},
+            {
+                "id": "vip",
+                "kind": "bonus",
+                "points": 100,
+                "priority": 50,
+                "stop": True,
+                "when": "event.net_amount > 1000.0",
+            },
+            {"id": "mid", "kind": "bonus", "points": 10, "priority": 20},
+        )
+        big = run(document, order(TENANT, "c", [line("A", "x", "1", "2000")]))
+        assert points(big) == {"vip": 100}
+        small = run(document, order(TENANT, "c", [line("A", "x", "1", "10")]))
+        assert [o.rule_id for o in small.trace if o.fired] == ["mid", "low"]
+        assert small.total_points == 15
+
+    def test_equal_priority_keeps_document_order(self) -> None:
+        document = doc(
+            {"id": "b", "kind": "bonus", "points": 1, "stop": True},
+            {"id": "a", "kind": "bonus", "points": 2},
+        )
+        assert points(run(document, order(TENANT, "c", [line("A", "x", "1", "1")]))) == {"b": 1}
+
+
+class TestEngagement:
+    def test_review_with_a_monthly_limit(self) -> None:
+        document = doc(
+            {
+                "id": "review",
+                "kind": "engagement",
+                "on": "review.posted",
+                "points": 20,
+                "limit": {"count": 2, "period": "month"},
+            }
+        )
+        assert run(document, review(TENANT, "c")).total_points == 20
+        full = CustomerSnapshot("c", counters={"limit:review:month:2026-03": 2})
+        ev = run(document, review(TENANT, "c"), full)
+        assert ev.total_points == 0
+        assert "limit of 2 per month reached" in ev.trace[0].explanation
+
+    def test_referral_awards_referrer_and_referred(self) -> None:
+        document = doc(
+            {"id": "ref", "kind": "engagement", "on": "referral.converted", "points": 200, "referred_points": 50}
+        )
+        ev = run(document, referral(TENANT, "a", "b"), referred=CustomerSnapshot("b"))
+        assert {(c.customer_id, c.points) for c in ev.commands} == {("a", 200), ("b", 50)}
+        assert len({c.command_id for c in ev.commands}) == 2
+
+    def test_declared_custom_event(self) -> None:
+        document = doc(
+            {
+                "id": "webinar",
+                "kind": "engagement",
+                "on": "custom.webinar",
+                "points": 15,
+                "when": "event.minutes >= 30",
+            },
+            custom_events=["webinar"],
+        )
+        assert run(document, custom(TENANT, "c", "webinar", minutes=45)).total_points == 15
+        assert run(document, custom(TENANT, "c", "webinar", minutes=10)).total_points == 0
+        with pytest.raises(EventRefused, match="not declared"):
+            run(document, custom(TENANT, "c", "podcast"))
+
+    def test_purchase_rules_ignore_engagement(self) -> None:
+        assert run(doc(BASE), review(TENANT, "c")).commands == []
+
+
+class TestPendingAndCommands:
+    def test_pending_days_per_rule_split_commands(self) -> None:
+        document = doc(BASE, {"id": "bonus", "kind": "bonus", "points": 10, "pending_days": 0}, pending_days=14)
+        ev = run(document, order(TENANT, "c", [line("A", "x", "1", "30")]))
+        by_points = {c.points: c for c in ev.commands}
+        assert by_points[30].matures_at == T0 + timedelta(days=14)
+        assert by_points[10].matures_at is None
+
+    def test_same_input_same_command_ids_and_breakdown(self) -> None:
+        document = doc(BASE, {"id": "first", "kind": "bonus", "points": 100, "when": "customer.purchase_count == 0"})
+        event = order(TENANT, "c", [line("A", "x", "1", "10")])
+        first, again = run(document, event), run(document, event)
+        assert first.commands == again.commands
+        other_version = evaluate(compiled(document, version=2), event, CustomerSnapshot("c"))
+        assert other_version.commands[0].command_id != first.commands[0].command_id
+
+
+class TestState:
+    def test_apply_event_updates_the_customer(self) -> None:
+        state = CustomerSnapshot("c")
+        event = order(TENANT, "c", [line("A", "tools", "2", "50"), line("B", "paint", "1", "20")])
+        apply_event(state, event, spend_factor=Decimal(1), points=120, counters={"cap:month:2026-03": 120})
+        assert state.purchase_count == 1
+        assert state.first_purchase_at == T0 == state.last_purchase_at
+        assert state.spend_12m(T0) == Decimal(120)
+        assert state.points_12m(T0) == 120
+        assert state.categories == {"tools", "paint"}
+        # a year and a month later the spend has rolled out of the 12-month window
+        assert state.spend_12m(T0 + timedelta(days=400)) == 0
+
+
+class TestTiers:
+    def test_upgrade_at_once_downgrade_one_level_at_review(self) -> None:
+        tiers = rs.Tiers.model_validate(TIERS)
+        state = CustomerSnapshot("c", spend_by_month={"2026-03": Decimal(6000)})
+        change = review_tier(state, tiers, T0)
+        assert change is not None
+        assert (change.previous, change.tier) == (None, "Gold")
+        # 13 months later nothing counts any more: qualified Bronze, but one level per review -> Silver
+        later = T0 + timedelta(days=400)
+        down = review_tier(state, tiers, later)
+        assert down is not None
+        assert (down.previous, down.tier) == ("Gold", "Silver")
+        # the next review is 90 days away: no change before, one more level after
+        assert review_tier(state, tiers, later + timedelta(days=10)) is None
+        final = review_tier(state, tiers, later + timedelta(days=91))
+        assert final is not None
+        assert final.tier == "Bronze"
+
+    def test_points_basis(self) -> None:
+        tiers = rs.Tiers.model_validate({**TIERS, "basis": "points_12m"})
+        state = CustomerSnapshot("c", tier="Bronze", points_by_month={"2026-03": 1000})
+        change = review_tier(state, tiers, T0)
+        assert change is not None
+        assert change.tier == "Silver"
+
+
+class TestClawbacks:
+    def test_proportional_and_cumulative(self) -> None:
+        awards = [AwardRecord("earn-1", "c", 101, 0)]
+        # 30 of 100 refunded: 101 x 0.3 = 30.3 -> 30
+        first = plan_clawbacks(
+            TENANT, "r1", awards, order_net=Decimal(100), refunded_before=Decimal(0), refunded_now=Decimal(30)
+        )
+        assert [p.points for p in first] == [30]
+        # the rest (70): the total clawed is 101, so 71 now
+        after = [AwardRecord("earn-1", "c", 101, 30)]
+        rest = plan_clawbacks(
+            TENANT, "r2", after, order_net=Decimal(100), refunded_before=Decimal(30), refunded_now=Decimal(70)
+        )
+        assert [p.points for p in rest] == [71]
+        assert rest[0].command_id != first[0].command_id
+        assert rest[0].original_command_id == "earn-1"
+
+
+class TestConditions:
+    def test_fields_read(self) -> None:
+        assert _fields_read("event.net_amount > 1.0 && event.channel == 'x'", "event") == ("channel", "net_amount")
+        assert _fields_read("size(event) > 1", "event") is None
+        assert _fields_read("event['x'] == 1", "event") is None
+        # a bare name inside a string is taken as a whole-map use: slower, never wrong
+        assert _fields_read("customer.tier == 'event' && event.x", "event") is None
+
+    def test_memoized_projection_equals_full_evaluation(self) -> None:
+        import cel
+
+        source = "event.net_amount > 100.0 && customer.tier in ['Gold', 'Silver'] && size(event.categories) > 1"
+        condition = Condition(source)
+        program = cel.compile(source)
+        cases = [
+            ({"net_amount": 150.0, "categories": ("a", "b"), "channel": "x"}, {"tier": "Gold", "purchase_count": 1}),
+            ({"net_amount": 150.0, "categories": ("a",), "channel": "x"}, {"tier": "Gold", "purchase_count": 1}),
+            ({"net_amount": 50.0, "categories": ("a", "b"), "channel": "y"}, {"tier": "Silver", "purchase_count": 2}),
+            ({"net_amount": 150.0, "categories": ("a", "b"), "channel": "y"}, {"tier": "", "purchase_count": 2}),
+        ]
+        for event, customer in cases * 2:  # the second round is answered from the memo
+            expected = program.execute({"event": event, "customer": customer})
+            assert condition({"event": event, "customer": customer}) is expected
+
+    def test_a_failing_condition_does_not_fire(self) -> None:
+        document = doc({"id": "bad", "kind": "bonus", "points": 5, "when": "event.rating > 3"})
+        ev = run(document, order(TENANT, "c", [line("A", "x", "1", "1")]))
+        assert ev.total_points == 0
+        assert "failed" in ev.trace[0].explanation
