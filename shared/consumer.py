@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from shared.events import TOPIC_EVENT_TYPES, CloudEvent, EventDecodeError, decode_event
@@ -252,7 +252,7 @@ class ConsumerRunner:
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         try:
             await self._consumer.commit(offsets)
-        except CommitFailedError as exc:
+        except (CommitFailedError, IllegalStateError) as exc:
             # The partitions moved to another member; it redelivers and the handler's idempotency absorbs it.
             log.warning("offset commit failed after a rebalance", extra={"error": repr(exc)})
 

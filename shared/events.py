@@ -198,7 +198,7 @@ class TierChanged(Payload):
 
 class SegmentChanged(Payload):
     customer_id: Identifier
-    previous_segment: str | None
+    previous_segment: str | None = None
     segment: Literal["ambassador", "loyal_passive", "price_shopper", "leaver", "new"]
     reason: str
 
