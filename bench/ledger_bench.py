@@ -23,6 +23,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+import uvloop
 from aiokafka import AIOKafkaProducer
 
 from ledger.config import Settings
@@ -74,6 +75,59 @@ class Connection:
         self.writer.close()
 
 
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU time per process (Linux /proc); processes already gone are left out."""
+    out = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def postgres_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "postgres":
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+class CpuMeter:
+    """CPU spent per operation by the servers, PostgreSQL (every backend alive at the end; one that
+    started meanwhile counts from zero) and this process: unlike latency, it hardly depends on what
+    else the machine is running."""
+
+    def __init__(self, servers: list[int]) -> None:
+        self.servers = servers
+
+    def __enter__(self) -> CpuMeter:
+        self.start = (cpu_seconds(self.servers), cpu_seconds(postgres_pids()), time.process_time())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end = (cpu_seconds(self.servers), cpu_seconds(postgres_pids()), time.process_time())
+
+    def report(self, operations: int, what: str) -> None:
+        def spent(a: dict[int, float], b: dict[int, float]) -> float:
+            return sum(t - a.get(pid, 0.0) for pid, t in b.items())
+
+        server = spent(self.start[0], self.end[0])
+        pg = spent(self.start[1], self.end[1])
+        client = self.end[2] - self.start[2]
+        per = 1000 / operations
+        print(
+            f"  CPU per {what}: servers {server * per:.2f} ms, PostgreSQL {pg * per:.2f} ms, "
+            f"bench process {client * per:.2f} ms"
+        )
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -108,6 +162,7 @@ async def earn_from_kafka(settings: Settings, tenant: str) -> None:
         background(settings, runtime.sessionmaker, runtime.producer),
     ):
         runner = runtime.consumers[0]
+        cpu = CpuMeter([]).__enter__()  # this process (consumer and relay) and PostgreSQL
         started = time.perf_counter()
         first_at, first_count = 0.0, 0
         while runner.processed < EARN_COMMANDS:
@@ -119,11 +174,13 @@ async def earn_from_kafka(settings: Settings, tenant: str) -> None:
         # The relay ran alongside; let it finish, so the REST phases do not compete with its backlog.
         await wait_for_empty_outbox(runtime)
         drained = time.perf_counter()
+        cpu.__exit__()
     steady = (EARN_COMMANDS - first_count) / (ended - first_at)
     print(f"  consumed all {EARN_COMMANDS} in {ended - started:.1f} s including the consumer group join")
     print(f"  earn commands applied: {steady:,.0f}/s  ->  ledger entries posted: {2 * steady:,.0f}/s")
     print("  (each earn posts 2 entries: customer credit + issuance debit; plus a lot and 2 outbox rows)")
     print(f"  outbox relayed every entry to Kafka {drained - started:.1f} s after the consumer started")
+    cpu.report(EARN_COMMANDS, "earn command (consumer and relay run in the bench process)")
 
 
 async def wait_for_empty_outbox(runtime: Runtime) -> None:
@@ -143,7 +200,7 @@ def start_server(settings: Settings, port: int) -> subprocess.Popen[bytes]:
             "LEDGER_CONSUMERS_ENABLED": "false",
             "LEDGER_TASKS_ENABLED": "false",
             "LEDGER_LOG_LEVEL": "WARNING",
-            "LEDGER_DATABASE_POOL_SIZE": "10",
+            "LEDGER_DATABASE_POOL_SIZE": "20",  # >= connections per replica: no overflow churn
         }
     )
     command = [
@@ -155,6 +212,11 @@ def start_server(settings: Settings, port: int) -> subprocess.Popen[bytes]:
         "--port",
         str(port),
         "--no-access-log",
+        # uvloop and httptools (pinned in requirements.lock): a cheaper event loop and HTTP parser.
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
         "--log-level",
         "warning",
     ]
@@ -176,7 +238,7 @@ async def wait_ready(port: int, timeout_s: float = 60) -> None:
     raise RuntimeError("the ledger server did not become ready")
 
 
-async def redeem_latency(token: str, rate: int, *, report: bool = True) -> None:
+async def redeem_latency(token: str, rate: int, servers: list[int], *, report: bool = True) -> None:
     pool: asyncio.Queue[Connection] = asyncio.Queue()
     for i in range(64):
         pool.put_nowait(await Connection.open(PORTS[i % len(PORTS)]))
@@ -202,15 +264,16 @@ async def redeem_latency(token: str, rate: int, *, report: bool = True) -> None:
 
     total = rate * (REDEEM_SECONDS if report else 2)
     tasks = []
-    start = time.perf_counter()
-    for i in range(total):
-        # Open loop: requests go out on schedule whether or not earlier ones have returned.
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i)))
-    await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - start
+    with CpuMeter(servers) as cpu:
+        start = time.perf_counter()
+        for i in range(total):
+            # Open loop: requests go out on schedule whether or not earlier ones have returned.
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
     while not pool.empty():
         pool.get_nowait().close()
     if not report:
@@ -220,9 +283,10 @@ async def redeem_latency(token: str, rate: int, *, report: bool = True) -> None:
         f"  latency p50 {statistics.median(latencies):.1f} ms, p90 {pct(latencies, 0.90):.1f} ms, "
         f"p99 {pct(latencies, 0.99):.1f} ms, max {max(latencies):.1f} ms"
     )
+    cpu.report(total, "redeem")
 
 
-async def balance_reads(token: str) -> None:
+async def balance_reads(token: str, servers: list[int]) -> None:
     count = 0
     stop = time.perf_counter() + READ_SECONDS
     errors = 0
@@ -241,10 +305,12 @@ async def balance_reads(token: str) -> None:
         finally:
             conn.close()
 
-    started = time.perf_counter()
-    await asyncio.gather(*(worker(i) for i in range(READ_CONNECTIONS)))
-    elapsed = time.perf_counter() - started
+    with CpuMeter(servers) as cpu:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(READ_CONNECTIONS)))
+        elapsed = time.perf_counter() - started
     print(f"  {count / elapsed:,.0f} balance reads/s with {READ_CONNECTIONS} connections ({errors} errors)")
+    cpu.report(count, "read")
 
 
 async def main() -> None:
@@ -290,12 +356,13 @@ async def main() -> None:
         servers = [start_server(settings, port) for port in PORTS]
         for port in PORTS:
             await wait_ready(port)
-        await redeem_latency(key.token, 50, report=False)  # warm-up: connections, prepared statements
+        pids = [server.pid for server in servers]
+        await redeem_latency(key.token, 50, pids, report=False)  # warm-up: connections, prepared statements
         for rate in REDEEM_RATES:
-            await redeem_latency(key.token, rate)
+            await redeem_latency(key.token, rate, pids)
 
         print(f"[3] balance reads, {READ_SECONDS} s closed loop")
-        await balance_reads(key.token)
+        await balance_reads(key.token, pids)
     finally:
         for server in servers:
             server.terminate()
@@ -305,4 +372,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    # The same event loop as the service gets from uvicorn (`--loop auto` picks uvloop when installed):
+    # the Kafka phase runs the real consumer and relay in this process, and the load generator gets cheaper.
+    uvloop.run(main())

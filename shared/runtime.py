@@ -59,7 +59,10 @@ class Runtime:
     async def __aenter__(self) -> Self:
         s = self.settings
         self.engine: AsyncEngine = db.create_engine(
-            s.database_url, pool_size=s.database_pool_size, application_name=s.service_name
+            s.database_url,
+            pool_size=s.database_pool_size,
+            application_name=s.service_name,
+            pre_ping=s.database_pool_pre_ping,
         )
         self._stack.push_async_callback(self.engine.dispose)
         self.sessionmaker = db.create_sessionmaker(self.engine)

@@ -20,6 +20,9 @@ class ServiceSettings(BaseSettings):
     http_port: int = 8000
     database_url: str = "postgresql+asyncpg://loyalty:loyalty@127.0.0.1:5432/loyalty"
     database_pool_size: int = 10
+    database_pool_pre_ping: bool = Field(
+        default=True, description="Test each pooled connection on checkout (costs a round trip per checkout)"
+    )
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_client_id_prefix: str = "loyalty"
     topic_replication_factor: int = Field(default=1, ge=1)

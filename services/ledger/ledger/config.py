@@ -10,6 +10,9 @@ class Settings(ServiceSettings):
     service_name: str = "ledger"
     http_port: int = 8001
     database_url: str = "postgresql+asyncpg://loyalty:loyalty@127.0.0.1:5432/loyalty_ledger"
+    # Off on the ledger's hot paths: a connection dropped by the server fails its statement instead (a
+    # 500 problem on a request, a retried batch on a consumer) and the pool discards it.
+    database_pool_pre_ping: bool = False
     outbox_relay_enabled: bool = Field(default=True, description="Relay committed entries to loyalty.ledger-entries.v1")
     outbox_batch_size: int = Field(default=1000, ge=1)
     outbox_poll_interval_s: float = Field(default=0.05, gt=0, description="Idle wait between outbox polls")

@@ -49,14 +49,25 @@ class _Sql:
 
 
 async def _driver(session: AsyncSession, *, begin: bool = True) -> Any:
-    connection = await session.connection()
-    raw = await connection.get_raw_connection()
-    adapter: Any = raw.dbapi_connection
+    # The session's connection is fixed for the life of its transaction: look it up once per transaction
+    # rather than once per statement (`session.connection()` costs a greenlet switch and session work).
+    transaction = session.sync_session.get_transaction()
+    cached = session.info.get(_DRIVER_KEY)
+    if transaction is not None and cached is not None and cached[0] is transaction and transaction.is_active:
+        adapter, driver = cached[1], cached[2]
+    else:
+        connection = await session.connection()
+        raw = await connection.get_raw_connection()
+        adapter, driver = raw.dbapi_connection, raw.driver_connection
+        session.info[_DRIVER_KEY] = (session.sync_session.get_transaction(), adapter, driver)
     # SQLAlchemy's asyncpg adapter sends BEGIN lazily, before its own first statement; a statement
     # sent straight to the driver must not run ahead of it in autocommit (its row locks would be gone).
     if begin and getattr(adapter, "_transaction", False) is None:
         await adapter._start_transaction()
-    return raw.driver_connection
+    return driver
+
+
+_DRIVER_KEY = "ledger.driver"
 
 
 # The hot statements take whole columns as arrays (unnest): one fixed statement text, prepared once,
@@ -119,6 +130,14 @@ _INSERT_ENTRIES = _Sql(
             AS u({", ".join(_ENTRY_COLUMNS)})
     ), outbox AS (
         INSERT INTO ledger.outbox (entry_id) SELECT unnest(CAST(:entry_id AS uuid[]))
+    ), lots AS (
+        UPDATE ledger.lots AS l SET remaining = u.remaining, pending = u.pending
+        FROM unnest(CAST(:lot_ids AS text[]), CAST(:lot_remaining AS bigint[]), CAST(:lot_pending AS boolean[]))
+            AS u(lot_id, remaining, pending)
+        WHERE l.tenant_id = :tenant AND l.lot_id = u.lot_id
+    ), response AS (
+        UPDATE ledger.idempotency_keys SET status_code = :status, response = CAST(:response AS text)::jsonb
+        WHERE tenant_id = :tenant AND key = :idempotency_key
     )
     """
     + _UPDATE_BALANCES
@@ -143,6 +162,17 @@ _STORE_RESPONSE = _Sql(
     """
 )
 _BALANCE = _Sql("SELECT * FROM ledger.balances WHERE tenant_id = :tenant AND account_id = :account")
+_OUTBOX_BATCH = _Sql(
+    f"""
+    WITH claimed AS (
+        SELECT id, entry_id FROM ledger.outbox ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED
+    )
+    SELECT claimed.id AS outbox_id, {", ".join(f"e.{c}" for c in _ENTRY_COLUMNS)}
+    FROM claimed JOIN ledger.entries AS e ON e.entry_id = claimed.entry_id
+    ORDER BY claimed.id
+    """
+)
+_DELETE_OUTBOX = _Sql("DELETE FROM ledger.outbox WHERE id = ANY(CAST(:ids AS bigint[]))")
 _SAVE_LOTS = _Sql(
     """
     UPDATE ledger.lots AS l SET remaining = u.remaining, pending = u.pending
@@ -214,9 +244,18 @@ class LedgerRepository:
     # --- entries and the outbox -------------------------------------------------------------------
 
     async def post(
-        self, tenant_id: str, entries: Sequence[dict[str, Any]], accounts: Iterable[AccountState], now: datetime
-    ) -> None:
-        """Writes the entries, their outbox rows and the accounts' new balances."""
+        self,
+        tenant_id: str,
+        entries: Sequence[dict[str, Any]],
+        accounts: Iterable[AccountState],
+        now: datetime,
+        *,
+        lots: Sequence[LotState] = (),
+        response: tuple[str, int, str] | None = None,
+    ) -> bool:
+        """Writes the entries, their outbox rows and the accounts' new balances, plus the `lots` changed
+        (`save_lots(..., defer_changed=True)` left them) and the idempotency key's `response` (key, status,
+        body). Returns whether the response was stored (it is, with a handful of entries)."""
         balances: dict[str, Any] = {"tenant": tenant_id, "now": now, **{f"a_{n}": [] for n in _ACCOUNT_FIELDS}}
         for account in accounts:
             for name in _ACCOUNT_FIELDS:
@@ -226,15 +265,28 @@ class LedgerRepository:
             tuple(json.dumps(e[c]) if c == "breakdown" and e[c] is not None else e[c] for c in _ENTRY_COLUMNS)
             for e in entries
         ]
-        if len(entries) > _COPY_THRESHOLD:
-            await self._copy("entries", _ENTRY_COLUMNS, records)
-            await self._copy("outbox", ["entry_id"], [(e["entry_id"],) for e in entries])
-            await _SAVE_ACCOUNTS.fetch(self.session, balances)
-        elif entries:
-            # A handful of entries (a REST write): one statement for everything, because the tenant's
-            # system accounts stay locked until the commit; COPY only pays off for big batches.
-            columns = {name: [record[i] for record in records] for i, name in enumerate(_ENTRY_COLUMNS)}
-            await _INSERT_ENTRIES.fetch(self.session, {**columns, **balances})
+        if not entries or len(entries) > _COPY_THRESHOLD:
+            await self._save_changed_lots(tenant_id, lots)
+            if entries:
+                await self._copy("entries", _ENTRY_COLUMNS, records)
+                await self._copy("outbox", ["entry_id"], [(e["entry_id"],) for e in entries])
+                await _SAVE_ACCOUNTS.fetch(self.session, balances)
+            return False
+        # A handful of entries (a REST write): one statement for everything (the lots it changed and the
+        # stored response included), because the tenant's system accounts stay locked until the commit;
+        # COPY only pays off for big batches.
+        columns = {name: [record[i] for record in records] for i, name in enumerate(_ENTRY_COLUMNS)}
+        key, status, body = response if response is not None else (None, None, None)
+        extra = {
+            "lot_ids": [lot.lot_id for lot in lots],
+            "lot_remaining": [lot.remaining for lot in lots],
+            "lot_pending": [lot.pending for lot in lots],
+            "idempotency_key": key,
+            "status": status,
+            "response": body,
+        }
+        await _INSERT_ENTRIES.fetch(self.session, {**columns, **balances, **extra})
+        return response is not None
 
     async def _copy(self, table: str, columns: Sequence[str], records: Sequence[tuple[Any, ...]]) -> None:
         # COPY is the fastest way in (several times executemany); it runs on the session's own
@@ -293,18 +345,18 @@ class LedgerRepository:
 
     async def outbox_batch(self, limit: int) -> list[dict[str, Any]]:
         # SKIP LOCKED lets several relays (replicas) drain the outbox without waiting on each other.
-        claimed = (
-            select(Outbox.id, Outbox.entry_id).order_by(Outbox.id).limit(limit).with_for_update(skip_locked=True)
-        ).cte("claimed")
-        stmt = (
-            select(claimed.c.id.label("outbox_id"), Entry.__table__)
-            .join(Entry, Entry.entry_id == claimed.c.entry_id)
-            .order_by(claimed.c.id)
-        )
-        return [dict(row._mapping) for row in await self.session.execute(stmt)]
+        rows = await _OUTBOX_BATCH.fetch(self.session, {"limit": limit})
+        out = []
+        for row in rows:
+            entry = dict(row)
+            if isinstance(entry["breakdown"], str):  # the driver hands jsonb over as text
+                entry["breakdown"] = json.loads(entry["breakdown"])
+            out.append(entry)
+        return out
 
     async def delete_outbox(self, ids: Sequence[int]) -> None:
-        await self.session.execute(delete(Outbox).where(Outbox.id.in_(ids)))
+        # One fixed statement (an array parameter) instead of an IN list compiled per batch.
+        await _DELETE_OUTBOX.fetch(self.session, {"ids": list(ids)})
 
     async def outbox_size(self) -> int:
         return int((await self.session.execute(select(func.count()).select_from(Outbox))).scalar_one())
@@ -318,7 +370,11 @@ class LedgerRepository:
         rows = await _LOTS.fetch(self.session, {"tenant": tenant_id, "accounts": accounts, "ids": ids})
         return [LotState(**dict(row)) for row in rows]
 
-    async def save_lots(self, tenant_id: str, lots: Iterable[LotState]) -> None:
+    async def save_lots(
+        self, tenant_id: str, lots: Iterable[LotState], *, defer_changed: bool = False
+    ) -> list[LotState]:
+        """Inserts the new lots and updates the changed ones; with `defer_changed`, returns the changed
+        ones unwritten instead, for `post` to write in its own statement."""
         new: list[LotState] = []
         changed: list[LotState] = []
         for lot in lots:
@@ -327,6 +383,12 @@ class LedgerRepository:
         if new:
             records = [(tenant_id, *(getattr(lot, n) for n in _LOT_FIELDS)) for lot in new]
             await self._copy("lots", ["tenant_id", *_LOT_FIELDS], records)
+        if defer_changed:
+            return changed
+        await self._save_changed_lots(tenant_id, changed)
+        return []
+
+    async def _save_changed_lots(self, tenant_id: str, changed: Sequence[LotState]) -> None:
         if changed:
             params = {
                 "tenant": tenant_id,

@@ -4,6 +4,7 @@ import hashlib
 import json
 import logging
 import uuid
+import weakref
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict
@@ -82,6 +83,12 @@ def entry_event(entry: dict[str, Any]) -> CloudEvent[Any]:
     )
 
 
+# Per session (a request's transaction): the idempotency key whose response `_post` should store with
+# the entries, and the response it stored. Weak keys: nothing outlives the session.
+_PENDING_RESPONSE: weakref.WeakKeyDictionary[AsyncSession, tuple[str, int]] = weakref.WeakKeyDictionary()
+_STORED_RESPONSE: weakref.WeakKeyDictionary[AsyncSession, schemas.Posted] = weakref.WeakKeyDictionary()
+
+
 class LedgerService:
     # --- the booking machinery every write goes through ------------------------------------------
 
@@ -124,20 +131,54 @@ class LedgerService:
             book.lots[lot.lot_id] = lot
         return book
 
-    async def _save(self, session: AsyncSession, book: Book) -> None:
+    async def _save(
+        self, session: AsyncSession, book: Book, respond: Callable[[], tuple[str, int, str]] | None = None
+    ) -> bool:
+        """Writes the book. `respond`, called once the entries are sealed, gives the idempotency key's
+        response (key, status, body) to store with them; returns whether it was stored."""
         repo = LedgerRepository.from_session(session)
-        await repo.save_lots(book.tenant_id, (book.lots[i] for i in sorted(book.dirty_lots)))
+        changed = await repo.save_lots(
+            book.tenant_id, (book.lots[i] for i in sorted(book.dirty_lots)), defer_changed=True
+        )
         await repo.save_holds(book.tenant_id, (book.holds[i] for i in sorted(book.dirty_holds)))
         # From here on the tenant's system accounts are locked: as few statements as possible follow.
         system = book.unsealed_accounts()
         if system:
             book.seal(await self._lock(session, book.tenant_id, system, create=system))
-        await repo.post(book.tenant_id, book.entries, (book.accounts[a] for a in sorted(book.touched)), book.now)
+        stored = await repo.post(
+            book.tenant_id,
+            book.entries,
+            (book.accounts[a] for a in sorted(book.touched)),
+            book.now,
+            lots=changed,
+            response=respond() if respond is not None and book.entries else None,
+        )
         book.entries, book.touched, book.dirty_lots, book.dirty_holds = [], set(), set(), set()
+        return stored
 
     async def _post(self, session: AsyncSession, book: Book, txn: uuid.UUID, account_id: str) -> schemas.Posted:
         posted = [e for e in book.entries if e["transaction_id"] == txn]
-        await self._save(session, book)  # seals the system postings in place: they get their seq and hash
+        result: list[schemas.Posted] = []
+        pending = _PENDING_RESPONSE.get(session)
+
+        def respond() -> tuple[str, int, str]:
+            # The entries are sealed now (seq and hash): the response is final before the statement runs.
+            entries = [schemas.Entry.model_validate(e) for e in posted]
+            result.append(
+                schemas.Posted(transaction_id=txn, balance=_balance(book.account(account_id)), entries=entries)
+            )
+            assert pending is not None
+            key, status = pending
+            return key, status, result[0].model_dump_json()
+
+        # `_save` seals the system postings in place: they get their seq and hash.
+        if pending is None:
+            await self._save(session, book)
+        elif await self._save(session, book, respond):
+            _STORED_RESPONSE[session] = result[0]
+            return result[0]
+        if result:  # built, but too many entries to be stored with them: `idempotent` stores it
+            return result[0]
         entries = [schemas.Entry.model_validate(e) for e in posted]
         return schemas.Posted(transaction_id=txn, balance=_balance(book.account(account_id)), entries=entries)
 
@@ -159,8 +200,17 @@ class LedgerService:
         repo = LedgerRepository.from_session(session)
         request_hash = hashlib.sha256(fingerprint.encode()).hexdigest()
         if await repo.claim_idempotency_key(tenant_id, key, request_hash):
-            body = (await operation()).model_dump_json()
-            await repo.store_response(tenant_id, key, status_code, body)
+            # A plain posting stores its response in the statement that writes its entries (`_post`),
+            # saving a round trip while the system accounts are locked; anything else is stored here.
+            _PENDING_RESPONSE[session] = (key, status_code)
+            try:
+                response = await operation()
+            finally:
+                del _PENDING_RESPONSE[session]
+                stored_with_entries = _STORED_RESPONSE.pop(session, None)
+            body = response.model_dump_json()
+            if stored_with_entries is not response:
+                await repo.store_response(tenant_id, key, status_code, body)
             return status_code, body.encode()
         stored = await repo.get_idempotency_key(tenant_id, key)
         assert stored is not None, "the conflicting row exists, or the insert would have succeeded"
