@@ -395,3 +395,82 @@ class TestConditions:
         ev = run(document, order(TENANT, "c", [line("A", "x", "1", "1")]))
         assert ev.total_points == 0
         assert "failed" in ev.trace[0].explanation
+
+
+class TestFastPaths:
+    """The per-version shortcuts (restricted views, Python comparisons, shared skipped outcomes) give
+    exactly what CEL over the full views gives."""
+
+    def test_line_rule_with_skus_and_a_line_condition(self) -> None:
+        # The line view holds only `quantity` (what the condition reads); the SKU filter reads the line.
+        rule = {"id": "bulk-a", "kind": "line_multiplier", "skus": ["A"], "line_when": "line.quantity >= 10.0"}
+        document = doc(BASE, {**rule, "multiplier": "2"})
+        ev = run(
+            document,
+            order(TENANT, "c", [line("A", "x", "10", "1"), line("B", "x", "10", "1"), line("A", "x", "1", "5")]),
+        )
+        # base 25; bulk-a: only the first line (A, 10 units) = 10 * (2 - 1) = 10
+        assert points(ev) == {"base": 25, "bulk-a": 10}
+        assert "lines A: 10 EUR" in next(o.explanation for o in ev.trace if o.rule_id == "bulk-a")
+
+    @pytest.mark.parametrize(
+        "source",
+        [
+            "event.net_amount >= 20.0",
+            "event.net_amount < 20.0",
+            "event.net_amount == 25.0",
+            "event.line_count > 1",
+            "event.line_count != 2",
+            "event.channel == 'webshop'",
+            'event.channel != "erp"',
+            "event.net_amount >= 20",  # int literal against a double: CEL decides (no Python shortcut)
+            "event.channel < 'x'",  # string ordering: CEL decides
+        ],
+    )
+    def test_simple_comparisons_match_cel(self, source: str) -> None:
+        import cel
+
+        event = order(TENANT, "c", [line("A", "x", "2", "10"), line("B", "y", "1", "5")])
+        document = doc(BASE, {"id": "b", "kind": "bonus", "points": 7, "when": source})
+        ev = run(document, event)
+        view = {"net_amount": 25.0, "line_count": 2, "channel": "webshop"}
+        try:
+            expected: object = cel.compile(source).execute({"event": view, "customer": {}})
+        except Exception:  # any CEL failure counts as not met
+            expected = "failed"
+        fired = next(o for o in ev.trace if o.rule_id == "b").fired
+        assert fired is (expected is True)
+
+    def test_skipped_outcomes_are_shared_and_read_only(self) -> None:
+        document = doc(BASE, {"id": "never", "kind": "bonus", "points": 5, "when": "event.net_amount > 1000000.0"})
+        c = compiled(document)
+        first = evaluate(c, order(TENANT, "c", [line("A", "x", "1", "1")]), CustomerSnapshot("c"))
+        second = evaluate(c, order(TENANT, "c", [line("A", "x", "1", "2")]), CustomerSnapshot("c"))
+        a = next(o for o in first.trace if o.rule_id == "never")
+        b = next(o for o in second.trace if o.rule_id == "never")
+        assert a is b
+        assert not a.fired
+        assert a.explanation.startswith("condition not met")
+        with pytest.raises(AttributeError):
+            a.points = 3
+
+    def test_re_evaluation_is_identical(self) -> None:
+        document = doc(
+            BASE,
+            {"id": "cat", "kind": "line_multiplier", "categories": ["x"], "multiplier": "1.5"},
+            {"id": "big", "kind": "bonus", "points": 9, "when": "event.net_amount >= 20.0"},
+            caps={"per_order": 30},
+        )
+        event = order(TENANT, "c", [line("A", "x", "2", "10"), line("B", "y", "1", "5")])
+        c = compiled(document)
+        runs = [evaluate(c, event, CustomerSnapshot("c")) for _ in range(3)]
+        shapes = [
+            (
+                [(o.rule_id, o.fired, o.points, o.explanation) for o in r.trace],
+                [(p.command_id, p.points, p.breakdown) for p in r.commands],
+            )
+            for r in runs
+        ]
+        assert shapes[0] == shapes[1] == shapes[2]
+        # base 25, cat 20 * 0.5 = 10, big 9: 44, per-order cap 30 trims the lowest priority first
+        assert runs[0].total_points == 30

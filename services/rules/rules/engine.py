@@ -7,15 +7,20 @@ inputs above fully decide the result (event time, never the wall clock).
 Speed: CEL programs are compiled once per ruleset version. A condition is a pure function of the
 fields it reads, so each condition memoizes its result on those fields' values, and on a miss it is
 executed with a map holding only those fields (converting a whole event map costs ~15 µs; a few
-scalars ~1 µs).
+scalars ~1 µs). A plain `var.field <op> literal` is answered in Python when the value has the
+literal's type (what CEL answers too). The views hold only the fields some condition reads, and
+everything that depends only on the version (rule order per event type, windows, line index, fixed
+explanations) is computed once; docs/rules.md lists what the hot path avoids.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import math
+import operator
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
@@ -27,6 +32,7 @@ from rules.ruleset import PURCHASE, Period, Rule, RulesetDocument, Tiers
 from shared.events import (
     CUSTOM_TYPE_PREFIX,
     CloudEvent,
+    Payload,
     PurchaseCompleted,
     PurchaseLine,
     PurchaseRefunded,
@@ -64,7 +70,10 @@ def _period_key(period: Period, at: date) -> str:
 
 
 def month_key(at: datetime) -> str:
-    return f"{at.astimezone(UTC):%Y-%m}"
+    utc = at.astimezone(UTC)
+    if utc.year < 1000:  # strftime's %Y does not pad on every platform: keep its text
+        return f"{utc:%Y-%m}"
+    return f"{utc.year}-{utc.month:02d}"
 
 
 def _months_back(at: datetime, count: int) -> frozenset[str]:
@@ -90,7 +99,7 @@ def event_time(event: CloudEvent[Any]) -> datetime:
 # --- customer state --------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class CustomerSnapshot:
     """The state the rules keep per customer; evaluation reads it, `apply_*` change it."""
 
@@ -113,19 +122,43 @@ class CustomerSnapshot:
         months = _months_back(at, 12)
         return sum(v for k, v in self.points_by_month.items() if k in months)
 
-    def view(self, at: datetime) -> dict[str, Any]:
-        last = self.last_purchase_at
-        return {
-            "id": self.customer_id,
-            "purchase_count": self.purchase_count,
-            "first_purchase_at": self.first_purchase_at,
-            "last_purchase_at": last,
-            "days_since_last_purchase": (at - last).days if last is not None else -1,
-            "spend_12m": float(self.spend_12m(at)),
-            "points_12m": self.points_12m(at),
-            "categories": tuple(sorted(self.categories)),
-            "tier": self.tier or "",
-        }
+    def view(self, at: datetime, fields: frozenset[str] | None = None) -> dict[str, Any]:
+        """What `customer` means in a condition; with `fields`, only those keys (what the conditions read)."""
+        view: dict[str, Any] = {}
+        for name in CUSTOMER_FIELDS if fields is None else fields:
+            if name == "id":
+                view[name] = self.customer_id
+            elif name == "purchase_count":
+                view[name] = self.purchase_count
+            elif name == "first_purchase_at":
+                view[name] = self.first_purchase_at
+            elif name == "last_purchase_at":
+                view[name] = self.last_purchase_at
+            elif name == "days_since_last_purchase":
+                last = self.last_purchase_at
+                view[name] = (at - last).days if last is not None else -1
+            elif name == "spend_12m":
+                view[name] = float(self.spend_12m(at))
+            elif name == "points_12m":
+                view[name] = self.points_12m(at)
+            elif name == "categories":
+                view[name] = tuple(sorted(self.categories))
+            elif name == "tier":
+                view[name] = self.tier or ""
+        return view
+
+
+CUSTOMER_FIELDS = (
+    "id",
+    "purchase_count",
+    "first_purchase_at",
+    "last_purchase_at",
+    "days_since_last_purchase",
+    "spend_12m",
+    "points_12m",
+    "categories",
+    "tier",
+)
 
 
 # --- conditions ------------------------------------------------------------------------------------
@@ -140,16 +173,56 @@ class Condition:
         self.variables: tuple[str, ...] = tuple(sorted(self.program.variables()))
         self.fields: dict[str, tuple[str, ...] | None] = {v: _fields_read(source, v) for v in self.variables}
         self._plan = tuple((v, self.fields[v]) for v in self.variables)
+        # The common case, every variable read by plain field selections: the memo key is the flat tuple
+        # of those fields' values, taken with one subscript each (a missing one takes the general path).
+        self._flat: tuple[tuple[str, str], ...] | None = (
+            tuple((v, f) for v in self.variables for f in self.fields[v] or ())
+            if all(self.fields[v] for v in self.variables)
+            else None
+        )
         self._memo: dict[tuple[Any, ...], bool | str] = {}
+        self._flat_memo: dict[tuple[Any, ...], bool | str] = {}
+        self._simple = _simple_comparison(source)
 
-    def __call__(self, scope: Mapping[str, Mapping[str, Any]], *, memo: bool = True) -> bool | str:
+    def __call__(self, scope: Mapping[str, Mapping[str, Any]], memo: bool = True) -> bool | str:
         """True/False, or the reason the condition could not be evaluated (which counts as not met).
 
         Memoize only where every field has one type (built-in events): the memo key compares values, and
         1, 1.0 and True are equal keys while CEL treats them differently.
         """
+        simple = self._simple
+        if simple is not None:
+            # `var.field <op> literal` answered in Python when the value has the literal's exact type (a
+            # double finite, an int within int64), where CEL's result is the same; otherwise (a missing
+            # field, another type, which CEL may refuse) CEL decides below.
+            var, name, compare, literal = simple
+            value = scope.get(var, _MISSING)
+            if isinstance(value, dict):
+                value = value.get(name, _MISSING)
+                kind = type(value)
+                if kind is type(literal) and (
+                    (kind is float and math.isfinite(value))
+                    or (kind is int and _INT64_MIN <= value <= _INT64_MAX)
+                    or kind is str
+                ):
+                    return compare(value, literal)
         if not memo:
             return self._execute(scope)
+        flat = self._flat
+        if flat is not None:
+            try:
+                key = tuple([scope[v][f] for v, f in flat])
+                hit = self._flat_memo.get(key)
+            except (KeyError, TypeError):  # a missing field or an unhashable value: the general path
+                pass
+            else:
+                if hit is not None:
+                    return hit
+                result = self._execute(scope)
+                if len(self._flat_memo) >= MEMO_LIMIT:
+                    self._flat_memo.clear()
+                self._flat_memo[key] = result
+                return result
         parts: list[Any] = []
         for var, fields in self._plan:
             value = scope.get(var, _MISSING)
@@ -188,6 +261,40 @@ class Condition:
         return result
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+_SIMPLE = re.compile(
+    r"\s*([A-Za-z_]\w*)\s*\.\s*([A-Za-z_]\w*)\s*(==|!=|<=|>=|<|>)\s*"
+    r"(?:(-?\d+\.\d+)|(-?\d+)|'([A-Za-z0-9_ .:-]*)'|\"([A-Za-z0-9_ .:-]*)\")\s*"
+)
+
+
+def _simple_comparison(source: str) -> tuple[str, str, Callable[[Any, Any], bool], Any] | None:
+    """(var, field, operator, literal) for `var.field <op> literal` with a double, int or plain string
+    literal (strings: only == and !=), else None."""
+    match = _SIMPLE.fullmatch(source)
+    if match is None:
+        return None
+    var, name, op, double, integer, single, double_quoted = match.groups()
+    literal: Any
+    if double is not None:
+        literal = float(double)
+    elif integer is not None:
+        literal = int(integer)
+    else:
+        if op not in ("==", "!="):
+            return None
+        literal = single if single is not None else double_quoted
+    return var, name, _COMPARISONS[op], literal
+
+
 def _fields_read(source: str, var: str) -> tuple[str, ...] | None:
     """The fields of `var` the expression selects (`var.field`), or None when it uses `var` otherwise.
 
@@ -217,15 +324,98 @@ class CompiledRule:
     windowed: bool  # has a validity window or a campaign: checked per event
     indexed: bool  # a line rule selecting by SKU/category only: matched through the ruleset's line index
     not_met: str = ""
+    # Per version, so the event loop does not recompute them: the effective window and its messages, the
+    # pending period, the campaign budget, the fixed explanation of a bonus.
+    starts: datetime | None = None
+    ends: datetime | None = None
+    not_yet: str = ""
+    no_longer: str = ""
+    pending_days: int = 0
+    budget: int | None = None
+    fixed: str = ""
 
-    def matches_line(self, line: Mapping[str, Any], scope: dict[str, Mapping[str, Any]]) -> bool:
-        if self.skus or self.categories:
-            if line["sku"] not in self.skus and line["category"] not in self.categories:
-                return False
-        if self.line_when is not None:
-            scope["line"] = line
-            return self.line_when(scope) is True
-        return True
+    rule_id: str = ""
+    kind: str = ""
+    points: int = 0
+    campaign: str | None = None
+    max_points: int | None = None
+    stop: bool = False
+    line_rule: bool = False
+    plain: bool = False  # no max_points, campaign, limit or stop: a fired outcome needs no adjustment
+    whole_basket: bool = False  # a line rule over every eligible line
+    scale: Decimal = Decimal(1)  # a line rule's factor, or its multiplier - 1
+    _arithmetic: dict[tuple[str, Decimal], str] = field(default_factory=dict)
+    _skipped: dict[str, RuleOutcome] = field(default_factory=dict)
+    tiers: dict[str | None, tuple[Decimal, str]] = field(default_factory=dict)  # tier -> (multiplier - 1, text)
+
+    def __post_init__(self) -> None:
+        rule = self.rule
+        self.line_rule = rule.kind in ("points_per_unit", "line_multiplier")
+        self.plain = rule.max_points is None and rule.campaign is None and rule.limit is None and not rule.stop
+        self.whole_basket = self.line_rule and not (rule.skus or rule.categories or rule.line_when)
+        if rule.kind == "points_per_unit":
+            self.scale = rule.factor
+        elif rule.kind == "line_multiplier" and rule.multiplier is not None:
+            self.scale = rule.multiplier - 1
+        self.rule_id, self.kind, self.points = rule.id, rule.kind, rule.points or 0
+        self.campaign, self.max_points, self.stop = rule.campaign, rule.max_points, rule.stop
+        self.starts, self.ends = self.rule.valid_from, self.rule.valid_until
+        if self.starts is not None:
+            self.not_yet = f"not yet valid (from {self.starts.isoformat()})"
+        if self.ends is not None:
+            self.no_longer = f"no longer valid (until {self.ends.isoformat()})"
+        if self.rule.kind == "bonus":
+            self.fixed = f"fixed bonus {self.rule.points}"
+        elif self.rule.kind == "engagement":
+            self.fixed = f"{self.rule.on}: {self.rule.points}"
+
+    @functools.cached_property
+    def no_line(self) -> RuleOutcome:
+        return self.skipped("no eligible line")
+
+    @functools.cached_property
+    def condition_not_met(self) -> RuleOutcome:
+        return self.skipped(self.not_met)
+
+    def skipped(self, reason: str) -> RuleOutcome:
+        """The shared, read-only outcome of this rule not firing for a fixed reason."""
+        outcome = self._skipped.get(reason)
+        if outcome is None:
+            outcome = self._skipped[reason] = _SkippedOutcome.of(self.rule_id, reason)
+        return outcome
+
+    def arithmetic(self, currency: str, rate: Decimal) -> str:
+        """The fixed part of a line rule's explanation after the amount, per currency and rate."""
+        key = (currency, rate)
+        text = self._arithmetic.get(key)
+        if text is None:
+            if self.kind == "points_per_unit":
+                text = f" {currency} eligible * {_fmt(rate)} pt/{currency} * factor {_fmt(self.rule.factor)}"
+            else:
+                assert self.rule.multiplier is not None
+                text = f" {currency} * {_fmt(rate)} pt/{currency} * (multiplier {_fmt(self.rule.multiplier)} - 1)"
+            self._arithmetic[key] = text
+        return text
+
+    def bind(self, document: RulesetDocument) -> CompiledRule:
+        rule = self.rule
+        self.pending_days = rule.pending_days if rule.pending_days is not None else document.pending_days
+        if rule.campaign is not None:
+            campaign = document.campaigns[rule.campaign]
+            self.budget = campaign.budget
+            self.starts = max(filter(None, (self.starts, campaign.starts_at)), default=None)
+            self.ends = min(filter(None, (self.ends, campaign.ends_at)), default=None)
+            self.not_yet = f"not yet valid (from {self.starts.isoformat()})" if self.starts else ""
+            self.no_longer = f"no longer valid (until {self.ends.isoformat()})" if self.ends else ""
+        return self
+
+    def outside(self, at: datetime) -> str | None:
+        """Why the rule does not apply at `at` (its validity window or campaign), or None."""
+        if self.starts is not None and at < self.starts:
+            return self.not_yet
+        if self.ends is not None and at >= self.ends:
+            return self.no_longer
+        return None
 
 
 @dataclass
@@ -240,6 +430,33 @@ class CompiledRuleset:
     category_index: dict[str, frozenset[int]] = field(default_factory=dict)
     has_line_conditions: bool = False
     by_type: dict[str, list[tuple[int, CompiledRule]]] = field(default_factory=dict)
+    # The fields of `event`, `customer` and `line` that any condition reads (None: the whole map): the
+    # views built per event hold only those, with the values the full views would give them.
+    event_fields: frozenset[str] | None = None
+    customer_fields: frozenset[str] | None = None
+    line_fields: frozenset[str] | None = None
+    excluded_skus: frozenset[str] = frozenset()
+    excluded_categories: frozenset[str] = frozenset()
+    _positions: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)
+
+    fixed_explanations: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        self.fixed_explanations = frozenset(r.fixed for r in self.rules if r.fixed)
+        self.excluded_skus = frozenset(self.document.exclusions.skus)
+        self.excluded_categories = frozenset(self.document.exclusions.categories)
+
+    def positions_of(self, sku: str, category: str) -> tuple[int, ...]:
+        """The indexed line rules a line of this SKU and category matches (cached per pair)."""
+        key = (sku, category)
+        hit = self._positions.get(key)
+        if hit is None:
+            found = self.sku_index.get(sku, frozenset()) | self.category_index.get(category, frozenset())
+            hit = tuple(sorted(found))
+            if len(self._positions) >= MEMO_LIMIT:
+                self._positions.clear()
+            self._positions[key] = hit
+        return hit
 
     @classmethod
     def compile(cls, ruleset_id: str, version: int, document: RulesetDocument) -> CompiledRuleset:
@@ -264,7 +481,7 @@ class CompiledRuleset:
                     windowed=bool(r.valid_from or r.valid_until or r.campaign),
                     indexed=indexed,
                     not_met=f"condition not met: {r.when}",
-                )
+                ).bind(document)
             )
         return cls(
             ruleset_id,
@@ -275,7 +492,18 @@ class CompiledRuleset:
             {k: frozenset(v) for k, v in categories.items()},
             any(r.line_when for r in document.rules),
             _by_type(rules),
+            _fields_of(rules, "event"),
+            _fields_of(rules, "customer"),
+            _fields_of(rules, "line"),
         )
+
+    @functools.cached_property
+    def steps(self) -> dict[str, list[tuple[int, CompiledRule, bool, bool, Condition | None, bool]]]:
+        """Per event type, what the evaluation loop reads of each rule, unpacked once per version."""
+        return {
+            event_type: [(p, c, c.indexed, c.windowed, c.when, c.kind == "bonus") for p, c in rules]
+            for event_type, rules in self.by_type.items()
+        }
 
     def rules_for(self, event_type: str) -> list[tuple[int, CompiledRule]]:
         return self.by_type.get(event_type, [])
@@ -286,6 +514,19 @@ class CompiledRuleset:
     def spend_factor(self, currency: str) -> Decimal:
         config = self.document.currencies.get(currency)
         return config.spend_factor if config is not None else Decimal(1)
+
+
+def _fields_of(rules: list[CompiledRule], var: str) -> frozenset[str] | None:
+    out: set[str] = set()
+    for compiled in rules:
+        for condition in (compiled.when, compiled.line_when):
+            if condition is None or var not in condition.fields:
+                continue
+            fields = condition.fields[var]
+            if fields is None:
+                return None
+            out.update(fields)
+    return frozenset(out)
 
 
 def _by_type(rules: list[CompiledRule]) -> dict[str, list[tuple[int, CompiledRule]]]:
@@ -307,6 +548,32 @@ class RuleOutcome:
     customer_id: str | None = None
     pending_days: int = 0
     campaign: str | None = None
+
+
+class _SkippedOutcome(RuleOutcome):
+    """A rule that did not fire for a fixed reason (window, condition, no line). Nothing changes an
+    outcome that did not fire, so one instance per rule and reason serves every evaluation; it is
+    read-only to keep it that way."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, rule_id: str, reason: str) -> _SkippedOutcome:
+        outcome = object.__new__(cls)
+        for name, value in (
+            ("rule_id", rule_id),
+            ("fired", False),
+            ("points", 0),
+            ("explanation", reason),
+            ("customer_id", None),
+            ("pending_days", 0),
+            ("campaign", None),
+        ):
+            object.__setattr__(outcome, name, value)
+        return outcome
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"a shared outcome of a rule that did not fire is read-only ({name})")
 
 
 @dataclass(frozen=True)
@@ -340,15 +607,21 @@ class EventRefused(ValueError):
     """The event cannot be evaluated under this ruleset (unknown currency, undeclared type): DLQ."""
 
 
+_ONE = Decimal(1)
+
+
+# Below 10**20, math.floor equals quantize to units (which refuses results past 28 digits).
+
+
 def _round(value: Decimal, rounding: str) -> int:
-    return int(value.quantize(Decimal(1), rounding=ROUNDING[rounding]))
+    if rounding == "floor" and value.adjusted() < 20:  # |value| < 10**20
+        return math.floor(value)
+    return int(value.quantize(_ONE, rounding=ROUNDING[rounding]))
 
 
-@functools.lru_cache(maxsize=4096)
 def _fmt(value: Decimal) -> str:
-    # Cached: rates, factors and multipliers repeat on every event; amounts often do too.
-    text = format(value.normalize(), "f")
-    return text
+    # Not cached: a cache miss (hashing a Decimal, evicting) costs several times the formatting itself.
+    return format(value.normalize(), "f")
 
 
 def _money(value: Decimal) -> float:
@@ -359,55 +632,122 @@ def line_net(line: PurchaseLine) -> Decimal:
     return line.quantity * line.unit_price - line.discount
 
 
-def _line_view(line: PurchaseLine, net: Decimal) -> dict[str, Any]:
-    return {
-        "sku": line.sku,
-        "category": line.category,
-        "quantity": float(line.quantity),
-        "unit_price": _money(line.unit_price),
-        "discount": _money(line.discount),
-        "net": _money(net),
-        "gift_card": line.gift_card,
-        "shipping": line.shipping,
-    }
+LINE_FIELDS = ("sku", "category", "quantity", "unit_price", "discount", "net", "gift_card", "shipping")
 
 
-def event_view(event: CloudEvent[Any], customer: CustomerSnapshot) -> dict[str, Any]:
-    """What `event` means in a condition: the envelope, the payload (money as double) and derived fields."""
-    data = event.data
-    view: dict[str, Any] = {
-        "id": event.id,
-        "type": event.type,
-        "source": event.source,
-        "time": event_time(event),
-    }
-    for name, value in data:
-        if name == "lines":
-            continue
-        view[name] = _money(value) if isinstance(value, Decimal) else value
-    if data.model_extra:
-        for name, value in data.model_extra.items():
-            view[name] = value
-    if isinstance(data, PurchaseCompleted):
-        categories = tuple(sorted({line.category for line in data.lines}))
-        view["categories"] = categories
-        view["new_categories"] = tuple(c for c in categories if c not in customer.categories)
-        view["line_count"] = len(data.lines)
-        view["skus"] = tuple(sorted({line.sku for line in data.lines}))
+def _line_view(line: PurchaseLine, net: Decimal, fields: Collection[str] = LINE_FIELDS) -> dict[str, Any]:
+    view: dict[str, Any] = {}
+    for name in fields:
+        if name == "quantity":
+            view[name] = float(line.quantity)
+        elif name == "net":
+            view[name] = float(net)
+        elif name in ("unit_price", "discount"):
+            view[name] = float(getattr(line, name))
+        elif name in ("sku", "category", "gift_card", "shipping"):
+            view[name] = getattr(line, name)
     return view
 
 
-def _in_window(rule: Rule, ruleset: RulesetDocument, at: datetime) -> str | None:
-    starts, ends = rule.valid_from, rule.valid_until
-    if rule.campaign is not None:
-        campaign = ruleset.campaigns[rule.campaign]
-        starts = max(filter(None, (starts, campaign.starts_at)), default=None)
-        ends = min(filter(None, (ends, campaign.ends_at)), default=None)
-    if starts is not None and at < starts:
-        return f"not yet valid (from {starts.isoformat()})"
-    if ends is not None and at >= ends:
-        return f"no longer valid (until {ends.isoformat()})"
-    return None
+_ENVELOPE_FIELDS = frozenset({"id", "type", "source", "time"})
+_PURCHASE_DERIVED = frozenset({"categories", "new_categories", "line_count", "skus"})
+
+
+def event_view(
+    event: CloudEvent[Any], customer: CustomerSnapshot, fields: Collection[str] | None = None
+) -> dict[str, Any]:
+    """What `event` means in a condition: the envelope, the payload (money as double) and derived fields.
+
+    With `fields`, only those keys are built (what the ruleset's conditions read); each has the value
+    the full view gives it.
+    """
+    data = event.data
+    if fields is None:
+        view: dict[str, Any] = {
+            "id": event.id,
+            "type": event.type,
+            "source": event.source,
+            "time": event_time(event),
+        }
+        for name, value in data:
+            if name == "lines":
+                continue
+            view[name] = _money(value) if isinstance(value, Decimal) else value
+        if data.model_extra:
+            for name, value in data.model_extra.items():
+                view[name] = value
+        if isinstance(data, PurchaseCompleted):
+            view.update(_purchase_derived(data, customer, _PURCHASE_DERIVED))
+        return view
+    view = {}
+    model: type[Payload] = type(data)
+    if not getattr(data, "__pydantic_extra__", None) and isinstance(fields, frozenset):
+        envelope, payload, derived_names = _view_plan(model, fields)
+        for name in envelope:
+            view[name] = event_time(event) if name == "time" else getattr(event, name)
+        for name in payload:
+            value = getattr(data, name)
+            view[name] = _money(value) if isinstance(value, Decimal) else value
+        if derived_names:
+            view.update(_purchase_derived(data, customer, derived_names))
+        return view
+    # The same precedence as the full view: derived over extra fields over payload over envelope.
+    purchase = isinstance(data, PurchaseCompleted)
+    extra = data.model_extra or {}
+    model_fields = _model_fields(model)
+    derived = []
+    for name in fields:
+        if purchase and name in _PURCHASE_DERIVED:
+            derived.append(name)
+        elif name in extra:
+            view[name] = extra[name]
+        elif name in model_fields and name != "lines":
+            value = getattr(data, name)
+            view[name] = _money(value) if isinstance(value, Decimal) else value
+        elif name in _ENVELOPE_FIELDS:
+            view[name] = event_time(event) if name == "time" else getattr(event, name)
+    if derived:
+        view.update(_purchase_derived(data, customer, derived))
+    return view
+
+
+@functools.lru_cache(maxsize=1024)
+def _view_plan(
+    model: type[Payload], fields: frozenset[str]
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Which of `fields` come from the envelope, the payload and the derived purchase fields (a payload
+    without extra fields), with the full view's precedence."""
+    envelope, payload, derived = [], [], []
+    purchase = issubclass(model, PurchaseCompleted)
+    model_fields = _model_fields(model)
+    for name in sorted(fields):
+        if purchase and name in _PURCHASE_DERIVED:
+            derived.append(name)
+        elif name in model_fields and name != "lines":
+            payload.append(name)
+        elif name in _ENVELOPE_FIELDS:
+            envelope.append(name)
+    return tuple(envelope), tuple(payload), tuple(derived)
+
+
+@functools.cache
+def _model_fields(model: type[Payload]) -> frozenset[str]:
+    return frozenset(model.model_fields)
+
+
+def _purchase_derived(data: PurchaseCompleted, customer: CustomerSnapshot, names: Collection[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "categories" in names or "new_categories" in names:
+        categories = tuple(sorted({line.category for line in data.lines}))
+        if "categories" in names:
+            out["categories"] = categories
+        if "new_categories" in names:
+            out["new_categories"] = tuple(c for c in categories if c not in customer.categories)
+    if "line_count" in names:
+        out["line_count"] = len(data.lines)
+    if "skus" in names:
+        out["skus"] = tuple(sorted({line.sku for line in data.lines}))
+    return out
 
 
 def evaluate(
@@ -421,15 +761,16 @@ def evaluate(
     """Evaluates one event; raises EventRefused when the ruleset cannot take it."""
     doc = ruleset.document
     at = event_time(event)
-    spent = dict(campaign_spent or {})
+    spent = dict(campaign_spent) if campaign_spent else {}
     data = event.data
     tenant = event.tenantid
     customer_id = customer.customer_id
-    if event.type.startswith(CUSTOM_TYPE_PREFIX) and not ruleset.declares(event.type):
+    event_type = event.type
+    custom = event_type.startswith(CUSTOM_TYPE_PREFIX)
+    if custom and not ruleset.declares(event_type):
         raise EventRefused(
-            f"custom event type {event.type!r} is not declared in ruleset {ruleset.ruleset_id!r} v{ruleset.version}"
+            f"custom event type {event_type!r} is not declared in ruleset {ruleset.ruleset_id!r} v{ruleset.version}"
         )
-    basket = _Basket.empty()
     if isinstance(data, PurchaseCompleted):
         config = doc.currencies.get(data.currency)
         if config is None:
@@ -438,69 +779,154 @@ def evaluate(
                 f"configures {sorted(doc.currencies)}"
             )
         basket = _Basket.of(ruleset, data, config.points_per_unit)
+    else:
+        basket = _Basket.empty()
 
-    scope: dict[str, Mapping[str, Any]] = {"event": event_view(event, customer), "customer": customer.view(at)}
+    scope: dict[str, Mapping[str, Any]] = {
+        "event": event_view(event, customer, ruleset.event_fields),
+        "customer": customer.view(at, ruleset.customer_fields),
+    }
     trace: list[RuleOutcome] = []
+    fired: list[RuleOutcome] = []
+    append = trace.append
     accumulated = 0  # points of earlier rules for the buyer, which a tier multiplier scales
     counters: dict[str, dict[str, int]] = {}
-
-    memo = not event.type.startswith(CUSTOM_TYPE_PREFIX)
-    for position, compiled in ruleset.rules_for(event.type):
-        rule = compiled.rule
-        if compiled.indexed and position not in basket.amounts:
-            trace.append(RuleOutcome(rule.id, False, 0, "no eligible line"))
+    amounts = basket.amounts
+    rate, currency, rounding = basket.rate, basket.currency, doc.rounding
+    memo = not custom
+    for position, compiled, indexed, windowed, when, bonus in ruleset.steps.get(event_type, ()):
+        if indexed and position not in amounts:
+            append(compiled.no_line)
             continue
-        outside = _in_window(rule, doc, at) if compiled.windowed else None
-        if outside is not None:
-            trace.append(RuleOutcome(rule.id, False, 0, outside))
-            continue
-        if compiled.when is not None:
-            met = compiled.when(scope, memo=memo)
-            if met is not True:
-                trace.append(RuleOutcome(rule.id, False, 0, compiled.not_met if met is False else str(met)))
+        if windowed:
+            if compiled.starts is not None and at < compiled.starts:
+                append(compiled.skipped(compiled.not_yet))
                 continue
-        outcomes = _apply_rule(compiled, position, doc, customer, referred, basket, accumulated, at, scope, data)
-        if isinstance(outcomes, str):
-            trace.append(RuleOutcome(rule.id, False, 0, outcomes))
+            if compiled.ends is not None and at >= compiled.ends:
+                append(compiled.skipped(compiled.no_longer))
+                continue
+        if when is not None:
+            met = when(scope, memo)
+            if met is not True:
+                append(
+                    compiled.condition_not_met if met is False else RuleOutcome(compiled.rule_id, False, 0, str(met))
+                )
+                continue
+        if bonus or indexed:
+            if bonus:
+                outcome = RuleOutcome(
+                    compiled.rule_id, True, compiled.points, compiled.fixed, customer_id, compiled.pending_days, None
+                )
+            else:
+                # _apply_rule's line branch, inlined for the commonest fired rules: an indexed rule found
+                # in the basket has its amount and (non-empty) SKUs there.
+                amount = amounts[position]
+                raw = amount * rate * compiled.scale
+                points = max(_round(raw, rounding), 0)
+                amount_text = _fmt(amount)
+                how = amount_text + compiled.arithmetic(currency, rate)
+                if compiled.kind == "line_multiplier":
+                    how = f"lines {', '.join(sorted(basket.skus[position]))}: {how}"
+                raw_text = amount_text if amount and raw == amount else _fmt(raw)
+                explanation = f"{how} = {raw_text} → {points} ({rounding})"
+                outcome = RuleOutcome(
+                    compiled.rule_id, True, points, explanation, customer_id, compiled.pending_days, None
+                )
+            if compiled.plain:  # no max_points, campaign, limit or stop: what the general path does, in short
+                accumulated += outcome.points
+                append(outcome)
+                fired.append(outcome)
+                continue
+            outcomes: list[RuleOutcome] = [outcome]
+        elif compiled.kind == "tier_multiplier" and compiled.plain:
+            # _apply_rule's tier branch, inlined: it runs on every purchase.
+            tier = customer.tier
+            cached = compiled.tiers.get(tier)
+            if cached is None:
+                cached = compiled.tiers[tier] = _tier_factor(compiled.rule, doc.tiers, tier)
+            excess, multiplier_text = cached
+            raw = Decimal(accumulated) * excess
+            points = max(_round(raw, rounding), 0)
+            how = f"tier {tier or 'none'}: {accumulated} pts of earlier rules * (multiplier {multiplier_text} - 1)"
+            outcome = RuleOutcome(
+                compiled.rule_id,
+                True,
+                points,
+                f"{how} = {_fmt(raw)} → {points} ({rounding})",
+                customer_id,
+                compiled.pending_days,
+                None,
+            )
+            accumulated += points
+            append(outcome)
+            fired.append(outcome)
             continue
+        else:
+            applied = _apply_rule(compiled, position, doc, customer, referred, basket, accumulated, at, scope, data)
+            if isinstance(applied, str):
+                append(
+                    compiled.no_line
+                    if applied == "no eligible line"
+                    else RuleOutcome(compiled.rule_id, False, 0, applied)
+                )
+                continue
+            outcomes = applied
+        campaign = compiled.campaign
+        max_points = compiled.max_points
         for outcome in outcomes:
-            outcome.pending_days = rule.pending_days if rule.pending_days is not None else doc.pending_days
-            outcome.campaign = rule.campaign
-            if rule.max_points is not None and outcome.points > rule.max_points:
-                outcome.explanation += f"; capped at the rule's max_points {rule.max_points}"
-                outcome.points = rule.max_points
-            if rule.campaign is not None:
-                budget = doc.campaigns[rule.campaign].budget
+            outcome.pending_days = compiled.pending_days
+            outcome.campaign = campaign
+            if max_points is not None and outcome.points > max_points:
+                outcome.explanation += f"; capped at the rule's max_points {max_points}"
+                outcome.points = max_points
+            if campaign is not None:
+                budget = compiled.budget
                 if budget is not None:
-                    left = max(budget - spent.get(rule.campaign, 0), 0)
+                    left = max(budget - spent.get(campaign, 0), 0)
                     if outcome.points > left:
-                        outcome.explanation += f"; campaign {rule.campaign!r} budget leaves {left}"
+                        outcome.explanation += f"; campaign {campaign!r} budget leaves {left}"
                         outcome.points = left
-                    spent[rule.campaign] = spent.get(rule.campaign, 0) + outcome.points
+                    spent[campaign] = spent.get(campaign, 0) + outcome.points
             if outcome.customer_id == customer_id:
                 accumulated += outcome.points
-            trace.append(outcome)
-        if rule.limit is not None:
-            key = f"limit:{rule.id}:{period_key(rule.limit.period, at)}"
+            append(outcome)
+            fired.append(outcome)
+        limit = compiled.rule.limit
+        if limit is not None:
+            key = f"limit:{compiled.rule_id}:{period_key(limit.period, at)}"
             counters.setdefault(customer_id, {})[key] = 1
-        if rule.stop:
+        if compiled.stop:
             trace[-1].explanation += "; stop: no lower-priority rule is evaluated"
             break
 
-    _apply_caps(doc, trace, customer, referred, at, event.type == PURCHASE)
+    caps = doc.caps
+    cap_key = f"cap:{period_key(caps.per_customer.period, at)}" if caps.per_customer is not None else ""
+    if caps.per_order is not None or caps.per_customer is not None:
+        # `accumulated` is the buyer's fired total already; the trace is summed only for a referred customer.
+        totals: dict[str | None, int] = _fired_totals(trace) if referred is not None else {customer_id: accumulated}
+        _apply_caps(doc, trace, customer, referred, at, event_type == PURCHASE, totals, cap_key)
     points_by_customer: dict[str, int] = {}
-    for outcome in trace:
-        if outcome.fired and outcome.points and outcome.customer_id:
-            points_by_customer[outcome.customer_id] = points_by_customer.get(outcome.customer_id, 0) + outcome.points
-    if doc.caps.per_customer is not None:
-        key = f"cap:{period_key(doc.caps.per_customer.period, at)}"
-        for cid, pts in points_by_customer.items():
-            counters.setdefault(cid, {})[key] = pts
     campaign_points: dict[str, int] = {}
-    for outcome in trace:
-        if outcome.campaign and outcome.points:
-            campaign_points[outcome.campaign] = campaign_points.get(outcome.campaign, 0) + outcome.points
-    commands = _plan_commands(ruleset, event, trace, tenant, at)
+    # One EarnPoints per (customer, pending period): awards that mature together travel together.
+    groups: dict[tuple[str, int], list[RuleOutcome]] = {}
+    for outcome in fired:  # the fired outcomes, in trace order
+        points = outcome.points
+        if points:
+            cid = outcome.customer_id
+            if cid:
+                points_by_customer[cid] = points_by_customer.get(cid, 0) + points
+                if points > 0:
+                    group = (cid, outcome.pending_days)
+                    if group in groups:
+                        groups[group].append(outcome)
+                    else:
+                        groups[group] = [outcome]
+            if outcome.campaign:
+                campaign_points[outcome.campaign] = campaign_points.get(outcome.campaign, 0) + points
+    if caps.per_customer is not None:
+        for cid, pts in points_by_customer.items():
+            counters.setdefault(cid, {})[cap_key] = pts
+    commands = _plan_commands(ruleset, event, groups, tenant, at)
     return Evaluation(
         ruleset.ruleset_id,
         ruleset.version,
@@ -536,45 +962,70 @@ class _Basket:
     def of(cls, ruleset: CompiledRuleset, data: PurchaseCompleted, rate: Decimal) -> _Basket:
         basket = cls(data.currency, rate)
         ex = ruleset.document.exclusions
+        gift_cards, shipping, discounted = ex.gift_cards, ex.shipping, ex.discounted_lines
+        excluded_skus, excluded_categories = ruleset.excluded_skus, ruleset.excluded_categories
         source = data.lines or [PurchaseLine(sku="", category="", quantity=Decimal(1), unit_price=data.net_amount)]
-        sku_index, category_index = ruleset.sku_index, ruleset.category_index
+        positions_of, positions_cache = ruleset.positions_of, ruleset._positions
+        lines = basket.lines
+        amounts, skus = basket.amounts, basket.skus
+        total = basket.total
         for line in source:
+            sku, category = line.sku, line.category
             if (
-                (ex.gift_cards and line.gift_card)
-                or (ex.shipping and line.shipping)
-                or (ex.discounted_lines and line.discount > 0)
-                or line.sku in ex.skus
-                or line.category in ex.categories
+                (gift_cards and line.gift_card)
+                or (shipping and line.shipping)
+                or (discounted and line.discount > 0)
+                or sku in excluded_skus
+                or category in excluded_categories
             ):
                 continue
             net = line.quantity * line.unit_price - line.discount
-            basket.lines.append((line, net))
-            basket.total += net
-            by_sku = sku_index.get(line.sku)
-            by_category = category_index.get(line.category)
-            if by_sku or by_category:
-                for position in (by_sku or frozenset()) | (by_category or frozenset()):
-                    basket.amounts[position] = basket.amounts.get(position, Decimal(0)) + net
-                    basket.skus.setdefault(position, set()).add(line.sku)
+            lines.append((line, net))
+            total += net
+            positions = positions_cache.get((sku, category))
+            if positions is None:
+                positions = positions_of(sku, category)
+            for position in positions:
+                amounts[position] = amounts.get(position, _ZERO) + net
+                if position in skus:
+                    skus[position].add(sku)
+                else:
+                    skus[position] = {sku}
+        basket.total = total
         if ruleset.has_line_conditions:
-            basket.views = [_line_view(line, net) for line, net in basket.lines]
+            fields = LINE_FIELDS if ruleset.line_fields is None else ruleset.line_fields
+            basket.views = [_line_view(line, net, fields) for line, net in lines]
         return basket
 
     def matching(
         self, compiled: CompiledRule, position: int, scope: dict[str, Mapping[str, Any]]
     ) -> tuple[Decimal, set[str]]:
         if compiled.indexed:
-            return self.amounts.get(position, Decimal(0)), self.skus.get(position, set())
+            if position in self.amounts:
+                return self.amounts[position], self.skus[position]
+            return Decimal(0), set()
         if compiled.line_when is None and not (compiled.skus or compiled.categories):
             return self.total, {line.sku for line, _ in self.lines}
         amount = Decimal(0)
         skus: set[str] = set()
+        selected_skus, selected_categories, line_when = compiled.skus, compiled.categories, compiled.line_when
         for (line, net), view in zip(self.lines, self.views, strict=True):
-            if compiled.matches_line(view, scope):
-                amount += net
-                skus.add(line.sku)
+            # SKU/category from the line itself: the view holds only the fields conditions read.
+            if (selected_skus or selected_categories) and (
+                line.sku not in selected_skus and line.category not in selected_categories
+            ):
+                continue
+            if line_when is not None:
+                scope["line"] = view
+                if line_when(scope) is not True:
+                    continue
+            amount += net
+            skus.add(line.sku)
         scope.pop("line", None)
         return amount, skus
+
+
+_ZERO = Decimal(0)
 
 
 def _apply_rule(
@@ -593,35 +1044,38 @@ def _apply_rule(
     rule = compiled.rule
     cid = customer.customer_id
     rounding = doc.rounding
-    if rule.kind in ("points_per_unit", "line_multiplier"):
-        amount, skus = basket.matching(compiled, position, scope)
-        if not skus:
-            return "no eligible line"
+    if compiled.line_rule:
+        if compiled.whole_basket and rule.kind == "points_per_unit":
+            # Every eligible line, and the SKUs do not appear in the explanation: no set to build.
+            if not basket.lines:
+                return "no eligible line"
+            amount, skus = basket.total, set[str]()
+        else:
+            amount, skus = basket.matching(compiled, position, scope)
+            if not skus:
+                return "no eligible line"
         rate, currency = basket.rate, basket.currency
-        if rule.kind == "points_per_unit":
-            raw = amount * rate * rule.factor
-        else:
-            assert rule.multiplier is not None
-            raw = amount * rate * (rule.multiplier - 1)
+        raw = amount * rate * compiled.scale
         points = max(_round(raw, rounding), 0)
-        if rule.kind == "points_per_unit":
-            how = f"{_fmt(amount)} {currency} eligible * {_fmt(rate)} pt/{currency} * factor {_fmt(rule.factor)}"
-        else:
-            assert rule.multiplier is not None
-            how = (
-                f"lines {', '.join(sorted(skus))}: {_fmt(amount)} {currency} * {_fmt(rate)} pt/{currency} "
-                f"* (multiplier {_fmt(rule.multiplier)} - 1)"
-            )
-        return [RuleOutcome(rule.id, True, points, f"{how} = {_fmt(raw)} → {points} ({rounding})", cid)]
+        amount_text = _fmt(amount)
+        # Equal non-zero values format alike (the text is of the normalized value): skip a second format.
+        raw_text = amount_text if amount and raw == amount else _fmt(raw)
+        how = amount_text + compiled.arithmetic(currency, rate)
+        if rule.kind == "line_multiplier":
+            how = f"lines {', '.join(sorted(skus))}: {how}"
+        return [RuleOutcome(rule.id, True, points, f"{how} = {raw_text} → {points} ({rounding})", cid)]
     if rule.kind == "bonus":
         assert rule.points is not None
-        return [RuleOutcome(rule.id, True, rule.points, f"fixed bonus {rule.points}", cid)]
+        return [RuleOutcome(rule.id, True, rule.points, compiled.fixed, cid)]
     if rule.kind == "tier_multiplier":
         tier = customer.tier
-        multiplier = _tier_multiplier(rule, doc.tiers, tier)
-        raw = Decimal(accumulated) * (multiplier - 1)
+        cached = compiled.tiers.get(tier)
+        if cached is None:
+            cached = compiled.tiers[tier] = _tier_factor(rule, doc.tiers, tier)
+        excess, multiplier_text = cached
+        raw = Decimal(accumulated) * excess
         points = max(_round(raw, rounding), 0)
-        how = f"tier {tier or 'none'}: {accumulated} pts of earlier rules * (multiplier {_fmt(multiplier)} - 1)"
+        how = f"tier {tier or 'none'}: {accumulated} pts of earlier rules * (multiplier {multiplier_text} - 1)"
         return [RuleOutcome(rule.id, True, points, f"{how} = {_fmt(raw)} → {points} ({rounding})", cid)]
     # engagement
     assert rule.points is not None
@@ -629,7 +1083,7 @@ def _apply_rule(
         key = f"limit:{rule.id}:{period_key(rule.limit.period, at)}"
         if customer.counters.get(key, 0) >= rule.limit.count:
             return f"limit of {rule.limit.count} per {rule.limit.period} reached"
-    out = [RuleOutcome(rule.id, True, rule.points, f"{rule.on}: {rule.points}", cid)]
+    out = [RuleOutcome(rule.id, True, rule.points, compiled.fixed, cid)]
     if rule.referred_points and isinstance(data, ReferralConverted) and referred is not None:
         out.append(
             RuleOutcome(
@@ -641,6 +1095,12 @@ def _apply_rule(
             )
         )
     return out
+
+
+def _tier_factor(rule: Rule, tiers: Tiers | None, tier: str | None) -> tuple[Decimal, str]:
+    """(multiplier - 1, the multiplier as the explanation writes it)."""
+    multiplier = _tier_multiplier(rule, tiers, tier)
+    return multiplier - 1, _fmt(multiplier)
 
 
 def _tier_multiplier(rule: Rule, tiers: Tiers | None, tier: str | None) -> Decimal:
@@ -661,27 +1121,52 @@ def _apply_caps(
     referred: CustomerSnapshot | None,
     at: datetime,
     is_purchase: bool,
+    totals: dict[str | None, int] | None = None,
+    key: str = "",
 ) -> None:
     # Caps trim the lowest-priority awards first, so the rules the programme ranks highest keep theirs.
+    # The totals (fired points per customer) are summed once; the trace is walked again only to trim.
+    if totals is None:
+        totals = _fired_totals(trace)
     if is_purchase and doc.caps.per_order is not None:
-        _trim(trace, customer.customer_id, doc.caps.per_order, lambda: f"per-order cap {doc.caps.per_order}")
+        total = totals.get(customer.customer_id, 0)
+        if total > doc.caps.per_order:
+            _trim(trace, customer.customer_id, doc.caps.per_order, lambda: f"per-order cap {doc.caps.per_order}", total)
+            totals[customer.customer_id] = doc.caps.per_order
     cap = doc.caps.per_customer
     if cap is not None:
-        key = f"cap:{period_key(cap.period, at)}"
+        key = key or f"cap:{period_key(cap.period, at)}"
         for snapshot in (customer, referred):
             if snapshot is None:
                 continue
             left = max(cap.points - snapshot.counters.get(key, 0), 0)
+            total = totals.get(snapshot.customer_id, 0)
+            if total <= left:
+                continue
             _trim(
                 trace,
                 snapshot.customer_id,
                 left,
                 lambda: f"per-customer cap {cap.points} per {cap.period}, {left} left",  # noqa: B023 - called at once
+                total,
             )
+            totals[snapshot.customer_id] = left
 
 
-def _trim(trace: list[RuleOutcome], customer_id: str, allowed: int, why: Callable[[], str]) -> None:
-    total = sum(o.points for o in trace if o.fired and o.customer_id == customer_id)
+def _fired_totals(trace: list[RuleOutcome]) -> dict[str | None, int]:
+    totals: dict[str | None, int] = {}
+    for outcome in trace:
+        if outcome.fired:
+            totals[outcome.customer_id] = totals.get(outcome.customer_id, 0) + outcome.points
+    return totals
+
+
+def _trim(
+    trace: list[RuleOutcome], customer_id: str, allowed: int, why: Callable[[], str], total: int | None = None
+) -> None:
+    """Cuts the customer's fired points down to `allowed` (their `total` when the caller has it)."""
+    if total is None:
+        total = sum(o.points for o in trace if o.fired and o.customer_id == customer_id)
     excess = total - allowed
     if excess <= 0:
         return
@@ -698,28 +1183,59 @@ def _trim(trace: list[RuleOutcome], customer_id: str, allowed: int, why: Callabl
 
 
 def _plan_commands(
-    ruleset: CompiledRuleset, event: CloudEvent[Any], trace: list[RuleOutcome], tenant: str, at: datetime
+    ruleset: CompiledRuleset,
+    event: CloudEvent[Any],
+    groups: dict[tuple[str, int], list[RuleOutcome]],
+    tenant: str,
+    at: datetime,
 ) -> list[PlannedEarn]:
-    # One EarnPoints per (customer, pending period): awards that mature together travel together.
-    groups: dict[tuple[str, int], list[RuleOutcome]] = {}
-    for outcome in trace:
-        if outcome.fired and outcome.points > 0 and outcome.customer_id:
-            groups.setdefault((outcome.customer_id, outcome.pending_days), []).append(outcome)
     member = getattr(event.data, "member_id", None)
     buyer = getattr(event.data, "customer_id", None)
+    fixed = ruleset.fixed_explanations
+    new_award = _validate_award  # what RuleAward(**fields) runs, without the __init__ call around it
     out = []
     for (cid, pending), outcomes in groups.items():
         out.append(
             PlannedEarn(
-                command_id=command_id("earn", tenant, event.id, ruleset.ruleset_id, ruleset.version, cid, pending),
+                # command_id("earn", ...) inlined: the same text, hashed.
+                command_id="earn-"
+                + hashlib.sha256(
+                    f"{tenant}|{event.id}|{ruleset.ruleset_id}|{ruleset.version}|{cid}|{pending}".encode()
+                ).hexdigest()[:32],
                 customer_id=cid,
                 member_id=member if cid == buyer else None,
                 points=sum(o.points for o in outcomes),
-                matures_at=at + timedelta(days=pending) if pending else None,
-                breakdown=[RuleAward(rule_id=o.rule_id, points=o.points, explanation=o.explanation) for o in outcomes],
+                matures_at=at + _days(pending) if pending else None,
+                breakdown=[
+                    _award(o.rule_id, o.points, o.explanation)
+                    if o.explanation in fixed
+                    else new_award({"rule_id": o.rule_id, "points": o.points, "explanation": o.explanation})
+                    for o in outcomes
+                ],
             )
         )
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _days(days: int) -> timedelta:
+    return timedelta(days=days)
+
+
+_AWARDS: dict[tuple[str, int, str], RuleAward] = {}
+_validate_award: Callable[[dict[str, Any]], RuleAward] = RuleAward.__pydantic_validator__.validate_python
+
+
+def _award(rule_id: str, points: int, explanation: str) -> RuleAward:
+    """A RuleAward with a fixed explanation (a bonus: the same on every event); frozen, so shared."""
+    key = (rule_id, points, explanation)
+    award = _AWARDS.get(key)
+    if award is None:
+        award = RuleAward(rule_id=rule_id, points=points, explanation=explanation)
+        if len(_AWARDS) >= MEMO_LIMIT:
+            _AWARDS.clear()
+        _AWARDS[key] = award
+    return award
 
 
 # --- state changes ---------------------------------------------------------------------------------
@@ -731,15 +1247,15 @@ def apply_event(
     """Folds an evaluated event into the customer's state (after evaluation: rules see the state before)."""
     at = event_time(event)
     data = event.data
+    month = month_key(at) if points or isinstance(data, PurchaseCompleted) else ""
     if isinstance(data, PurchaseCompleted):
         state.purchase_count += 1
-        state.first_purchase_at = min(filter(None, (state.first_purchase_at, at)))
-        state.last_purchase_at = max(filter(None, (state.last_purchase_at, at)))
-        month = month_key(at)
+        first, last = state.first_purchase_at, state.last_purchase_at
+        state.first_purchase_at = at if first is None or at < first else first
+        state.last_purchase_at = at if last is None or at > last else last
         state.spend_by_month[month] = state.spend_by_month.get(month, Decimal(0)) + data.net_amount * spend_factor
         state.categories.update(line.category for line in data.lines)
     if points:
-        month = month_key(at)
         state.points_by_month[month] = state.points_by_month.get(month, 0) + points
     for key, increment in counters.items():
         state.counters[key] = state.counters.get(key, 0) + increment
@@ -748,12 +1264,20 @@ def apply_event(
 
 def _prune(state: CustomerSnapshot, at: datetime) -> None:
     # Only the last 13 months matter for rolling figures; counters of past periods are never read again.
-    keep = _months_back(at, 13)
-    oldest = min(keep)
-    state.spend_by_month = {k: v for k, v in state.spend_by_month.items() if k >= oldest}
-    state.points_by_month = {k: v for k, v in state.points_by_month.items() if k >= oldest}
+    # The maps are rebuilt only when they hold something to drop (most events drop nothing).
+    oldest = _oldest_kept(at.year, at.month)
+    if any(k < oldest for k in state.spend_by_month):
+        state.spend_by_month = {k: v for k, v in state.spend_by_month.items() if k >= oldest}
+    if any(k < oldest for k in state.points_by_month):
+        state.points_by_month = {k: v for k, v in state.points_by_month.items() if k >= oldest}
     year = str(at.year - 1)
-    state.counters = {k: v for k, v in state.counters.items() if k.split(":")[-1][:4] >= year}
+    if any(k.split(":")[-1][:4] < year for k in state.counters):
+        state.counters = {k: v for k, v in state.counters.items() if k.split(":")[-1][:4] >= year}
+
+
+@functools.lru_cache(maxsize=512)
+def _oldest_kept(year: int, month: int) -> str:
+    return min(_months_back_from(year, month, 13))
 
 
 def apply_refund(state: CustomerSnapshot, ordered_at: datetime, amount: Decimal, spend_factor: Decimal) -> None:
@@ -775,7 +1299,11 @@ def review_tier(state: CustomerSnapshot, tiers: Tiers, at: datetime) -> TierChan
     names = [lv.name for lv in tiers.levels]
     qualified = max((i for i, lv in enumerate(tiers.levels) if value >= lv.threshold), default=0)
     current = names.index(state.tier) if state.tier in names else None
-    basis = f"{tiers.basis} {_fmt(value)}"
+    if current is not None and qualified == current:
+        if state.tier_reviewed_at is None or at >= state.tier_reviewed_at + timedelta(days=tiers.review_every_days):
+            state.tier_reviewed_at = at  # a review that keeps the tier restarts the schedule
+        return None
+    basis = f"{tiers.basis} {_fmt(value)}"  # only for a change: formatting is most of an unchanged review
     if current is None:
         change = TierChange(state.tier, names[qualified], f"initial tier: {basis} qualifies for {names[qualified]}")
     elif qualified > current:
@@ -793,9 +1321,7 @@ def review_tier(state: CustomerSnapshot, tiers: Tiers, at: datetime) -> TierChan
             f"review ({tiers.review_every_days}-day schedule): {basis} qualifies for {names[qualified]}; "
             f"downgrade policy {tiers.downgrade}",
         )
-    else:
-        if state.tier_reviewed_at is None or at >= state.tier_reviewed_at + timedelta(days=tiers.review_every_days):
-            state.tier_reviewed_at = at  # a review that keeps the tier restarts the schedule
+    else:  # qualified == current, handled above
         return None
     state.tier = change.tier
     state.tier_reviewed_at = at

@@ -586,7 +586,13 @@ class _BatchWork:
                     "ruleset_version": evaluation.version,
                     "points": plan.points,
                     "matures_at": plan.matures_at,
-                    "breakdown": json.dumps([a.model_dump() for a in plan.breakdown]),
+                    # What json.dumps([a.model_dump() ...]) gives, without a model_dump per award.
+                    "breakdown": json.dumps(
+                        [
+                            {"rule_id": a.rule_id, "points": a.points, "explanation": a.explanation}
+                            for a in plan.breakdown
+                        ]
+                    ),
                 }
             )
         tiers = compiled.document.tiers
