@@ -257,7 +257,10 @@ class ConsumerRunner:
             log.warning("offset commit failed after a rebalance", extra={"error": repr(exc)})
 
     def _record_lag(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        assigned = self._consumer.assignment()
         for tp, next_offset in _next_offsets(records).items():
+            if tp not in assigned:
+                continue  # taken away by a rebalance while the batch was handled
             highwater = self._consumer.highwater(tp)
             if highwater is not None:
                 CONSUMER_LAG.labels(self.service, tp.topic, str(tp.partition)).set(max(highwater - next_offset, 0))
