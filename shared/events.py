@@ -273,6 +273,11 @@ def payload_model(event_type: str, version: int) -> type[Payload]:
     return model
 
 
+def carries(types: frozenset[str], event_type: str) -> bool:
+    """Whether a topic carrying `types` accepts `event_type` (`custom.` in `types` admits every custom type)."""
+    return event_type in types or (event_type.startswith(CUSTOM_TYPE_PREFIX) and CUSTOM_TYPE_PREFIX in types)
+
+
 def decode_event(raw: bytes | None, *, allowed_types: frozenset[str] | None = None) -> CloudEvent[Any]:
     """Parse and validate one structured-mode CloudEvent; raises EventDecodeError with the reason."""
     if raw is None:
@@ -286,11 +291,7 @@ def decode_event(raw: bytes | None, *, allowed_types: frozenset[str] | None = No
     event_type = doc.get("type")
     if not isinstance(event_type, str):
         raise EventDecodeError("not a CloudEvent: missing 'type'")
-    if (
-        allowed_types is not None
-        and event_type not in allowed_types
-        and not (event_type.startswith(CUSTOM_TYPE_PREFIX) and CUSTOM_TYPE_PREFIX in allowed_types)
-    ):
+    if allowed_types is not None and not carries(allowed_types, event_type):
         raise EventDecodeError(f"event type {event_type!r} does not belong on this topic")
     version = doc.get("dataversion", 1)
     if not isinstance(version, int):

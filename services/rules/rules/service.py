@@ -63,6 +63,7 @@ from shared.events import (
     PurchaseRefunded,
     ReferralConverted,
     TierChanged,
+    carries,
     decode_event,
     utcnow,
 )
@@ -183,7 +184,7 @@ INGEST_TOPICS = {PURCHASES: TOPIC_EVENT_TYPES[PURCHASES], ENGAGEMENT: TOPIC_EVEN
 def _carries(types: frozenset[str], event_type: object) -> bool:
     if not isinstance(event_type, str):
         return False
-    return event_type in types or (event_type.startswith(CUSTOM_TYPE_PREFIX) and CUSTOM_TYPE_PREFIX in types)
+    return carries(types, event_type)
 
 
 def _tier_event(
