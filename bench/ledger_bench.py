@@ -25,6 +25,7 @@ from pathlib import Path
 
 import uvloop
 from aiokafka import AIOKafkaProducer
+from cpumeter import CpuMeter
 
 from ledger.config import Settings
 from ledger.consumers import commands_consumer
@@ -41,8 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EARN_COMMANDS = int(os.environ.get("BENCH_EARN_COMMANDS", "60000"))
 CUSTOMERS = 5000
 BATCH = int(os.environ.get("BENCH_BATCH", "2000"))
-REDEEM_RATES = (300, 150)
+REDEEM_RATES = tuple(int(r) for r in os.environ.get("BENCH_REDEEM_RATES", "300,150").split(","))
 REDEEM_SECONDS = 10
+WARMUP_SECONDS = 3
 READ_SECONDS = 10
 READ_CONNECTIONS = 32
 PORTS = (8091, 8092)
@@ -73,59 +75,6 @@ class Connection:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def cpu_seconds(pids: list[int]) -> dict[int, float]:
-    """User + system CPU time per process (Linux /proc); processes already gone are left out."""
-    out = {}
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return out
-
-
-def postgres_pids() -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == "postgres":
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
-class CpuMeter:
-    """CPU spent per operation by the servers, PostgreSQL (every backend alive at the end; one that
-    started meanwhile counts from zero) and this process: unlike latency, it hardly depends on what
-    else the machine is running."""
-
-    def __init__(self, servers: list[int]) -> None:
-        self.servers = servers
-
-    def __enter__(self) -> CpuMeter:
-        self.start = (cpu_seconds(self.servers), cpu_seconds(postgres_pids()), time.process_time())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.end = (cpu_seconds(self.servers), cpu_seconds(postgres_pids()), time.process_time())
-
-    def report(self, operations: int, what: str) -> None:
-        def spent(a: dict[int, float], b: dict[int, float]) -> float:
-            return sum(t - a.get(pid, 0.0) for pid, t in b.items())
-
-        server = spent(self.start[0], self.end[0])
-        pg = spent(self.start[1], self.end[1])
-        client = self.end[2] - self.start[2]
-        per = 1000 / operations
-        print(
-            f"  CPU per {what}: servers {server * per:.2f} ms, PostgreSQL {pg * per:.2f} ms, "
-            f"bench process {client * per:.2f} ms"
-        )
 
 
 def pct(values: list[float], q: float) -> float:
@@ -262,7 +211,7 @@ async def redeem_latency(token: str, rate: int, servers: list[int], *, report: b
         statuses[status] = statuses.get(status, 0) + 1
         pool.put_nowait(conn)
 
-    total = rate * (REDEEM_SECONDS if report else 2)
+    total = rate * (REDEEM_SECONDS if report else WARMUP_SECONDS)
     tasks = []
     with CpuMeter(servers) as cpu:
         start = time.perf_counter()
@@ -357,7 +306,10 @@ async def main() -> None:
         for port in PORTS:
             await wait_ready(port)
         pids = [server.pid for server in servers]
-        await redeem_latency(key.token, 50, pids, report=False)  # warm-up: connections, prepared statements
+        # Warm-up at the highest rate measured: every pooled connection prepares its statements (asyncpg
+        # caches them per connection) and PostgreSQL settles after the bulk load, so the figures are the
+        # steady state rather than the first seconds after a start.
+        await redeem_latency(key.token, max(REDEEM_RATES), pids, report=False)
         for rate in REDEEM_RATES:
             await redeem_latency(key.token, rate, pids)
 

@@ -26,7 +26,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from cpumeter import CpuMeter
 
 from rules import ruleset as rs
 from rules.config import Settings
@@ -197,13 +199,18 @@ def _worker(settings: Settings, stop: Any) -> None:
         async with Runtime(settings, api_keys=api_keys, consumers=[purchases_consumer]):
             await asyncio.to_thread(stop.wait)
 
-    asyncio.run(run())
+    # The loop the service gets from uvicorn (`--loop auto` picks uvloop, pinned in requirements.lock).
+    uvloop.run(run())
 
 
 async def bench_kafka(count: int, batch: int, workers: int) -> None:
     namespace = f"bench{uuid.uuid4().hex[:6]}."
     tenant = f"bench-{uuid.uuid4().hex[:6]}"
+    base = Settings()
+    # No TLS on the loopback connection to PostgreSQL: asyncpg would otherwise negotiate it (`prefer`).
+    dsn = base.database_url if "?" in base.database_url else f"{base.database_url}?ssl=disable"
     settings = Settings(
+        database_url=dsn,
         topic_namespace=namespace,
         consumer_group_suffix=f"-{namespace}",
         consumer_batch_size=batch,
@@ -253,16 +260,21 @@ async def bench_kafka(count: int, batch: int, workers: int) -> None:
             started = time.perf_counter()
             for proc in procs:
                 proc.start()
-            seen, first, last = 0, 0.0, 0.0
+            seen, first, last, first_seen = 0, 0.0, 0.0, 0
+            cpu = CpuMeter([p.pid for p in procs if p.pid is not None])
             # Every event of this ruleset earns points under one pending period: one command per event.
             while seen < count:
                 got = sum(len(r) for r in (await reader.getmany(timeout_ms=200, max_records=10000)).values())
                 if got:
                     last = time.perf_counter()
-                    first = first or last
+                    if not first:
+                        # CPU from the first command on: process start-up and the group join are not per event.
+                        first, first_seen = last, got
+                        cpu.__enter__()
                     seen += got
                 if time.perf_counter() - started > 600:
                     raise TimeoutError(f"only {seen} of {count} commands")
+            cpu.__exit__()
         finally:
             stop.set()
             for proc in procs:
@@ -274,6 +286,7 @@ async def bench_kafka(count: int, batch: int, workers: int) -> None:
         print(f"  consume -> evaluate -> commit -> produce, {seen} commands read back read_committed:")
         print(f"  from the first command to the last: {count / steady:10,.0f} events/s ({steady:.1f} s)")
         print(f"  wall clock incl. process start and group join: {count / total:10,.0f} events/s ({total:.1f} s)")
+        cpu.report(seen - first_seen, "event", servers="consumer processes")
     finally:
         try:
             await delete_topics(bootstrap, [s.name for s in specs])

@@ -3,8 +3,9 @@ transaction: it commits on success and rolls back on error; services only flush.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Annotated, NewType
 
 from fastapi import Depends
@@ -51,6 +52,18 @@ async def transaction(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIt
     """One unit of work: commits when the block succeeds, rolls back when it raises."""
     async with sessionmaker() as session, session.begin():
         yield session
+
+
+async def warm_pool(engine: AsyncEngine, connections: int) -> int:
+    """Opens up to `connections` pooled connections at once and returns them to the pool; returns how many
+    opened. A pool filled lazily makes the first burst of requests pay for the connects (a backend fork
+    and the driver's set-up each), which shows as a latency spike long after start-up. A database that
+    is down is not fatal here: readiness reports it, and the pool connects once it is back."""
+    async with AsyncExitStack() as stack:
+        opened = await asyncio.gather(
+            *(stack.enter_async_context(engine.connect()) for _ in range(connections)), return_exceptions=True
+        )
+        return sum(not isinstance(c, BaseException) for c in opened)
 
 
 async def ping(engine: AsyncEngine) -> None:

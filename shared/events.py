@@ -8,6 +8,7 @@ currency, points are integers, times are timezone-aware UTC.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -278,10 +279,58 @@ def carries(types: frozenset[str], event_type: str) -> bool:
     return event_type in types or (event_type.startswith(CUSTOM_TYPE_PREFIX) and CUSTOM_TYPE_PREFIX in types)
 
 
+# pydantic keeps parametrised generics in a weak cache: without a strong reference `CloudEvent[Model]` is
+# rebuilt (~100 µs) whenever it was collected, and even a cache hit costs ~1 µs. Every payload model's
+# envelope is built once, here.
+_ENVELOPES: dict[type[Payload], Any] = {}
+
+
+def envelope_class(model: type[Payload]) -> Any:
+    """`CloudEvent[model]`, built once per payload model."""
+    envelope = _ENVELOPES.get(model)
+    if envelope is None:
+        envelope = _ENVELOPES[model] = CloudEvent[model]  # type: ignore[valid-type]
+    return envelope
+
+
+# Where a structured-mode event names its type and payload version. Only a guess of which model to try
+# first: the validated event must carry exactly that type and version, or the full path decides.
+_TYPE_GUESS = re.compile(rb'"type"\s*:\s*"([a-z0-9._-]{1,200})"')
+_VERSION_GUESS = re.compile(rb'"dataversion"\s*:\s*([0-9]{1,9})\s*[,}]')
+
+
+def _decode_fast(raw: bytes) -> CloudEvent[Any] | None:
+    """Validates the bytes in one pass (pydantic parses the JSON itself, ~2x cheaper than json.loads and
+    validating the dict). None when the guess does not hold; then `decode_event`'s full path runs."""
+    found = _TYPE_GUESS.search(raw)
+    if found is None:
+        return None
+    event_type = found.group(1).decode()
+    version_found = _VERSION_GUESS.search(raw)
+    if version_found is None and b'"dataversion"' in raw:
+        return None  # not a plain integer: the full path says what is wrong with it
+    version = int(version_found.group(1)) if version_found else 1
+    try:
+        event: CloudEvent[Any] = envelope_class(payload_model(event_type, version)).model_validate_json(raw)
+    except (EventDecodeError, ValidationError):
+        return None
+    # The model is chosen by (type, dataversion) alone: when the validated event has the guessed pair,
+    # the full path would have chosen the same model for the same document.
+    if event.type != event_type or event.dataversion != version:
+        return None
+    return event
+
+
 def decode_event(raw: bytes | None, *, allowed_types: frozenset[str] | None = None) -> CloudEvent[Any]:
     """Parse and validate one structured-mode CloudEvent; raises EventDecodeError with the reason."""
     if raw is None:
         raise EventDecodeError("empty message (tombstone)")
+    event = _decode_fast(raw)
+    if event is not None:
+        if allowed_types is not None and not carries(allowed_types, event.type):
+            raise EventDecodeError(f"event type {event.type!r} does not belong on this topic")
+        return event
+    # The full path: every problem gets its precise reason.
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -298,9 +347,10 @@ def decode_event(raw: bytes | None, *, allowed_types: frozenset[str] | None = No
         raise EventDecodeError("'dataversion' must be an integer")
     model = payload_model(event_type, version)
     try:
-        return CloudEvent[model].model_validate(doc)  # type: ignore[valid-type]
+        validated: CloudEvent[Any] = envelope_class(model).model_validate(doc)
     except ValidationError as exc:
         raise EventDecodeError(f"invalid {event_type} v{version}: {_summarise(exc)}") from exc
+    return validated
 
 
 def _summarise(exc: ValidationError) -> str:
@@ -325,8 +375,7 @@ def make_event(
         fields["id"] = event_id
     if time is not None:
         fields["time"] = time
-    model: Any = CloudEvent[type(data)]  # type: ignore[misc]
-    event: CloudEvent[Any] = model(**fields)
+    event: CloudEvent[Any] = envelope_class(type(data))(**fields)
     return event
 
 

@@ -7,6 +7,7 @@ would otherwise be written three times.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
@@ -35,6 +36,17 @@ log = logging.getLogger(__name__)
 ConsumerFactory = Callable[["Runtime"], ConsumerRunner]
 
 
+# Consumers hold whole batches (thousands of decoded events, their states and commands) while they
+# allocate: with CPython's default thresholds (700, 10, 10) the collector rescans those live objects
+# over and over, which measured ~20 µs of every event's ~40 µs of decoding. Fewer, larger young
+# collections and rarer full ones keep that cost small; cyclic garbage is still collected.
+GC_THRESHOLDS = (10_000, 20, 100)
+
+
+def tune_gc() -> None:
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 class State(TypedDict):
     runtime: Runtime
     sessionmaker: async_sessionmaker[AsyncSession]
@@ -58,6 +70,7 @@ class Runtime:
 
     async def __aenter__(self) -> Self:
         s = self.settings
+        tune_gc()
         self.engine: AsyncEngine = db.create_engine(
             s.database_url,
             pool_size=s.database_pool_size,
@@ -65,6 +78,10 @@ class Runtime:
             pre_ping=s.database_pool_pre_ping,
         )
         self._stack.push_async_callback(self.engine.dispose)
+        if s.database_pool_warm:
+            opened = await db.warm_pool(self.engine, s.database_pool_size)
+            if opened < s.database_pool_size:
+                log.warning("database pool not fully opened", extra={"opened": opened, "size": s.database_pool_size})
         self.sessionmaker = db.create_sessionmaker(self.engine)
         self.key_store = KeyStore(self.engine, self._api_keys, cache_seconds=s.api_key_cache_seconds)
         if s.create_topics:

@@ -23,6 +23,10 @@ class ServiceSettings(BaseSettings):
     database_pool_pre_ping: bool = Field(
         default=True, description="Test each pooled connection on checkout (costs a round trip per checkout)"
     )
+    database_pool_warm: bool = Field(
+        default=True,
+        description="Open the pool's connections at start-up, so the first burst of traffic does not wait for them",
+    )
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_client_id_prefix: str = "loyalty"
     topic_replication_factor: int = Field(default=1, ge=1)

@@ -52,7 +52,6 @@ from shared.consumer import Inbound, Rejection
 from shared.db import transaction
 from shared.events import (
     CUSTOM_TYPE_PREFIX,
-    EVENT_TYPES,
     TOPIC_EVENT_TYPES,
     ClawbackPoints,
     CloudEvent,
@@ -65,6 +64,7 @@ from shared.events import (
     TierChanged,
     carries,
     decode_event,
+    envelope_class,
     utcnow,
 )
 from shared.kafka import EventProducer
@@ -77,20 +77,12 @@ SOURCE = "loyalty/rules"
 # is the service's, so any replica or group that sees an event again must skip it.
 TRACKING_GROUP = "rules"
 VersionKey = tuple[str, str, int]
-# pydantic keeps parametrised generics in a weak cache: without a strong reference, `CloudEvent[EarnPoints]`
-# is rebuilt (~100 µs) whenever it was collected, and even a cache hit costs ~10 µs. Hold them, and build
-# this service's output envelopes from them directly.
-_ENVELOPES: dict[type[Payload], Any] = {
-    m: CloudEvent[m]  # type: ignore[valid-type]
-    for versions in EVENT_TYPES.values()
-    for m in versions.values()
-}
 
 
 def _envelope(event_type: str, data: Payload, *, tenant: str, event_id: str, time: datetime) -> CloudEvent[Any]:
     """What shared.events.make_event builds, from the held parametrised class."""
     subject = getattr(data, "customer_id", None)
-    built: CloudEvent[Any] = _ENVELOPES[type(data)](
+    built: CloudEvent[Any] = envelope_class(type(data))(
         type=event_type, source=SOURCE, tenantid=tenant, subject=subject, id=event_id, time=time, data=data
     )
     return built
