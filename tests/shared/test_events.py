@@ -1,8 +1,12 @@
 import json
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
+from unittest.mock import patch
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared.events import (
     CloudEvent,
@@ -89,6 +93,71 @@ class TestDecodeErrors:
         doc["dataversion"] = 7
         with pytest.raises(EventDecodeError, match="unsupported dataversion 7"):
             decode_event(json.dumps(doc).encode())
+
+
+def _full_path(raw: bytes) -> CloudEvent[Any] | str:
+    """What decode_event gives when its single-pass guess is not taken: json.loads, then validation."""
+    with patch("shared.events._decode_fast", return_value=None):
+        try:
+            return decode_event(raw)
+        except EventDecodeError as exc:
+            return str(exc)
+
+
+def _decoded(raw: bytes) -> CloudEvent[Any] | str:
+    try:
+        return decode_event(raw)
+    except EventDecodeError as exc:
+        return str(exc)
+
+
+class TestSinglePassDecoding:
+    """decode_event validates the bytes in one pass when it can guess the model; it must agree with the
+    full path (json.loads, pick the model, validate) on every input, valid or not."""
+
+    @pytest.mark.parametrize(
+        "mutate",
+        [
+            pytest.param(lambda d: d, id="valid"),
+            pytest.param(lambda d: d.update(dataversion="1"), id="version-as-string"),
+            pytest.param(lambda d: d.update(dataversion=1.0), id="version-as-float"),
+            pytest.param(lambda d: d.update(dataversion=2), id="unknown-version"),
+            pytest.param(lambda d: d.update(dataversion=True), id="version-as-bool"),
+            pytest.param(lambda d: d.update(type="review.posted"), id="type-of-another-model"),
+            pytest.param(lambda d: d.update(type="Purchase.Completed"), id="type-unknown"),
+            pytest.param(lambda d: d["data"].update(currency=42), id="invalid-field"),
+            pytest.param(lambda d: d.update(extra="x"), id="unknown-attribute"),
+            pytest.param(lambda d: d.pop("type"), id="no-type"),
+        ],
+    )
+    def test_agrees_with_the_full_path(self, mutate: Any) -> None:
+        doc = json.loads(purchase("acme", "c-1").to_bytes())
+        mutate(doc)
+        raw = json.dumps(doc).encode()
+        assert _decoded(raw) == _full_path(raw)
+
+    @pytest.mark.parametrize("nested", ["purchase.completed", "custom.webinar"])
+    def test_a_nested_type_key_ahead_of_the_envelopes_does_not_mislead_it(self, nested: str) -> None:
+        # Key order is free in JSON, and a custom event's payload may have its own "type" field.
+        data = {"type": nested, "customer_id": "c-1", "dataversion": 7}
+        envelope = {"specversion": "1.0", "id": "e-1", "source": "tests", "type": "custom.visit", "tenantid": "acme"}
+        envelope["time"] = "2026-01-01T00:00:00Z"
+        raw = json.dumps({"data": data, **envelope}).encode()
+        decoded = _decoded(raw)
+        assert decoded == _full_path(raw)
+        assert isinstance(decoded, CloudEvent)
+        assert decoded.type == "custom.visit"
+
+    @settings(max_examples=200, deadline=None)
+    @given(net=st.decimals(min_value=0, max_value=10**9, places=4), version=st.sampled_from([1, 2, "1", None]))
+    def test_agrees_on_generated_events(self, net: Decimal, version: object) -> None:
+        doc = json.loads(purchase("acme", "c-1", net=str(net)).to_bytes())
+        if version is None:
+            del doc["dataversion"]
+        else:
+            doc["dataversion"] = version
+        raw = json.dumps(doc).encode()
+        assert _decoded(raw) == _full_path(raw)
 
 
 class TestSchemas:
