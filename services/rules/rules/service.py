@@ -69,7 +69,7 @@ from shared.events import (
     envelope_class,
     utcnow,
 )
-from shared.kafka import EventProducer
+from shared.kafka import EventProducer, send_all
 from shared.topics import CUSTOMERS, ENGAGEMENT, POINTS_COMMANDS, PURCHASES
 
 log = logging.getLogger(__name__)
@@ -685,9 +685,7 @@ class OutboxRelay:
     async def publish(self, ids: Sequence[int], rows: Sequence[dict[str, Any]]) -> None:
         if not rows:
             return
-        futures = [await self._producer.send(r["topic"], r["value"], key=r["key"]) for r in rows]
-        for future in futures:
-            await future
+        await send_all(self._producer, ((r["topic"], r["key"], r["value"]) for r in rows))
         async with transaction(self._sessionmaker) as session:
             await OutboxRepository.from_session(session).delete(ids)
 
@@ -697,9 +695,7 @@ class OutboxRelay:
             rows = await repo.claim_stale(older_than, limit, utcnow(), self._namespace)
             if not rows:
                 return 0
-            futures = [await self._producer.send(r.topic, r.value, key=r.key) for r in rows]
-            for future in futures:
-                await future
+            await send_all(self._producer, ((r.topic, r.key, r.value) for r in rows))
             await repo.delete([r.id for r in rows])
             return len(rows)
 
