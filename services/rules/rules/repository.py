@@ -216,23 +216,6 @@ _ORDER_FIELDS = (
     "ruleset_version",
 )
 
-_INSERT_ORDERS = """
-insert into rules.orders (tenant_id, order_id, customer_id, event_id, currency, net_amount, refunded_amount,
-  ordered_at, ruleset_id, ruleset_version)
-select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::numeric[], $7::numeric[],
-  $8::timestamptz[], $9::text[], $10::int[])
-on conflict do nothing
-"""
-
-_INSERT_AWARDS = """
-insert into rules.awards (command_id, tenant_id, customer_id, order_id, event_id, ruleset_id, ruleset_version,
-  points, matures_at, breakdown)
-select c, t, cu, o, e, r, v, p, m, b::jsonb
-from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[], $8::int[],
-  $9::timestamptz[], $10::text[]) as x(c, t, cu, o, e, r, v, p, m, b)
-on conflict do nothing
-"""
-
 _AWARD_FIELDS = (
     "command_id",
     "tenant_id",
@@ -247,8 +230,13 @@ _AWARD_FIELDS = (
 )
 
 
-def _columns(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[list[Any]]:
-    return [[row[f] for row in rows] for f in fields]
+async def _copy(session: AsyncSession, table: str, columns: Sequence[str], records: Iterable[Sequence[Any]]) -> None:
+    """Appends rows with COPY: half of PostgreSQL's cost of INSERT ... SELECT FROM unnest(arrays), on the
+    session's own connection (so in the same transaction). COPY has no ON CONFLICT: the batch's
+    tracking claims make every event's rows new, and a duplicate (a bug) fails the batch, which the
+    consumer then retries message by message, dead-lettering the one at fault; nothing is skipped."""
+    driver = await _driver(session)
+    await driver.copy_records_to_table(table, schema_name="rules", columns=list(columns), records=records)
 
 
 class OrderRepository(RepositoryBase):
@@ -289,8 +277,7 @@ class OrderRepository(RepositoryBase):
 
     async def insert_orders(self, rows: Sequence[OrderRecord]) -> None:
         if rows:
-            columns = [[getattr(o, f) for o in rows] for f in _ORDER_FIELDS]
-            await (await _driver(self.session)).execute(_INSERT_ORDERS, *columns)
+            await _copy(self.session, "orders", _ORDER_FIELDS, [[getattr(o, f) for f in _ORDER_FIELDS] for o in rows])
 
     async def set_refunded(self, rows: Sequence[dict[str, Any]]) -> None:
         for row in rows:
@@ -302,7 +289,7 @@ class OrderRepository(RepositoryBase):
 
     async def insert_awards(self, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
-            await (await _driver(self.session)).execute(_INSERT_AWARDS, *_columns(rows, _AWARD_FIELDS))
+            await _copy(self.session, "awards", _AWARD_FIELDS, [[row[f] for f in _AWARD_FIELDS] for row in rows])
 
     async def add_clawed_back(self, amounts: dict[str, int]) -> None:
         for command_id, points in sorted(amounts.items()):
@@ -369,16 +356,24 @@ class CampaignRepository(RepositoryBase):
         await self.session.execute(stmt, rows)
 
 
+_OUTBOX_IDS = """
+select array_agg(nextval(pg_get_serial_sequence('rules.outbox', 'id')) order by n) from generate_series(1, $1) as n
+"""
+
+
 class OutboxRepository(RepositoryBase):
     async def add(self, rows: Sequence[dict[str, Any]]) -> list[int]:
         if not rows:
             return []
-        result = await (await _driver(self.session)).fetch(
-            """insert into rules.outbox (topic, key, value)
-               select * from unnest($1::text[], $2::bytea[], $3::bytea[]) returning id""",
-            *_columns(rows, ("topic", "key", "value")),
+        # The ids first (one statement), then the rows with COPY: COPY returns nothing.
+        ids: list[int] = await (await _driver(self.session)).fetchval(_OUTBOX_IDS, len(rows))
+        await _copy(
+            self.session,
+            "outbox",
+            ("id", "topic", "key", "value"),
+            [(i, r["topic"], r["key"], r["value"]) for i, r in zip(ids, rows, strict=True)],
         )
-        return [int(r["id"]) for r in result]
+        return ids
 
     async def delete(self, ids: Sequence[int]) -> None:
         if ids:
