@@ -73,12 +73,16 @@ async def send_all(producer: AIOKafkaProducer, messages: Iterable[tuple[str, byt
     batches of one partition go out in order."""
     partitions: dict[str, list[int]] = {}
     open_batches: dict[tuple[str, int], BatchBuilder] = {}
+    targets: dict[tuple[str, bytes], tuple[str, int]] = {}
     futures: list[asyncio.Future[Any]] = []
     for topic, key, value in messages:
         if topic not in partitions:
             partitions[topic] = sorted(await producer.partitions_for(topic))
-        everything = partitions[topic]
-        target = (topic, _PARTITIONER(key, everything, everything))
+        # aiokafka's murmur2 is pure Python: hash each key once per call (a customer's events repeat it).
+        target = targets.get((topic, key))
+        if target is None:
+            everything = partitions[topic]
+            target = targets[(topic, key)] = (topic, _PARTITIONER(key, everything, everything))
         batch = open_batches.get(target)
         if batch is None:
             batch = open_batches[target] = producer.create_batch()
