@@ -9,7 +9,8 @@
 
 Options via the environment: BENCH_EVENTS (in process, default 40000), BENCH_KAFKA_EVENTS (default
 50000), BENCH_BATCH (consumer batch size, default 5000), BENCH_WORKERS (consumer processes in one
-group, as replicas would run, default 2), BENCH_SKIP_KAFKA=1 (the in-process part only).
+group, as replicas would run, default 2), BENCH_PARTITIONS (of the bench topics, default 6),
+BENCH_SKIP_KAFKA=1 (the in-process part only).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ from shared.topics import ALL_TOPICS, POINTS_COMMANDS, PURCHASES
 CATEGORIES = ["fasteners", "tools", "safety", "packaging", "paint", "cleaning", "electrical", "plumbing"]
 SKUS = [(f"SKU-{i:04d}", CATEGORIES[i % len(CATEGORIES)]) for i in range(400)]
 START = datetime(2026, 1, 5, tzinfo=UTC)
+# Partitions of the bench topics: a multiple of the consumer processes, so each gets an equal share (with 3
+# partitions and 2 processes, one process would carry two thirds of the stream and finish alone).
+PARTITIONS = int(os.environ.get("BENCH_PARTITIONS", "6"))
 
 
 def ruleset_25() -> dict[str, Any]:
@@ -216,11 +220,11 @@ async def bench_kafka(count: int, batch: int, workers: int) -> None:
         consumer_batch_size=batch,
         consumer_batch_timeout_ms=100,
         log_level="WARNING",
-        topic_partitions=3,
+        topic_partitions=PARTITIONS,
     )
     bootstrap = settings.kafka_bootstrap_servers
     specs = [replace(t, name=settings.topic(t.name)) for t in ALL_TOPICS]
-    await ensure_topics(bootstrap, specs, partitions_override=3)
+    await ensure_topics(bootstrap, specs, partitions_override=PARTITIONS)
     try:
         # The ruleset, through the service (validation, versioning, activation).
         async with Runtime(replace_consumers(settings), api_keys=api_keys) as runtime:

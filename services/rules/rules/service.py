@@ -11,6 +11,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from pydantic import TypeAdapter
+from pydantic_core import to_json
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from rules import ruleset as rs
@@ -56,7 +57,6 @@ from shared.events import (
     TOPIC_EVENT_TYPES,
     ClawbackPoints,
     CloudEvent,
-    EarnPoints,
     EventDecodeError,
     Payload,
     PurchaseCompleted,
@@ -155,24 +155,46 @@ def _outbox_row(topic: str, event: CloudEvent[Any]) -> dict[str, Any]:
     return {"topic": topic, "key": event.key, "value": event.to_bytes()}
 
 
-def earn_event(
-    tenant: str, source_event: CloudEvent[Any], evaluation: Evaluation, plan: PlannedEarn
-) -> CloudEvent[Any]:
-    data = EarnPoints(
-        command_id=plan.command_id,
-        customer_id=plan.customer_id,
-        member_id=plan.member_id,
-        points=plan.points,
-        source_event_id=source_event.id,
-        matures_at=plan.matures_at,
-        ruleset_id=evaluation.ruleset_id,
-        ruleset_version=evaluation.version,
-        breakdown=plan.breakdown,
-        reason=f"{source_event.type} under ruleset {evaluation.ruleset_id} v{evaluation.version}",
-    )
-    # The envelope id is the command id too, and the time is the source event's: re-evaluating gives
-    # byte-identical commands.
-    return _envelope("points.earn", data, tenant=tenant, event_id=plan.command_id, time=event_time(source_event))
+def earn_command(
+    topic: str, tenant: str, source_event: CloudEvent[Any], evaluation: Evaluation, plan: PlannedEarn
+) -> dict[str, Any]:
+    """The outbox row of a `points.earn` command.
+
+    The bytes are what the validated `CloudEvent[EarnPoints]` serialises to (the tests decode and
+    re-serialise them byte for byte), written by pydantic's own serializer from plain dicts: every value
+    is valid by construction, and building the two models cost more than the serialisation itself.
+    The envelope id is the command id and the time is the source event's, so re-evaluating gives
+    byte-identical commands."""
+    data = {
+        "command_id": plan.command_id,
+        "customer_id": plan.customer_id,
+        "member_id": plan.member_id,
+        "points": plan.points,
+        "source_event_id": source_event.id,
+        "matures_at": plan.matures_at,
+        "ruleset_id": evaluation.ruleset_id,
+        "ruleset_version": evaluation.version,
+        "breakdown": plan.breakdown,
+        "reason": f"{source_event.type} under ruleset {evaluation.ruleset_id} v{evaluation.version}",
+    }
+    envelope = {
+        "specversion": "1.0",
+        "id": plan.command_id,
+        "source": SOURCE,
+        "type": "points.earn",
+        "time": event_time(source_event),
+        "subject": plan.customer_id,
+        "datacontenttype": "application/json",
+        "tenantid": tenant,
+        "dataversion": 1,
+        # exclude_none reaches into models only, not into plain dicts: leave the unset fields out here.
+        "data": {k: v for k, v in data.items() if v is not None},
+    }
+    return {
+        "topic": topic,
+        "key": f"{tenant}:{plan.customer_id}".encode(),
+        "value": to_json(envelope, exclude_none=True),
+    }
 
 
 INGEST_TOPICS = {PURCHASES: TOPIC_EVENT_TYPES[PURCHASES], ENGAGEMENT: TOPIC_EVENT_TYPES[ENGAGEMENT]}
@@ -568,8 +590,7 @@ class _BatchWork:
             self.spent_delta[(tenant, campaign)] = self.spent_delta.get((tenant, campaign), 0) + points
         commands_topic = f"{self.namespace}{POINTS_COMMANDS}"
         for plan in evaluation.commands:
-            command = earn_event(tenant, event, evaluation, plan)
-            self.outbox.append(_outbox_row(commands_topic, command))
+            self.outbox.append(earn_command(commands_topic, tenant, event, evaluation, plan))
             record = AwardRecord(plan.command_id, plan.customer_id, plan.points, 0)
             if order_key is not None:
                 self.order_awards.setdefault(order_key, []).append(record)
