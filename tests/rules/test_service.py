@@ -1,13 +1,15 @@
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from rules import ruleset as rs
-from rules.engine import CompiledRuleset, CustomerSnapshot, evaluate
-from rules.service import earn_command
-from shared.events import EarnPoints, decode_event
-from tests.rules.samples import BASE, T0, TIERS, doc, line, order, referral, review
+from rules.engine import CompiledRuleset, CustomerSnapshot, TierChange, evaluate
+from rules.service import _BatchWork, _Schedule, earn_command, rules_service, tier_changed
+from shared.consumer import Inbound
+from shared.events import ClawbackPoints, CloudEvent, EarnPoints, Payload, TierChanged, decode_event
+from tests.rules.samples import BASE, T0, TIERS, doc, line, order, referral, refund, review
 
 TENANT = "t-service"
 
@@ -63,3 +65,42 @@ class TestEarnCommand:
             assert command.data.matures_at == plan.matures_at
             assert command.data.source_event_id == event.id
             assert (command.data.ruleset_id, command.data.ruleset_version) == ("main", 3)
+
+
+def _assert_is_the_validated_event(row: dict[str, Any], model: type[Payload]) -> CloudEvent[Any]:
+    event = decode_event(row["value"])
+    assert isinstance(event.data, model)
+    assert event.to_bytes() == row["value"], "byte for byte what the validated event serialises to"
+    assert row["key"] == event.key
+    return event
+
+
+class TestOtherOutputRows:
+    def test_tier_changed_first_tier_and_upgrade(self) -> None:
+        compiled = CompiledRuleset.compile("main", 2, rs.parse(DOCUMENT))
+        for previous in (None, "Bronze"):
+            change = TierChange(previous=previous, tier="Silver", reason="spend_12m 1200 >= 1000")
+            row = tier_changed("customers", TENANT, "c-9", change, compiled, "evt-1", T0)
+            event = _assert_is_the_validated_event(row, TierChanged)
+            assert (event.data.previous_tier, event.data.tier, event.data.ruleset_version) == (previous, "Silver", 2)
+            assert event.time == T0
+
+    def test_clawback_of_a_refund(self) -> None:
+        compiled = CompiledRuleset.compile("main", 1, rs.parse(DOCUMENT))
+        work = _BatchWork(rules_service, cast(AsyncSession, None), "")
+        work.schedules = {TENANT: _Schedule([T0 - timedelta(days=1)], [("main", 1)])}
+        work.compiled = {(TENANT, "main", 1): compiled}
+        purchase = order(TENANT, "c-5", [line("S-1", "tools", "10", "10")], order_id="SO-5")
+        work.apply(_inbound(purchase))
+        work.apply(_inbound(refund(TENANT, "c-5", "SO-5", "50")))
+        clawbacks = [r for r in work.outbox if b'"points.clawback"' in r["value"]]
+        assert len(clawbacks) == 1
+        event = _assert_is_the_validated_event(clawbacks[0], ClawbackPoints)
+        (earned,) = [decode_event(r["value"]) for r in work.outbox if b'"points.earn"' in r["value"]]
+        assert isinstance(earned.data, EarnPoints)
+        assert event.data.original_command_id == earned.data.command_id
+        assert event.data.points * 2 == earned.data.points, "half the order refunded: half its points back"
+
+
+def _inbound(event: CloudEvent[Any]) -> Inbound:
+    return Inbound(event, "purchases", 0, 0, cast(Any, None))

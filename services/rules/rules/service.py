@@ -55,18 +55,14 @@ from shared.db import transaction
 from shared.events import (
     CUSTOM_TYPE_PREFIX,
     TOPIC_EVENT_TYPES,
-    ClawbackPoints,
     CloudEvent,
     EventDecodeError,
-    Payload,
     PurchaseCompleted,
     PurchaseRefunded,
     ReferralConverted,
     RuleAward,
-    TierChanged,
     carries,
     decode_event,
-    envelope_class,
     utcnow,
 )
 from shared.kafka import EventProducer, send_all
@@ -79,15 +75,6 @@ SOURCE = "loyalty/rules"
 # is the service's, so any replica or group that sees an event again must skip it.
 TRACKING_GROUP = "rules"
 VersionKey = tuple[str, str, int]
-
-
-def _envelope(event_type: str, data: Payload, *, tenant: str, event_id: str, time: datetime) -> CloudEvent[Any]:
-    """What shared.events.make_event builds, from the held parametrised class."""
-    subject = getattr(data, "customer_id", None)
-    built: CloudEvent[Any] = envelope_class(type(data))(
-        type=event_type, source=SOURCE, tenantid=tenant, subject=subject, id=event_id, time=time, data=data
-    )
-    return built
 
 
 @dataclass
@@ -151,20 +138,34 @@ def _schedules(activations: Sequence[RulesetActivation]) -> dict[str, _Schedule]
 _BREAKDOWN_JSON = TypeAdapter(list[RuleAward])
 
 
-def _outbox_row(topic: str, event: CloudEvent[Any]) -> dict[str, Any]:
-    return {"topic": topic, "key": event.key, "value": event.to_bytes()}
+def _event_row(
+    topic: str, event_type: str, data: dict[str, Any], *, tenant: str, subject: str, event_id: str, time: datetime
+) -> dict[str, Any]:
+    """An outbox row of this service's output: the bytes are what the validated `CloudEvent[Model]`
+    serialises to (the tests decode and re-serialise them byte for byte), written by pydantic's own
+    serializer from plain dicts. Every value is valid by construction, and building the two models
+    cost more than serialising them."""
+    envelope = {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": SOURCE,
+        "type": event_type,
+        "time": time,
+        "subject": subject,
+        "datacontenttype": "application/json",
+        "tenantid": tenant,
+        "dataversion": 1,
+        # exclude_none reaches into models only, not into plain dicts: leave the unset fields out here.
+        "data": {k: v for k, v in data.items() if v is not None},
+    }
+    return {"topic": topic, "key": f"{tenant}:{subject}".encode(), "value": to_json(envelope, exclude_none=True)}
 
 
 def earn_command(
     topic: str, tenant: str, source_event: CloudEvent[Any], evaluation: Evaluation, plan: PlannedEarn
 ) -> dict[str, Any]:
-    """The outbox row of a `points.earn` command.
-
-    The bytes are what the validated `CloudEvent[EarnPoints]` serialises to (the tests decode and
-    re-serialise them byte for byte), written by pydantic's own serializer from plain dicts: every value
-    is valid by construction, and building the two models cost more than the serialisation itself.
-    The envelope id is the command id and the time is the source event's, so re-evaluating gives
-    byte-identical commands."""
+    """The outbox row of a `points.earn` command. Its id is the command id and its time the source
+    event's, so re-evaluating gives byte-identical commands."""
     data = {
         "command_id": plan.command_id,
         "customer_id": plan.customer_id,
@@ -177,24 +178,37 @@ def earn_command(
         "breakdown": plan.breakdown,
         "reason": f"{source_event.type} under ruleset {evaluation.ruleset_id} v{evaluation.version}",
     }
-    envelope = {
-        "specversion": "1.0",
-        "id": plan.command_id,
-        "source": SOURCE,
-        "type": "points.earn",
-        "time": event_time(source_event),
-        "subject": plan.customer_id,
-        "datacontenttype": "application/json",
-        "tenantid": tenant,
-        "dataversion": 1,
-        # exclude_none reaches into models only, not into plain dicts: leave the unset fields out here.
-        "data": {k: v for k, v in data.items() if v is not None},
+    return _event_row(
+        topic,
+        "points.earn",
+        data,
+        tenant=tenant,
+        subject=plan.customer_id,
+        event_id=plan.command_id,
+        time=event_time(source_event),
+    )
+
+
+def tier_changed(
+    topic: str,
+    tenant: str,
+    customer_id: str,
+    change: TierChange,
+    compiled: CompiledRuleset,
+    cause: str,
+    at: datetime,
+) -> dict[str, Any]:
+    """The outbox row of a `tier.changed` event; its id derives from the cause, so a replay repeats it."""
+    data = {
+        "customer_id": customer_id,
+        "previous_tier": change.previous,
+        "tier": change.tier,
+        "reason": change.reason,
+        "ruleset_id": compiled.ruleset_id,
+        "ruleset_version": compiled.version,
     }
-    return {
-        "topic": topic,
-        "key": f"{tenant}:{plan.customer_id}".encode(),
-        "value": to_json(envelope, exclude_none=True),
-    }
+    event_id = command_id("tier", tenant, cause, customer_id)
+    return _event_row(topic, "tier.changed", data, tenant=tenant, subject=customer_id, event_id=event_id, time=at)
 
 
 INGEST_TOPICS = {PURCHASES: TOPIC_EVENT_TYPES[PURCHASES], ENGAGEMENT: TOPIC_EVENT_TYPES[ENGAGEMENT]}
@@ -204,22 +218,6 @@ def _carries(types: frozenset[str], event_type: object) -> bool:
     if not isinstance(event_type, str):
         return False
     return carries(types, event_type)
-
-
-def _tier_event(
-    tenant: str, customer_id: str, change: TierChange, compiled: CompiledRuleset, cause: str, at: datetime
-) -> CloudEvent[Any]:
-    data = TierChanged(
-        customer_id=customer_id,
-        previous_tier=change.previous,
-        tier=change.tier,
-        reason=change.reason,
-        ruleset_id=compiled.ruleset_id,
-        ruleset_version=compiled.version,
-    )
-    return _envelope(
-        "tier.changed", data, tenant=tenant, event_id=command_id("tier", tenant, cause, customer_id), time=at
-    )
 
 
 class RulesService:
@@ -337,8 +335,10 @@ class RulesService:
                 if change is None:
                     continue
                 dirty.append((tenant_id, state))
-                event = _tier_event(tenant_id, state.customer_id, change, compiled, f"review:{at.isoformat()}", at)
-                rows.append(_outbox_row(f"{namespace}{CUSTOMERS}", event))
+                cause = f"review:{at.isoformat()}"
+                rows.append(
+                    tier_changed(f"{namespace}{CUSTOMERS}", tenant_id, state.customer_id, change, compiled, cause, at)
+                )
             await states.save(dirty)
             await OutboxRepository.from_session(session).add(rows)
             changed += len(rows)
@@ -616,8 +616,9 @@ class _BatchWork:
                 if change is None:
                     continue
                 self.dirty.add((tenant, snapshot.customer_id))
-                tier_event = _tier_event(tenant, snapshot.customer_id, change, compiled, event.id, event_time(event))
-                self.outbox.append(_outbox_row(f"{self.namespace}{CUSTOMERS}", tier_event))
+                topic = f"{self.namespace}{CUSTOMERS}"
+                at = event_time(event)
+                self.outbox.append(tier_changed(topic, tenant, snapshot.customer_id, change, compiled, event.id, at))
 
     def _refund(self, event: CloudEvent[Any], refund: PurchaseRefunded) -> None:
         tenant = event.tenantid
@@ -650,19 +651,28 @@ class _BatchWork:
         topic = f"{self.namespace}{POINTS_COMMANDS}"
         for plan in plans:
             self.clawed[plan.original_command_id] = self.clawed.get(plan.original_command_id, 0) + plan.points
-            data = ClawbackPoints(
-                command_id=plan.command_id,
-                customer_id=plan.customer_id,
-                original_command_id=plan.original_command_id,
-                points=plan.points,
-                source_event_id=event.id,
-                reason=(
+            data = {
+                "command_id": plan.command_id,
+                "customer_id": plan.customer_id,
+                "original_command_id": plan.original_command_id,
+                "points": plan.points,
+                "source_event_id": event.id,
+                "reason": (
                     f"refund {refund.refund_id} of order {order.order_id}: {now} of {order.net_amount} {order.currency}"
                     f" under ruleset {order.ruleset_id} v{order.ruleset_version}"
                 ),
+            }
+            self.outbox.append(
+                _event_row(
+                    topic,
+                    "points.clawback",
+                    data,
+                    tenant=tenant,
+                    subject=plan.customer_id,
+                    event_id=plan.command_id,
+                    time=event.time,
+                )
             )
-            claw = _envelope("points.clawback", data, tenant=tenant, event_id=plan.command_id, time=event.time)
-            self.outbox.append(_outbox_row(topic, claw))
         compiled = (
             self.compiled.get((tenant, order.ruleset_id, order.ruleset_version))
             if order.ruleset_id is not None and order.ruleset_version is not None
