@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -171,9 +172,11 @@ class ConsumerRunner:
         await self._dead_letter(dead)
         await self.commit(_next_offsets(records))
         rejected = {id(r) for r, _ in dead}
-        for record in records:
-            outcome = "dead_lettered" if id(record) in rejected else "processed"
-            CONSUMER_MESSAGES.labels(self.service, record.topic, outcome).inc()
+        outcomes: Counter[tuple[str, str]] = Counter(
+            (record.topic, "dead_lettered" if id(record) in rejected else "processed") for record in records
+        )
+        for (topic, outcome), count in outcomes.items():  # one metric update per topic and outcome, not per message
+            CONSUMER_MESSAGES.labels(self.service, topic, outcome).inc(count)
         self.processed += len(records) - len(dead)
         self.dead_lettered += len(dead)
         CONSUMER_BATCH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
