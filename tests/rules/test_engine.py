@@ -8,6 +8,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rules import ruleset as rs
 from rules.engine import (
@@ -18,6 +20,7 @@ from rules.engine import (
     Evaluation,
     EventRefused,
     _fields_read,
+    _fmt,
     apply_event,
     evaluate,
     plan_clawbacks,
@@ -474,3 +477,127 @@ class TestFastPaths:
         assert shapes[0] == shapes[1] == shapes[2]
         # base 25, cat 20 * 0.5 = 10, big 9: 44, per-order cap 30 trims the lowest priority first
         assert runs[0].total_points == 30
+
+    @pytest.mark.parametrize(
+        "source",
+        [
+            "event.net_amount >= 20.0",  # a simple comparison per literal type
+            "event.line_count > 1",
+            "customer.tier == 'Gold'",
+            "size(event.categories) > 1",  # one field, memoized
+            "customer.purchase_count > 0 && size(event.new_categories) > 0",  # two fields
+            "event.net_amount > 10.0 && event.channel == 'webshop' && customer.tier != 'Gold'",  # three
+        ],
+    )
+    def test_specialised_checks_match_cel(self, source: str) -> None:
+        import cel
+
+        program = cel.compile(source)
+        events: list[dict[str, Any]] = [
+            {"net_amount": 25.0, "line_count": 2, "channel": "webshop", "categories": ("a", "b"), "new_categories": ()},
+            {"net_amount": 5.0, "line_count": 1, "channel": "erp", "categories": ("a",), "new_categories": ("a",)},
+            {"net_amount": 25, "line_count": 2.0, "channel": "webshop"},  # other types, fields missing: CEL decides
+            {},
+        ]
+        customers: list[dict[str, Any]] = [{"tier": "Gold", "purchase_count": 2}, {"tier": "", "purchase_count": 0}, {}]
+        for event in events:
+            for customer in customers:
+                scope = {"event": event, "customer": customer}
+                try:
+                    expected: object = program.execute(scope)
+                except Exception:  # any CEL failure counts as not met
+                    expected = "failed"
+                condition = Condition(source)  # a fresh memo: a miss, then a hit, then no memo
+                for memo in (True, True, False):
+                    result = condition(scope, memo)
+                    assert (result if isinstance(result, bool) else "failed") == expected, (scope, memo)
+
+    def test_line_rules_of_every_shape(self) -> None:
+        document = doc(
+            BASE,
+            {"id": "double", "kind": "points_per_unit", "factor": "2", "max_points": 30, "priority": 50},
+            {
+                "id": "bulk-x",
+                "kind": "line_multiplier",
+                "categories": ["x"],
+                "line_when": "line.quantity >= 2.0",
+                "multiplier": "1.5",
+            },
+            {"id": "promo", "kind": "line_multiplier", "skus": ["B"], "multiplier": "2", "campaign": "c"},
+            campaigns={"c": {"budget": 3}},
+        )
+        c = compiled(document)
+        ev = evaluate(
+            c,
+            order(TENANT, "c", [line("A", "x", "2", "10"), line("B", "y", "1", "5"), line("C", "x", "1", "7")]),
+            CustomerSnapshot("c"),
+        )
+        # whole basket 32; double 64, capped; bulk-x: line A only, 20 * 0.5; promo: line B, 5, budget 3
+        assert [(o.rule_id, o.fired, o.points, o.explanation, o.campaign) for o in ev.trace] == [
+            ("base", True, 32, "32 EUR eligible * 1 pt/EUR * factor 1 = 32 → 32 (floor)", None),
+            (
+                "double",
+                True,
+                30,
+                "32 EUR eligible * 1 pt/EUR * factor 2 = 64 → 64 (floor); capped at the rule's max_points 30",
+                None,
+            ),
+            ("bulk-x", True, 10, "lines A: 20 EUR * 1 pt/EUR * (multiplier 1.5 - 1) = 10 → 10 (floor)", None),
+            (
+                "promo",
+                True,
+                3,
+                "lines B: 5 EUR * 1 pt/EUR * (multiplier 2 - 1) = 5 → 5 (floor); campaign 'c' budget leaves 3",
+                "c",
+            ),
+        ]
+        assert ev.campaign_points == {"c": 3}
+        # Every line excluded: no line rule fires, each for the same shared reason.
+        gift = evaluate(c, order(TENANT, "c", [line("B", "x", "2", "10", gift_card=True)]), CustomerSnapshot("c"))
+        assert [(o.rule_id, o.fired, o.explanation) for o in gift.trace] == [
+            (rule_id, False, "no eligible line") for rule_id in ("base", "double", "bulk-x", "promo")
+        ]
+        assert gift.commands == []
+
+    def test_new_categories_keep_their_order(self) -> None:
+        document = doc(
+            {
+                "id": "new-yz",
+                "kind": "bonus",
+                "points": 5,
+                "when": "size(event.new_categories) == 2 && event.new_categories[0] == 'y'",
+            }
+        )
+        event = order(TENANT, "c", [line("A", "z", "1", "1"), line("B", "x", "1", "1"), line("C", "y", "1", "1")])
+        ev = run(document, event, CustomerSnapshot("c", categories={"x"}))
+        assert points(ev) == {"new-yz": 5}
+
+    def test_state_drops_only_what_is_past(self) -> None:
+        # At T0 (2026-03-10) the last 13 months start at 2025-03; counters of periods before 2025 go.
+        state = CustomerSnapshot(
+            "c",
+            spend_by_month={"2024-12": Decimal(1), "2025-03": Decimal(2), "2026-02": Decimal(3)},
+            points_by_month={"2025-02": 4, "2025-04": 5},
+            counters={"cap:month:2024-12": 5, "limit:r:week:2025-W10": 1, "limit:r:day:2026-03-09": 1, "plain": 2},
+        )
+        event = order(TENANT, "c", [line("A", "x", "1", "10")])
+        apply_event(state, event, spend_factor=Decimal(1), points=7, counters={"cap:month:2026-03": 7})
+        assert state.spend_by_month == {"2025-03": Decimal(2), "2026-02": Decimal(3), "2026-03": Decimal(10)}
+        assert state.points_by_month == {"2025-04": 5, "2026-03": 7}
+        assert state.counters == {
+            "limit:r:week:2025-W10": 1,
+            "limit:r:day:2026-03-09": 1,
+            "plain": 2,
+            "cap:month:2026-03": 7,
+        }
+
+    @pytest.mark.parametrize(
+        "text", ["0", "-0", "0.000", "12.3400", "1E+5", "1.20E+3", "1E-6", "1E-7", "-2.5E-9", "NaN", "-Infinity"]
+    )
+    def test_formatting_edge_cases(self, text: str) -> None:
+        assert _fmt(Decimal(text)) == format(Decimal(text).normalize(), "f")
+
+    @settings(max_examples=500, deadline=None)
+    @given(value=st.decimals(allow_nan=False, allow_infinity=False))
+    def test_formatting_equals_fixed_point_of_the_normalized_value(self, value: Decimal) -> None:
+        assert _fmt(value) == format(value.normalize(), "f")

@@ -116,11 +116,11 @@ class CustomerSnapshot:
 
     def spend_12m(self, at: datetime) -> Decimal:
         months = _months_back(at, 12)
-        return sum((v for k, v in self.spend_by_month.items() if k in months), Decimal(0))
+        return sum([v for k, v in self.spend_by_month.items() if k in months], _ZERO)
 
     def points_12m(self, at: datetime) -> int:
         months = _months_back(at, 12)
-        return sum(v for k, v in self.points_by_month.items() if k in months)
+        return sum([v for k, v in self.points_by_month.items() if k in months])
 
     def view(self, at: datetime, fields: frozenset[str] | None = None) -> dict[str, Any]:
         """What `customer` means in a condition; with `fields`, only those keys (what the conditions read)."""
@@ -164,6 +164,10 @@ CUSTOMER_FIELDS = (
 # --- conditions ------------------------------------------------------------------------------------
 
 
+# A condition as the evaluation loop calls it: (scope, memo) -> True/False, or why it failed.
+Check = Callable[[Mapping[str, Mapping[str, Any]], bool], bool | str]
+
+
 class Condition:
     """A compiled CEL condition, memoized on the fields it reads."""
 
@@ -183,6 +187,9 @@ class Condition:
         self._memo: dict[tuple[Any, ...], bool | str] = {}
         self._flat_memo: dict[tuple[Any, ...], bool | str] = {}
         self._simple = _simple_comparison(source)
+        # What the evaluation loop calls: a closure specialised once per condition, so the common cases
+        # (a simple comparison, a flat memo hit) run without re-reading the plan on every event.
+        self.check: Check = self._checker()
 
     def __call__(self, scope: Mapping[str, Mapping[str, Any]], memo: bool = True) -> bool | str:
         """True/False, or the reason the condition could not be evaluated (which counts as not met).
@@ -190,39 +197,93 @@ class Condition:
         Memoize only where every field has one type (built-in events): the memo key compares values, and
         1, 1.0 and True are equal keys while CEL treats them differently.
         """
+        return self.check(scope, memo)
+
+    def _checker(self) -> Check:
+        memoized = self._memoized_checker()
         simple = self._simple
-        if simple is not None:
-            # `var.field <op> literal` answered in Python when the value has the literal's exact type (a
-            # double finite, an int within int64), where CEL's result is the same; otherwise (a missing
-            # field, another type, which CEL may refuse) CEL decides below.
-            var, name, compare, literal = simple
+        if simple is None:
+            return memoized
+        # `var.field <op> literal` answered in Python when the value has the literal's exact type (a
+        # double finite, an int within int64), where CEL's result is the same; otherwise (a missing
+        # field, another type, which CEL may refuse) CEL decides through the memoized path.
+        var, name, compare, literal = simple
+        isfinite = math.isfinite
+
+        def check_double(scope: Mapping[str, Mapping[str, Any]], memo: bool = True) -> bool | str:
             value = scope.get(var, _MISSING)
             if isinstance(value, dict):
                 value = value.get(name, _MISSING)
-                kind = type(value)
-                if kind is type(literal) and (
-                    (kind is float and math.isfinite(value))
-                    or (kind is int and _INT64_MIN <= value <= _INT64_MAX)
-                    or kind is str
-                ):
+                if type(value) is float and isfinite(value):
                     return compare(value, literal)
+            return memoized(scope, memo)
+
+        def check_int(scope: Mapping[str, Mapping[str, Any]], memo: bool = True) -> bool | str:
+            value = scope.get(var, _MISSING)
+            if isinstance(value, dict):
+                value = value.get(name, _MISSING)
+                if type(value) is int and _INT64_MIN <= value <= _INT64_MAX:
+                    return compare(value, literal)
+            return memoized(scope, memo)
+
+        def check_string(scope: Mapping[str, Mapping[str, Any]], memo: bool = True) -> bool | str:
+            value = scope.get(var, _MISSING)
+            if isinstance(value, dict):
+                value = value.get(name, _MISSING)
+                if type(value) is str:
+                    return compare(value, literal)
+            return memoized(scope, memo)
+
+        kind = type(literal)
+        return check_double if kind is float else check_int if kind is int else check_string
+
+    def _memoized_checker(self) -> Check:
+        flat = self._flat
+        general, execute, flat_memo = self._general, self._execute, self._flat_memo
+        if flat is None:
+            return general
+        key_of: Callable[[Mapping[str, Mapping[str, Any]]], tuple[Any, ...]]
+        # The memo key, the flat tuple of the fields' values, with one subscript each (unrolled for the
+        # usual one or two fields); a missing field or an unhashable value takes the general path.
+        if len(flat) == 1:
+            ((v1, f1),) = flat
+
+            def key_of(scope: Mapping[str, Mapping[str, Any]]) -> tuple[Any, ...]:
+                return (scope[v1][f1],)
+
+        elif len(flat) == 2:
+            (v1, f1), (v2, f2) = flat
+
+            def key_of(scope: Mapping[str, Mapping[str, Any]]) -> tuple[Any, ...]:
+                return (scope[v1][f1], scope[v2][f2])
+
+        else:
+
+            def key_of(scope: Mapping[str, Mapping[str, Any]]) -> tuple[Any, ...]:
+                return tuple([scope[v][f] for v, f in flat])
+
+        def check_flat(scope: Mapping[str, Mapping[str, Any]], memo: bool = True) -> bool | str:
+            if not memo:
+                return execute(scope)
+            try:
+                key = key_of(scope)
+                hit = flat_memo.get(key)
+            except (KeyError, TypeError):
+                return general(scope, memo)
+            if hit is not None:
+                return hit
+            result = execute(scope)
+            if len(flat_memo) >= MEMO_LIMIT:
+                flat_memo.clear()
+            flat_memo[key] = result
+            return result
+
+        return check_flat
+
+    def _general(self, scope: Mapping[str, Mapping[str, Any]], memo: bool = True) -> bool | str:
+        """The memo keyed on every variable's fields (or whole value), for any scope."""
         if not memo:
             return self._execute(scope)
-        flat = self._flat
-        if flat is not None:
-            try:
-                key = tuple([scope[v][f] for v, f in flat])
-                hit = self._flat_memo.get(key)
-            except (KeyError, TypeError):  # a missing field or an unhashable value: the general path
-                pass
-            else:
-                if hit is not None:
-                    return hit
-                result = self._execute(scope)
-                if len(self._flat_memo) >= MEMO_LIMIT:
-                    self._flat_memo.clear()
-                self._flat_memo[key] = result
-                return result
         parts: list[Any] = []
         for var, fields in self._plan:
             value = scope.get(var, _MISSING)
@@ -343,6 +404,7 @@ class CompiledRule:
     line_rule: bool = False
     plain: bool = False  # no max_points, campaign, limit or stop: a fired outcome needs no adjustment
     whole_basket: bool = False  # a line rule over every eligible line
+    basket_total: bool = False  # a points_per_unit rule over every eligible line: the basket's total
     scale: Decimal = Decimal(1)  # a line rule's factor, or its multiplier - 1
     _arithmetic: dict[tuple[str, Decimal], str] = field(default_factory=dict)
     _skipped: dict[str, RuleOutcome] = field(default_factory=dict)
@@ -353,6 +415,7 @@ class CompiledRule:
         self.line_rule = rule.kind in ("points_per_unit", "line_multiplier")
         self.plain = rule.max_points is None and rule.campaign is None and rule.limit is None and not rule.stop
         self.whole_basket = self.line_rule and not (rule.skus or rule.categories or rule.line_when)
+        self.basket_total = self.whole_basket and rule.kind == "points_per_unit"
         if rule.kind == "points_per_unit":
             self.scale = rule.factor
         elif rule.kind == "line_multiplier" and rule.multiplier is not None:
@@ -416,6 +479,10 @@ class CompiledRule:
         if self.ends is not None and at >= self.ends:
             return self.no_longer
         return None
+
+
+# (position, rule, indexed, windowed, condition, bonus, line rule): one rule as the evaluation loop reads it.
+Step = tuple[int, CompiledRule, bool, bool, Check | None, bool, bool]
 
 
 @dataclass
@@ -498,10 +565,13 @@ class CompiledRuleset:
         )
 
     @functools.cached_property
-    def steps(self) -> dict[str, list[tuple[int, CompiledRule, bool, bool, Condition | None, bool]]]:
+    def steps(self) -> dict[str, list[Step]]:
         """Per event type, what the evaluation loop reads of each rule, unpacked once per version."""
         return {
-            event_type: [(p, c, c.indexed, c.windowed, c.when, c.kind == "bonus") for p, c in rules]
+            event_type: [
+                (p, c, c.indexed, c.windowed, c.when.check if c.when else None, c.kind == "bonus", c.line_rule)
+                for p, c in rules
+            ]
             for event_type, rules in self.by_type.items()
         }
 
@@ -608,6 +678,8 @@ class EventRefused(ValueError):
 
 
 _ONE = Decimal(1)
+_ZERO = Decimal(0)
+_NO_SKUS: frozenset[str] = frozenset()
 
 
 # Below 10**20, math.floor equals quantize to units (which refuses results past 28 digits).
@@ -620,8 +692,13 @@ def _round(value: Decimal, rounding: str) -> int:
 
 
 def _fmt(value: Decimal) -> str:
+    """The normalized value in fixed-point notation, as format(value.normalize(), "f") writes it."""
     # Not cached: a cache miss (hashing a Decimal, evicting) costs several times the formatting itself.
-    return format(value.normalize(), "f")
+    # str() writes the same text, faster, unless it chooses an exponent (a positive exponent, or a value
+    # below 1E-6): then it contains an "E" and "f" formatting decides.
+    normalized = value.normalize()
+    text = str(normalized)
+    return text if "E" not in text else format(normalized, "f")
 
 
 def _money(value: Decimal) -> float:
@@ -687,7 +764,7 @@ def event_view(
             view[name] = event_time(event) if name == "time" else getattr(event, name)
         for name in payload:
             value = getattr(data, name)
-            view[name] = _money(value) if isinstance(value, Decimal) else value
+            view[name] = float(value) if isinstance(value, Decimal) else value  # _money, inlined
         if derived_names:
             view.update(_purchase_derived(data, customer, derived_names))
         return view
@@ -738,11 +815,12 @@ def _model_fields(model: type[Payload]) -> frozenset[str]:
 def _purchase_derived(data: PurchaseCompleted, customer: CustomerSnapshot, names: Collection[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "categories" in names or "new_categories" in names:
-        categories = tuple(sorted({line.category for line in data.lines}))
+        present = {line.category for line in data.lines}
         if "categories" in names:
-            out["categories"] = categories
+            out["categories"] = tuple(sorted(present))
         if "new_categories" in names:
-            out["new_categories"] = tuple(c for c in categories if c not in customer.categories)
+            # The sorted categories not yet bought, filtered as a set before sorting (fewer to sort).
+            out["new_categories"] = tuple(sorted(present.difference(customer.categories)))
     if "line_count" in names:
         out["line_count"] = len(data.lines)
     if "skus" in names:
@@ -793,8 +871,10 @@ def evaluate(
     counters: dict[str, dict[str, int]] = {}
     amounts = basket.amounts
     rate, currency, rounding = basket.rate, basket.currency, doc.rounding
+    floor = rounding == "floor"
     memo = not custom
-    for position, compiled, indexed, windowed, when, bonus in ruleset.steps.get(event_type, ()):
+    skus: Collection[str]
+    for position, compiled, indexed, windowed, when, bonus, line in ruleset.steps.get(event_type, ()):
         if indexed and position not in amounts:
             append(compiled.no_line)
             continue
@@ -812,23 +892,39 @@ def evaluate(
                     compiled.condition_not_met if met is False else RuleOutcome(compiled.rule_id, False, 0, str(met))
                 )
                 continue
-        if bonus or indexed:
+        if bonus or line:
             if bonus:
                 outcome = RuleOutcome(
                     compiled.rule_id, True, compiled.points, compiled.fixed, customer_id, compiled.pending_days, None
                 )
             else:
-                # _apply_rule's line branch, inlined for the commonest fired rules: an indexed rule found
-                # in the basket has its amount and (non-empty) SKUs there.
-                amount = amounts[position]
+                # A line rule: its eligible amount, then the arithmetic. An indexed rule found in the
+                # basket has its amount and (non-empty) SKUs there.
+                if indexed:
+                    amount, skus = amounts[position], basket.skus[position]
+                elif compiled.basket_total:
+                    # Every eligible line, and the SKUs do not appear in the explanation: no set to build.
+                    if not basket.lines:
+                        append(compiled.no_line)
+                        continue
+                    amount, skus = basket.total, _NO_SKUS
+                else:
+                    amount, skus = basket.matching(compiled, position, scope)
+                    if not skus:
+                        append(compiled.no_line)
+                        continue
                 raw = amount * rate * compiled.scale
-                points = max(_round(raw, rounding), 0)
+                # _round, inlined: floor below 10**20 is math.floor.
+                points = math.floor(raw) if floor and raw.adjusted() < 20 else _round(raw, rounding)
+                if points < 0:
+                    points = 0
                 amount_text = _fmt(amount)
-                how = amount_text + compiled.arithmetic(currency, rate)
-                if compiled.kind == "line_multiplier":
-                    how = f"lines {', '.join(sorted(basket.skus[position]))}: {how}"
+                # Equal non-zero values format alike (the text is of the normalized value): skip a second format.
                 raw_text = amount_text if amount and raw == amount else _fmt(raw)
-                explanation = f"{how} = {raw_text} → {points} ({rounding})"
+                arithmetic = compiled.arithmetic(currency, rate)
+                explanation = f"{amount_text}{arithmetic} = {raw_text} → {points} ({rounding})"
+                if compiled.kind == "line_multiplier":
+                    explanation = f"lines {', '.join(sorted(skus))}: {explanation}"
                 outcome = RuleOutcome(
                     compiled.rule_id, True, points, explanation, customer_id, compiled.pending_days, None
                 )
@@ -846,7 +942,9 @@ def evaluate(
                 cached = compiled.tiers[tier] = _tier_factor(compiled.rule, doc.tiers, tier)
             excess, multiplier_text = cached
             raw = Decimal(accumulated) * excess
-            points = max(_round(raw, rounding), 0)
+            points = math.floor(raw) if floor and raw.adjusted() < 20 else _round(raw, rounding)
+            if points < 0:
+                points = 0
             how = f"tier {tier or 'none'}: {accumulated} pts of earlier rules * (multiplier {multiplier_text} - 1)"
             outcome = RuleOutcome(
                 compiled.rule_id,
@@ -862,13 +960,9 @@ def evaluate(
             fired.append(outcome)
             continue
         else:
-            applied = _apply_rule(compiled, position, doc, customer, referred, basket, accumulated, at, scope, data)
+            applied = _apply_rule(compiled, doc, customer, referred, accumulated, at, data)
             if isinstance(applied, str):
-                append(
-                    compiled.no_line
-                    if applied == "no eligible line"
-                    else RuleOutcome(compiled.rule_id, False, 0, applied)
-                )
+                append(RuleOutcome(compiled.rule_id, False, 0, applied))
                 continue
             outcomes = applied
         campaign = compiled.campaign
@@ -903,8 +997,9 @@ def evaluate(
     cap_key = f"cap:{period_key(caps.per_customer.period, at)}" if caps.per_customer is not None else ""
     if caps.per_order is not None or caps.per_customer is not None:
         # `accumulated` is the buyer's fired total already; the trace is summed only for a referred customer.
-        totals: dict[str | None, int] = _fired_totals(trace) if referred is not None else {customer_id: accumulated}
-        _apply_caps(doc, trace, customer, referred, at, event_type == PURCHASE, totals, cap_key)
+        totals: dict[str | None, int] = _fired_totals(fired) if referred is not None else {customer_id: accumulated}
+        # The fired outcomes, in trace order, are all a trim can cut: no need to walk the skipped ones.
+        _apply_caps(doc, fired, customer, referred, at, event_type == PURCHASE, totals, cap_key)
     points_by_customer: dict[str, int] = {}
     campaign_points: dict[str, int] = {}
     # One EarnPoints per (customer, pending period): awards that mature together travel together.
@@ -949,14 +1044,14 @@ class _Basket:
         self.currency = currency
         self.rate = rate
         self.lines: list[tuple[PurchaseLine, Decimal]] = []  # eligible lines and their net amounts
-        self.total = Decimal(0)
+        self.total = _ZERO
         self.amounts: dict[int, Decimal] = {}  # indexed rule position -> matching net amount
         self.skus: dict[int, set[str]] = {}
         self.views: list[dict[str, Any]] = []
 
     @classmethod
     def empty(cls) -> _Basket:
-        return cls("", Decimal(0))
+        return cls("", _ZERO)
 
     @classmethod
     def of(cls, ruleset: CompiledRuleset, data: PurchaseCompleted, rate: Decimal) -> _Basket:
@@ -966,9 +1061,13 @@ class _Basket:
         excluded_skus, excluded_categories = ruleset.excluded_skus, ruleset.excluded_categories
         source = data.lines or [PurchaseLine(sku="", category="", quantity=Decimal(1), unit_price=data.net_amount)]
         positions_of, positions_cache = ruleset.positions_of, ruleset._positions
-        lines = basket.lines
+        lines, views = basket.lines, basket.views
         amounts, skus = basket.amounts, basket.skus
         total = basket.total
+        # The line views (for line conditions), built in the same pass.
+        view_fields: Collection[str] | None = None
+        if ruleset.has_line_conditions:
+            view_fields = LINE_FIELDS if ruleset.line_fields is None else ruleset.line_fields
         for line in source:
             sku, category = line.sku, line.category
             if (
@@ -981,6 +1080,8 @@ class _Basket:
                 continue
             net = line.quantity * line.unit_price - line.discount
             lines.append((line, net))
+            if view_fields is not None:
+                views.append(_line_view(line, net, view_fields))
             total += net
             positions = positions_cache.get((sku, category))
             if positions is None:
@@ -992,9 +1093,6 @@ class _Basket:
                 else:
                     skus[position] = {sku}
         basket.total = total
-        if ruleset.has_line_conditions:
-            fields = LINE_FIELDS if ruleset.line_fields is None else ruleset.line_fields
-            basket.views = [_line_view(line, net, fields) for line, net in lines]
         return basket
 
     def matching(
@@ -1006,18 +1104,18 @@ class _Basket:
             return Decimal(0), set()
         if compiled.line_when is None and not (compiled.skus or compiled.categories):
             return self.total, {line.sku for line, _ in self.lines}
-        amount = Decimal(0)
+        amount = _ZERO
         skus: set[str] = set()
-        selected_skus, selected_categories, line_when = compiled.skus, compiled.categories, compiled.line_when
+        selected_skus, selected_categories = compiled.skus, compiled.categories
+        selecting = bool(selected_skus or selected_categories)
+        check = compiled.line_when.check if compiled.line_when is not None else None
         for (line, net), view in zip(self.lines, self.views, strict=True):
             # SKU/category from the line itself: the view holds only the fields conditions read.
-            if (selected_skus or selected_categories) and (
-                line.sku not in selected_skus and line.category not in selected_categories
-            ):
+            if selecting and line.sku not in selected_skus and line.category not in selected_categories:
                 continue
-            if line_when is not None:
+            if check is not None:
                 scope["line"] = view
-                if line_when(scope) is not True:
+                if check(scope, True) is not True:
                     continue
             amount += net
             skus.add(line.sku)
@@ -1025,45 +1123,20 @@ class _Basket:
         return amount, skus
 
 
-_ZERO = Decimal(0)
-
-
 def _apply_rule(
     compiled: CompiledRule,
-    position: int,
     doc: RulesetDocument,
     customer: CustomerSnapshot,
     referred: CustomerSnapshot | None,
-    basket: _Basket,
     accumulated: int,
     at: datetime,
-    scope: dict[str, Mapping[str, Any]],
     data: Any,
 ) -> list[RuleOutcome] | str:
-    """The rule's outcomes, or why it did not apply."""
+    """The outcomes of a rule the evaluation loop does not compute itself (not a line rule), or why it
+    did not apply."""
     rule = compiled.rule
     cid = customer.customer_id
     rounding = doc.rounding
-    if compiled.line_rule:
-        if compiled.whole_basket and rule.kind == "points_per_unit":
-            # Every eligible line, and the SKUs do not appear in the explanation: no set to build.
-            if not basket.lines:
-                return "no eligible line"
-            amount, skus = basket.total, set[str]()
-        else:
-            amount, skus = basket.matching(compiled, position, scope)
-            if not skus:
-                return "no eligible line"
-        rate, currency = basket.rate, basket.currency
-        raw = amount * rate * compiled.scale
-        points = max(_round(raw, rounding), 0)
-        amount_text = _fmt(amount)
-        # Equal non-zero values format alike (the text is of the normalized value): skip a second format.
-        raw_text = amount_text if amount and raw == amount else _fmt(raw)
-        how = amount_text + compiled.arithmetic(currency, rate)
-        if rule.kind == "line_multiplier":
-            how = f"lines {', '.join(sorted(skus))}: {how}"
-        return [RuleOutcome(rule.id, True, points, f"{how} = {raw_text} → {points} ({rounding})", cid)]
     if rule.kind == "bonus":
         assert rule.points is not None
         return [RuleOutcome(rule.id, True, rule.points, compiled.fixed, cid)]
@@ -1170,15 +1243,16 @@ def _trim(
     excess = total - allowed
     if excess <= 0:
         return
-    reason = why()
+    suffix = f" by the {why()}"
     for outcome in reversed(trace):
         if excess <= 0:
             return
-        if not outcome.fired or outcome.customer_id != customer_id or outcome.points == 0:
+        points = outcome.points
+        if points == 0 or not outcome.fired or outcome.customer_id != customer_id:
             continue
-        cut = min(outcome.points, excess)
-        outcome.points -= cut
-        outcome.explanation += f"; -{cut} by the {reason}"
+        cut = excess if excess < points else points  # min(points, excess)
+        outcome.points = points - cut
+        outcome.explanation += f"; -{cut}{suffix}"
         excess -= cut
 
 
@@ -1193,25 +1267,28 @@ def _plan_commands(
     buyer = getattr(event.data, "customer_id", None)
     fixed = ruleset.fixed_explanations
     new_award = _validate_award  # what RuleAward(**fields) runs, without the __init__ call around it
+    prefix = f"{tenant}|{event.id}|{ruleset.ruleset_id}|{ruleset.version}|"
     out = []
     for (cid, pending), outcomes in groups.items():
+        total = 0
+        breakdown = []
+        for o in outcomes:  # one pass for the total and the awards
+            points, explanation = o.points, o.explanation
+            total += points
+            breakdown.append(
+                _award(o.rule_id, points, explanation)
+                if explanation in fixed
+                else new_award({"rule_id": o.rule_id, "points": points, "explanation": explanation})
+            )
         out.append(
             PlannedEarn(
                 # command_id("earn", ...) inlined: the same text, hashed.
-                command_id="earn-"
-                + hashlib.sha256(
-                    f"{tenant}|{event.id}|{ruleset.ruleset_id}|{ruleset.version}|{cid}|{pending}".encode()
-                ).hexdigest()[:32],
-                customer_id=cid,
-                member_id=member if cid == buyer else None,
-                points=sum(o.points for o in outcomes),
-                matures_at=at + _days(pending) if pending else None,
-                breakdown=[
-                    _award(o.rule_id, o.points, o.explanation)
-                    if o.explanation in fixed
-                    else new_award({"rule_id": o.rule_id, "points": o.points, "explanation": o.explanation})
-                    for o in outcomes
-                ],
+                "earn-" + hashlib.sha256(f"{prefix}{cid}|{pending}".encode()).hexdigest()[:32],
+                cid,
+                member if cid == buyer else None,
+                total,
+                at + _days(pending) if pending else None,
+                breakdown,
             )
         )
     return out
@@ -1253,8 +1330,8 @@ def apply_event(
         first, last = state.first_purchase_at, state.last_purchase_at
         state.first_purchase_at = at if first is None or at < first else first
         state.last_purchase_at = at if last is None or at > last else last
-        state.spend_by_month[month] = state.spend_by_month.get(month, Decimal(0)) + data.net_amount * spend_factor
-        state.categories.update(line.category for line in data.lines)
+        state.spend_by_month[month] = state.spend_by_month.get(month, _ZERO) + data.net_amount * spend_factor
+        state.categories.update([line.category for line in data.lines])
     if points:
         state.points_by_month[month] = state.points_by_month.get(month, 0) + points
     for key, increment in counters.items():
@@ -1265,14 +1342,17 @@ def apply_event(
 def _prune(state: CustomerSnapshot, at: datetime) -> None:
     # Only the last 13 months matter for rolling figures; counters of past periods are never read again.
     # The maps are rebuilt only when they hold something to drop (most events drop nothing).
+    # A month key below the oldest kept one exists when the smallest key is below it.
     oldest = _oldest_kept(at.year, at.month)
-    if any(k < oldest for k in state.spend_by_month):
+    if state.spend_by_month and min(state.spend_by_month) < oldest:
         state.spend_by_month = {k: v for k, v in state.spend_by_month.items() if k >= oldest}
-    if any(k < oldest for k in state.points_by_month):
+    if state.points_by_month and min(state.points_by_month) < oldest:
         state.points_by_month = {k: v for k, v in state.points_by_month.items() if k >= oldest}
     year = str(at.year - 1)
-    if any(k.split(":")[-1][:4] < year for k in state.counters):
-        state.counters = {k: v for k, v in state.counters.items() if k.split(":")[-1][:4] >= year}
+    for key in state.counters:
+        if key.rpartition(":")[2][:4] < year:  # the period after the last colon starts with its year
+            state.counters = {k: v for k, v in state.counters.items() if k.rpartition(":")[2][:4] >= year}
+            break
 
 
 @functools.lru_cache(maxsize=512)
@@ -1296,13 +1376,21 @@ class TierChange:
 def review_tier(state: CustomerSnapshot, tiers: Tiers, at: datetime) -> TierChange | None:
     """Upgrades at once; downgrades only when a review is due, as far as the downgrade policy allows."""
     value = Decimal(state.points_12m(at)) if tiers.basis == "points_12m" else state.spend_12m(at)
-    names = [lv.name for lv in tiers.levels]
-    qualified = max((i for i, lv in enumerate(tiers.levels) if value >= lv.threshold), default=0)
-    current = names.index(state.tier) if state.tier in names else None
+    # One pass: the highest level whose threshold the value reaches, and the first level named as the
+    # customer's tier (None: not a level of these tiers).
+    qualified = 0
+    current = None
+    tier = state.tier
+    for i, level in enumerate(tiers.levels):
+        if value >= level.threshold:
+            qualified = i
+        if current is None and level.name == tier:
+            current = i
     if current is not None and qualified == current:
-        if state.tier_reviewed_at is None or at >= state.tier_reviewed_at + timedelta(days=tiers.review_every_days):
+        if state.tier_reviewed_at is None or at >= state.tier_reviewed_at + _days(tiers.review_every_days):
             state.tier_reviewed_at = at  # a review that keeps the tier restarts the schedule
         return None
+    names = [lv.name for lv in tiers.levels]
     basis = f"{tiers.basis} {_fmt(value)}"  # only for a change: formatting is most of an unchanged review
     if current is None:
         change = TierChange(state.tier, names[qualified], f"initial tier: {basis} qualifies for {names[qualified]}")
