@@ -1,4 +1,4 @@
-from datetime import timedelta
+from datetime import timedelta, timezone
 from typing import Any, cast
 
 import pytest
@@ -80,10 +80,13 @@ class TestOtherOutputRows:
         compiled = CompiledRuleset.compile("main", 2, rs.parse(DOCUMENT))
         for previous in (None, "Bronze"):
             change = TierChange(previous=previous, tier="Silver", reason="spend_12m 1200 >= 1000")
-            row = tier_changed("customers", TENANT, "c-9", change, compiled, "evt-1", T0)
+            # A review time given with an offset is written in UTC, as the envelope's validator would.
+            at = T0.astimezone(timezone(timedelta(hours=2)))
+            row = tier_changed("customers", TENANT, "c-9", change, compiled, "evt-1", at)
             event = _assert_is_the_validated_event(row, TierChanged)
             assert (event.data.previous_tier, event.data.tier, event.data.ruleset_version) == (previous, "Silver", 2)
             assert event.time == T0
+            assert b'"time":"2026-03-10T12:00:00Z"' in row["value"]
 
     def test_clawback_of_a_refund(self) -> None:
         compiled = CompiledRuleset.compile("main", 1, rs.parse(DOCUMENT))

@@ -5,7 +5,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -150,7 +150,7 @@ def _event_row(
         "id": event_id,
         "source": SOURCE,
         "type": event_type,
-        "time": time,
+        "time": time.astimezone(UTC),  # what the envelope's validator makes of any aware time
         "subject": subject,
         "datacontenttype": "application/json",
         "tenantid": tenant,
