@@ -116,9 +116,13 @@ class ConsumerRunner:
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.group_id}")
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 10.0) -> None:
+        # A batch in flight is let finish (its dead letters sent, its offsets committed) for up to `grace_s`:
+        # cancelling it would be safe (the batch is redelivered and the handler's idempotency absorbs
+        # it) but would hand the next process work this one had almost done.
         self._stopping = True
         if self._task is not None:
+            await asyncio.wait([self._task], timeout=grace_s)
             self._task.cancel()
             await asyncio.wait([self._task])
             if not self._task.cancelled() and self._task.exception() is not None:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import func, select
 
 from rules.app import create_app
@@ -68,8 +69,10 @@ class TestConsumeAndDeadLetter:
             await raw_producer.send_and_wait(topic(PURCHASES), after.to_bytes(), key=after.key)
             # The valid event behind the three bad ones on the same partition is still consumed.
             assert await eventually(lambda: _count_is(client, key, "c-2", 1))
+            # Read while the service runs: the good event's effect commits before the batch's dead
+            # letters are sent (they are only guaranteed before its offsets are committed).
+            letters = await dead_letters_for(marker.encode(), count=3)
 
-        letters = await dead_letters_for(marker.encode(), count=3)
         by_value = {letter.value: letter for letter in letters}
         assert by_value[garbage].reason.startswith("not JSON")
         assert "data.currency" in by_value[json.dumps(wrong).encode()].reason
@@ -223,3 +226,98 @@ class TestPoisonMessage:
         finally:
             await runner.stop()
             await producer.stop()
+
+
+class SlowHandler:
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.finished: list[str] = []
+
+    async def __call__(self, batch: Sequence[Inbound]) -> Sequence[Rejection]:
+        self.started.set()
+        await asyncio.sleep(0.5)
+        self.finished.extend(m.event.id for m in batch)
+        return []
+
+
+class TestStop:
+    async def test_a_batch_in_flight_is_finished_and_committed(
+        self, raw_producer: AIOKafkaProducer, kafka_topics: list[str], tenant: str
+    ) -> None:
+        source = await fresh_topic(f"stop-{tenant}")
+        producer = EventProducer(KAFKA, client_id="test-stop")
+        await producer.start()
+        handler = SlowHandler()
+        group = f"stop-{tenant}"
+        runner = ConsumerRunner(
+            service="test",
+            topics=[source],
+            group_id=group,
+            bootstrap_servers=KAFKA,
+            handler=handler,
+            dlq_producer=producer,
+            dlq_topic=topic(DLQ),
+            batch_timeout_ms=50,
+        )
+        events = [purchase(tenant, "c-stop") for _ in range(3)]
+        try:
+            for event in events:
+                await raw_producer.send(source, event.to_bytes(), key=event.key)
+            await raw_producer.flush()
+            await runner.start()
+            await asyncio.wait_for(handler.started.wait(), 30)
+            await runner.stop()  # while the handler sleeps
+        finally:
+            await producer.stop()
+        assert handler.finished, "the batch in flight ran to its end"
+        assert handler.finished == [e.id for e in events[: len(handler.finished)]]
+        assert await committed_offset(group, source) == len(handler.finished), "and its offsets were committed"
+
+    async def test_a_handler_that_never_settles_is_cancelled_after_the_grace_period(
+        self, raw_producer: AIOKafkaProducer, kafka_topics: list[str], tenant: str
+    ) -> None:
+        source = await fresh_topic(f"hang-{tenant}")
+        producer = EventProducer(KAFKA, client_id="test-hang")
+        await producer.start()
+        started = asyncio.Event()
+
+        async def hangs(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+            started.set()
+            await asyncio.sleep(3600)
+            return []
+
+        group = f"hang-{tenant}"
+        runner = ConsumerRunner(
+            service="test",
+            topics=[source],
+            group_id=group,
+            bootstrap_servers=KAFKA,
+            handler=hangs,
+            dlq_producer=producer,
+            dlq_topic=topic(DLQ),
+            batch_timeout_ms=50,
+        )
+        try:
+            event = purchase(tenant, "c-hang")
+            await raw_producer.send_and_wait(source, event.to_bytes(), key=event.key)
+            await runner.start()
+            await asyncio.wait_for(started.wait(), 30)
+            began = asyncio.get_running_loop().time()
+            await runner.stop(grace_s=0.3)
+            assert asyncio.get_running_loop().time() - began < 5
+            assert not runner.running
+        finally:
+            await producer.stop()
+        assert await committed_offset(group, source) is None, "nothing settled, nothing committed"
+
+
+async def committed_offset(group: str, name: str) -> int | None:
+    """The group's committed offsets on the topic, summed; None when it committed none."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    found = [meta.offset for tp, meta in offsets.items() if tp.topic == name and meta.offset >= 0]
+    return sum(found) if found else None
