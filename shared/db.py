@@ -54,16 +54,27 @@ async def transaction(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIt
         yield session
 
 
-async def warm_pool(engine: AsyncEngine, connections: int) -> int:
+async def warm_pool(engine: AsyncEngine, connections: int, *, timeout_s: float = 5.0) -> int:
     """Opens up to `connections` pooled connections at once and returns them to the pool; returns how many
     opened. A pool filled lazily makes the first burst of requests pay for the connects (a backend fork
     and the driver's set-up each), which shows as a latency spike long after start-up. A database that
-    is down is not fatal here: readiness reports it, and the pool connects once it is back."""
+    is down or unreachable is not fatal here and holds start-up for `timeout_s` at most: readiness
+    reports it, and the pool connects once it is back."""
+
+    async def connect(stack: AsyncExitStack) -> bool:
+        try:
+            await stack.enter_async_context(engine.connect())
+        except Exception:  # down, refused, or still starting: readiness says so
+            return False
+        return True
+
     async with AsyncExitStack() as stack:
-        opened = await asyncio.gather(
-            *(stack.enter_async_context(engine.connect()) for _ in range(connections)), return_exceptions=True
-        )
-        return sum(not isinstance(c, BaseException) for c in opened)
+        attempts = [asyncio.ensure_future(connect(stack)) for _ in range(connections)]
+        done, pending = await asyncio.wait(attempts, timeout=timeout_s)
+        for attempt in pending:
+            attempt.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return sum(attempt.result() for attempt in done)
 
 
 async def ping(engine: AsyncEngine) -> None:

@@ -1,3 +1,4 @@
+import asyncio
 import gc
 
 import pytest
@@ -22,6 +23,22 @@ class TestPoolWarmUp:
         settings = service_settings("ledger", database_pool_size=4, consumers_enabled=False, database_pool_warm=False)
         async with Runtime(settings, api_keys=api_keys) as runtime:
             assert runtime.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+
+    async def test_a_database_that_never_answers_holds_start_up_for_the_timeout_only(self) -> None:
+        # A listener on loopback that accepts connections and never says a word, like a hung server.
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        engine = db.create_engine(database_url("ledger").replace(":5432/", f":{port}/"), pool_size=2)
+        try:
+            began = asyncio.get_running_loop().time()
+            assert await db.warm_pool(engine, 2, timeout_s=0.5) == 0
+            assert asyncio.get_running_loop().time() - began < 3
+        finally:
+            await engine.dispose()
+            server.close()
 
     async def test_an_unreachable_database_is_not_fatal(self) -> None:
         engine = db.create_engine(database_url("ledger").replace(":5432/", ":1/"), pool_size=3)
