@@ -3,7 +3,7 @@ expected points worked out by hand in each test."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -21,8 +21,12 @@ from rules.engine import (
     EventRefused,
     _fields_read,
     _fmt,
+    _kept_from,
+    _months_back_from,
     apply_event,
+    command_id,
     evaluate,
+    month_key,
     plan_clawbacks,
     review_tier,
 )
@@ -601,3 +605,50 @@ class TestFastPaths:
     @given(value=st.decimals(allow_nan=False, allow_infinity=False))
     def test_formatting_equals_fixed_point_of_the_normalized_value(self, value: Decimal) -> None:
         assert _fmt(value) == format(value.normalize(), "f")
+
+    def test_line_explanations_per_currency_on_a_warm_version(self) -> None:
+        # The arithmetic text is cached per currency on the version: switching currencies on one compiled
+        # version writes what a fresh version writes for each event.
+        document = doc(
+            BASE,
+            {"id": "tools", "kind": "line_multiplier", "categories": ["tools"], "multiplier": "1.5"},
+            {"id": "tier", "kind": "tier_multiplier", "priority": -10},
+            currencies={"EUR": {"points_per_unit": "1"}, "USD": {"points_per_unit": "2.50"}},
+            tiers=TIERS,
+        )
+        warm = compiled(document)
+        events = [
+            order(TENANT, "c", [line("A", "tools", "3", "10.10")], currency=currency)
+            for currency in ("EUR", "USD", "EUR", "USD")
+        ]
+        for event in events:
+            state = CustomerSnapshot("c", tier="Silver")
+            got = evaluate(warm, event, state)
+            fresh = evaluate(compiled(document), event, CustomerSnapshot("c", tier="Silver"))
+            assert [(o.rule_id, o.points, o.explanation) for o in got.trace] == [
+                (o.rule_id, o.points, o.explanation) for o in fresh.trace
+            ]
+        usd = evaluate(warm, events[1], CustomerSnapshot("c", tier="Silver"))
+        assert [o.explanation for o in usd.trace] == [
+            "30.3 USD eligible * 2.5 pt/USD * factor 1 = 75.75 → 75 (floor)",
+            "lines A: 30.3 USD * 2.5 pt/USD * (multiplier 1.5 - 1) = 37.875 → 37 (floor)",
+            "tier Silver: 112 pts of earlier rules * (multiplier 1.5 - 1) = 56 → 56 (floor)",
+        ]
+        # The awards are built with the groups, the id from the version's cached part: what command_id gives.
+        (earn,) = usd.commands
+        assert earn.command_id == command_id("earn", TENANT, events[1].id, "main", 1, "c", 0)
+        assert (earn.points, [(a.rule_id, a.points) for a in earn.breakdown]) == (
+            168,
+            [("base", 75), ("tools", 37), ("tier", 56)],
+        )
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        at=st.datetimes(min_value=datetime(1000, 2, 1), max_value=datetime(9998, 12, 1)),
+        offset=st.integers(min_value=-23, max_value=23),
+    )
+    def test_cached_month_texts_equal_their_formatting(self, at: datetime, offset: int) -> None:
+        aware = at.replace(tzinfo=timezone(timedelta(hours=offset)))
+        utc = aware.astimezone(UTC)
+        assert month_key(aware) == f"{utc.year:04d}-{utc.month:02d}"
+        assert _kept_from(at.year, at.month) == (min(_months_back_from(at.year, at.month, 13)), str(at.year - 1))

@@ -73,7 +73,13 @@ def month_key(at: datetime) -> str:
     utc = at.astimezone(UTC)
     if utc.year < 1000:  # strftime's %Y does not pad on every platform: keep its text
         return f"{utc:%Y-%m}"
-    return f"{utc.year}-{utc.month:02d}"
+    return _month_text(utc.year, utc.month)
+
+
+@functools.lru_cache(maxsize=4096)
+def _month_text(year: int, month: int) -> str:
+    # Cached: a lookup on two ints costs less than formatting the month on every event.
+    return f"{year}-{month:02d}"
 
 
 def _months_back(at: datetime, count: int) -> frozenset[str]:
@@ -406,7 +412,9 @@ class CompiledRule:
     whole_basket: bool = False  # a line rule over every eligible line
     basket_total: bool = False  # a points_per_unit rule over every eligible line: the basket's total
     scale: Decimal = Decimal(1)  # a line rule's factor, or its multiplier - 1
-    _arithmetic: dict[tuple[str, Decimal], str] = field(default_factory=dict)
+    # The fixed part of a line rule's explanation per currency: within a version the currency decides the
+    # rate (its points_per_unit), so the currency alone keys it and the evaluation loop reads it directly.
+    arithmetic_texts: dict[str, str] = field(default_factory=dict)
     _skipped: dict[str, RuleOutcome] = field(default_factory=dict)
     tiers: dict[str | None, tuple[Decimal, str]] = field(default_factory=dict)  # tier -> (multiplier - 1, text)
 
@@ -440,6 +448,14 @@ class CompiledRule:
     def condition_not_met(self) -> RuleOutcome:
         return self.skipped(self.not_met)
 
+    @functools.cached_property
+    def not_yet_valid(self) -> RuleOutcome:
+        return self.skipped(self.not_yet)
+
+    @functools.cached_property
+    def no_longer_valid(self) -> RuleOutcome:
+        return self.skipped(self.no_longer)
+
     def skipped(self, reason: str) -> RuleOutcome:
         """The shared, read-only outcome of this rule not firing for a fixed reason."""
         outcome = self._skipped.get(reason)
@@ -448,16 +464,15 @@ class CompiledRule:
         return outcome
 
     def arithmetic(self, currency: str, rate: Decimal) -> str:
-        """The fixed part of a line rule's explanation after the amount, per currency and rate."""
-        key = (currency, rate)
-        text = self._arithmetic.get(key)
+        """The fixed part of a line rule's explanation after the amount, for a currency and its rate."""
+        text = self.arithmetic_texts.get(currency)
         if text is None:
             if self.kind == "points_per_unit":
                 text = f" {currency} eligible * {_fmt(rate)} pt/{currency} * factor {_fmt(self.rule.factor)}"
             else:
                 assert self.rule.multiplier is not None
                 text = f" {currency} * {_fmt(rate)} pt/{currency} * (multiplier {_fmt(self.rule.multiplier)} - 1)"
-            self._arithmetic[key] = text
+            self.arithmetic_texts[currency] = text
         return text
 
     def bind(self, document: RulesetDocument) -> CompiledRule:
@@ -574,6 +589,11 @@ class CompiledRuleset:
             ]
             for event_type, rules in self.by_type.items()
         }
+
+    @functools.cached_property
+    def command_id_part(self) -> str:
+        """The version's part of the text an earn command's id hashes, after the tenant and the event id."""
+        return f"|{self.ruleset_id}|{self.version}|"
 
     def rules_for(self, event_type: str) -> list[tuple[int, CompiledRule]]:
         return self.by_type.get(event_type, [])
@@ -754,7 +774,7 @@ def event_view(
             for name, value in data.model_extra.items():
                 view[name] = value
         if isinstance(data, PurchaseCompleted):
-            view.update(_purchase_derived(data, customer, _PURCHASE_DERIVED))
+            _purchase_derived(data, customer, _PURCHASE_DERIVED, view)
         return view
     view = {}
     model: type[Payload] = type(data)
@@ -766,7 +786,7 @@ def event_view(
             value = getattr(data, name)
             view[name] = float(value) if isinstance(value, Decimal) else value  # _money, inlined
         if derived_names:
-            view.update(_purchase_derived(data, customer, derived_names))
+            _purchase_derived(data, customer, derived_names, view)
         return view
     # The same precedence as the full view: derived over extra fields over payload over envelope.
     purchase = isinstance(data, PurchaseCompleted)
@@ -784,7 +804,7 @@ def event_view(
         elif name in _ENVELOPE_FIELDS:
             view[name] = event_time(event) if name == "time" else getattr(event, name)
     if derived:
-        view.update(_purchase_derived(data, customer, derived))
+        _purchase_derived(data, customer, derived, view)
     return view
 
 
@@ -812,10 +832,12 @@ def _model_fields(model: type[Payload]) -> frozenset[str]:
     return frozenset(model.model_fields)
 
 
-def _purchase_derived(data: PurchaseCompleted, customer: CustomerSnapshot, names: Collection[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _purchase_derived(
+    data: PurchaseCompleted, customer: CustomerSnapshot, names: Collection[str], out: dict[str, Any]
+) -> None:
+    """Writes the derived purchase fields among `names` into the view `out`."""
     if "categories" in names or "new_categories" in names:
-        present = {line.category for line in data.lines}
+        present = set(map(_category, data.lines))
         if "categories" in names:
             out["categories"] = tuple(sorted(present))
         if "new_categories" in names:
@@ -824,8 +846,12 @@ def _purchase_derived(data: PurchaseCompleted, customer: CustomerSnapshot, names
     if "line_count" in names:
         out["line_count"] = len(data.lines)
     if "skus" in names:
-        out["skus"] = tuple(sorted({line.sku for line in data.lines}))
-    return out
+        out["skus"] = tuple(sorted(set(map(_sku, data.lines))))
+
+
+# Attribute getters run in C, without the frame of a comprehension over an order's few lines.
+_category = operator.attrgetter("category")
+_sku = operator.attrgetter("sku")
 
 
 def evaluate(
@@ -872,6 +898,7 @@ def evaluate(
     amounts = basket.amounts
     rate, currency, rounding = basket.rate, basket.currency, doc.rounding
     floor = rounding == "floor"
+    rounded = f"({rounding})"  # how every computed explanation ends
     memo = not custom
     skus: Collection[str]
     for position, compiled, indexed, windowed, when, bonus, line in ruleset.steps.get(event_type, ()):
@@ -880,10 +907,10 @@ def evaluate(
             continue
         if windowed:
             if compiled.starts is not None and at < compiled.starts:
-                append(compiled.skipped(compiled.not_yet))
+                append(compiled.not_yet_valid)
                 continue
             if compiled.ends is not None and at >= compiled.ends:
-                append(compiled.skipped(compiled.no_longer))
+                append(compiled.no_longer_valid)
                 continue
         if when is not None:
             met = when(scope, memo)
@@ -921,10 +948,13 @@ def evaluate(
                 amount_text = _fmt(amount)
                 # Equal non-zero values format alike (the text is of the normalized value): skip a second format.
                 raw_text = amount_text if amount and raw == amount else _fmt(raw)
-                arithmetic = compiled.arithmetic(currency, rate)
-                explanation = f"{amount_text}{arithmetic} = {raw_text} → {points} ({rounding})"
+                arithmetic = compiled.arithmetic_texts.get(currency) or compiled.arithmetic(currency, rate)
                 if compiled.kind == "line_multiplier":
-                    explanation = f"lines {', '.join(sorted(skus))}: {explanation}"
+                    explanation = (
+                        f"lines {', '.join(sorted(skus))}: {amount_text}{arithmetic} = {raw_text} → {points} {rounded}"
+                    )
+                else:
+                    explanation = f"{amount_text}{arithmetic} = {raw_text} → {points} {rounded}"
                 outcome = RuleOutcome(
                     compiled.rule_id, True, points, explanation, customer_id, compiled.pending_days, None
                 )
@@ -945,12 +975,15 @@ def evaluate(
             points = math.floor(raw) if floor and raw.adjusted() < 20 else _round(raw, rounding)
             if points < 0:
                 points = 0
-            how = f"tier {tier or 'none'}: {accumulated} pts of earlier rules * (multiplier {multiplier_text} - 1)"
+            explanation = (
+                f"tier {tier or 'none'}: {accumulated} pts of earlier rules * (multiplier {multiplier_text} - 1)"
+                f" = {_fmt(raw)} → {points} {rounded}"
+            )
             outcome = RuleOutcome(
                 compiled.rule_id,
                 True,
                 points,
-                f"{how} = {_fmt(raw)} → {points} ({rounding})",
+                explanation,
                 customer_id,
                 compiled.pending_days,
                 None,
@@ -1002,8 +1035,11 @@ def evaluate(
         _apply_caps(doc, fired, customer, referred, at, event_type == PURCHASE, totals, cap_key)
     points_by_customer: dict[str, int] = {}
     campaign_points: dict[str, int] = {}
-    # One EarnPoints per (customer, pending period): awards that mature together travel together.
-    groups: dict[tuple[str, int], list[RuleOutcome]] = {}
+    # One EarnPoints per (customer, pending period): awards that mature together travel together. The
+    # awards and each group's total are built in this pass over the fired outcomes (final after the caps).
+    groups: dict[tuple[str, int], list[RuleAward]] = {}
+    group_points: dict[tuple[str, int], int] = {}
+    fixed = ruleset.fixed_explanations
     for outcome in fired:  # the fired outcomes, in trace order
         points = outcome.points
         if points:
@@ -1011,17 +1047,26 @@ def evaluate(
             if cid:
                 points_by_customer[cid] = points_by_customer.get(cid, 0) + points
                 if points > 0:
+                    explanation = outcome.explanation
+                    award = (
+                        _award(outcome.rule_id, points, explanation)
+                        if explanation in fixed
+                        # What RuleAward(**fields) runs, without the __init__ call around it.
+                        else _validate_award({"rule_id": outcome.rule_id, "points": points, "explanation": explanation})
+                    )
                     group = (cid, outcome.pending_days)
                     if group in groups:
-                        groups[group].append(outcome)
+                        groups[group].append(award)
+                        group_points[group] += points
                     else:
-                        groups[group] = [outcome]
+                        groups[group] = [award]
+                        group_points[group] = points
             if outcome.campaign:
                 campaign_points[outcome.campaign] = campaign_points.get(outcome.campaign, 0) + points
     if caps.per_customer is not None:
         for cid, pts in points_by_customer.items():
             counters.setdefault(cid, {})[cap_key] = pts
-    commands = _plan_commands(ruleset, event, groups, tenant, at)
+    commands = _plan_commands(ruleset, event, groups, group_points, tenant, at)
     return Evaluation(
         ruleset.ruleset_id,
         ruleset.version,
@@ -1259,34 +1304,25 @@ def _trim(
 def _plan_commands(
     ruleset: CompiledRuleset,
     event: CloudEvent[Any],
-    groups: dict[tuple[str, int], list[RuleOutcome]],
+    groups: dict[tuple[str, int], list[RuleAward]],
+    group_points: dict[tuple[str, int], int],
     tenant: str,
     at: datetime,
 ) -> list[PlannedEarn]:
+    """One EarnPoints per (customer, pending period) group: its awards and total points."""
     member = getattr(event.data, "member_id", None)
     buyer = getattr(event.data, "customer_id", None)
-    fixed = ruleset.fixed_explanations
-    new_award = _validate_award  # what RuleAward(**fields) runs, without the __init__ call around it
-    prefix = f"{tenant}|{event.id}|{ruleset.ruleset_id}|{ruleset.version}|"
+    prefix = f"{tenant}|{event.id}{ruleset.command_id_part}"
     out = []
-    for (cid, pending), outcomes in groups.items():
-        total = 0
-        breakdown = []
-        for o in outcomes:  # one pass for the total and the awards
-            points, explanation = o.points, o.explanation
-            total += points
-            breakdown.append(
-                _award(o.rule_id, points, explanation)
-                if explanation in fixed
-                else new_award({"rule_id": o.rule_id, "points": points, "explanation": explanation})
-            )
+    for group, breakdown in groups.items():
+        cid, pending = group
         out.append(
             PlannedEarn(
                 # command_id("earn", ...) inlined: the same text, hashed.
                 "earn-" + hashlib.sha256(f"{prefix}{cid}|{pending}".encode()).hexdigest()[:32],
                 cid,
                 member if cid == buyer else None,
-                total,
+                group_points[group],
                 at + _days(pending) if pending else None,
                 breakdown,
             )
@@ -1331,7 +1367,7 @@ def apply_event(
         state.first_purchase_at = at if first is None or at < first else first
         state.last_purchase_at = at if last is None or at > last else last
         state.spend_by_month[month] = state.spend_by_month.get(month, _ZERO) + data.net_amount * spend_factor
-        state.categories.update([line.category for line in data.lines])
+        state.categories.update(map(_category, data.lines))
     if points:
         state.points_by_month[month] = state.points_by_month.get(month, 0) + points
     for key, increment in counters.items():
@@ -1343,12 +1379,11 @@ def _prune(state: CustomerSnapshot, at: datetime) -> None:
     # Only the last 13 months matter for rolling figures; counters of past periods are never read again.
     # The maps are rebuilt only when they hold something to drop (most events drop nothing).
     # A month key below the oldest kept one exists when the smallest key is below it.
-    oldest = _oldest_kept(at.year, at.month)
+    oldest, year = _kept_from(at.year, at.month)
     if state.spend_by_month and min(state.spend_by_month) < oldest:
         state.spend_by_month = {k: v for k, v in state.spend_by_month.items() if k >= oldest}
     if state.points_by_month and min(state.points_by_month) < oldest:
         state.points_by_month = {k: v for k, v in state.points_by_month.items() if k >= oldest}
-    year = str(at.year - 1)
     for key in state.counters:
         if key.rpartition(":")[2][:4] < year:  # the period after the last colon starts with its year
             state.counters = {k: v for k, v in state.counters.items() if k.rpartition(":")[2][:4] >= year}
@@ -1356,8 +1391,9 @@ def _prune(state: CustomerSnapshot, at: datetime) -> None:
 
 
 @functools.lru_cache(maxsize=512)
-def _oldest_kept(year: int, month: int) -> str:
-    return min(_months_back_from(year, month, 13))
+def _kept_from(year: int, month: int) -> tuple[str, str]:
+    """The oldest month key kept and the oldest year a counter's period may start with."""
+    return min(_months_back_from(year, month, 13)), str(year - 1)
 
 
 def apply_refund(state: CustomerSnapshot, ordered_at: datetime, amount: Decimal, spend_factor: Decimal) -> None:
