@@ -54,6 +54,14 @@ class TestPointsPerUnit:
         assert ev.total_points == 21
         assert "21.5 EUR eligible * 1 pt/EUR" in ev.commands[0].breakdown[0].explanation
 
+    def test_an_order_with_totals_only_earns_on_its_net_amount(self) -> None:
+        event = order(TENANT, "c", [], net="250.70")
+        evaluation = run(
+            doc(BASE, {"id": "x2", "kind": "line_multiplier", "categories": ["tools"], "multiplier": "2"}), event
+        )
+        assert points(evaluation) == {"base": 250}
+        assert evaluation.total_points == 250
+
     def test_half_up_rounding_and_rate_per_currency(self) -> None:
         # 21.50 USD x 2 pts/USD = 43.00; 10.25 x 2 = 20.50 -> half_up 21
         document = doc(BASE, currencies={"USD": {"points_per_unit": "2"}}, rounding="half_up")

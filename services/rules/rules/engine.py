@@ -1104,7 +1104,11 @@ class _Basket:
         ex = ruleset.document.exclusions
         gift_cards, shipping, discounted = ex.gift_cards, ex.shipping, ex.discounted_lines
         excluded_skus, excluded_categories = ruleset.excluded_skus, ruleset.excluded_categories
-        source = data.lines or [PurchaseLine(sku="", category="", quantity=Decimal(1), unit_price=data.net_amount)]
+        # An order sent with its totals only is one anonymous line of its net amount. Built unvalidated:
+        # the empty SKU and category are this placeholder's, which an incoming line may not have.
+        source = data.lines or [
+            PurchaseLine.model_construct(sku="", category="", quantity=Decimal(1), unit_price=data.net_amount)
+        ]
         positions_of, positions_cache = ruleset.positions_of, ruleset._positions
         lines, views = basket.lines, basket.views
         amounts, skus = basket.amounts, basket.skus
