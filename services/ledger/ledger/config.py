@@ -15,7 +15,15 @@ class Settings(ServiceSettings):
     database_pool_pre_ping: bool = False
     outbox_relay_enabled: bool = Field(default=True, description="Relay committed entries to loyalty.ledger-entries.v1")
     outbox_batch_size: int = Field(default=1000, ge=1)
-    outbox_poll_interval_s: float = Field(default=0.05, gt=0, description="Idle wait between outbox polls")
+    # Every relay run is a transaction, a claim query and a produce request whatever it carries: polling
+    # every 50 ms cost a redeem ~0.3 ms of CPU across the service, PostgreSQL and the broker at 300 req/s.
+    # Entries feed metrics, which need no sub-second freshness.
+    outbox_poll_interval_s: float = Field(
+        default=0.2,
+        gt=0,
+        description="Wait after an outbox poll that was not full: longer relays larger batches for less CPU, "
+        "and entries reach Kafka up to this much later",
+    )
     tasks_enabled: bool = Field(default=True, description="Mature, expire and release holds in the background")
     tasks_interval_s: float = Field(default=30.0, gt=0)
     tasks_batch_limit: int = Field(default=1000, ge=1, description="Due lots or holds handled per task run")
