@@ -29,7 +29,12 @@ def make_metadata(schema: str) -> MetaData:
 
 
 def create_engine(
-    dsn: str, *, pool_size: int = 10, application_name: str = "loyalty", pre_ping: bool = True
+    dsn: str,
+    *,
+    pool_size: int = 10,
+    application_name: str = "loyalty",
+    pre_ping: bool = True,
+    plan_cache_mode: str = "auto",
 ) -> AsyncEngine:
     """`pre_ping` tests every connection on checkout (one extra round trip per request or batch); without
     it a connection the server dropped fails its first statement instead, which surfaces as a 500
@@ -39,7 +44,13 @@ def create_engine(
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=pre_ping,
-        connect_args={"server_settings": {"application_name": application_name, "timezone": "UTC"}},
+        connect_args={
+            "server_settings": {
+                "application_name": application_name,
+                "timezone": "UTC",
+                "plan_cache_mode": plan_cache_mode,
+            }
+        },
     )
 
 

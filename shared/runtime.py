@@ -76,6 +76,7 @@ class Runtime:
             pool_size=s.database_pool_size,
             application_name=s.service_name,
             pre_ping=s.database_pool_pre_ping,
+            plan_cache_mode=s.database_plan_cache_mode,
         )
         self._stack.push_async_callback(self.engine.dispose)
         if s.database_pool_warm:

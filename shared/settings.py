@@ -23,6 +23,9 @@ class ServiceSettings(BaseSettings):
     database_pool_pre_ping: bool = Field(
         default=True, description="Test each pooled connection on checkout (costs a round trip per checkout)"
     )
+    database_plan_cache_mode: Literal["auto", "force_generic_plan", "force_custom_plan"] = Field(
+        default="auto", description="PostgreSQL's plan_cache_mode for the service's connections"
+    )
     database_pool_warm: bool = Field(
         default=True,
         description="Open the pool's connections at start-up, so the first burst of traffic does not wait for them",

@@ -2,6 +2,7 @@ import asyncio
 import gc
 
 import pytest
+from sqlalchemy import text
 
 from ledger.models import api_keys
 from shared import db
@@ -46,3 +47,11 @@ class TestPoolWarmUp:
             assert await db.warm_pool(engine, 3) == 0
         finally:
             await engine.dispose()
+
+
+class TestPlanCacheMode:
+    async def test_the_ledger_uses_generic_plans_and_others_the_default(self) -> None:
+        for service, expected in (("ledger", "force_generic_plan"), ("rules", "auto")):
+            settings = service_settings(service, consumers_enabled=False, database_pool_size=1)
+            async with Runtime(settings, api_keys=api_keys) as runtime, runtime.engine.connect() as conn:
+                assert (await conn.execute(text("show plan_cache_mode"))).scalar_one() == expected

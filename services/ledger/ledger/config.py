@@ -1,3 +1,5 @@
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -13,6 +15,10 @@ class Settings(ServiceSettings):
     # Off on the ledger's hot paths: a connection dropped by the server fails its statement instead (a
     # 500 problem on a request, a retried batch on a consumer) and the pool discards it.
     database_pool_pre_ping: bool = False
+    # The hot statements are fixed shapes (look-ups by key, arrays of keys) whose best plan does not
+    # depend on the values: PostgreSQL's default re-plans a prepared statement per execution until it
+    # trusts a generic plan, which was a third of its CPU per redeem.
+    database_plan_cache_mode: Literal["auto", "force_generic_plan", "force_custom_plan"] = "force_generic_plan"
     outbox_relay_enabled: bool = Field(default=True, description="Relay committed entries to loyalty.ledger-entries.v1")
     outbox_batch_size: int = Field(default=1000, ge=1)
     # Every relay run is a transaction, a claim query and a produce request whatever it carries: polling
