@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Annotated, NewType
 
 from fastapi import Depends
+from pydantic_core import from_json
 from sqlalchemy import MetaData, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from starlette.requests import Request
@@ -44,6 +45,9 @@ def create_engine(
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=pre_ping,
+        # json/jsonb columns decoded by pydantic's parser: the same values as json.loads, at about half the
+        # cost (consumers read thousands of JSON documents per batch).
+        json_deserializer=from_json,
         connect_args={
             "server_settings": {
                 "application_name": application_name,
