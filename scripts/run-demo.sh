@@ -14,6 +14,14 @@ stop() {
 trap stop INT TERM
 
 key=$($BIN/loyalty keys create --tenant demo --scope admin --name "make run demo" 2>/dev/null)
+# A small programme (points per euro, first-purchase and up-sell bonuses, tiers), so the sample purchases
+# earn points that reach the ledger; activated from the past, so every sample event falls under it.
+version=$(curl -s -X POST -H "X-API-Key: $key" -H 'Content-Type: application/json' \
+  --data @scripts/demo-ruleset.json http://127.0.0.1:8002/v1/rulesets/demo/versions \
+  | $BIN/python -c 'import json, sys; print(json.load(sys.stdin)["version"])')
+curl -s -o /dev/null -X POST -H "X-API-Key: $key" -H 'Content-Type: application/json' \
+  --data '{"effective_from": "2000-01-01T00:00:00Z"}' \
+  "http://127.0.0.1:8002/v1/rulesets/demo/versions/$version/activate"
 $BIN/loyalty sample --tenant demo --count 25 --customers 5
 sleep 3
 echo
@@ -25,12 +33,15 @@ done
 echo
 echo "A demo API key for tenant 'demo' (scope admin): $key"
 echo
-echo "What the sample stream did (rules counted purchases, metrics aggregated revenue):"
+echo "What the sample stream did (rules ruleset 'demo' v$version awarded points, the ledger booked them,"
+echo "metrics aggregated revenue):"
 curl -s -H "X-API-Key: $key" http://127.0.0.1:8002/v1/customers/cust-001/state; echo
+curl -s -H "X-API-Key: $key" http://127.0.0.1:8001/v1/accounts/cust-001; echo
 today=$(date -u +%F)
 curl -s -H "X-API-Key: $key" "http://127.0.0.1:8003/v1/kpis/daily-purchases?from=$today&to=$today"; echo
 echo
-echo "Try:  curl -H 'X-API-Key: $key' http://127.0.0.1:8002/v1/customers/cust-002/state"
+echo "Try:  curl -H 'X-API-Key: $key' http://127.0.0.1:8002/v1/customers/cust-002/awards"
+echo "      curl -H 'X-API-Key: $key' http://127.0.0.1:8001/v1/accounts/cust-002/entries"
 echo "      .venv/bin/loyalty sample --tenant demo --count 100     # more events"
 echo "      .venv/bin/loyalty dlq                                   # dead letters and their reasons"
 echo
