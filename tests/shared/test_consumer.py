@@ -229,86 +229,71 @@ class TestPoisonMessage:
 
 
 class SlowHandler:
-    def __init__(self) -> None:
+    """Takes `seconds` over each batch; `started` is set as the first one comes in."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
         self.started = asyncio.Event()
         self.finished: list[str] = []
 
     async def __call__(self, batch: Sequence[Inbound]) -> Sequence[Rejection]:
         self.started.set()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(self.seconds)
         self.finished.extend(m.event.id for m in batch)
         return []
+
+
+async def _stop_mid_batch(
+    raw_producer: AIOKafkaProducer, name: str, handler: SlowHandler, events: int, grace_s: float
+) -> tuple[ConsumerRunner, str, list[str], float]:
+    """Runs a consumer of a fresh topic holding `events` purchases and stops it while `handler` works on
+    the first batch; returns the runner, the topic, the event ids in topic order and how long stop() took."""
+    source = await fresh_topic(name)
+    producer = EventProducer(KAFKA, client_id=f"test-{name}")
+    await producer.start()
+    runner = ConsumerRunner(
+        service="test",
+        topics=[source],
+        group_id=name,
+        bootstrap_servers=KAFKA,
+        handler=handler,
+        dlq_producer=producer,
+        dlq_topic=topic(DLQ),
+        batch_timeout_ms=50,
+    )
+    sent = [purchase("t-stop", "c-stop") for _ in range(events)]
+    try:
+        for event in sent:
+            await raw_producer.send(source, event.to_bytes(), key=event.key)
+        await raw_producer.flush()
+        await runner.start()
+        await asyncio.wait_for(handler.started.wait(), 30)
+        began = asyncio.get_running_loop().time()
+        await runner.stop(grace_s=grace_s)
+        return runner, source, [e.id for e in sent], asyncio.get_running_loop().time() - began
+    finally:
+        await producer.stop()
 
 
 class TestStop:
     async def test_a_batch_in_flight_is_finished_and_committed(
         self, raw_producer: AIOKafkaProducer, kafka_topics: list[str], tenant: str
     ) -> None:
-        source = await fresh_topic(f"stop-{tenant}")
-        producer = EventProducer(KAFKA, client_id="test-stop")
-        await producer.start()
-        handler = SlowHandler()
-        group = f"stop-{tenant}"
-        runner = ConsumerRunner(
-            service="test",
-            topics=[source],
-            group_id=group,
-            bootstrap_servers=KAFKA,
-            handler=handler,
-            dlq_producer=producer,
-            dlq_topic=topic(DLQ),
-            batch_timeout_ms=50,
-        )
-        events = [purchase(tenant, "c-stop") for _ in range(3)]
-        try:
-            for event in events:
-                await raw_producer.send(source, event.to_bytes(), key=event.key)
-            await raw_producer.flush()
-            await runner.start()
-            await asyncio.wait_for(handler.started.wait(), 30)
-            await runner.stop()  # while the handler sleeps
-        finally:
-            await producer.stop()
+        handler = SlowHandler(0.5)
+        _, source, ids, _ = await _stop_mid_batch(raw_producer, f"stop-{tenant}", handler, events=3, grace_s=10)
         assert handler.finished, "the batch in flight ran to its end"
-        assert handler.finished == [e.id for e in events[: len(handler.finished)]]
-        assert await committed_offset(group, source) == len(handler.finished), "and its offsets were committed"
+        assert handler.finished == ids[: len(handler.finished)]
+        assert await committed_offset(f"stop-{tenant}", source) == len(handler.finished), "and its offsets too"
 
     async def test_a_handler_that_never_settles_is_cancelled_after_the_grace_period(
         self, raw_producer: AIOKafkaProducer, kafka_topics: list[str], tenant: str
     ) -> None:
-        source = await fresh_topic(f"hang-{tenant}")
-        producer = EventProducer(KAFKA, client_id="test-hang")
-        await producer.start()
-        started = asyncio.Event()
-
-        async def hangs(batch: Sequence[Inbound]) -> Sequence[Rejection]:
-            started.set()
-            await asyncio.sleep(3600)
-            return []
-
-        group = f"hang-{tenant}"
-        runner = ConsumerRunner(
-            service="test",
-            topics=[source],
-            group_id=group,
-            bootstrap_servers=KAFKA,
-            handler=hangs,
-            dlq_producer=producer,
-            dlq_topic=topic(DLQ),
-            batch_timeout_ms=50,
-        )
-        try:
-            event = purchase(tenant, "c-hang")
-            await raw_producer.send_and_wait(source, event.to_bytes(), key=event.key)
-            await runner.start()
-            await asyncio.wait_for(started.wait(), 30)
-            began = asyncio.get_running_loop().time()
-            await runner.stop(grace_s=0.3)
-            assert asyncio.get_running_loop().time() - began < 5
-            assert not runner.running
-        finally:
-            await producer.stop()
-        assert await committed_offset(group, source) is None, "nothing settled, nothing committed"
+        handler = SlowHandler(3600)
+        runner, source, _, took = await _stop_mid_batch(raw_producer, f"hang-{tenant}", handler, events=1, grace_s=0.3)
+        assert took < 5
+        assert not runner.running
+        assert handler.finished == []
+        assert await committed_offset(f"hang-{tenant}", source) is None, "nothing settled, nothing committed"
 
 
 async def committed_offset(group: str, name: str) -> int | None:
