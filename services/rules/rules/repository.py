@@ -11,7 +11,6 @@ from typing import Any, Self
 
 from pydantic_core import to_json
 from sqlalchemy import func, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from rules.engine import AwardRecord, CustomerSnapshot
@@ -344,16 +343,32 @@ class CampaignRepository(RepositoryBase):
             stmt = stmt.with_for_update()
         return {(r.tenant_id, r.campaign_id): int(r.points) for r in (await self.session.execute(stmt)).all()}
 
-    async def add(self, amounts: dict[Key, int]) -> None:
-        rows = [{"tenant_id": t, "campaign_id": c, "points": p} for (t, c), p in sorted(amounts.items()) if p]
-        if not rows:
-            return
-        stmt = insert(CampaignSpend)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[CampaignSpend.tenant_id, CampaignSpend.campaign_id],
-            set_={"points": CampaignSpend.points + stmt.excluded.points},
-        )
-        await self.session.execute(stmt, rows)
+    async def add(
+        self, amounts: dict[Key, int], *, budgets: dict[Key, int] | None = None, read: dict[Key, int] | None = None
+    ) -> list[Key]:
+        """Adds a batch's campaign points. With `budgets`, the batch was evaluated against the figures in
+        `read`, taken without a lock: a campaign is only added to while its total still equals what was
+        read or stays within the budget after the addition, which are exactly the cases where that
+        evaluation equals one made under the lock. Returns the campaigns where neither holds (nothing
+        of the batch may be kept then)."""
+        over: list[Key] = []
+        driver = await _driver(self.session)
+        for key, points in sorted(amounts.items()):  # sorted: concurrent batches lock rows in one order
+            if not points:
+                continue
+            budget = budgets.get(key) if budgets is not None else None
+            seen = (read or {}).get(key, 0)
+            if await driver.fetchval(_ADD_SPEND, key[0], key[1], points, budget, seen) is None:
+                over.append(key)
+        return over
+
+
+_ADD_SPEND = """
+insert into rules.campaign_spend as s (tenant_id, campaign_id, points) values ($1, $2, $3)
+on conflict (tenant_id, campaign_id) do update set points = s.points + excluded.points
+where $4::bigint is null or s.points = $5::bigint or s.points + excluded.points <= $4::bigint
+returning s.points
+"""
 
 
 _OUTBOX_IDS = """

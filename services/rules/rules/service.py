@@ -77,6 +77,11 @@ TRACKING_GROUP = "rules"
 VersionKey = tuple[str, str, int]
 
 
+class CampaignBudgetContended(Exception):
+    """Another consumer spent from a campaign budget after this batch read it, so far that the batch's
+    evaluation may have awarded more than the budget had left."""
+
+
 @dataclass
 class BatchOutcome:
     rejections: list[Rejection] = field(default_factory=list)
@@ -437,6 +442,19 @@ class RulesService:
         The tracking rows, state, awards and the outbox of commands commit together (the boundary's
         transaction), so a redelivered batch finds its events claimed and produces nothing twice.
         """
+        # Campaign budgets are read without a lock, so consumers do not queue behind one campaign row for
+        # whole batches; when another consumer spent the budget meanwhile, the batch is evaluated again
+        # with the rows locked (a savepoint undoes the first attempt).
+        try:
+            async with session.begin_nested():
+                return await self._process(session, batch, group, namespace, lock_campaigns=False)
+        except CampaignBudgetContended:
+            log.info("campaign budget contended, evaluating the batch again under lock")
+            return await self._process(session, batch, group, namespace, lock_campaigns=True)
+
+    async def _process(
+        self, session: AsyncSession, batch: Sequence[Inbound], group: str, namespace: str, *, lock_campaigns: bool
+    ) -> BatchOutcome:
         outcome = BatchOutcome()
         tracking = TrackingRepository.from_session(session)
         fresh = await tracking.claim_new(group, (m.event.id for m in batch))
@@ -447,7 +465,7 @@ class RulesService:
                 messages.append(m)
         if not messages:
             return outcome
-        work = _BatchWork(self, session, namespace)
+        work = _BatchWork(self, session, namespace, lock_campaigns=lock_campaigns)
         await work.load(messages)
         for m in messages:
             try:
@@ -464,10 +482,16 @@ class RulesService:
 class _BatchWork:
     """The in-memory state of one batch: loaded once, changed event by event, saved once."""
 
-    def __init__(self, service: RulesService, session: AsyncSession, namespace: str) -> None:
+    def __init__(
+        self, service: RulesService, session: AsyncSession, namespace: str, *, lock_campaigns: bool = True
+    ) -> None:
         self.service = service
         self.session = session
         self.namespace = namespace
+        self.lock_campaigns = lock_campaigns
+        # The smallest budget any version in the batch gives a campaign, and the spend read at load.
+        self.budgets: dict[tuple[str, str], int] = {}
+        self.spent_read: dict[tuple[str, str], int] = {}
         self.states: dict[tuple[str, str], CustomerSnapshot] = {}
         self.dirty: set[tuple[str, str]] = set()
         self.orders: dict[tuple[str, str], OrderRecord] = {}
@@ -515,13 +539,14 @@ class _BatchWork:
                 wanted.add((order.tenant_id, order.ruleset_id, order.ruleset_version))
         self.compiled = await self.service.cache.load(session, wanted)
         self.states = await CustomerStateRepository.from_session(session).load(customer_keys, for_update=True)
-        campaigns = {
-            (t, c)
-            for (t, _, _), comp in self.compiled.items()
-            for c, spec in comp.document.campaigns.items()
-            if spec.budget
-        }
-        self.spent = await CampaignRepository.from_session(session).spent(campaigns, for_update=True)
+        budgets: dict[tuple[str, str], int] = {}
+        for (t, _, _), comp in self.compiled.items():
+            for c, spec in comp.document.campaigns.items():
+                if spec.budget is not None:
+                    budgets[(t, c)] = min(spec.budget, budgets.get((t, c), spec.budget))
+        self.budgets = budgets
+        self.spent = await CampaignRepository.from_session(session).spent(budgets, for_update=self.lock_campaigns)
+        self.spent_read = dict(self.spent)
 
     def state(self, tenant: str, customer_id: str) -> CustomerSnapshot:
         key = (tenant, customer_id)
@@ -693,10 +718,17 @@ class _BatchWork:
         )
         await orders.insert_awards(self.awards)
         await orders.add_clawed_back(self.clawed)
-        await CampaignRepository.from_session(session).add(self.spent_delta)
         outcome.outbox_ids = await OutboxRepository.from_session(session).add(self.outbox)
         outcome.outbox_rows = self.outbox
         outcome.awards = len(self.awards)
+        # Last, so the campaign rows stay locked (by these updates) only until the commit that follows.
+        over = await CampaignRepository.from_session(session).add(
+            self.spent_delta,
+            budgets=None if self.lock_campaigns else self.budgets,
+            read=self.spent_read,
+        )
+        if over:
+            raise CampaignBudgetContended(over)
 
 
 class OutboxRelay:
