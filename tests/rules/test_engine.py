@@ -456,18 +456,30 @@ class TestFastPaths:
         fired = next(o for o in ev.trace if o.rule_id == "b").fired
         assert fired is (expected is True)
 
-    def test_skipped_outcomes_are_shared_and_read_only(self) -> None:
-        document = doc(BASE, {"id": "never", "kind": "bonus", "points": 5, "when": "event.net_amount > 1000000.0"})
+    def test_skipped_outcomes_are_shared_and_stay_unchanged(self) -> None:
+        document = doc(
+            BASE,
+            {"id": "never", "kind": "bonus", "points": 5, "when": "event.net_amount > 1000000.0"},
+            caps={"per_order": 10, "per_customer": {"points": 15, "period": "month"}},
+        )
         c = compiled(document)
-        first = evaluate(c, order(TENANT, "c", [line("A", "x", "1", "1")]), CustomerSnapshot("c"))
-        second = evaluate(c, order(TENANT, "c", [line("A", "x", "1", "2")]), CustomerSnapshot("c"))
-        a = next(o for o in first.trace if o.rule_id == "never")
-        b = next(o for o in second.trace if o.rule_id == "never")
-        assert a is b
-        assert not a.fired
-        assert a.explanation.startswith("condition not met")
-        with pytest.raises(AttributeError):
-            a.points = 3
+        state = CustomerSnapshot("c")
+        totals, shared = [], set()
+        # 1 EUR: 1 point; 50 EUR: the per-order cap trims to 10; 70 EUR: 11 of 15 this month, 4 left.
+        for amount in ("1", "50", "70"):
+            event = order(TENANT, "c", [line("A", "x", "1", amount)])
+            ev = evaluate(c, event, state)
+            apply_event(
+                state, event, spend_factor=Decimal(1), points=ev.total_points, counters=ev.counters.get("c", {})
+            )
+            totals.append(ev.total_points)
+            shared.add(id(next(o for o in ev.trace if o.rule_id == "never")))
+        assert totals == [1, 10, 4]
+        assert len(shared) == 1
+        a = next(o for o in ev.trace if o.rule_id == "never")
+        assert (a.fired, a.points, a.customer_id) == (False, 0, None)
+        explanation = a.explanation
+        assert explanation.startswith("condition not met")
 
     def test_re_evaluation_is_identical(self) -> None:
         document = doc(

@@ -49,7 +49,17 @@ def _simulation(evaluation: Evaluation) -> schemas.Simulation:
         event_id=evaluation.event_id,
         customer_id=evaluation.customer_id,
         total_points=evaluation.total_points,
-        commands=[schemas.PlannedCommand(**vars(c)) for c in evaluation.commands],
+        commands=[
+            schemas.PlannedCommand(
+                command_id=c.command_id,
+                customer_id=c.customer_id,
+                member_id=c.member_id,
+                points=c.points,
+                matures_at=c.matures_at,
+                breakdown=c.breakdown,
+            )
+            for c in evaluation.commands
+        ],
         rules=[
             schemas.RuleResult(
                 rule_id=o.rule_id, fired=o.fired, points=o.points, explanation=o.explanation, customer_id=o.customer_id

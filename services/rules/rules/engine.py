@@ -457,10 +457,11 @@ class CompiledRule:
         return self.skipped(self.no_longer)
 
     def skipped(self, reason: str) -> RuleOutcome:
-        """The shared, read-only outcome of this rule not firing for a fixed reason."""
+        """The outcome of this rule not firing for a fixed reason: one instance serves every evaluation,
+        as nothing changes an outcome that did not fire (the caps and the plan read fired ones only)."""
         outcome = self._skipped.get(reason)
         if outcome is None:
-            outcome = self._skipped[reason] = _SkippedOutcome.of(self.rule_id, reason)
+            outcome = self._skipped[reason] = RuleOutcome(self.rule_id, False, 0, reason)
         return outcome
 
     def arithmetic(self, currency: str, rate: Decimal) -> str:
@@ -638,32 +639,6 @@ class RuleOutcome:
     customer_id: str | None = None
     pending_days: int = 0
     campaign: str | None = None
-
-
-class _SkippedOutcome(RuleOutcome):
-    """A rule that did not fire for a fixed reason (window, condition, no line). Nothing changes an
-    outcome that did not fire, so one instance per rule and reason serves every evaluation; it is
-    read-only to keep it that way."""
-
-    __slots__ = ()
-
-    @classmethod
-    def of(cls, rule_id: str, reason: str) -> _SkippedOutcome:
-        outcome = object.__new__(cls)
-        for name, value in (
-            ("rule_id", rule_id),
-            ("fired", False),
-            ("points", 0),
-            ("explanation", reason),
-            ("customer_id", None),
-            ("pending_days", 0),
-            ("campaign", None),
-        ):
-            object.__setattr__(outcome, name, value)
-        return outcome
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"a shared outcome of a rule that did not fire is read-only ({name})")
 
 
 @dataclass(frozen=True)
