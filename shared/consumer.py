@@ -59,11 +59,18 @@ class Rejection:
 BatchHandler = Callable[[Sequence[Inbound]], Awaitable[Sequence[Rejection]]]
 
 
+class RetryLater(Exception):
+    """Raised by a handler when the batch met a passing conflict (another consumer holds or just wrote
+    the same rows), not a fault of the input: the batch is retried, never dead-lettered."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """Errors of the infrastructure, not of the input: retrying the same batch later can succeed."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, OperationalError | InterfaceError | OSError | ConnectionError | TimeoutError | KafkaError)
+    return isinstance(
+        exc, RetryLater | OperationalError | InterfaceError | OSError | ConnectionError | TimeoutError | KafkaError
+    )
 
 
 class ConsumerRunner:

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any, cast
 
 import httpx
 from aiokafka import AIOKafkaProducer, ConsumerRecord
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from rules.service import rules_service
+from shared.consumer import Inbound
+from shared.db import create_engine, create_sessionmaker, transaction
 from shared.events import CloudEvent, decode_event
 from shared.topics import CUSTOMERS, ENGAGEMENT, POINTS_COMMANDS, PURCHASES
-from tests.conftest import read_topic, topic
+from tests.conftest import read_topic, service_settings, topic
+from tests.rules.samples import T0
 
 ACTIVE_FROM = "2026-01-01T00:00:00Z"
 
@@ -84,3 +91,32 @@ async def commands_now(tenant: str, *, read_for_s: float = 3.0) -> list[CloudEve
     stop_at = loop.time() + read_for_s
     records = await read_topic(topic(POINTS_COMMANDS), until=lambda rs: loop.time() > stop_at)
     return _tenant_events(records, tenant)
+
+
+@asynccontextmanager
+async def rules_database(tenant: str, document: dict[str, Any]) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """Sessions on the rules test database, with `document` active for `tenant` from a day before T0:
+    for tests that drive `rules_service.process_batch` directly, as the consumer does."""
+    engine = create_engine(service_settings("rules").database_url, pool_size=3)
+    maker = create_sessionmaker(engine)
+    try:
+        async with transaction(maker) as session:
+            await rules_service.create_version(
+                session, tenant_id=tenant, ruleset_id="main", source=document, key_id="test"
+            )
+            await rules_service.activate(
+                session,
+                tenant_id=tenant,
+                ruleset_id="main",
+                version=1,
+                effective_from=T0 - timedelta(days=1),
+                key_id="test",
+            )
+        yield maker
+    finally:
+        await engine.dispose()
+
+
+def inbound(event: CloudEvent[Any]) -> Inbound:
+    """A consumed message as the consumer hands it to the service (no Kafka record needed there)."""
+    return Inbound(event, "purchases", 0, 0, cast(Any, None))

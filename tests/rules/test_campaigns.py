@@ -4,8 +4,6 @@ consumer's spend that lands in between must never let the campaign pay out more 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from datetime import timedelta
-from typing import Any, cast
 
 import pytest
 from sqlalchemy import select
@@ -14,11 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from rules.models import CampaignSpend
 from rules.repository import CampaignRepository, Key
 from rules.service import rules_service
-from shared.consumer import Inbound
-from shared.db import create_engine, create_sessionmaker, transaction
-from shared.events import CloudEvent, decode_event
-from tests.conftest import service_settings
-from tests.rules.samples import BASE, T0, doc, line, order
+from shared.db import transaction
+from shared.events import decode_event
+from tests.rules.helpers import inbound, rules_database
+from tests.rules.samples import BASE, doc, line, order
 
 pytestmark = pytest.mark.db
 
@@ -32,19 +29,8 @@ DOCUMENT = doc(
 
 @pytest.fixture
 async def sessionmaker(tenant: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = create_engine(service_settings("rules").database_url, pool_size=3)
-    maker = create_sessionmaker(engine)
-    async with transaction(maker) as session:
-        await rules_service.create_version(session, tenant_id=tenant, ruleset_id="main", source=DOCUMENT, key_id="t")
-        await rules_service.activate(
-            session, tenant_id=tenant, ruleset_id="main", version=1, effective_from=T0 - timedelta(days=1), key_id="t"
-        )
-    yield maker
-    await engine.dispose()
-
-
-def _inbound(event: CloudEvent[Any]) -> Inbound:
-    return Inbound(event, "purchases", 0, 0, cast(Any, None))
+    async with rules_database(tenant, DOCUMENT) as maker:
+        yield maker
 
 
 def _spends_meanwhile(
@@ -68,7 +54,7 @@ def _spends_meanwhile(
 
 
 async def _run(maker: async_sessionmaker[AsyncSession], tenant: str) -> tuple[dict[str, int], int]:
-    batch = [_inbound(order(tenant, c, [line("A", "x", "1", "60")])) for c in ("c1", "c2")]
+    batch = [inbound(order(tenant, c, [line("A", "x", "1", "60")])) for c in ("c1", "c2")]
     async with transaction(maker) as session:
         outcome = await rules_service.process_batch(session, batch)
     assert outcome.rejections == []
@@ -110,7 +96,7 @@ class TestBudgetUnderConcurrency:
     ) -> None:
         first, _ = await _run(sessionmaker, tenant)
         assert first == {"c1": 100, "c2": 100}
-        batch = [_inbound(order(tenant, "c3", [line("A", "x", "1", "60")]))]
+        batch = [inbound(order(tenant, "c3", [line("A", "x", "1", "60")]))]
         async with transaction(sessionmaker) as session:
             outcome = await rules_service.process_batch(session, batch)
         (row,) = outcome.outbox_rows

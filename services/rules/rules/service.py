@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from asyncpg.exceptions import UniqueViolationError
 from pydantic import TypeAdapter
 from pydantic_core import to_json
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -50,7 +51,7 @@ from rules.repository import (
     RulesetRepository,
     TrackingRepository,
 )
-from shared.consumer import Inbound, Rejection
+from shared.consumer import Inbound, Rejection, RetryLater
 from shared.db import transaction
 from shared.events import (
     CUSTOM_TYPE_PREFIX,
@@ -439,8 +440,10 @@ class RulesService:
     ) -> BatchOutcome:
         """Evaluates a batch in memory and writes its effects with one statement per table.
 
-        The tracking rows, state, awards and the outbox of commands commit together (the boundary's
-        transaction), so a redelivered batch finds its events claimed and produces nothing twice.
+        State, orders, awards, tracking rows and the outbox of commands commit together (the caller's
+        transaction), so a redelivered batch finds its events done and produces nothing twice: a
+        purchase by its order (the order row names the event that recorded it), any other event by its
+        tracking row. Raises `RetryLater` when another consumer is recording the same purchase.
         """
         # Campaign budgets are read without a lock, so consumers do not queue behind one campaign row for
         # whole batches; when another consumer spent the budget meanwhile, the batch is evaluated again
@@ -457,25 +460,40 @@ class RulesService:
     ) -> BatchOutcome:
         outcome = BatchOutcome()
         tracking = TrackingRepository.from_session(session)
-        fresh = await tracking.claim_new(group, (m.event.id for m in batch))
+        # Purchases need no tracking row: their order row, written in the same transaction, records them.
+        tracked = [m.event.id for m in batch if not isinstance(m.event.data, PurchaseCompleted)]
+        fresh = await tracking.claim_new(group, tracked)
         messages: list[Inbound] = []
+        taken: set[str] = set()
         for m in batch:
-            if m.event.id in fresh:
-                fresh.discard(m.event.id)  # the same id twice in one batch counts once
+            event_id = m.event.id
+            if event_id in taken:
+                continue  # the same id twice in one batch counts once
+            if event_id in fresh or isinstance(m.event.data, PurchaseCompleted):
+                taken.add(event_id)
                 messages.append(m)
         if not messages:
             return outcome
         work = _BatchWork(self, session, namespace, lock_campaigns=lock_campaigns)
         await work.load(messages)
         for m in messages:
+            if work.recorded(m.event):
+                continue  # a redelivered purchase: its order row names this very event
             try:
                 work.apply(m)
             except EventRefused as exc:
                 outcome.rejections.append(Rejection(m, str(exc)))
         # A refused event changed nothing: release its claim, so replaying it from the DLQ (after the
         # ruleset learnt the currency, say) processes it instead of skipping it as a duplicate.
-        await tracking.release(group, [r.message.event.id for r in outcome.rejections])
-        await work.save(outcome)
+        await tracking.release(group, [r.message.event.id for r in outcome.rejections if r.message.event.id in fresh])
+        try:
+            await work.save(outcome)
+        except UniqueViolationError as exc:
+            if exc.table_name != "orders":
+                raise
+            # Another consumer (the partition's previous owner, during a rebalance) recorded one of these
+            # purchases after this batch read the orders: once it commits, the retry skips that purchase.
+            raise RetryLater(f"order recorded concurrently: {exc.detail}") from exc
         return outcome
 
 
@@ -547,6 +565,14 @@ class _BatchWork:
         self.budgets = budgets
         self.spent = await CampaignRepository.from_session(session).spent(budgets, for_update=self.lock_campaigns)
         self.spent_read = dict(self.spent)
+
+    def recorded(self, event: CloudEvent[Any]) -> bool:
+        """A purchase this service recorded before (under this event id): a redelivery to skip."""
+        data = event.data
+        if not isinstance(data, PurchaseCompleted):
+            return False
+        seen = self.orders.get((event.tenantid, data.order_id))
+        return seen is not None and seen.event_id == event.id
 
     def state(self, tenant: str, customer_id: str) -> CustomerSnapshot:
         key = (tenant, customer_id)
