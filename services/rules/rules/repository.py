@@ -371,8 +371,12 @@ returning s.points
 """
 
 
-_OUTBOX_IDS = """
-select array_agg(nextval(pg_get_serial_sequence('rules.outbox', 'id')) order by n) from generate_series(1, $1) as n
+# Each nextval of the outbox's sequence reserves OUTBOX_ID_BLOCK consecutive ids (migration 0003): a batch takes
+# a few blocks instead of an id per row, and deletes its rows by id range.
+OUTBOX_ID_BLOCK = 1024
+
+_OUTBOX_BLOCKS = """
+select array_agg(nextval('rules.outbox_id_seq') order by n) from generate_series(1, $1) as n
 """
 
 
@@ -381,7 +385,9 @@ class OutboxRepository(RepositoryBase):
         if not rows:
             return []
         # The ids first (one statement), then the rows with COPY: COPY returns nothing.
-        ids: list[int] = await (await _driver(self.session)).fetchval(_OUTBOX_IDS, len(rows))
+        driver = await _driver(self.session)
+        blocks: list[int] = await driver.fetchval(_OUTBOX_BLOCKS, -(-len(rows) // OUTBOX_ID_BLOCK))
+        ids = [start + i for start in blocks for i in range(OUTBOX_ID_BLOCK)][: len(rows)]
         await _copy(
             self.session,
             "outbox",
@@ -391,10 +397,23 @@ class OutboxRepository(RepositoryBase):
         return ids
 
     async def delete(self, ids: Sequence[int]) -> None:
-        if ids:
-            await (await _driver(self.session)).execute(
-                "delete from rules.outbox where id = any($1::bigint[])", list(ids)
-            )
+        if not ids:
+            return
+        # Ids come in runs (a block, or a sweep's sorted claim): a range scan per run, not a probe per id.
+        starts: list[int] = []
+        ends: list[int] = []
+        for i in sorted(ids):
+            if ends and i == ends[-1] + 1:
+                ends[-1] = i
+            else:
+                starts.append(i)
+                ends.append(i)
+        await (await _driver(self.session)).execute(
+            """delete from rules.outbox o using unnest($1::bigint[], $2::bigint[]) as r(lo, hi)
+               where o.id between r.lo and r.hi""",
+            starts,
+            ends,
+        )
 
     async def claim_stale(
         self, older_than: timedelta, limit: int, now: datetime, namespace: str = ""

@@ -1,0 +1,63 @@
+"""Outbox ids come in blocks of consecutive ids per transaction, and deletes go by id range: neither may
+ever touch another transaction's rows."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from rules.models import OutboxMessage
+from rules.repository import OUTBOX_ID_BLOCK, OutboxRepository
+from shared.db import create_engine, create_sessionmaker, transaction
+from tests.conftest import service_settings
+
+pytestmark = pytest.mark.db
+
+
+@pytest.fixture
+async def sessionmaker() -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = create_engine(service_settings("rules").database_url, pool_size=2)
+    yield create_sessionmaker(engine)
+    await engine.dispose()
+
+
+def _rows(tenant: str, count: int) -> list[dict[str, Any]]:
+    return [{"topic": f"outbox-test.{tenant}", "key": b"k", "value": f"{tenant}-{i}".encode()} for i in range(count)]
+
+
+async def _left(maker: async_sessionmaker[AsyncSession], tenant: str) -> list[int]:
+    async with maker() as session:
+        stmt = select(OutboxMessage.id).where(OutboxMessage.topic == f"outbox-test.{tenant}").order_by(OutboxMessage.id)
+        return list((await session.execute(stmt)).scalars().all())
+
+
+class TestOutboxIds:
+    async def test_interleaved_transactions_get_disjoint_ids_and_delete_only_their_own(
+        self, sessionmaker: async_sessionmaker[AsyncSession], tenant: str
+    ) -> None:
+        count = OUTBOX_ID_BLOCK * 2 + 7  # three blocks, the last one partly used
+        async with transaction(sessionmaker) as first, transaction(sessionmaker) as second:
+            a = await OutboxRepository.from_session(first).add(_rows(f"{tenant}a", count))
+            b = await OutboxRepository.from_session(second).add(_rows(f"{tenant}b", 10))
+            a += await OutboxRepository.from_session(first).add(_rows(f"{tenant}a", 3))
+        assert len(set(a)) == count + 3
+        assert not set(a) & set(b)
+        assert a[:count] == sorted(a[:count]), "in the rows' order"
+        assert await _left(sessionmaker, f"{tenant}a") == sorted(a)
+        async with transaction(sessionmaker) as session:
+            await OutboxRepository.from_session(session).delete(a)
+        assert await _left(sessionmaker, f"{tenant}a") == []
+        assert await _left(sessionmaker, f"{tenant}b") == sorted(b), "the other transaction's rows stay"
+
+    async def test_delete_of_ids_with_gaps_keeps_the_rows_in_the_gaps(
+        self, sessionmaker: async_sessionmaker[AsyncSession], tenant: str
+    ) -> None:
+        async with transaction(sessionmaker) as session:
+            ids = await OutboxRepository.from_session(session).add(_rows(tenant, 6))
+        async with transaction(sessionmaker) as session:
+            await OutboxRepository.from_session(session).delete([ids[4], ids[0], ids[1], ids[3]])
+        assert await _left(sessionmaker, tenant) == [ids[2], ids[5]]
