@@ -5,8 +5,9 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from rules import ruleset as rs
+from rules.batch import BatchWork, Schedule, earn_command, tier_changed
 from rules.engine import CompiledRuleset, CustomerSnapshot, TierChange, evaluate
-from rules.service import _BatchWork, _Schedule, earn_command, rules_service, tier_changed
+from rules.service import rules_service
 from shared.consumer import Inbound
 from shared.events import ClawbackPoints, CloudEvent, EarnPoints, Payload, TierChanged, decode_event
 from tests.rules.samples import BASE, T0, TIERS, doc, line, order, referral, refund, review
@@ -90,8 +91,8 @@ class TestOtherOutputRows:
 
     def test_clawback_of_a_refund(self) -> None:
         compiled = CompiledRuleset.compile("main", 1, rs.parse(DOCUMENT))
-        work = _BatchWork(rules_service, cast(AsyncSession, None), "")
-        work.schedules = {TENANT: _Schedule([T0 - timedelta(days=1)], [("main", 1)])}
+        work = BatchWork(rules_service.cache, cast(AsyncSession, None), "")
+        work.schedules = {TENANT: Schedule([T0 - timedelta(days=1)], [("main", 1)])}
         work.compiled = {(TENANT, "main", 1): compiled}
         purchase = order(TENANT, "c-5", [line("S-1", "tools", "10", "10")], order_id="SO-5")
         work.apply(_inbound(purchase))

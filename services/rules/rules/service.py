@@ -1,36 +1,30 @@
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from datetime import datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from asyncpg.exceptions import UniqueViolationError
-from pydantic import TypeAdapter
-from pydantic_core import to_json
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from rules import ruleset as rs
+from rules.batch import (
+    BatchOutcome,
+    BatchWork,
+    CampaignBudgetContended,
+    RulesetCache,
+    schedules,
+    tier_changed,
+)
 from rules.engine import (
-    AwardRecord,
-    CompiledRuleset,
     CustomerSnapshot,
     Evaluation,
     EventRefused,
-    PlannedEarn,
-    TierChange,
-    apply_event,
-    apply_refund,
-    command_id,
     evaluate,
     event_time,
-    plan_clawbacks,
-    refund_amount,
     review_tier,
 )
 from rules.errors import (
@@ -45,7 +39,6 @@ from rules.models import Award, Ruleset, RulesetActivation
 from rules.repository import (
     CampaignRepository,
     CustomerStateRepository,
-    OrderRecord,
     OrderRepository,
     OutboxRepository,
     RulesetRepository,
@@ -54,167 +47,24 @@ from rules.repository import (
 from shared.consumer import Inbound, Rejection, RetryLater
 from shared.db import transaction
 from shared.events import (
-    CUSTOM_TYPE_PREFIX,
     TOPIC_EVENT_TYPES,
     CloudEvent,
     EventDecodeError,
     PurchaseCompleted,
     PurchaseRefunded,
     ReferralConverted,
-    RuleAward,
     carries,
     decode_event,
     utcnow,
 )
 from shared.kafka import EventProducer, send_all
-from shared.topics import CUSTOMERS, ENGAGEMENT, POINTS_COMMANDS, PURCHASES
+from shared.topics import CUSTOMERS, ENGAGEMENT, PURCHASES
 
 log = logging.getLogger(__name__)
 
-SOURCE = "loyalty/rules"
 # The consumer tracks under the service's name, not its (suffixed) group id: the effect (state, awards)
 # is the service's, so any replica or group that sees an event again must skip it.
 TRACKING_GROUP = "rules"
-VersionKey = tuple[str, str, int]
-
-
-class CampaignBudgetContended(Exception):
-    """Another consumer spent from a campaign budget after this batch read it, so far that the batch's
-    evaluation may have awarded more than the budget had left."""
-
-
-@dataclass
-class BatchOutcome:
-    rejections: list[Rejection] = field(default_factory=list)
-    outbox_ids: list[int] = field(default_factory=list)
-    outbox_rows: list[dict[str, Any]] = field(default_factory=list)
-    awards: int = 0
-
-
-@dataclass
-class _Schedule:
-    """A tenant's activations sorted by effective time: the active version at t is a binary search."""
-
-    starts: list[datetime]
-    versions: list[tuple[str, int]]
-
-    def at(self, when: datetime) -> tuple[str, int] | None:
-        i = bisect.bisect_right(self.starts, when)
-        return self.versions[i - 1] if i else None
-
-
-class RulesetCache:
-    """Compiled rulesets by (tenant, ruleset id, version). Versions never change, so entries never go stale."""
-
-    def __init__(self, limit: int = 1000) -> None:
-        self._compiled: dict[VersionKey, CompiledRuleset] = {}
-        self._limit = limit
-
-    def get(self, key: VersionKey) -> CompiledRuleset | None:
-        return self._compiled.get(key)
-
-    def put(self, key: VersionKey, document: dict[str, Any]) -> CompiledRuleset:
-        compiled = CompiledRuleset.compile(key[1], key[2], rs.RulesetDocument.model_validate(document))
-        if len(self._compiled) >= self._limit:
-            self._compiled.pop(next(iter(self._compiled)))
-        self._compiled[key] = compiled
-        return compiled
-
-    async def load(self, session: AsyncSession, keys: set[VersionKey]) -> dict[VersionKey, CompiledRuleset]:
-        out = {k: c for k in keys if (c := self.get(k)) is not None}
-        missing = keys - out.keys()
-        for row in await RulesetRepository.from_session(session).documents(missing):
-            key = (row.tenant_id, row.ruleset_id, row.version)
-            out[key] = self.put(key, row.document)
-        return out
-
-
-def _schedules(activations: Sequence[RulesetActivation]) -> dict[str, _Schedule]:
-    out: dict[str, _Schedule] = {}
-    for a in activations:  # ordered by tenant, effective_from, id: a later activation wins a tie
-        s = out.setdefault(a.tenant_id, _Schedule([], []))
-        if s.starts and s.starts[-1] == a.effective_from:
-            s.versions[-1] = (a.ruleset_id, a.version)
-        else:
-            s.starts.append(a.effective_from)
-            s.versions.append((a.ruleset_id, a.version))
-    return out
-
-
-_BREAKDOWN_JSON = TypeAdapter(list[RuleAward])
-
-
-def _event_row(
-    topic: str, event_type: str, data: dict[str, Any], *, tenant: str, subject: str, event_id: str, time: datetime
-) -> dict[str, Any]:
-    """An outbox row of this service's output: the bytes are what the validated `CloudEvent[Model]`
-    serialises to (the tests decode and re-serialise them byte for byte), written by pydantic's own
-    serializer from plain dicts. Every value is valid by construction, and building the two models
-    cost more than serialising them."""
-    envelope = {
-        "specversion": "1.0",
-        "id": event_id,
-        "source": SOURCE,
-        "type": event_type,
-        "time": time.astimezone(UTC),  # what the envelope's validator makes of any aware time
-        "subject": subject,
-        "datacontenttype": "application/json",
-        "tenantid": tenant,
-        "dataversion": 1,
-        # exclude_none reaches into models only, not into plain dicts: leave the unset fields out here.
-        "data": {k: v for k, v in data.items() if v is not None},
-    }
-    return {"topic": topic, "key": f"{tenant}:{subject}".encode(), "value": to_json(envelope, exclude_none=True)}
-
-
-def earn_command(
-    topic: str, tenant: str, source_event: CloudEvent[Any], evaluation: Evaluation, plan: PlannedEarn
-) -> dict[str, Any]:
-    """The outbox row of a `points.earn` command. Its id is the command id and its time the source
-    event's, so re-evaluating gives byte-identical commands."""
-    data = {
-        "command_id": plan.command_id,
-        "customer_id": plan.customer_id,
-        "member_id": plan.member_id,
-        "points": plan.points,
-        "source_event_id": source_event.id,
-        "matures_at": plan.matures_at,
-        "ruleset_id": evaluation.ruleset_id,
-        "ruleset_version": evaluation.version,
-        "breakdown": plan.breakdown,
-        "reason": f"{source_event.type} under ruleset {evaluation.ruleset_id} v{evaluation.version}",
-    }
-    return _event_row(
-        topic,
-        "points.earn",
-        data,
-        tenant=tenant,
-        subject=plan.customer_id,
-        event_id=plan.command_id,
-        time=event_time(source_event),
-    )
-
-
-def tier_changed(
-    topic: str,
-    tenant: str,
-    customer_id: str,
-    change: TierChange,
-    compiled: CompiledRuleset,
-    cause: str,
-    at: datetime,
-) -> dict[str, Any]:
-    """The outbox row of a `tier.changed` event; its id derives from the cause, so a replay repeats it."""
-    data = {
-        "customer_id": customer_id,
-        "previous_tier": change.previous,
-        "tier": change.tier,
-        "reason": change.reason,
-        "ruleset_id": compiled.ruleset_id,
-        "ruleset_version": compiled.version,
-    }
-    event_id = command_id("tier", tenant, cause, customer_id)
-    return _event_row(topic, "tier.changed", data, tenant=tenant, subject=customer_id, event_id=event_id, time=at)
 
 
 INGEST_TOPICS = {PURCHASES: TOPIC_EVENT_TYPES[PURCHASES], ENGAGEMENT: TOPIC_EVENT_TYPES[ENGAGEMENT]}
@@ -298,7 +148,7 @@ class RulesService:
         return await RulesetRepository.from_session(session).activations([tenant_id])
 
     async def active_version(self, session: AsyncSession, *, tenant_id: str, at: datetime) -> tuple[str, int] | None:
-        schedule = _schedules(await RulesetRepository.from_session(session).activations([tenant_id])).get(tenant_id)
+        schedule = schedules(await RulesetRepository.from_session(session).activations([tenant_id])).get(tenant_id)
         return schedule.at(at) if schedule else None
 
     async def require_active(self, session: AsyncSession, *, tenant_id: str, at: datetime) -> dict[str, Any]:
@@ -474,7 +324,7 @@ class RulesService:
                 messages.append(m)
         if not messages:
             return outcome
-        work = _BatchWork(self, session, namespace, lock_campaigns=lock_campaigns)
+        work = BatchWork(self.cache, session, namespace, lock_campaigns=lock_campaigns)
         await work.load(messages)
         for m in messages:
             if work.recorded(m.event):
@@ -495,266 +345,6 @@ class RulesService:
             # purchases after this batch read the orders: once it commits, the retry skips that purchase.
             raise RetryLater(f"order recorded concurrently: {exc.detail}") from exc
         return outcome
-
-
-class _BatchWork:
-    """The in-memory state of one batch: loaded once, changed event by event, saved once."""
-
-    def __init__(
-        self, service: RulesService, session: AsyncSession, namespace: str, *, lock_campaigns: bool = True
-    ) -> None:
-        self.service = service
-        self.session = session
-        self.namespace = namespace
-        self.lock_campaigns = lock_campaigns
-        # The smallest budget any version in the batch gives a campaign, and the spend read at load.
-        self.budgets: dict[tuple[str, str], int] = {}
-        self.spent_read: dict[tuple[str, str], int] = {}
-        self.states: dict[tuple[str, str], CustomerSnapshot] = {}
-        self.dirty: set[tuple[str, str]] = set()
-        self.orders: dict[tuple[str, str], OrderRecord] = {}
-        self.new_orders: list[OrderRecord] = []
-        self.refunded: dict[tuple[str, str], Decimal] = {}
-        self.order_awards: dict[tuple[str, str], list[AwardRecord]] = {}
-        self.awards: list[dict[str, Any]] = []
-        self.clawed: dict[str, int] = {}
-        self.spent: dict[tuple[str, str], int] = {}
-        self.spent_delta: dict[tuple[str, str], int] = {}
-        self.outbox: list[dict[str, Any]] = []
-        self.schedules: dict[str, _Schedule] = {}
-        self.compiled: dict[VersionKey, CompiledRuleset] = {}
-
-    def version_for(self, event: CloudEvent[Any]) -> CompiledRuleset | None:
-        schedule = self.schedules.get(event.tenantid)
-        active = schedule.at(event_time(event)) if schedule else None
-        return self.compiled.get((event.tenantid, *active)) if active else None
-
-    async def load(self, messages: Sequence[Inbound]) -> None:
-        session = self.session
-        tenants = {m.event.tenantid for m in messages}
-        self.schedules = _schedules(await RulesetRepository.from_session(session).activations(tenants))
-        wanted: set[VersionKey] = set()
-        order_keys: set[tuple[str, str]] = set()
-        customer_keys: set[tuple[str, str]] = set()
-        for m in messages:
-            e = m.event
-            schedule = self.schedules.get(e.tenantid)
-            active = schedule.at(event_time(e)) if schedule else None
-            if active:
-                wanted.add((e.tenantid, *active))
-            customer_keys.add((e.tenantid, e.data.customer_id))
-            if isinstance(e.data, ReferralConverted):
-                customer_keys.add((e.tenantid, e.data.referred_customer_id))
-            if isinstance(e.data, PurchaseRefunded):
-                order_keys.add((e.tenantid, e.data.original_order_id))
-            if isinstance(e.data, PurchaseCompleted):
-                order_keys.add((e.tenantid, e.data.order_id))
-        orders = OrderRepository.from_session(session)
-        self.orders = await orders.load(order_keys)
-        self.order_awards = await orders.awards(order_keys)
-        for order in self.orders.values():
-            if order.ruleset_id is not None and order.ruleset_version is not None:
-                wanted.add((order.tenant_id, order.ruleset_id, order.ruleset_version))
-        self.compiled = await self.service.cache.load(session, wanted)
-        self.states = await CustomerStateRepository.from_session(session).load(customer_keys, for_update=True)
-        budgets: dict[tuple[str, str], int] = {}
-        for (t, _, _), comp in self.compiled.items():
-            for c, spec in comp.document.campaigns.items():
-                if spec.budget is not None:
-                    budgets[(t, c)] = min(spec.budget, budgets.get((t, c), spec.budget))
-        self.budgets = budgets
-        self.spent = await CampaignRepository.from_session(session).spent(budgets, for_update=self.lock_campaigns)
-        self.spent_read = dict(self.spent)
-
-    def recorded(self, event: CloudEvent[Any]) -> bool:
-        """A purchase this service recorded before (under this event id): a redelivery to skip."""
-        data = event.data
-        if not isinstance(data, PurchaseCompleted):
-            return False
-        seen = self.orders.get((event.tenantid, data.order_id))
-        return seen is not None and seen.event_id == event.id
-
-    def state(self, tenant: str, customer_id: str) -> CustomerSnapshot:
-        key = (tenant, customer_id)
-        state = self.states.get(key)
-        if state is None:
-            state = self.states[key] = CustomerSnapshot(customer_id)
-        return state
-
-    def apply(self, message: Inbound) -> None:
-        event = message.event
-        if isinstance(event.data, PurchaseRefunded):
-            self._refund(event, event.data)
-            return
-        tenant = event.tenantid
-        data = event.data
-        compiled = self.version_for(event)
-        order_key = (tenant, data.order_id) if isinstance(data, PurchaseCompleted) else None
-        if order_key is not None and order_key in self.orders:
-            seen = self.orders[order_key]
-            raise EventRefused(f"order {data.order_id!r} was already processed (event {seen.event_id})")
-        customer = self.state(tenant, data.customer_id)
-        referred = self.state(tenant, data.referred_customer_id) if isinstance(data, ReferralConverted) else None
-        evaluation: Evaluation | None = None
-        if compiled is not None:
-            spent = {c: p for (t, c), p in self.spent.items() if t == tenant}
-            evaluation = evaluate(compiled, event, customer, referred=referred, campaign_spent=spent)
-        elif event.type.startswith(CUSTOM_TYPE_PREFIX):
-            raise EventRefused(
-                f"custom event type {event.type!r}: tenant {tenant!r} has no active ruleset declaring it"
-            )
-        if order_key is not None and isinstance(data, PurchaseCompleted):
-            order = OrderRecord(
-                tenant_id=tenant,
-                order_id=data.order_id,
-                customer_id=data.customer_id,
-                event_id=event.id,
-                currency=data.currency,
-                net_amount=data.net_amount,
-                refunded_amount=Decimal(0),
-                ordered_at=event_time(event),
-                ruleset_id=compiled.ruleset_id if compiled else None,
-                ruleset_version=compiled.version if compiled else None,
-            )
-            self.orders[order_key] = order
-            self.new_orders.append(order)
-        spend_factor = (
-            compiled.spend_factor(data.currency) if compiled and isinstance(data, PurchaseCompleted) else Decimal(1)
-        )
-        touched = [customer] + ([referred] if referred is not None else [])
-        for snapshot in touched:
-            points = evaluation.points_by_customer.get(snapshot.customer_id, 0) if evaluation else 0
-            counters = evaluation.counters.get(snapshot.customer_id, {}) if evaluation else {}
-            if snapshot is customer or points or counters:
-                apply_event(
-                    snapshot,
-                    event,
-                    spend_factor=spend_factor,
-                    points=points,
-                    counters=counters,
-                )
-                self.dirty.add((tenant, snapshot.customer_id))
-        if evaluation is None or compiled is None:
-            return
-        for campaign, points in evaluation.campaign_points.items():
-            self.spent[(tenant, campaign)] = self.spent.get((tenant, campaign), 0) + points
-            self.spent_delta[(tenant, campaign)] = self.spent_delta.get((tenant, campaign), 0) + points
-        commands_topic = f"{self.namespace}{POINTS_COMMANDS}"
-        for plan in evaluation.commands:
-            self.outbox.append(earn_command(commands_topic, tenant, event, evaluation, plan))
-            record = AwardRecord(plan.command_id, plan.customer_id, plan.points, 0)
-            if order_key is not None:
-                self.order_awards.setdefault(order_key, []).append(record)
-            self.awards.append(
-                {
-                    "command_id": plan.command_id,
-                    "tenant_id": tenant,
-                    "customer_id": plan.customer_id,
-                    "order_id": order_key[1] if order_key else None,
-                    "event_id": event.id,
-                    "ruleset_id": evaluation.ruleset_id,
-                    "ruleset_version": evaluation.version,
-                    "points": plan.points,
-                    "matures_at": plan.matures_at,
-                    # The awards' JSON straight from pydantic's serializer (a third of json.dumps' cost).
-                    "breakdown": _BREAKDOWN_JSON.dump_json(plan.breakdown).decode(),
-                }
-            )
-        tiers = compiled.document.tiers
-        if tiers is not None:
-            for snapshot in touched:
-                change = review_tier(snapshot, tiers, event_time(event))
-                if change is None:
-                    continue
-                self.dirty.add((tenant, snapshot.customer_id))
-                topic = f"{self.namespace}{CUSTOMERS}"
-                at = event_time(event)
-                self.outbox.append(tier_changed(topic, tenant, snapshot.customer_id, change, compiled, event.id, at))
-
-    def _refund(self, event: CloudEvent[Any], refund: PurchaseRefunded) -> None:
-        tenant = event.tenantid
-        key = (tenant, refund.original_order_id)
-        order = self.orders.get(key)
-        if order is None:
-            raise EventRefused(f"refund of order {refund.original_order_id!r}, which this service never saw")
-        if refund.currency != order.currency:
-            raise EventRefused(f"refund in {refund.currency} of order {order.order_id!r} paid in {order.currency}")
-        amount = refund_amount(refund)
-        if amount <= 0:
-            raise EventRefused("a refund needs a positive amount or returned lines")
-        before = self.refunded.get(key, order.refunded_amount)
-        now = min(amount, max(order.net_amount - before, Decimal(0)))
-        awards = self.order_awards.get(key, [])
-        plans = plan_clawbacks(
-            tenant, event.id, awards, order_net=order.net_amount, refunded_before=before, refunded_now=now
-        )
-        self.refunded[key] = before + now
-        by_id = {p.original_command_id: p for p in plans}
-        self.order_awards[key] = [
-            AwardRecord(
-                a.command_id,
-                a.customer_id,
-                a.points,
-                a.clawed_back + (by_id[a.command_id].points if a.command_id in by_id else 0),
-            )
-            for a in awards
-        ]
-        topic = f"{self.namespace}{POINTS_COMMANDS}"
-        for plan in plans:
-            self.clawed[plan.original_command_id] = self.clawed.get(plan.original_command_id, 0) + plan.points
-            data = {
-                "command_id": plan.command_id,
-                "customer_id": plan.customer_id,
-                "original_command_id": plan.original_command_id,
-                "points": plan.points,
-                "source_event_id": event.id,
-                "reason": (
-                    f"refund {refund.refund_id} of order {order.order_id}: {now} of {order.net_amount} {order.currency}"
-                    f" under ruleset {order.ruleset_id} v{order.ruleset_version}"
-                ),
-            }
-            self.outbox.append(
-                _event_row(
-                    topic,
-                    "points.clawback",
-                    data,
-                    tenant=tenant,
-                    subject=plan.customer_id,
-                    event_id=plan.command_id,
-                    time=event.time,
-                )
-            )
-        compiled = (
-            self.compiled.get((tenant, order.ruleset_id, order.ruleset_version))
-            if order.ruleset_id is not None and order.ruleset_version is not None
-            else None
-        )
-        state = self.state(tenant, order.customer_id)
-        apply_refund(state, order.ordered_at, now, compiled.spend_factor(order.currency) if compiled else Decimal(1))
-        self.dirty.add((tenant, order.customer_id))
-
-    async def save(self, outcome: BatchOutcome) -> None:
-        session = self.session
-        await CustomerStateRepository.from_session(session).save((k[0], self.states[k]) for k in self.dirty)
-        orders = OrderRepository.from_session(session)
-        await orders.insert_orders(self.new_orders)
-        # After the insert, so a refund of an order from the same batch updates the new row.
-        await orders.set_refunded(
-            [{"tenant_id": t, "order_id": o, "refunded_amount": amount} for (t, o), amount in self.refunded.items()]
-        )
-        await orders.insert_awards(self.awards)
-        await orders.add_clawed_back(self.clawed)
-        outcome.outbox_ids = await OutboxRepository.from_session(session).add(self.outbox)
-        outcome.outbox_rows = self.outbox
-        outcome.awards = len(self.awards)
-        # Last, so the campaign rows stay locked (by these updates) only until the commit that follows.
-        over = await CampaignRepository.from_session(session).add(
-            self.spent_delta,
-            budgets=None if self.lock_campaigns else self.budgets,
-            read=self.spent_read,
-        )
-        if over:
-            raise CampaignBudgetContended(over)
 
 
 class OutboxRelay:
