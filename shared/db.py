@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Annotated, NewType
+from typing import Annotated, Any, NewType
 
 from fastapi import Depends
 from pydantic_core import from_json
@@ -67,6 +67,31 @@ async def transaction(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIt
     """One unit of work: commits when the block succeeds, rolls back when it raises."""
     async with sessionmaker() as session, session.begin():
         yield session
+
+
+async def driver_connection(session: AsyncSession, *, begin: bool = True) -> Any:
+    """The asyncpg connection under the session's transaction, for batch statements sent straight to the
+    driver (array parameters, COPY). With `begin`, the transaction is open before they run."""
+    # The session's connection is fixed for the life of its transaction: look it up once per transaction
+    # rather than once per statement (`session.connection()` costs a greenlet switch and session work).
+    transaction = session.sync_session.get_transaction()
+    cached = session.info.get(_DRIVER_KEY)
+    if transaction is not None and cached is not None and cached[0] is transaction and transaction.is_active:
+        adapter, driver = cached[1], cached[2]
+    else:
+        connection = await session.connection()
+        raw = await connection.get_raw_connection()
+        adapter, driver = raw.dbapi_connection, raw.driver_connection
+        session.info[_DRIVER_KEY] = (session.sync_session.get_transaction(), adapter, driver)
+    # SQLAlchemy's asyncpg adapter sends BEGIN lazily, before its own first statement; a statement
+    # sent straight to the driver must not run ahead of it in autocommit (its writes would not be part of
+    # the transaction, its row locks gone at once).
+    if begin and getattr(adapter, "_transaction", False) is None:
+        await adapter._start_transaction()
+    return driver
+
+
+_DRIVER_KEY = "shared.db.driver"
 
 
 async def warm_pool(engine: AsyncEngine, connections: int, *, timeout_s: float = 5.0) -> int:

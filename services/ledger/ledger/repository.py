@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ledger.domain import AccountState, HoldState, LotState, Policy, is_system
 from ledger.models import Balance, Command, Entry, Hold, IdempotencyKey, Lot, Outbox, TenantPolicy
+from shared.db import driver_connection
 
 _ACCOUNT_FIELDS = [f.name for f in fields(AccountState)]
 _LOT_FIELDS = [f.name for f in fields(LotState) if f.name != "is_new"]
@@ -49,25 +50,7 @@ class _Sql:
 
 
 async def _driver(session: AsyncSession, *, begin: bool = True) -> Any:
-    # The session's connection is fixed for the life of its transaction: look it up once per transaction
-    # rather than once per statement (`session.connection()` costs a greenlet switch and session work).
-    transaction = session.sync_session.get_transaction()
-    cached = session.info.get(_DRIVER_KEY)
-    if transaction is not None and cached is not None and cached[0] is transaction and transaction.is_active:
-        adapter, driver = cached[1], cached[2]
-    else:
-        connection = await session.connection()
-        raw = await connection.get_raw_connection()
-        adapter, driver = raw.dbapi_connection, raw.driver_connection
-        session.info[_DRIVER_KEY] = (session.sync_session.get_transaction(), adapter, driver)
-    # SQLAlchemy's asyncpg adapter sends BEGIN lazily, before its own first statement; a statement
-    # sent straight to the driver must not run ahead of it in autocommit (its row locks would be gone).
-    if begin and getattr(adapter, "_transaction", False) is None:
-        await adapter._start_transaction()
-    return driver
-
-
-_DRIVER_KEY = "ledger.driver"
+    return await driver_connection(session, begin=begin)
 
 
 # The hot statements take whole columns as arrays (unnest): one fixed statement text, prepared once,

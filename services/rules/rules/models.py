@@ -39,14 +39,18 @@ class CustomerState(Base):
     purchase_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     first_purchase_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_purchase_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # Net spend and points per calendar month ("2026-11" -> amount): rolling 12-month figures are sums.
-    spend_by_month: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
-    points_by_month: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
+    # Net spend and points per calendar month ("2026-11" -> amount), as parallel arrays sorted by month:
+    # rolling 12-month figures are sums. (Arrays, not JSON: every batch reads and writes thousands of states.)
+    spend_months: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, server_default="{}")
+    spend_amounts: Mapped[list[Decimal]] = mapped_column(ARRAY(Numeric), nullable=False, server_default="{}")
+    points_months: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, server_default="{}")
+    points_earned: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), nullable=False, server_default="{}")
     categories: Mapped[list[str]] = mapped_column(ARRAY(String(200)), nullable=False, server_default="{}")
     tier: Mapped[str | None] = mapped_column(String(40))
     tier_reviewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Per-period counters for engagement limits and per-customer caps ("cap:month:2026-11" -> points).
-    counters: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
+    counter_keys: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, server_default="{}")
+    counter_values: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), nullable=False, server_default="{}")
 
 
 class Ruleset(Base):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Self
 
-from pydantic_core import to_json
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,6 +21,7 @@ from rules.models import (
     Ruleset,
     RulesetActivation,
 )
+from shared.db import driver_connection
 
 Key = tuple[str, str]
 
@@ -95,22 +94,14 @@ class OrderRecord:
 
 
 async def _driver(session: AsyncSession) -> Any:
-    """The asyncpg connection under the session's transaction: batch statements pass whole columns as
-    arrays (`unnest`), so one cached statement serves any batch size."""
-    connection = await session.connection()
-    raw = await connection.get_raw_connection()
-    return raw.driver_connection
+    """The asyncpg connection under the session's (begun) transaction: batch statements pass whole columns
+    as arrays (`unnest`), so one cached statement serves any batch size."""
+    return await driver_connection(session)
 
 
 def _keys(keys: Iterable[Key]) -> tuple[list[str], list[str]]:
     wanted = sorted(set(keys))
     return [k[0] for k in wanted], [k[1] for k in wanted]
-
-
-def _json(value: Any) -> dict[str, Any]:
-    # SQLAlchemy's asyncpg dialect installs a jsonb codec on its connections; a bare one returns text.
-    result: dict[str, Any] = json.loads(value) if isinstance(value, str | bytes) else value
-    return result
 
 
 def _snapshot(row: Any) -> CustomerSnapshot:
@@ -119,12 +110,12 @@ def _snapshot(row: Any) -> CustomerSnapshot:
         purchase_count=row["purchase_count"],
         first_purchase_at=row["first_purchase_at"],
         last_purchase_at=row["last_purchase_at"],
-        spend_by_month={k: Decimal(v) for k, v in _json(row["spend_by_month"]).items()},
-        points_by_month={k: int(v) for k, v in _json(row["points_by_month"]).items()},
+        spend_by_month=dict(zip(row["spend_months"], row["spend_amounts"], strict=True)),
+        points_by_month=dict(zip(row["points_months"], row["points_earned"], strict=True)),
         categories=set(row["categories"]),
         tier=row["tier"],
         tier_reviewed_at=row["tier_reviewed_at"],
-        counters={k: int(v) for k, v in _json(row["counters"]).items()},
+        counters=dict(zip(row["counter_keys"], row["counter_values"], strict=True)),
     )
 
 
@@ -138,19 +129,40 @@ cross join lateral (
 ) s
 """
 
-_SAVE_STATES = """
-insert into rules.customer_states as s (tenant_id, customer_id, purchase_count, first_purchase_at,
-  last_purchase_at, spend_by_month, points_by_month, categories, tier, tier_reviewed_at, counters)
-select t, c, n, f, l, sm::jsonb, pm::jsonb, array(select jsonb_array_elements_text(cat::jsonb)), tier, tr, co::jsonb
+_STATE_COLUMNS = (
+    "tenant_id",
+    "customer_id",
+    "purchase_count",
+    "first_purchase_at",
+    "last_purchase_at",
+    "spend_months",
+    "spend_amounts",
+    "points_months",
+    "points_earned",
+    "categories",
+    "tier",
+    "tier_reviewed_at",
+    "counter_keys",
+    "counter_values",
+)
+# One upsert for the whole batch, in key order (the lock order every batch uses). Columns travel as arrays for
+# `unnest`; the array columns of each state as array literals (unnest cannot take arrays of arrays).
+_SAVE_STATES = f"""
+insert into rules.customer_states as s ({", ".join(_STATE_COLUMNS)})
+select t, c, n, f, l, sm::text[], sa::numeric[], pm::text[], pe::bigint[], cat::varchar[], tier, tr, ck::text[],
+       cv::bigint[]
 from unnest($1::text[], $2::text[], $3::int[], $4::timestamptz[], $5::timestamptz[], $6::text[], $7::text[],
-            $8::text[], $9::text[], $10::timestamptz[], $11::text[])
-  as r(t, c, n, f, l, sm, pm, cat, tier, tr, co)
+            $8::text[], $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::text[], $14::text[])
+  as r(t, c, n, f, l, sm, sa, pm, pe, cat, tier, tr, ck, cv)
+order by t, c
 on conflict (tenant_id, customer_id) do update set
-  purchase_count = excluded.purchase_count, first_purchase_at = excluded.first_purchase_at,
-  last_purchase_at = excluded.last_purchase_at, spend_by_month = excluded.spend_by_month,
-  points_by_month = excluded.points_by_month, categories = excluded.categories, tier = excluded.tier,
-  tier_reviewed_at = excluded.tier_reviewed_at, counters = excluded.counters
+{", ".join(f"{c} = excluded.{c}" for c in _STATE_COLUMNS[2:])}
 """
+
+
+def _literal(values: Iterable[object]) -> str:
+    """A PostgreSQL array literal; every element quoted, so any text is safe."""
+    return "{" + ",".join('"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
 
 
 class CustomerStateRepository(RepositoryBase):
@@ -178,28 +190,29 @@ class CustomerStateRepository(RepositoryBase):
         return [_snapshot(r) for r in rows]
 
     async def save(self, states: Iterable[tuple[str, CustomerSnapshot]]) -> None:
-        rows = sorted(states, key=lambda ts: (ts[0], ts[1].customer_id))
-        if not rows:
-            return
-        columns: list[list[Any]] = [[] for _ in range(11)]
-        for tenant, s in rows:
+        columns: list[list[Any]] = [[] for _ in _STATE_COLUMNS]
+        for tenant, s in states:
+            spend, points, counters = sorted(s.spend_by_month), sorted(s.points_by_month), sorted(s.counters)
             values = (
                 tenant,
                 s.customer_id,
                 s.purchase_count,
                 s.first_purchase_at,
                 s.last_purchase_at,
-                # pydantic's serializer: the same JSON values as json.dumps at a third of the cost.
-                to_json({k: str(v) for k, v in s.spend_by_month.items()}).decode(),
-                to_json(s.points_by_month).decode(),
-                to_json(sorted(s.categories)).decode(),
+                _literal(spend),
+                _literal(s.spend_by_month[k] for k in spend),
+                _literal(points),
+                _literal(s.points_by_month[k] for k in points),
+                _literal(sorted(s.categories)),
                 s.tier,
                 s.tier_reviewed_at,
-                to_json(s.counters).decode(),
+                _literal(counters),
+                _literal(s.counters[k] for k in counters),
             )
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
-        await (await _driver(self.session)).execute(_SAVE_STATES, *columns)
+        if columns[0]:
+            await (await _driver(self.session)).execute(_SAVE_STATES, *columns)
 
 
 _ORDER_FIELDS = (

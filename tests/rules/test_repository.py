@@ -1,17 +1,21 @@
-"""Outbox ids come in blocks of consecutive ids per transaction, and deletes go by id range: neither may
-ever touch another transaction's rows."""
+"""Repository paths with their own mechanics: outbox ids come in blocks of consecutive ids per transaction
+and deletes go by id range (neither may touch another transaction's rows); customer states go through a
+staging table as typed arrays and must come back as they went in."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from rules.engine import CustomerSnapshot
 from rules.models import OutboxMessage
-from rules.repository import OUTBOX_ID_BLOCK, OutboxRepository
+from rules.repository import OUTBOX_ID_BLOCK, CustomerStateRepository, OutboxRepository
 from shared.db import create_engine, create_sessionmaker, transaction
 from tests.conftest import service_settings
 
@@ -61,3 +65,36 @@ class TestOutboxIds:
         async with transaction(sessionmaker) as session:
             await OutboxRepository.from_session(session).delete([ids[4], ids[0], ids[1], ids[3]])
         assert await _left(sessionmaker, tenant) == [ids[2], ids[5]]
+
+
+class TestCustomerStates:
+    async def test_states_round_trip_and_an_update_replaces_every_field(
+        self, sessionmaker: async_sessionmaker[AsyncSession], tenant: str
+    ) -> None:
+        rich = CustomerSnapshot(
+            "c-1",
+            purchase_count=7,
+            first_purchase_at=datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC),
+            last_purchase_at=datetime(2026, 11, 30, 23, 59, tzinfo=UTC),
+            spend_by_month={"2026-11": Decimal("1234.5678"), "2025-01": Decimal("0.92"), "2026-02": Decimal("10")},
+            points_by_month={"2026-11": 1200, "2025-01": 1},
+            categories={"paint", "ünïcode", "quo\"te", "back\\slash", "{br,aces}", " spaced ", "NULL", ""},
+            tier="Gold",
+            tier_reviewed_at=datetime(2026, 10, 1, tzinfo=UTC),
+            counters={"cap:month:2026-11": 1200, "limit:review:week:2026-W48": 1},
+        )
+        empty = CustomerSnapshot("c-2")
+        async with transaction(sessionmaker) as session:
+            await CustomerStateRepository.from_session(session).save([(tenant, rich), (tenant, empty)])
+        async with transaction(sessionmaker) as session:
+            loaded = await CustomerStateRepository.from_session(session).load([(tenant, "c-1"), (tenant, "c-2")])
+        assert loaded == {(tenant, "c-1"): rich, (tenant, "c-2"): empty}
+        assert str(loaded[(tenant, "c-1")].spend_by_month["2026-11"]) == "1234.5678", "the exact decimal"
+        changed = CustomerSnapshot("c-1", purchase_count=8, spend_by_month={"2026-12": Decimal("5")}, tier=None)
+        async with transaction(sessionmaker) as session:
+            await CustomerStateRepository.from_session(session).save([(tenant, changed)])
+            # A second save in the same transaction: the staging table holds only this batch's rows.
+            await CustomerStateRepository.from_session(session).save([(tenant, changed)])
+        async with transaction(sessionmaker) as session:
+            loaded = await CustomerStateRepository.from_session(session).load([(tenant, "c-1")])
+        assert loaded == {(tenant, "c-1"): changed}
