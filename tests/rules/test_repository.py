@@ -78,17 +78,19 @@ class TestCustomerStates:
             last_purchase_at=datetime(2026, 11, 30, 23, 59, tzinfo=UTC),
             spend_by_month={"2026-11": Decimal("1234.5678"), "2025-01": Decimal("0.92"), "2026-02": Decimal("10")},
             points_by_month={"2026-11": 1200, "2025-01": 1},
-            categories={"paint", "ünïcode", "quo\"te", "back\\slash", "{br,aces}", " spaced ", "NULL", ""},
+            categories={"paint", "ünïcode", 'quo"te', "back\\slash", "{br,aces}", " spaced ", "NULL", ""},
             tier="Gold",
             tier_reviewed_at=datetime(2026, 10, 1, tzinfo=UTC),
             counters={"cap:month:2026-11": 1200, "limit:review:week:2026-W48": 1},
         )
         empty = CustomerSnapshot("c-2")
+        odd = CustomerSnapshot("c-3", categories={""}, counters={"null": 1, "a,b": 2}, points_by_month={"NULL": 3})
+        states = {(tenant, s.customer_id): s for s in (rich, empty, odd)}
         async with transaction(sessionmaker) as session:
-            await CustomerStateRepository.from_session(session).save([(tenant, rich), (tenant, empty)])
+            await CustomerStateRepository.from_session(session).save([(tenant, s) for s in states.values()])
         async with transaction(sessionmaker) as session:
-            loaded = await CustomerStateRepository.from_session(session).load([(tenant, "c-1"), (tenant, "c-2")])
-        assert loaded == {(tenant, "c-1"): rich, (tenant, "c-2"): empty}
+            loaded = await CustomerStateRepository.from_session(session).load(states)
+        assert loaded == states
         assert str(loaded[(tenant, "c-1")].spend_by_month["2026-11"]) == "1234.5678", "the exact decimal"
         changed = CustomerSnapshot("c-1", purchase_count=8, spend_by_month={"2026-12": Decimal("5")}, tier=None)
         async with transaction(sessionmaker) as session:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -160,9 +161,17 @@ on conflict (tenant_id, customer_id) do update set
 """
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.:+-]+(?:,[A-Za-z0-9_.:+-]+)*")
+
+
 def _literal(values: Iterable[object]) -> str:
-    """A PostgreSQL array literal; every element quoted, so any text is safe."""
-    return "{" + ",".join('"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
+    """A PostgreSQL array literal. Months, counter keys and numbers need no quoting (the common case, and
+    the fast one); anything else, or a word PostgreSQL reads as NULL, has every element quoted."""
+    items = [str(v) for v in values]
+    joined = ",".join(items)
+    if not items or (_PLAIN.fullmatch(joined) and "null" not in joined.lower()):
+        return "{" + joined + "}"
+    return "{" + ",".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items) + "}"
 
 
 class CustomerStateRepository(RepositoryBase):
