@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 DLQ_HEADER_PREFIX = "dlq."
 
 
-@dataclass(frozen=True)
-class Inbound:
+class Inbound(NamedTuple):
+    """A decoded message of a batch (a named tuple: one is built per message, and cheaply)."""
+
     event: CloudEvent[Any]
     topic: str
     partition: int

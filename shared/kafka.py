@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -63,6 +64,14 @@ class EventProducer:
 _PARTITIONER = DefaultPartitioner()
 
 
+@functools.lru_cache(maxsize=65536)
+def _partition(key: bytes, partitions: tuple[int, ...]) -> int:
+    # aiokafka's murmur2 is pure Python: remember each key's partition, as the same customers' keys come
+    # back batch after batch.
+    everything = list(partitions)
+    return int(_PARTITIONER(key, everything, everything))
+
+
 async def send_all(producer: AIOKafkaProducer, messages: Iterable[tuple[str, bytes, bytes]]) -> None:
     """Sends (topic, key, value) messages and returns once the broker acknowledged every one.
 
@@ -78,11 +87,9 @@ async def send_all(producer: AIOKafkaProducer, messages: Iterable[tuple[str, byt
     for topic, key, value in messages:
         if topic not in partitions:
             partitions[topic] = sorted(await producer.partitions_for(topic))
-        # aiokafka's murmur2 is pure Python: hash each key once per call (a customer's events repeat it).
         target = targets.get((topic, key))
         if target is None:
-            everything = partitions[topic]
-            target = targets[(topic, key)] = (topic, _PARTITIONER(key, everything, everything))
+            target = targets[(topic, key)] = (topic, _partition(key, tuple(partitions[topic])))
         batch = open_batches.get(target)
         if batch is None:
             batch = open_batches[target] = producer.create_batch()

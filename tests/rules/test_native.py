@@ -24,6 +24,7 @@ from shared.events import CloudEvent
 from tests.rules.samples import T0, TIERS, doc, line, order, review
 
 SOURCE = Path(rules.engine.__file__ or "").with_name("engine.py")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _interpreted() -> ModuleType:
@@ -42,11 +43,15 @@ class TestBuild:
     def test_the_imported_module_is_compiled_from_this_source(self, module: ModuleType) -> None:
         compiled = Path(module.__file__ or "")
         assert compiled.suffix == ".so", f"{module.__name__} runs interpreted: run `make native`"
-        source = compiled.with_name(compiled.name.split(".")[0] + ".py")
-        built_from = source.with_suffix(".build").read_text().strip()
-        assert built_from == hashlib.sha256(source.read_bytes()).hexdigest(), (
-            f"{source.name} changed since the extension was built: run `make native`"
-        )
+        stamp = compiled.with_name(compiled.name.split(".")[0] + ".build")
+        # One `sha256sum` line per input: the module's source first, then the project modules it imports.
+        inputs = [line.split(maxsplit=1) for line in stamp.read_text().splitlines()]
+        assert inputs[0][1] == str(compiled.with_name(compiled.name.split(".")[0] + ".py").relative_to(ROOT))
+        assert len(inputs) > 1, "the imports are part of the stamp"
+        for digest, path in inputs:
+            assert digest == hashlib.sha256((ROOT / path).read_bytes()).hexdigest(), (
+                f"{path} changed since {module.__name__} was compiled: run `make native`"
+            )
 
 
 DOCUMENT = doc(
