@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
-from typing import Any
+from typing import Any, Final
 
 import cel
 
@@ -40,9 +40,11 @@ from shared.events import (
     RuleAward,
 )
 
-ROUNDING = {"floor": ROUND_FLOOR, "half_up": ROUND_HALF_UP, "half_even": ROUND_HALF_EVEN, "ceil": ROUND_CEILING}
-MEMO_LIMIT = 50_000
-_MISSING = object()
+# Module constants are Final: compiled code reads them from C statics (or inlines them), not from the
+# module's dict on every use.
+ROUNDING: Final = {"floor": ROUND_FLOOR, "half_up": ROUND_HALF_UP, "half_even": ROUND_HALF_EVEN, "ceil": ROUND_CEILING}
+MEMO_LIMIT: Final = 50_000
+_MISSING: Final = object()
 
 
 def command_id(kind: str, *parts: object) -> str:
@@ -67,6 +69,13 @@ def _period_key(period: Period, at: date) -> str:
     if period == "quarter":
         return f"quarter:{at.year}-Q{(at.month - 1) // 3 + 1}"
     return f"year:{at.year}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _cap_key(period: Period, at: date) -> str:
+    """The per-customer cap's counter key; cached whole, so every event of a period shares one string
+    (built and hashed once)."""
+    return f"cap:{_period_key(period, at)}"
 
 
 def month_key(at: datetime) -> str:
@@ -120,13 +129,47 @@ class CustomerSnapshot:
     tier_reviewed_at: datetime | None = None
     counters: dict[str, int] = field(default_factory=dict)
 
+    def __init__(
+        self,
+        customer_id: str,
+        purchase_count: int = 0,
+        first_purchase_at: datetime | None = None,
+        last_purchase_at: datetime | None = None,
+        spend_by_month: dict[str, Decimal] | None = None,
+        points_by_month: dict[str, int] | None = None,
+        categories: set[str] | None = None,
+        tier: str | None = None,
+        tier_reviewed_at: datetime | None = None,
+        counters: dict[str, int] | None = None,
+    ) -> None:
+        # Compiled by mypyc, unlike the generated one; None stands for the default factories (a new map/set).
+        self.customer_id = customer_id
+        self.purchase_count = purchase_count
+        self.first_purchase_at = first_purchase_at
+        self.last_purchase_at = last_purchase_at
+        self.spend_by_month = {} if spend_by_month is None else spend_by_month
+        self.points_by_month = {} if points_by_month is None else points_by_month
+        self.categories = set() if categories is None else categories
+        self.tier = tier
+        self.tier_reviewed_at = tier_reviewed_at
+        self.counters = {} if counters is None else counters
+
+    # Plain loops, in the order sum() adds: compiled, they iterate the typed maps natively.
     def spend_12m(self, at: datetime) -> Decimal:
         months = _months_back(at, 12)
-        return sum([v for k, v in self.spend_by_month.items() if k in months], _ZERO)
+        total = _ZERO
+        for month, spend in self.spend_by_month.items():
+            if month in months:
+                total += spend
+        return total
 
     def points_12m(self, at: datetime) -> int:
         months = _months_back(at, 12)
-        return sum([v for k, v in self.points_by_month.items() if k in months])
+        total = 0
+        for month, points in self.points_by_month.items():
+            if month in months:
+                total += points
+        return total
 
     def view(self, at: datetime, fields: frozenset[str] | None = None) -> dict[str, Any]:
         """What `customer` means in a condition; with `fields`, only those keys (what the conditions read)."""
@@ -154,7 +197,7 @@ class CustomerSnapshot:
         return view
 
 
-CUSTOMER_FIELDS = (
+CUSTOMER_FIELDS: Final = (
     "id",
     "purchase_count",
     "first_purchase_at",
@@ -168,10 +211,6 @@ CUSTOMER_FIELDS = (
 
 
 # --- conditions ------------------------------------------------------------------------------------
-
-
-# A condition as the evaluation loop calls it: (scope, memo) -> True/False, or why it failed.
-Check = Callable[[Mapping[str, Mapping[str, Any]], bool], bool | str]
 
 
 class Condition:
@@ -190,12 +229,29 @@ class Condition:
             if all(self.fields[v] for v in self.variables)
             else None
         )
+        # The first two (variable, field) pairs of the flat key, unpacked: the usual keys have one or two.
+        padded = (*(self._flat or ()), ("", ""), ("", ""))
+        self._v1, self._f1 = padded[0]
+        self._v2, self._f2 = padded[1]
         self._memo: dict[tuple[Any, ...], bool | str] = {}
         self._flat_memo: dict[tuple[Any, ...], bool | str] = {}
-        self._simple = _simple_comparison(source)
-        # What the evaluation loop calls: a closure specialised once per condition, so the common cases
-        # (a simple comparison, a flat memo hit) run without re-reading the plan on every event.
-        self.check: Check = self._checker()
+        # `var.field <op> literal`, answered in `check` without CEL: its parts as typed attributes, so the
+        # compiled comparison runs on a C double, a native int or a str.
+        self._kind = _NOT_SIMPLE
+        self._var = self._name = self._text = ""
+        self._op = _EQ
+        self._double = 0.0
+        self._int = 0
+        simple = _simple_comparison(source)
+        if simple is not None:
+            self._var, self._name, op, literal = simple
+            self._op = _OPERATORS[op]
+            if isinstance(literal, float):
+                self._kind, self._double = _DOUBLE, literal
+            elif isinstance(literal, int):
+                self._kind, self._int = _INT, literal
+            else:
+                self._kind, self._text = _STRING, literal
 
     def __call__(self, scope: Mapping[str, Mapping[str, Any]], memo: bool = True) -> bool | str:
         """True/False, or the reason the condition could not be evaluated (which counts as not met).
@@ -203,88 +259,55 @@ class Condition:
         Memoize only where every field has one type (built-in events): the memo key compares values, and
         1, 1.0 and True are equal keys while CEL treats them differently.
         """
-        return self.check(scope, memo)
+        return self.check(scope if isinstance(scope, dict) else dict(scope), memo)
 
-    def _checker(self) -> Check:
-        memoized = self._memoized_checker()
-        simple = self._simple
-        if simple is None:
-            return memoized
-        # `var.field <op> literal` answered in Python when the value has the literal's exact type (a
-        # double finite, an int within int64), where CEL's result is the same; otherwise (a missing
-        # field, another type, which CEL may refuse) CEL decides through the memoized path.
-        var, name, compare, literal = simple
-        isfinite = math.isfinite
+    def check(self, scope: dict[str, Mapping[str, Any]], memo: bool = True) -> bool | str:
+        """What the evaluation loop calls (see __call__)."""
+        kind = self._kind
+        if kind != _NOT_SIMPLE:
+            # `var.field <op> literal` answered here when the value has the literal's exact type (a double
+            # finite, an int within int64), where CEL's result is the same; otherwise (a missing field,
+            # another type, which CEL may refuse) CEL decides through the memoized path.
+            values = scope.get(self._var)
+            if isinstance(values, dict):
+                value = values.get(self._name, _MISSING)
+                if kind == _DOUBLE:
+                    if type(value) is float and not math.isinf(value) and not math.isnan(value):
+                        return _compare_doubles(self._op, value, self._double)
+                elif kind == _INT:
+                    if type(value) is int and _INT64_MIN <= value <= _INT64_MAX:
+                        return _compare_ints(self._op, value, self._int)
+                elif type(value) is str:
+                    equal = value == self._text
+                    return equal if self._op == _EQ else not equal
+        return self._memoized(scope, memo)
 
-        def check_double(scope: Mapping[str, Mapping[str, Any]], memo: bool = True) -> bool | str:
-            value = scope.get(var, _MISSING)
-            if isinstance(value, dict):
-                value = value.get(name, _MISSING)
-                if type(value) is float and isfinite(value):
-                    return compare(value, literal)
-            return memoized(scope, memo)
-
-        def check_int(scope: Mapping[str, Mapping[str, Any]], memo: bool = True) -> bool | str:
-            value = scope.get(var, _MISSING)
-            if isinstance(value, dict):
-                value = value.get(name, _MISSING)
-                if type(value) is int and _INT64_MIN <= value <= _INT64_MAX:
-                    return compare(value, literal)
-            return memoized(scope, memo)
-
-        def check_string(scope: Mapping[str, Mapping[str, Any]], memo: bool = True) -> bool | str:
-            value = scope.get(var, _MISSING)
-            if isinstance(value, dict):
-                value = value.get(name, _MISSING)
-                if type(value) is str:
-                    return compare(value, literal)
-            return memoized(scope, memo)
-
-        kind = type(literal)
-        return check_double if kind is float else check_int if kind is int else check_string
-
-    def _memoized_checker(self) -> Check:
+    def _memoized(self, scope: dict[str, Mapping[str, Any]], memo: bool) -> bool | str:
         flat = self._flat
-        general, execute, flat_memo = self._general, self._execute, self._flat_memo
         if flat is None:
-            return general
-        key_of: Callable[[Mapping[str, Mapping[str, Any]]], tuple[Any, ...]]
-        # The memo key, the flat tuple of the fields' values, with one subscript each (unrolled for the
-        # usual one or two fields); a missing field or an unhashable value takes the general path.
-        if len(flat) == 1:
-            ((v1, f1),) = flat
-
-            def key_of(scope: Mapping[str, Mapping[str, Any]]) -> tuple[Any, ...]:
-                return (scope[v1][f1],)
-
-        elif len(flat) == 2:
-            (v1, f1), (v2, f2) = flat
-
-            def key_of(scope: Mapping[str, Mapping[str, Any]]) -> tuple[Any, ...]:
-                return (scope[v1][f1], scope[v2][f2])
-
-        else:
-
-            def key_of(scope: Mapping[str, Mapping[str, Any]]) -> tuple[Any, ...]:
-                return tuple([scope[v][f] for v, f in flat])
-
-        def check_flat(scope: Mapping[str, Mapping[str, Any]], memo: bool = True) -> bool | str:
-            if not memo:
-                return execute(scope)
-            try:
-                key = key_of(scope)
-                hit = flat_memo.get(key)
-            except (KeyError, TypeError):
-                return general(scope, memo)
-            if hit is not None:
-                return hit
-            result = execute(scope)
-            if len(flat_memo) >= MEMO_LIMIT:
-                flat_memo.clear()
-            flat_memo[key] = result
-            return result
-
-        return check_flat
+            return self._general(scope, memo)
+        if not memo:
+            return self._execute(scope)
+        # The memo key, the flat tuple of the fields' values, with one subscript each; a missing field or
+        # an unhashable value takes the general path.
+        key: tuple[Any, ...]
+        try:
+            if len(flat) == 1:
+                key = (scope[self._v1][self._f1],)
+            elif len(flat) == 2:
+                key = (scope[self._v1][self._f1], scope[self._v2][self._f2])
+            else:
+                key = tuple([scope[v][f] for v, f in flat])
+            hit = self._flat_memo.get(key)
+        except (KeyError, TypeError):
+            return self._general(scope, memo)
+        if hit is not None:
+            return hit
+        result = self._execute(scope)
+        if len(self._flat_memo) >= MEMO_LIMIT:
+            self._flat_memo.clear()
+        self._flat_memo[key] = result
+        return result
 
     def _general(self, scope: Mapping[str, Mapping[str, Any]], memo: bool = True) -> bool | str:
         """The memo keyed on every variable's fields (or whole value), for any scope."""
@@ -328,29 +351,64 @@ class Condition:
         return result
 
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
-    "==": operator.eq,
-    "!=": operator.ne,
-    "<": operator.lt,
-    "<=": operator.le,
-    ">": operator.gt,
-    ">=": operator.ge,
-}
-_SIMPLE = re.compile(
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
+# A simple comparison's literal type and operator, as codes (compared as C integers once compiled).
+_NOT_SIMPLE: Final = 0
+_DOUBLE: Final = 1
+_INT: Final = 2
+_STRING: Final = 3
+_EQ: Final = 0
+_NE: Final = 1
+_LT: Final = 2
+_LE: Final = 3
+_GT: Final = 4
+_GE: Final = 5
+_OPERATORS: Final = {"==": _EQ, "!=": _NE, "<": _LT, "<=": _LE, ">": _GT, ">=": _GE}
+
+
+def _compare_doubles(op: int, value: float, literal: float) -> bool:
+    if op == _EQ:
+        return value == literal
+    if op == _NE:
+        return value != literal
+    if op == _LT:
+        return value < literal
+    if op == _LE:
+        return value <= literal
+    if op == _GT:
+        return value > literal
+    return value >= literal
+
+
+def _compare_ints(op: int, value: int, literal: int) -> bool:
+    if op == _EQ:
+        return value == literal
+    if op == _NE:
+        return value != literal
+    if op == _LT:
+        return value < literal
+    if op == _LE:
+        return value <= literal
+    if op == _GT:
+        return value > literal
+    return value >= literal
+
+
+_SIMPLE: Final = re.compile(
     r"\s*([A-Za-z_]\w*)\s*\.\s*([A-Za-z_]\w*)\s*(==|!=|<=|>=|<|>)\s*"
     r"(?:(-?\d+\.\d+)|(-?\d+)|'([A-Za-z0-9_ .:-]*)'|\"([A-Za-z0-9_ .:-]*)\")\s*"
 )
 
 
-def _simple_comparison(source: str) -> tuple[str, str, Callable[[Any, Any], bool], Any] | None:
+def _simple_comparison(source: str) -> tuple[str, str, str, float | int | str] | None:
     """(var, field, operator, literal) for `var.field <op> literal` with a double, int or plain string
     literal (strings: only == and !=), else None."""
     match = _SIMPLE.fullmatch(source)
     if match is None:
         return None
     var, name, op, double, integer, single, double_quoted = match.groups()
-    literal: Any
+    literal: float | int | str
     if double is not None:
         literal = float(double)
     elif integer is not None:
@@ -359,7 +417,7 @@ def _simple_comparison(source: str) -> tuple[str, str, Callable[[Any, Any], bool
         if op not in ("==", "!="):
             return None
         literal = single if single is not None else double_quoted
-    return var, name, _COMPARISONS[op], literal
+    return var, name, op, literal
 
 
 def _fields_read(source: str, var: str) -> tuple[str, ...] | None:
@@ -417,6 +475,12 @@ class CompiledRule:
     arithmetic_texts: dict[str, str] = field(default_factory=dict)
     _skipped: dict[str, RuleOutcome] = field(default_factory=dict)
     tiers: dict[str | None, tuple[Decimal, str]] = field(default_factory=dict)  # tier -> (multiplier - 1, text)
+    # The outcomes of not firing for the fixed reasons, built once (plain attributes, not cached properties:
+    # mypyc compiles a cached_property into a getter that recomputes it on every read).
+    no_line: RuleOutcome = field(init=False, repr=False, compare=False)
+    condition_not_met: RuleOutcome = field(init=False, repr=False, compare=False)
+    not_yet_valid: RuleOutcome = field(init=False, repr=False, compare=False)
+    no_longer_valid: RuleOutcome = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         rule = self.rule
@@ -439,22 +503,14 @@ class CompiledRule:
             self.fixed = f"fixed bonus {self.rule.points}"
         elif self.rule.kind == "engagement":
             self.fixed = f"{self.rule.on}: {self.rule.points}"
+        self.no_line = self.skipped("no eligible line")
+        self.condition_not_met = self.skipped(self.not_met)
+        self._window_outcomes()
 
-    @functools.cached_property
-    def no_line(self) -> RuleOutcome:
-        return self.skipped("no eligible line")
-
-    @functools.cached_property
-    def condition_not_met(self) -> RuleOutcome:
-        return self.skipped(self.not_met)
-
-    @functools.cached_property
-    def not_yet_valid(self) -> RuleOutcome:
-        return self.skipped(self.not_yet)
-
-    @functools.cached_property
-    def no_longer_valid(self) -> RuleOutcome:
-        return self.skipped(self.no_longer)
+    def _window_outcomes(self) -> None:
+        # Again in bind: a campaign narrows the window, which rewrites its texts.
+        self.not_yet_valid = self.skipped(self.not_yet)
+        self.no_longer_valid = self.skipped(self.no_longer)
 
     def skipped(self, reason: str) -> RuleOutcome:
         """The outcome of this rule not firing for a fixed reason: one instance serves every evaluation,
@@ -486,6 +542,7 @@ class CompiledRule:
             self.ends = min(filter(None, (self.ends, campaign.ends_at)), default=None)
             self.not_yet = f"not yet valid (from {self.starts.isoformat()})" if self.starts else ""
             self.no_longer = f"no longer valid (until {self.ends.isoformat()})" if self.ends else ""
+            self._window_outcomes()
         return self
 
     def outside(self, at: datetime) -> str | None:
@@ -498,7 +555,7 @@ class CompiledRule:
 
 
 # (position, rule, indexed, windowed, condition, bonus, line rule): one rule as the evaluation loop reads it.
-Step = tuple[int, CompiledRule, bool, bool, Check | None, bool, bool]
+Step = tuple[int, CompiledRule, bool, bool, Condition | None, bool, bool]
 
 
 @dataclass
@@ -523,11 +580,21 @@ class CompiledRuleset:
     _positions: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)
 
     fixed_explanations: frozenset[str] = frozenset()
+    # The length of the longest fixed explanation: a longer one is not looked up (not hashed) among them.
+    fixed_longest: int = field(init=False, repr=False, compare=False)
+    # Plain attributes, not cached properties: mypyc compiles a cached_property into a getter that
+    # recomputes it on every read.
+    steps: dict[str, list[Step]] = field(init=False, repr=False, compare=False)  # see _steps
+    # The version's part of the text an earn command's id hashes, after the tenant and the event id.
+    command_id_part: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.fixed_explanations = frozenset(r.fixed for r in self.rules if r.fixed)
+        self.fixed_longest = max(map(len, self.fixed_explanations), default=0)
         self.excluded_skus = frozenset(self.document.exclusions.skus)
         self.excluded_categories = frozenset(self.document.exclusions.categories)
+        self.steps = self._steps()
+        self.command_id_part = f"|{self.ruleset_id}|{self.version}|"
 
     def positions_of(self, sku: str, category: str) -> tuple[int, ...]:
         """The indexed line rules a line of this SKU and category matches (cached per pair)."""
@@ -580,21 +647,12 @@ class CompiledRuleset:
             _fields_of(rules, "line"),
         )
 
-    @functools.cached_property
-    def steps(self) -> dict[str, list[Step]]:
+    def _steps(self) -> dict[str, list[Step]]:
         """Per event type, what the evaluation loop reads of each rule, unpacked once per version."""
         return {
-            event_type: [
-                (p, c, c.indexed, c.windowed, c.when.check if c.when else None, c.kind == "bonus", c.line_rule)
-                for p, c in rules
-            ]
+            event_type: [(p, c, c.indexed, c.windowed, c.when, c.kind == "bonus", c.line_rule) for p, c in rules]
             for event_type, rules in self.by_type.items()
         }
-
-    @functools.cached_property
-    def command_id_part(self) -> str:
-        """The version's part of the text an earn command's id hashes, after the tenant and the event id."""
-        return f"|{self.ruleset_id}|{self.version}|"
 
     def rules_for(self, event_type: str) -> list[tuple[int, CompiledRule]]:
         return self.by_type.get(event_type, [])
@@ -630,6 +688,10 @@ def _by_type(rules: list[CompiledRule]) -> dict[str, list[tuple[int, CompiledRul
 # --- evaluation result -----------------------------------------------------------------------------
 
 
+# The classes built per event define their own __init__: mypyc compiles it, while the one the dataclass
+# decorator would generate runs interpreted and is called with its arguments packed in a tuple and a dict.
+
+
 @dataclass(slots=True)
 class RuleOutcome:
     rule_id: str
@@ -640,6 +702,27 @@ class RuleOutcome:
     pending_days: int = 0
     campaign: str | None = None
 
+    def __init__(
+        self,
+        rule_id: str,
+        fired: bool,
+        points: int,
+        explanation: str,
+        customer_id: str | None = None,
+        pending_days: int = 0,
+        campaign: str | None = None,
+    ) -> None:
+        self.rule_id = rule_id
+        self.fired = fired
+        self.points = points
+        self.explanation = explanation
+        self.customer_id = customer_id
+        self.pending_days = pending_days
+        self.campaign = campaign
+
+
+_setattr: Final = object.__setattr__
+
 
 @dataclass(frozen=True)
 class PlannedEarn:
@@ -649,6 +732,23 @@ class PlannedEarn:
     points: int
     matures_at: datetime | None
     breakdown: list[RuleAward]
+
+    def __init__(
+        self,
+        command_id: str,
+        customer_id: str,
+        member_id: str | None,
+        points: int,
+        matures_at: datetime | None,
+        breakdown: list[RuleAward],
+    ) -> None:
+        # Frozen: set through object.__setattr__, as the generated __init__ does (read once, as _setattr).
+        _setattr(self, "command_id", command_id)
+        _setattr(self, "customer_id", customer_id)
+        _setattr(self, "member_id", member_id)
+        _setattr(self, "points", points)
+        _setattr(self, "matures_at", matures_at)
+        _setattr(self, "breakdown", breakdown)
 
 
 @dataclass
@@ -663,6 +763,28 @@ class Evaluation:
     counters: dict[str, dict[str, int]]  # customer -> counter key -> increment
     points_by_customer: dict[str, int]
 
+    def __init__(
+        self,
+        ruleset_id: str,
+        version: int,
+        event_id: str,
+        customer_id: str,
+        trace: list[RuleOutcome],
+        commands: list[PlannedEarn],
+        campaign_points: dict[str, int],
+        counters: dict[str, dict[str, int]],
+        points_by_customer: dict[str, int],
+    ) -> None:
+        self.ruleset_id = ruleset_id
+        self.version = version
+        self.event_id = event_id
+        self.customer_id = customer_id
+        self.trace = trace
+        self.commands = commands
+        self.campaign_points = campaign_points
+        self.counters = counters
+        self.points_by_customer = points_by_customer
+
     @property
     def total_points(self) -> int:
         return sum(c.points for c in self.commands)
@@ -672,9 +794,9 @@ class EventRefused(ValueError):
     """The event cannot be evaluated under this ruleset (unknown currency, undeclared type): DLQ."""
 
 
-_ONE = Decimal(1)
-_ZERO = Decimal(0)
-_NO_SKUS: frozenset[str] = frozenset()
+_ONE: Final = Decimal(1)
+_ZERO: Final = Decimal(0)
+_NO_SKUS: Final[frozenset[str]] = frozenset()
 
 
 # Below 10**20, math.floor equals quantize to units (which refuses results past 28 digits).
@@ -704,7 +826,7 @@ def line_net(line: PurchaseLine) -> Decimal:
     return line.quantity * line.unit_price - line.discount
 
 
-LINE_FIELDS = ("sku", "category", "quantity", "unit_price", "discount", "net", "gift_card", "shipping")
+LINE_FIELDS: Final = ("sku", "category", "quantity", "unit_price", "discount", "net", "gift_card", "shipping")
 
 
 def _line_view(line: PurchaseLine, net: Decimal, fields: Collection[str] = LINE_FIELDS) -> dict[str, Any]:
@@ -721,8 +843,8 @@ def _line_view(line: PurchaseLine, net: Decimal, fields: Collection[str] = LINE_
     return view
 
 
-_ENVELOPE_FIELDS = frozenset({"id", "type", "source", "time"})
-_PURCHASE_DERIVED = frozenset({"categories", "new_categories", "line_count", "skus"})
+_ENVELOPE_FIELDS: Final = frozenset({"id", "type", "source", "time"})
+_PURCHASE_DERIVED: Final = frozenset({"categories", "new_categories", "line_count", "skus"})
 
 
 def event_view(
@@ -825,8 +947,8 @@ def _purchase_derived(
 
 
 # Attribute getters run in C, without the frame of a comprehension over an order's few lines.
-_category = operator.attrgetter("category")
-_sku = operator.attrgetter("sku")
+_category: Final = operator.attrgetter("category")
+_sku: Final = operator.attrgetter("sku")
 
 
 def evaluate(
@@ -888,7 +1010,7 @@ def evaluate(
                 append(compiled.no_longer_valid)
                 continue
         if when is not None:
-            met = when(scope, memo)
+            met = when.check(scope, memo)
             if met is not True:
                 append(
                     compiled.condition_not_met if met is False else RuleOutcome(compiled.rule_id, False, 0, str(met))
@@ -1002,7 +1124,7 @@ def evaluate(
             break
 
     caps = doc.caps
-    cap_key = f"cap:{period_key(caps.per_customer.period, at)}" if caps.per_customer is not None else ""
+    cap_key = _cap_key(caps.per_customer.period, at.astimezone(UTC).date()) if caps.per_customer is not None else ""
     if caps.per_order is not None or caps.per_customer is not None:
         # `accumulated` is the buyer's fired total already; the trace is summed only for a referred customer.
         totals: dict[str | None, int] = _fired_totals(fired) if referred is not None else {customer_id: accumulated}
@@ -1014,7 +1136,7 @@ def evaluate(
     # awards and each group's total are built in this pass over the fired outcomes (final after the caps).
     groups: dict[tuple[str, int], list[RuleAward]] = {}
     group_points: dict[tuple[str, int], int] = {}
-    fixed = ruleset.fixed_explanations
+    fixed, fixed_longest = ruleset.fixed_explanations, ruleset.fixed_longest
     for outcome in fired:  # the fired outcomes, in trace order
         points = outcome.points
         if points:
@@ -1025,17 +1147,18 @@ def evaluate(
                     explanation = outcome.explanation
                     award = (
                         _award(outcome.rule_id, points, explanation)
-                        if explanation in fixed
+                        if len(explanation) <= fixed_longest and explanation in fixed
                         # What RuleAward(**fields) runs, without the __init__ call around it.
                         else _validate_award({"rule_id": outcome.rule_id, "points": points, "explanation": explanation})
                     )
                     group = (cid, outcome.pending_days)
-                    if group in groups:
-                        groups[group].append(award)
-                        group_points[group] += points
-                    else:
+                    awards = groups.get(group)
+                    if awards is None:
                         groups[group] = [award]
                         group_points[group] = points
+                    else:
+                        awards.append(award)
+                        group_points[group] += points
             if outcome.campaign:
                 campaign_points[outcome.campaign] = campaign_points.get(outcome.campaign, 0) + points
     if caps.per_customer is not None:
@@ -1132,14 +1255,16 @@ class _Basket:
         skus: set[str] = set()
         selected_skus, selected_categories = compiled.skus, compiled.categories
         selecting = bool(selected_skus or selected_categories)
-        check = compiled.line_when.check if compiled.line_when is not None else None
-        for (line, net), view in zip(self.lines, self.views, strict=True):
+        condition = compiled.line_when
+        views = self.views  # one per line wherever a rule has a line condition (has_line_conditions)
+        # enumerate, not zip(..., strict=True): compiled, it runs as a native loop over the list.
+        for i, (line, net) in enumerate(self.lines):
             # SKU/category from the line itself: the view holds only the fields conditions read.
             if selecting and line.sku not in selected_skus and line.category not in selected_categories:
                 continue
-            if check is not None:
-                scope["line"] = view
-                if check(scope, True) is not True:
+            if condition is not None:
+                scope["line"] = views[i]
+                if condition.check(scope, True) is not True:
                     continue
             amount += net
             skus.add(line.sku)
@@ -1223,14 +1348,17 @@ def _apply_caps(
 ) -> None:
     # Caps trim the lowest-priority awards first, so the rules the programme ranks highest keep theirs.
     # The totals (fired points per customer) are summed once; the trace is walked again only to trim.
+    # A cap's text is written only where it trims (its total is over the cap), so _trim takes it ready-made.
     if totals is None:
         totals = _fired_totals(trace)
-    if is_purchase and doc.caps.per_order is not None:
+    caps = doc.caps
+    per_order = caps.per_order
+    if is_purchase and per_order is not None:
         total = totals.get(customer.customer_id, 0)
-        if total > doc.caps.per_order:
-            _trim(trace, customer.customer_id, doc.caps.per_order, lambda: f"per-order cap {doc.caps.per_order}", total)
-            totals[customer.customer_id] = doc.caps.per_order
-    cap = doc.caps.per_customer
+        if total > per_order:
+            _trim(trace, customer.customer_id, per_order, f"per-order cap {per_order}", total)
+            totals[customer.customer_id] = per_order
+    cap = caps.per_customer
     if cap is not None:
         key = key or f"cap:{period_key(cap.period, at)}"
         for snapshot in (customer, referred):
@@ -1241,11 +1369,7 @@ def _apply_caps(
             if total <= left:
                 continue
             _trim(
-                trace,
-                snapshot.customer_id,
-                left,
-                lambda: f"per-customer cap {cap.points} per {cap.period}, {left} left",  # noqa: B023 - called at once
-                total,
+                trace, snapshot.customer_id, left, f"per-customer cap {cap.points} per {cap.period}, {left} left", total
             )
             totals[snapshot.customer_id] = left
 
@@ -1258,16 +1382,15 @@ def _fired_totals(trace: list[RuleOutcome]) -> dict[str | None, int]:
     return totals
 
 
-def _trim(
-    trace: list[RuleOutcome], customer_id: str, allowed: int, why: Callable[[], str], total: int | None = None
-) -> None:
-    """Cuts the customer's fired points down to `allowed` (their `total` when the caller has it)."""
+def _trim(trace: list[RuleOutcome], customer_id: str, allowed: int, why: str, total: int | None = None) -> None:
+    """Cuts the customer's fired points down to `allowed` (their `total` when the caller has it); `why`
+    names the cap in the explanation of each award it cuts."""
     if total is None:
         total = sum(o.points for o in trace if o.fired and o.customer_id == customer_id)
     excess = total - allowed
     if excess <= 0:
         return
-    suffix = f" by the {why()}"
+    suffix = f" by the {why}"
     for outcome in reversed(trace):
         if excess <= 0:
             return
@@ -1314,8 +1437,8 @@ def _days(days: int) -> timedelta:
     return timedelta(days=days)
 
 
-_AWARDS: dict[tuple[str, int, str], RuleAward] = {}
-_validate_award: Callable[[dict[str, Any]], RuleAward] = RuleAward.__pydantic_validator__.validate_python
+_AWARDS: Final[dict[tuple[str, int, str], RuleAward]] = {}
+_validate_award: Final[Callable[[dict[str, Any]], RuleAward]] = RuleAward.__pydantic_validator__.validate_python
 
 
 def _award(rule_id: str, points: int, explanation: str) -> RuleAward:
@@ -1364,9 +1487,16 @@ def _prune(state: CustomerSnapshot, at: datetime) -> None:
     if state.points_by_month and min(state.points_by_month) < oldest:
         state.points_by_month = {k: v for k, v in state.points_by_month.items() if k >= oldest}
     for key in state.counters:
-        if key.rpartition(":")[2][:4] < year:  # the period after the last colon starts with its year
-            state.counters = {k: v for k, v in state.counters.items() if k.rpartition(":")[2][:4] >= year}
+        if _period_year(key) < year:
+            state.counters = {k: v for k, v in state.counters.items() if _period_year(k) >= year}
             break
+
+
+def _period_year(counter_key: str) -> str:
+    """The year a counter's period starts with: the period follows the key's last colon."""
+    # What key.rpartition(":")[2][:4] gives, with one small string built instead of a tuple of three.
+    start = counter_key.rfind(":") + 1
+    return counter_key[start : start + 4]
 
 
 @functools.lru_cache(maxsize=512)
