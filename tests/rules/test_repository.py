@@ -84,7 +84,7 @@ class TestCustomerStates:
             counters={"cap:month:2026-11": 1200, "limit:review:week:2026-W48": 1},
         )
         empty = CustomerSnapshot("c-2")
-        odd = CustomerSnapshot("c-3", categories={""}, counters={"null": 1, "a,b": 2}, points_by_month={"NULL": 3})
+        odd = CustomerSnapshot("c-3", categories={""}, counters={"null": 1, "a,b": 2}, points_by_month={"2026-01": 3})
         states = {(tenant, s.customer_id): s for s in (rich, empty, odd)}
         async with transaction(sessionmaker) as session:
             await CustomerStateRepository.from_session(session).save([(tenant, s) for s in states.values()])

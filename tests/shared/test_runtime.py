@@ -19,6 +19,10 @@ class TestPoolWarmUp:
             # Connections the pool holds idle, ready for the first burst of requests.
             assert runtime.engine.pool.checkedin() == 4  # type: ignore[attr-defined]
             assert gc.get_threshold() == GC_THRESHOLDS
+            # Start-up's objects are frozen out of the collector's generations (the engine among them).
+            assert gc.get_freeze_count() > 0
+            assert all(o is not runtime.engine for o in gc.get_objects())
+        assert gc.get_freeze_count() == 0, "thawed at the end, so the objects of a stopped runtime can go"
 
     async def test_lazy_pool_when_warm_up_is_off(self) -> None:
         settings = service_settings("ledger", database_pool_size=4, consumers_enabled=False, database_pool_warm=False)

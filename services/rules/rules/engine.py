@@ -367,6 +367,8 @@ _GE: Final = 5
 _OPERATORS: Final = {"==": _EQ, "!=": _NE, "<": _LT, "<=": _LE, ">": _GT, ">=": _GE}
 
 
+# One comparison function per native type (double, int): compiled, each compares unboxed values; a shared
+# generic one would compare Python objects.
 def _compare_doubles(op: int, value: float, literal: float) -> bool:
     if op == _EQ:
         return value == literal

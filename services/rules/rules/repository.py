@@ -165,8 +165,9 @@ _PLAIN = re.compile(r"[A-Za-z0-9_.:+-]+(?:,[A-Za-z0-9_.:+-]+)*")
 
 
 def _literal(values: Iterable[object]) -> str:
-    """A PostgreSQL array literal. Months, counter keys and numbers need no quoting (the common case, and
-    the fast one); anything else, or a word PostgreSQL reads as NULL, has every element quoted."""
+    """A PostgreSQL array literal of any texts (categories, counter keys). Plain words need no quoting (the
+    common case, and the fast one); anything else, or a word PostgreSQL reads as NULL, has every element
+    quoted."""
     items = [str(v) for v in values]
     joined = ",".join(items)
     if not items or (_PLAIN.fullmatch(joined) and "null" not in joined.lower()):
@@ -200,27 +201,31 @@ class CustomerStateRepository(RepositoryBase):
 
     async def save(self, states: Iterable[tuple[str, CustomerSnapshot]]) -> None:
         columns: list[list[Any]] = [[] for _ in _STATE_COLUMNS]
+        (tenants, customers, counts, firsts, lasts, spend_months, spend_amounts, points_months, points_earned,
+         categories, tiers, reviewed, counter_keys, counter_values) = columns  # fmt: skip
         for tenant, s in states:
-            spend, points, counters = sorted(s.spend_by_month), sorted(s.points_by_month), sorted(s.counters)
-            values = (
-                tenant,
-                s.customer_id,
-                s.purchase_count,
-                s.first_purchase_at,
-                s.last_purchase_at,
-                _literal(spend),
-                _literal(s.spend_by_month[k] for k in spend),
-                _literal(points),
-                _literal(s.points_by_month[k] for k in points),
-                _literal(sorted(s.categories)),
-                s.tier,
-                s.tier_reviewed_at,
-                _literal(counters),
-                _literal(s.counters[k] for k in counters),
-            )
-            for column, value in zip(columns, values, strict=True):
-                column.append(value)
-        if columns[0]:
+            tenants.append(tenant)
+            customers.append(s.customer_id)
+            counts.append(s.purchase_count)
+            firsts.append(s.first_purchase_at)
+            lasts.append(s.last_purchase_at)
+            # Months ("2026-11") and numbers never need quoting in an array literal: joined as they are.
+            spend = s.spend_by_month
+            months = sorted(spend)
+            spend_months.append("{" + ",".join(months) + "}")
+            spend_amounts.append("{" + ",".join([str(spend[m]) for m in months]) + "}")
+            points = s.points_by_month
+            months = sorted(points)
+            points_months.append("{" + ",".join(months) + "}")
+            points_earned.append("{" + ",".join([str(points[m]) for m in months]) + "}")
+            categories.append(_literal(sorted(s.categories)))
+            tiers.append(s.tier)
+            reviewed.append(s.tier_reviewed_at)
+            counters = s.counters
+            keys = sorted(counters)
+            counter_keys.append(_literal(keys))
+            counter_values.append("{" + ",".join([str(counters[k]) for k in keys]) + "}")
+        if tenants:
             await (await _driver(self.session)).execute(_SAVE_STATES, *columns)
 
 
