@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from rules.engine import CustomerSnapshot
 from rules.models import OutboxMessage
-from rules.repository import OUTBOX_ID_BLOCK, CustomerStateRepository, OutboxRepository
+from rules.repository import _ORDER_FIELDS, OUTBOX_ID_BLOCK, CustomerStateRepository, OrderRecord, OutboxRepository
 from shared.db import create_engine, create_sessionmaker, transaction
 from tests.conftest import service_settings
 
@@ -100,3 +100,8 @@ class TestCustomerStates:
         async with transaction(sessionmaker) as session:
             loaded = await CustomerStateRepository.from_session(session).load([(tenant, "c-1")])
         assert loaded == {(tenant, "c-1"): changed}
+
+
+def test_an_order_record_is_a_row_in_column_order() -> None:
+    # insert_orders copies the records as they are: their fields are the COPY's columns, in order.
+    assert OrderRecord._fields == _ORDER_FIELDS

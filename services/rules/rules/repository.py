@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -80,8 +80,9 @@ class RulesetRepository(RepositoryBase):
         return (await self.session.execute(stmt)).scalars().all()
 
 
-@dataclass
-class OrderRecord:
+class OrderRecord(NamedTuple):
+    """An order as the batch sees it (a named tuple: one is built per purchase, and written as a row)."""
+
     tenant_id: str
     order_id: str
     customer_id: str
@@ -242,7 +243,7 @@ _ORDER_FIELDS = (
     "ruleset_version",
 )
 
-_AWARD_FIELDS = (
+_AWARD_FIELDS: tuple[str, ...] = (
     "command_id",
     "tenant_id",
     "customer_id",
@@ -254,6 +255,9 @@ _AWARD_FIELDS = (
     "matures_at",
     "breakdown",
 )
+
+
+_award_row = operator.itemgetter(*_AWARD_FIELDS)
 
 
 async def _copy(session: AsyncSession, table: str, columns: Sequence[str], records: Iterable[Sequence[Any]]) -> None:
@@ -278,7 +282,7 @@ class OrderRepository(RepositoryBase):
             tenants,
             orders,
         )
-        return {(r["tenant_id"], r["order_id"]): OrderRecord(**{f: r[f] for f in _ORDER_FIELDS}) for r in rows}
+        return {(r["tenant_id"], r["order_id"]): OrderRecord(*(r[f] for f in _ORDER_FIELDS)) for r in rows}
 
     async def awards(self, keys: Iterable[Key]) -> dict[Key, list[AwardRecord]]:
         tenants, orders = _keys(keys)
@@ -303,7 +307,7 @@ class OrderRepository(RepositoryBase):
 
     async def insert_orders(self, rows: Sequence[OrderRecord]) -> None:
         if rows:
-            await _copy(self.session, "orders", _ORDER_FIELDS, [[getattr(o, f) for f in _ORDER_FIELDS] for o in rows])
+            await _copy(self.session, "orders", _ORDER_FIELDS, rows)  # the tuples are in column order
 
     async def set_refunded(self, rows: Sequence[dict[str, Any]]) -> None:
         for row in rows:
@@ -315,7 +319,7 @@ class OrderRepository(RepositoryBase):
 
     async def insert_awards(self, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
-            await _copy(self.session, "awards", _AWARD_FIELDS, [[row[f] for f in _AWARD_FIELDS] for row in rows])
+            await _copy(self.session, "awards", _AWARD_FIELDS, map(_award_row, rows))
 
     async def add_clawed_back(self, amounts: dict[str, int]) -> None:
         for command_id, points in sorted(amounts.items()):
