@@ -237,6 +237,7 @@ class BatchWork:
         self.schedules = schedules(await RulesetRepository.from_session(session).activations(tenants))
         wanted: set[VersionKey] = set()
         order_keys: set[tuple[str, str]] = set()
+        refund_keys: set[tuple[str, str]] = set()
         customer_keys: set[tuple[str, str]] = set()
         for m in messages:
             e = m.event
@@ -249,11 +250,13 @@ class BatchWork:
                 customer_keys.add((e.tenantid, e.data.referred_customer_id))
             if isinstance(e.data, PurchaseRefunded):
                 order_keys.add((e.tenantid, e.data.original_order_id))
+                refund_keys.add((e.tenantid, e.data.original_order_id))
             if isinstance(e.data, PurchaseCompleted):
                 order_keys.add((e.tenantid, e.data.order_id))
         orders = OrderRepository.from_session(session)
         self.orders = await orders.load(order_keys)
-        self.order_awards = await orders.awards(order_keys)
+        # Only a refund reads an order's awards (a purchase's own awards are made in this batch).
+        self.order_awards = await orders.awards(refund_keys)
         for order in self.orders.values():
             if order.ruleset_id is not None and order.ruleset_version is not None:
                 wanted.add((order.tenant_id, order.ruleset_id, order.ruleset_version))
