@@ -14,6 +14,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections import Counter
@@ -165,6 +166,18 @@ class ConsumerRunner:
                     log.warning("rewind failed", extra={"error": repr(seek_error)})
 
     async def process(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        # A batch's objects (decoded events, states, rows) live until the batch is done, then go by
+        # reference counting: the cyclic collector, running meanwhile, would only walk them again and
+        # again. It pauses for the batch and resumes after it (cyclic garbage waits until then).
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            await self._process(records)
+        finally:
+            if paused:
+                gc.enable()
+
+    async def _process(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         started = time.perf_counter()
         good: list[Inbound] = []
         dead: list[tuple[ConsumerRecord[bytes, bytes], str]] = []

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import uuid
 from collections.abc import Sequence
+from typing import Any, cast
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import func, select
 
@@ -308,3 +310,42 @@ async def committed_offset(group: str, name: str) -> int | None:
         await admin.close()
     found = [meta.offset for tp, meta in offsets.items() if tp.topic == name and meta.offset >= 0]
     return sum(found) if found else None
+
+
+class _GcProbe(ConsumerRunner):
+    """Records whether the cyclic collector runs while a batch is processed; optionally fails."""
+
+    def __init__(self, fail: bool) -> None:
+        super().__init__(
+            service="test",
+            topics=["unused"],
+            group_id="gc-probe",
+            bootstrap_servers=KAFKA,
+            handler=_no_rejections,
+            dlq_producer=cast(Any, None),
+        )
+        self.fail = fail
+        self.enabled_during: list[bool] = []
+
+    async def _process(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        self.enabled_during.append(gc.isenabled())
+        if self.fail:
+            raise RuntimeError("the batch failed")
+
+
+async def _no_rejections(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+    return []
+
+
+class TestCollectorPause:
+    @pytest.mark.parametrize("fail", [False, True], ids=["batch-done", "batch-failed"])
+    async def test_the_collector_pauses_for_a_batch_and_resumes_after_it(self, fail: bool) -> None:
+        probe = _GcProbe(fail)
+        assert gc.isenabled()
+        if fail:
+            with pytest.raises(RuntimeError):
+                await probe.process([])
+        else:
+            await probe.process([])
+        assert probe.enabled_during == [False]
+        assert gc.isenabled()
