@@ -1,5 +1,6 @@
 """A purchase is recorded by its order row, not by a tracking row: a redelivered purchase is skipped,
-and two consumers recording the same purchase at once (a rebalance) end with one recording."""
+and two consumers recording the same purchase at once (a rebalance) end with one recording. Refunds in
+later batches read what earlier ones stored."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from rules.models import Award, CustomerState, Order, processed_events
 from rules.service import rules_service
 from shared.consumer import RetryLater, is_transient
 from shared.db import transaction
-from shared.events import CloudEvent
+from shared.events import CloudEvent, decode_event
 from tests.rules.helpers import inbound, rules_database
-from tests.rules.samples import BASE, doc, line, order, review
+from tests.rules.samples import BASE, doc, line, order, refund, review
 
 pytestmark = pytest.mark.db
 
@@ -115,3 +116,23 @@ class TestConcurrentRecording:
         assert (retried.awards, retried.rejections, retried.outbox_rows) == (0, [], [])
         orders = select(func.count()).select_from(Order).where(Order.tenant_id == tenant)
         assert await _count(sessionmaker, orders) == 1
+
+
+class TestRefundsAcrossBatches:
+    async def test_each_refund_claws_back_its_share_and_the_award_records_the_total(
+        self, sessionmaker: async_sessionmaker[AsyncSession], tenant: str
+    ) -> None:
+        purchase = order(tenant, "c1", [line("A", "x", "1", "200")], order_id="SO-R")
+        (earn,) = (await _process(sessionmaker, purchase)).outbox_rows
+        # Three batches: 50 of 200 refunded (a quarter of the 200 points), then 100, then 100 more, of
+        # which only the 50 still unrefunded count. Each batch reads what the last one stored.
+        claws = []
+        for amount in ("50", "100", "100"):
+            outcome = await _process(sessionmaker, refund(tenant, "c1", "SO-R", amount))
+            assert outcome.rejections == []
+            claws.append([decode_event(r["value"]).data.points for r in outcome.outbox_rows])
+        assert claws == [[50], [100], [50]]
+        stored = select(Award.clawed_back).where(
+            Award.tenant_id == tenant, Award.command_id == decode_event(earn["value"]).data.command_id
+        )
+        assert await _count(sessionmaker, stored) == 200

@@ -219,7 +219,7 @@ class BatchWork:
         self.refunded: dict[tuple[str, str], Decimal] = {}
         self.order_awards: dict[tuple[str, str], list[AwardRecord]] = {}
         self.awards: list[dict[str, Any]] = []
-        self.clawed: dict[str, int] = {}
+        self.clawed: dict[tuple[str, str, str], int] = {}  # (tenant, customer, command) -> points
         self.spent: dict[tuple[str, str], int] = {}
         self.spent_delta: dict[tuple[str, str], int] = {}
         self.outbox: list[dict[str, Any]] = []
@@ -406,7 +406,8 @@ class BatchWork:
         ]
         topic = f"{self.namespace}{POINTS_COMMANDS}"
         for plan in plans:
-            self.clawed[plan.original_command_id] = self.clawed.get(plan.original_command_id, 0) + plan.points
+            award = (tenant, plan.customer_id, plan.original_command_id)
+            self.clawed[award] = self.clawed.get(award, 0) + plan.points
             data = {
                 "command_id": plan.command_id,
                 "customer_id": plan.customer_id,

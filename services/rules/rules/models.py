@@ -11,6 +11,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     Numeric,
+    PrimaryKeyConstraint,
     String,
     Text,
     func,
@@ -112,8 +113,8 @@ class Award(Base):
     __tablename__ = "awards"
 
     command_id: Mapped[str] = mapped_column(String(80), primary_key=True)
-    tenant_id: Mapped[str] = mapped_column(String(63), nullable=False)
-    customer_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    tenant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     order_id: Mapped[str | None] = mapped_column(String(200))
     event_id: Mapped[str] = mapped_column(String(200), nullable=False)
     ruleset_id: Mapped[str] = mapped_column(String(100), nullable=False)
@@ -124,7 +125,11 @@ class Award(Base):
     breakdown: Mapped[list[Any]] = mapped_column(JSONB, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 
-    __table_args__ = (Index("ix_awards_tenant_order", "tenant_id", "order_id"),)
+    # Keyed by tenant and customer first: one index serves the customer's listing and a clawback's update.
+    __table_args__ = (
+        PrimaryKeyConstraint("tenant_id", "customer_id", "command_id", name="pk_awards"),
+        Index("ix_awards_tenant_order", "tenant_id", "order_id"),
+    )
 
 
 class CampaignSpend(Base):

@@ -321,10 +321,13 @@ class OrderRepository(RepositoryBase):
         if rows:
             await _copy(self.session, "awards", _AWARD_FIELDS, map(_award_row, rows))
 
-    async def add_clawed_back(self, amounts: dict[str, int]) -> None:
-        for command_id, points in sorted(amounts.items()):
+    async def add_clawed_back(self, amounts: dict[tuple[str, str, str], int]) -> None:
+        """Adds clawed-back points to awards, by (tenant, customer, command id)."""
+        for (tenant_id, customer_id, command_id), points in sorted(amounts.items()):
             await self.session.execute(
-                update(Award).where(Award.command_id == command_id).values(clawed_back=Award.clawed_back + points)
+                update(Award)
+                .where(Award.tenant_id == tenant_id, Award.customer_id == customer_id, Award.command_id == command_id)
+                .values(clawed_back=Award.clawed_back + points)
             )
 
     async def awards_for_customer(self, tenant_id: str, customer_id: str, limit: int = 100) -> Sequence[Award]:
