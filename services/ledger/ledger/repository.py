@@ -44,13 +44,9 @@ class _Sql:
         self.sql = re.sub(r"(?<!:):([a-z_]+)", positional, sql)
 
     async def fetch(self, session: AsyncSession, params: dict[str, Any], *, begin: bool = True) -> list[Any]:
-        driver = await _driver(session, begin=begin)
+        driver = await driver_connection(session, begin=begin)
         rows: list[Any] = await driver.fetch(self.sql, *(params[name] for name in self.names))
         return rows
-
-
-async def _driver(session: AsyncSession, *, begin: bool = True) -> Any:
-    return await driver_connection(session, begin=begin)
 
 
 # The hot statements take whole columns as arrays (unnest): one fixed statement text, prepared once,
@@ -274,7 +270,7 @@ class LedgerRepository:
     async def _copy(self, table: str, columns: Sequence[str], records: Sequence[tuple[Any, ...]]) -> None:
         # COPY is the fastest way in (several times executemany); it runs on the session's own
         # connection, so it is part of the same transaction as everything else.
-        driver = await _driver(self.session)
+        driver = await driver_connection(self.session)
         await driver.copy_records_to_table(table, schema_name="ledger", columns=list(columns), records=records)
 
     def _entries(self, tenant_id: str, account_id: str) -> Select[Entry]:

@@ -5,7 +5,6 @@ consumer's per-event code outside the engine."""
 from __future__ import annotations
 
 import bisect
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,8 +52,6 @@ from shared.events import (
     RuleAward,
 )
 from shared.topics import CUSTOMERS, POINTS_COMMANDS
-
-log = logging.getLogger(__name__)
 
 SOURCE = "loyalty/rules"
 VersionKey = tuple[str, str, int]

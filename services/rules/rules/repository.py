@@ -95,12 +95,6 @@ class OrderRecord(NamedTuple):
     ruleset_version: int | None
 
 
-async def _driver(session: AsyncSession) -> Any:
-    """The asyncpg connection under the session's (begun) transaction: batch statements pass whole columns
-    as arrays (`unnest`), so one cached statement serves any batch size."""
-    return await driver_connection(session)
-
-
 def _keys(keys: Iterable[Key]) -> tuple[list[str], list[str]]:
     wanted = sorted(set(keys))
     return [k[0] for k in wanted], [k[1] for k in wanted]
@@ -186,12 +180,12 @@ class CustomerStateRepository(RepositoryBase):
         if not tenants:
             return {}
         sql = _LOAD_STATES.format(lock="for update" if for_update else "")
-        rows = await (await _driver(self.session)).fetch(sql, tenants, customers)
+        rows = await (await driver_connection(self.session)).fetch(sql, tenants, customers)
         return {(r["tenant_id"], r["customer_id"]): _snapshot(r) for r in rows}
 
     async def load_tenant(self, tenant_id: str, *, after: str, limit: int) -> list[CustomerSnapshot]:
         """One page of a tenant's customers in id order, locked for a review."""
-        rows = await (await _driver(self.session)).fetch(
+        rows = await (await driver_connection(self.session)).fetch(
             """select * from rules.customer_states where tenant_id = $1 and customer_id > $2
                order by customer_id limit $3 for update""",
             tenant_id,
@@ -227,7 +221,7 @@ class CustomerStateRepository(RepositoryBase):
             counter_keys.append(_literal(keys))
             counter_values.append("{" + ",".join([str(counters[k]) for k in keys]) + "}")
         if tenants:
-            await (await _driver(self.session)).execute(_SAVE_STATES, *columns)
+            await (await driver_connection(self.session)).execute(_SAVE_STATES, *columns)
 
 
 _ORDER_FIELDS = (
@@ -262,10 +256,10 @@ _award_row = operator.itemgetter(*_AWARD_FIELDS)
 
 async def _copy(session: AsyncSession, table: str, columns: Sequence[str], records: Iterable[Sequence[Any]]) -> None:
     """Appends rows with COPY: half of PostgreSQL's cost of INSERT ... SELECT FROM unnest(arrays), on the
-    session's own connection (so in the same transaction). COPY has no ON CONFLICT: the batch's
-    tracking claims make every event's rows new, and a duplicate (a bug) fails the batch, which the
-    consumer then retries message by message, dead-lettering the one at fault; nothing is skipped."""
-    driver = await _driver(session)
+    session's own connection (so in the same transaction). COPY has no ON CONFLICT: a batch writes rows
+    only for events it found unrecorded; a duplicate fails the batch (an order recorded concurrently is
+    retried as a whole, anything else message by message, dead-lettering the one at fault)."""
+    driver = await driver_connection(session)
     await driver.copy_records_to_table(table, schema_name="rules", columns=list(columns), records=records)
 
 
@@ -274,7 +268,7 @@ class OrderRepository(RepositoryBase):
         tenants, orders = _keys(keys)
         if not tenants:
             return {}
-        rows = await (await _driver(self.session)).fetch(
+        rows = await (await driver_connection(self.session)).fetch(
             """select o.* from unnest($1::text[], $2::text[]) as k(tenant_id, order_id)
                cross join lateral (
                  select * from rules.orders r where r.tenant_id = k.tenant_id and r.order_id = k.order_id for update
@@ -289,7 +283,7 @@ class OrderRepository(RepositoryBase):
         out: dict[Key, list[AwardRecord]] = {}
         if not tenants:
             return out
-        rows = await (await _driver(self.session)).fetch(
+        rows = await (await driver_connection(self.session)).fetch(
             """select a.tenant_id, a.order_id, a.command_id, a.customer_id, a.points, a.clawed_back
                from unnest($1::text[], $2::text[]) as k(tenant_id, order_id)
                cross join lateral (
@@ -346,7 +340,7 @@ class TrackingRepository(RepositoryBase):
         ids = sorted(set(event_ids))
         if not ids:
             return set()
-        rows = await (await _driver(self.session)).fetch(
+        rows = await (await driver_connection(self.session)).fetch(
             """insert into rules.processed_events (consumer_group, event_id)
                select $1, unnest($2::text[]) on conflict do nothing returning event_id""",
             group,
@@ -356,7 +350,7 @@ class TrackingRepository(RepositoryBase):
 
     async def release(self, group: str, event_ids: Sequence[str]) -> None:
         if event_ids:
-            await (await _driver(self.session)).execute(
+            await (await driver_connection(self.session)).execute(
                 "delete from rules.processed_events where consumer_group = $1 and event_id = any($2::text[])",
                 group,
                 list(event_ids),
@@ -386,7 +380,7 @@ class CampaignRepository(RepositoryBase):
         evaluation equals one made under the lock. Returns the campaigns where neither holds (nothing
         of the batch may be kept then)."""
         over: list[Key] = []
-        driver = await _driver(self.session)
+        driver = await driver_connection(self.session)
         for key, points in sorted(amounts.items()):  # sorted: concurrent batches lock rows in one order
             if not points:
                 continue
@@ -419,7 +413,7 @@ class OutboxRepository(RepositoryBase):
         if not rows:
             return []
         # The ids first (one statement), then the rows with COPY: COPY returns nothing.
-        driver = await _driver(self.session)
+        driver = await driver_connection(self.session)
         blocks: list[int] = await driver.fetchval(_OUTBOX_BLOCKS, -(-len(rows) // OUTBOX_ID_BLOCK))
         ids = [start + i for start in blocks for i in range(OUTBOX_ID_BLOCK)][: len(rows)]
         await _copy(
@@ -442,7 +436,7 @@ class OutboxRepository(RepositoryBase):
             else:
                 starts.append(i)
                 ends.append(i)
-        await (await _driver(self.session)).execute(
+        await (await driver_connection(self.session)).execute(
             """delete from rules.outbox o using unnest($1::bigint[], $2::bigint[]) as r(lo, hi)
                where o.id between r.lo and r.hi""",
             starts,
