@@ -148,8 +148,9 @@ class EarnPoints(Payload):
     matures_at: UtcDatetime | None = Field(default=None, description="Pending until then")
     ruleset_id: Identifier | None = None
     ruleset_version: int | None = None
-    breakdown: list[RuleAward] = Field(default_factory=list)
     reason: str | None = None
+    # Last: the rules service writes the breakdown's JSON once, for its award row, and appends it here.
+    breakdown: list[RuleAward] = Field(default_factory=list)
 
 
 class ClawbackPoints(Payload):

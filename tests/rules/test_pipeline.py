@@ -92,6 +92,8 @@ class TestAward:
         assert (
             awards[0]["breakdown"][0]["explanation"] == "26.25 EUR eligible * 1 pt/EUR * factor 1 = 26.25 → 26 (floor)"
         )
+        # The stored award and the published command carry one serialisation of the breakdown.
+        assert awards[0]["breakdown"] == [a.model_dump() for a in earn.breakdown]
 
     async def test_duplicate_events_award_once(
         self, client: httpx.AsyncClient, key: str, tenant: str, raw_producer: AIOKafkaProducer

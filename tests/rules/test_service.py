@@ -5,7 +5,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from rules import ruleset as rs
-from rules.batch import BatchWork, Schedule, earn_command, tier_changed
+from rules.batch import BatchWork, Schedule, breakdown_json, earn_command, tier_changed
 from rules.engine import CompiledRuleset, CustomerSnapshot, TierChange, evaluate
 from rules.service import rules_service
 from shared.consumer import Inbound
@@ -52,7 +52,7 @@ class TestEarnCommand:
         )
         assert evaluation.commands, "the document awards every sample"
         for plan in evaluation.commands:
-            row = earn_command("points", TENANT, event, evaluation, plan)
+            row = earn_command("points", TENANT, event, evaluation, plan, breakdown_json(plan))
             command = decode_event(row["value"])
             assert isinstance(command.data, EarnPoints)
             assert command.to_bytes() == row["value"]
