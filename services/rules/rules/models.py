@@ -16,7 +16,7 @@ from sqlalchemy import (
     Text,
     func,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSON, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.auth import api_keys_table
@@ -122,7 +122,7 @@ class Award(Base):
     points: Mapped[int] = mapped_column(Integer, nullable=False)
     clawed_back: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     matures_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    breakdown: Mapped[list[Any]] = mapped_column(JSONB, nullable=False)
+    breakdown: Mapped[list[Any]] = mapped_column(JSON, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 
     # Keyed by tenant and customer first: one index serves the customer's listing and a clawback's update.
