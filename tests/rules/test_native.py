@@ -19,6 +19,7 @@ import pytest
 
 import rules.batch
 import rules.engine
+import rules.rows
 from rules import ruleset as rs
 from shared.events import CloudEvent
 from tests.rules.samples import T0, TIERS, doc, line, order, review
@@ -39,7 +40,7 @@ def _interpreted() -> ModuleType:
 
 
 class TestBuild:
-    @pytest.mark.parametrize("module", [rules.engine, rules.batch], ids=lambda m: m.__name__)
+    @pytest.mark.parametrize("module", [rules.engine, rules.batch, rules.rows], ids=lambda m: m.__name__)
     def test_the_imported_module_is_compiled_from_this_source(self, module: ModuleType) -> None:
         compiled = Path(module.__file__ or "")
         assert compiled.suffix == ".so", f"{module.__name__} runs interpreted: run `make native`"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import operator
-import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -22,6 +21,7 @@ from rules.models import (
     Ruleset,
     RulesetActivation,
 )
+from rules.rows import STATE_COLUMNS, snapshot, state_columns
 from shared.db import driver_connection
 
 Key = tuple[str, str]
@@ -100,21 +100,6 @@ def _keys(keys: Iterable[Key]) -> tuple[list[str], list[str]]:
     return [k[0] for k in wanted], [k[1] for k in wanted]
 
 
-def _snapshot(row: Any) -> CustomerSnapshot:
-    return CustomerSnapshot(
-        customer_id=row["customer_id"],
-        purchase_count=row["purchase_count"],
-        first_purchase_at=row["first_purchase_at"],
-        last_purchase_at=row["last_purchase_at"],
-        spend_by_month=dict(zip(row["spend_months"], row["spend_amounts"], strict=True)),
-        points_by_month=dict(zip(row["points_months"], row["points_earned"], strict=True)),
-        categories=set(row["categories"]),
-        tier=row["tier"],
-        tier_reviewed_at=row["tier_reviewed_at"],
-        counters=dict(zip(row["counter_keys"], row["counter_values"], strict=True)),
-    )
-
-
 # Batch look-ups by key are a LATERAL index probe per key, in the keys' (sorted) order. A plain join of the
 # key array with the table lets the planner hash the whole table (it cannot know the array holds a few
 # thousand keys): a sequential scan per batch, whose cost grows with every order ever seen.
@@ -125,26 +110,10 @@ cross join lateral (
 ) s
 """
 
-_STATE_COLUMNS = (
-    "tenant_id",
-    "customer_id",
-    "purchase_count",
-    "first_purchase_at",
-    "last_purchase_at",
-    "spend_months",
-    "spend_amounts",
-    "points_months",
-    "points_earned",
-    "categories",
-    "tier",
-    "tier_reviewed_at",
-    "counter_keys",
-    "counter_values",
-)
 # One upsert for the whole batch, in key order (the lock order every batch uses). Columns travel as arrays for
 # `unnest`; the array columns of each state as array literals (unnest cannot take arrays of arrays).
 _SAVE_STATES = f"""
-insert into rules.customer_states as s ({", ".join(_STATE_COLUMNS)})
+insert into rules.customer_states as s ({", ".join(STATE_COLUMNS)})
 select t, c, n, f, l, sm::text[], sa::numeric[], pm::text[], pe::bigint[], cat::varchar[], tier, tr, ck::text[],
        cv::bigint[]
 from unnest($1::text[], $2::text[], $3::int[], $4::timestamptz[], $5::timestamptz[], $6::text[], $7::text[],
@@ -152,22 +121,8 @@ from unnest($1::text[], $2::text[], $3::int[], $4::timestamptz[], $5::timestampt
   as r(t, c, n, f, l, sm, sa, pm, pe, cat, tier, tr, ck, cv)
 order by t, c
 on conflict (tenant_id, customer_id) do update set
-{", ".join(f"{c} = excluded.{c}" for c in _STATE_COLUMNS[2:])}
+{", ".join(f"{c} = excluded.{c}" for c in STATE_COLUMNS[2:])}
 """
-
-
-_PLAIN = re.compile(r"[A-Za-z0-9_.:+-]+(?:,[A-Za-z0-9_.:+-]+)*")
-
-
-def _literal(values: Iterable[object]) -> str:
-    """A PostgreSQL array literal of any texts (categories, counter keys). Plain words need no quoting (the
-    common case, and the fast one); anything else, or a word PostgreSQL reads as NULL, has every element
-    quoted."""
-    items = [str(v) for v in values]
-    joined = ",".join(items)
-    if not items or (_PLAIN.fullmatch(joined) and "null" not in joined.lower()):
-        return "{" + joined + "}"
-    return "{" + ",".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items) + "}"
 
 
 class CustomerStateRepository(RepositoryBase):
@@ -181,7 +136,7 @@ class CustomerStateRepository(RepositoryBase):
             return {}
         sql = _LOAD_STATES.format(lock="for update" if for_update else "")
         rows = await (await driver_connection(self.session)).fetch(sql, tenants, customers)
-        return {(r["tenant_id"], r["customer_id"]): _snapshot(r) for r in rows}
+        return {(r["tenant_id"], r["customer_id"]): snapshot(r) for r in rows}
 
     async def load_tenant(self, tenant_id: str, *, after: str, limit: int) -> list[CustomerSnapshot]:
         """One page of a tenant's customers in id order, locked for a review."""
@@ -192,35 +147,11 @@ class CustomerStateRepository(RepositoryBase):
             after,
             limit,
         )
-        return [_snapshot(r) for r in rows]
+        return [snapshot(r) for r in rows]
 
     async def save(self, states: Iterable[tuple[str, CustomerSnapshot]]) -> None:
-        columns: list[list[Any]] = [[] for _ in _STATE_COLUMNS]
-        (tenants, customers, counts, firsts, lasts, spend_months, spend_amounts, points_months, points_earned,
-         categories, tiers, reviewed, counter_keys, counter_values) = columns  # fmt: skip
-        for tenant, s in states:
-            tenants.append(tenant)
-            customers.append(s.customer_id)
-            counts.append(s.purchase_count)
-            firsts.append(s.first_purchase_at)
-            lasts.append(s.last_purchase_at)
-            # Months ("2026-11") and numbers never need quoting in an array literal: joined as they are.
-            spend = s.spend_by_month
-            months = sorted(spend)
-            spend_months.append("{" + ",".join(months) + "}")
-            spend_amounts.append("{" + ",".join([str(spend[m]) for m in months]) + "}")
-            points = s.points_by_month
-            months = sorted(points)
-            points_months.append("{" + ",".join(months) + "}")
-            points_earned.append("{" + ",".join([str(points[m]) for m in months]) + "}")
-            categories.append(_literal(sorted(s.categories)))
-            tiers.append(s.tier)
-            reviewed.append(s.tier_reviewed_at)
-            counters = s.counters
-            keys = sorted(counters)
-            counter_keys.append(_literal(keys))
-            counter_values.append("{" + ",".join([str(counters[k]) for k in keys]) + "}")
-        if tenants:
+        columns = state_columns(states)
+        if columns[0]:
             await (await driver_connection(self.session)).execute(_SAVE_STATES, *columns)
 
 
