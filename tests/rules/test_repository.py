@@ -15,7 +15,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from rules.engine import CustomerSnapshot
 from rules.models import OutboxMessage
-from rules.repository import _ORDER_FIELDS, OUTBOX_ID_BLOCK, CustomerStateRepository, OrderRecord, OutboxRepository
+from rules.repository import (
+    _ORDER_FIELDS,
+    OUTBOX_ID_BLOCK,
+    CustomerStateRepository,
+    OrderRecord,
+    OutboxRepository,
+    StateChanged,
+)
 from shared.db import create_engine, create_sessionmaker, transaction
 from tests.conftest import service_settings
 
@@ -92,14 +99,37 @@ class TestCustomerStates:
             loaded = await CustomerStateRepository.from_session(session).load(states)
         assert loaded == states
         assert str(loaded[(tenant, "c-1")].spend_by_month["2026-11"]) == "1234.5678", "the exact decimal"
-        changed = CustomerSnapshot("c-1", purchase_count=8, spend_by_month={"2026-12": Decimal("5")}, tier=None)
+        assert [s.version for s in loaded.values()] == [1, 1, 1]
+        changed = CustomerSnapshot(
+            "c-1", purchase_count=8, spend_by_month={"2026-12": Decimal("5")}, tier=None, version=1
+        )
         async with transaction(sessionmaker) as session:
             await CustomerStateRepository.from_session(session).save([(tenant, changed)])
-            # A second save in the same transaction: the staging table holds only this batch's rows.
+            assert changed.version == 2, "a saved state is at the version written"
+            # A second save in the same transaction writes over the first.
             await CustomerStateRepository.from_session(session).save([(tenant, changed)])
         async with transaction(sessionmaker) as session:
             loaded = await CustomerStateRepository.from_session(session).load([(tenant, "c-1")])
         assert loaded == {(tenant, "c-1"): changed}
+        assert loaded[(tenant, "c-1")].version == 3
+
+    @pytest.mark.parametrize("read_at", [0, 1], ids=["as-new-over-a-stored-row", "over-a-newer-version"])
+    async def test_a_state_read_before_another_write_is_not_written(
+        self, sessionmaker: async_sessionmaker[AsyncSession], tenant: str, read_at: int
+    ) -> None:
+        async with transaction(sessionmaker) as session:
+            repo = CustomerStateRepository.from_session(session)
+            await repo.save([(tenant, CustomerSnapshot("c-1", purchase_count=1)), (tenant, CustomerSnapshot("c-2"))])
+            await repo.save([(tenant, CustomerSnapshot("c-1", purchase_count=2, version=1))])  # now at 2
+        stale = CustomerSnapshot("c-1", purchase_count=99, version=read_at)
+        fresh = CustomerSnapshot("c-2", purchase_count=5, version=1)
+        with pytest.raises(StateChanged, match="1 of 2 customer states changed since read"):
+            async with transaction(sessionmaker) as session:
+                await CustomerStateRepository.from_session(session).save([(tenant, fresh), (tenant, stale)])
+        assert (stale.version, fresh.version) == (read_at, 1), "nothing counts as written"
+        async with transaction(sessionmaker) as session:
+            loaded = await CustomerStateRepository.from_session(session).load([(tenant, "c-1"), (tenant, "c-2")])
+        assert [(s.purchase_count, s.version) for s in loaded.values()] == [(2, 2), (0, 1)]
 
 
 def test_an_order_record_is_a_row_in_column_order() -> None:

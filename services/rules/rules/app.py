@@ -1,4 +1,5 @@
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from datetime import timedelta
@@ -16,7 +17,8 @@ from shared.runtime import Runtime, State, base_app
 def create_app(app_settings: Settings = settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        async with Runtime(app_settings, api_keys=api_keys, consumers=[purchases_consumer]) as runtime:
+        consumer = functools.partial(purchases_consumer, state_cache_size=app_settings.state_cache_size)
+        async with Runtime(app_settings, api_keys=api_keys, consumers=[consumer]) as runtime:
             sweeper = None
             if app_settings.consumers_enabled:
                 relay = OutboxRelay(runtime.sessionmaker, runtime.producer.raw, namespace=app_settings.topic_namespace)

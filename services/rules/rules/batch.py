@@ -5,6 +5,7 @@ consumer's per-event code outside the engine."""
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,6 +67,55 @@ class BatchOutcome:
     outbox_ids: list[int] = field(default_factory=list)
     outbox_rows: list[dict[str, Any]] = field(default_factory=list)
     awards: int = 0
+    # The customer states the batch wrote, as written: a consumer keeps them once the batch committed.
+    states: dict[tuple[str, str], CustomerSnapshot] = field(default_factory=dict)
+
+
+class StateCache:
+    """Customer states a consumer wrote, kept for its next batches: the customers of its partitions come back
+    again and again, and reading a state costs more than evaluating the event (~15 µs of decoding per row).
+
+    A batch takes the states it finds here out of the cache and gives back what it committed. A state
+    another writer changed meanwhile (a rebalance moved the partition, a tier review) is not noticed when
+    taken but when written: the repository writes a state only over the version it was read at, and the
+    batch is retried with the states read again. A batch that fails gives nothing back, so nothing it
+    changed in memory outlives it. The oldest entries go first beyond `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self._states: dict[tuple[str, str], CustomerSnapshot] = {}
+        self._limit = limit
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def take(self, keys: set[tuple[str, str]]) -> tuple[dict[tuple[str, str], CustomerSnapshot], set[tuple[str, str]]]:
+        """The cached states of `keys`, removed from the cache, and the keys it does not hold."""
+        found: dict[tuple[str, str], CustomerSnapshot] = {}
+        missing: set[tuple[str, str]] = set()
+        states = self._states
+        for key in keys:
+            state = states.pop(key, None)
+            if state is None:
+                missing.add(key)
+            else:
+                found[key] = state
+        self.hits += len(found)
+        self.misses += len(missing)
+        return found, missing
+
+    def keep(self, states: dict[tuple[str, str], CustomerSnapshot]) -> None:
+        """States as committed; they become the newest entries."""
+        cached = self._states
+        cached.update(states)
+        excess = len(cached) - self._limit
+        if excess > 0:
+            for key in list(itertools.islice(cached, excess)):
+                del cached[key]
+
+    def clear(self) -> None:
+        self._states.clear()
 
 
 @dataclass
@@ -202,9 +252,16 @@ class BatchWork:
     """The in-memory state of one batch: loaded once, changed event by event, saved once."""
 
     def __init__(
-        self, cache: RulesetCache, session: AsyncSession, namespace: str, *, lock_campaigns: bool = True
+        self,
+        cache: RulesetCache,
+        session: AsyncSession,
+        namespace: str,
+        *,
+        lock_campaigns: bool = True,
+        state_cache: StateCache | None = None,
     ) -> None:
         self.cache = cache
+        self.state_cache = state_cache
         self.session = session
         self.namespace = namespace
         self.lock_campaigns = lock_campaigns
@@ -260,7 +317,9 @@ class BatchWork:
             if order.ruleset_id is not None and order.ruleset_version is not None:
                 wanted.add((order.tenant_id, order.ruleset_id, order.ruleset_version))
         self.compiled = await self.cache.load(session, wanted)
-        self.states = await CustomerStateRepository.from_session(session).load(customer_keys, for_update=True)
+        cached, missing = self.state_cache.take(customer_keys) if self.state_cache else ({}, customer_keys)
+        self.states = cached
+        self.states.update(await CustomerStateRepository.from_session(session).load(missing))
         budgets: dict[tuple[str, str], int] = {}
         for (t, _, _), comp in self.compiled.items():
             for c, spec in comp.document.campaigns.items():
@@ -337,6 +396,10 @@ class BatchWork:
                     points=points,
                     counters=counters,
                 )
+                self.dirty.add((tenant, snapshot.customer_id))
+            elif snapshot.version:
+                # A stored state the evaluation read but did not change (a referred customer who earns
+                # nothing) is written all the same: only a write checks that it was still the current one.
                 self.dirty.add((tenant, snapshot.customer_id))
         if evaluation is None or compiled is None:
             return
@@ -440,7 +503,9 @@ class BatchWork:
 
     async def save(self, outcome: BatchOutcome) -> None:
         session = self.session
-        await CustomerStateRepository.from_session(session).save((k[0], self.states[k]) for k in self.dirty)
+        written = {k: self.states[k] for k in self.dirty}
+        await CustomerStateRepository.from_session(session).save((k[0], state) for k, state in written.items())
+        outcome.states = written
         orders = OrderRepository.from_session(session)
         await orders.insert_orders(self.new_orders)
         # After the insert, so a refund of an order from the same batch updates the new row.

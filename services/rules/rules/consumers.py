@@ -7,6 +7,8 @@ from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from rules.batch import StateCache
+from rules.config import STATE_CACHE_SIZE
 from rules.service import TRACKING_GROUP, OutboxRelay, rules_service
 from shared.consumer import BatchHandler, ConsumerRunner, Inbound, Rejection
 from shared.db import transaction
@@ -19,11 +21,19 @@ GROUP = "rules"
 
 
 def batch_handler(
-    sessionmaker: async_sessionmaker[AsyncSession], relay: OutboxRelay, *, namespace: str
+    sessionmaker: async_sessionmaker[AsyncSession],
+    relay: OutboxRelay,
+    *,
+    namespace: str,
+    state_cache: StateCache | None = None,
 ) -> BatchHandler:
     async def on_batch(batch: Sequence[Inbound]) -> Sequence[Rejection]:
         async with transaction(sessionmaker) as session:
-            outcome = await rules_service.process_batch(session, batch, group=TRACKING_GROUP, namespace=namespace)
+            outcome = await rules_service.process_batch(
+                session, batch, group=TRACKING_GROUP, namespace=namespace, state_cache=state_cache
+            )
+        if state_cache is not None:
+            state_cache.keep(outcome.states)  # committed: the next batches start from these
         # Committed: the commands are durable in the outbox. Publishing them now is the fast path; if
         # this process dies first, the sweep publishes them (same command ids, so no double award).
         await relay.publish(outcome.outbox_ids, outcome.outbox_rows)
@@ -32,9 +42,14 @@ def batch_handler(
     return on_batch
 
 
-def purchases_consumer(runtime: Runtime) -> ConsumerRunner:
+def purchases_consumer(runtime: Runtime, *, state_cache_size: int = STATE_CACHE_SIZE) -> ConsumerRunner:
     relay = OutboxRelay(runtime.sessionmaker, runtime.producer.raw, namespace=runtime.settings.topic_namespace)
-    handler = batch_handler(runtime.sessionmaker, relay, namespace=runtime.settings.topic_namespace)
+    handler = batch_handler(
+        runtime.sessionmaker,
+        relay,
+        namespace=runtime.settings.topic_namespace,
+        state_cache=StateCache(state_cache_size) if state_cache_size else None,
+    )
     return runtime.make_consumer(group=GROUP, topics=[PURCHASES, ENGAGEMENT], handler=handler)
 
 

@@ -128,6 +128,9 @@ class CustomerSnapshot:
     tier: str | None = None
     tier_reviewed_at: datetime | None = None
     counters: dict[str, int] = field(default_factory=dict)
+    # The stored row's version (0: never stored). Not the rules' business: the repository writes a state only
+    # over the version it was read at, so a copy kept between batches cannot overwrite a newer one.
+    version: int = field(default=0, compare=False)
 
     def __init__(
         self,
@@ -141,6 +144,7 @@ class CustomerSnapshot:
         tier: str | None = None,
         tier_reviewed_at: datetime | None = None,
         counters: dict[str, int] | None = None,
+        version: int = 0,
     ) -> None:
         # Compiled by mypyc, unlike the generated one; None stands for the default factories (a new map/set).
         self.customer_id = customer_id
@@ -153,6 +157,7 @@ class CustomerSnapshot:
         self.tier = tier
         self.tier_reviewed_at = tier_reviewed_at
         self.counters = {} if counters is None else counters
+        self.version = version
 
     # Plain loops, in the order sum() adds: compiled, they iterate the typed maps natively.
     def spend_12m(self, at: datetime) -> Decimal:

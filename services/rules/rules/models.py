@@ -52,6 +52,8 @@ class CustomerState(Base):
     # Per-period counters for engagement limits and per-customer caps ("cap:month:2026-11" -> points).
     counter_keys: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, server_default="{}")
     counter_values: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), nullable=False, server_default="{}")
+    # Raised by every write, which happens only over the version the writer read (optimistic concurrency).
+    version: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="1")
 
 
 class Ruleset(Base):

@@ -106,36 +106,42 @@ def _keys(keys: Iterable[Key]) -> tuple[list[str], list[str]]:
 _LOAD_STATES = """
 select s.* from unnest($1::text[], $2::text[]) as k(tenant_id, customer_id)
 cross join lateral (
-  select * from rules.customer_states c where c.tenant_id = k.tenant_id and c.customer_id = k.customer_id {lock}
+  select * from rules.customer_states c where c.tenant_id = k.tenant_id and c.customer_id = k.customer_id
 ) s
 """
 
 # One upsert for the whole batch, in key order (the lock order every batch uses). Columns travel as arrays for
-# `unnest`; the array columns of each state as array literals (unnest cannot take arrays of arrays).
+# `unnest`; the array columns of each state as array literals (unnest cannot take arrays of arrays). A row is
+# written only over the version its state was read at (one below the version written; 0 = no row then).
 _SAVE_STATES = f"""
 insert into rules.customer_states as s ({", ".join(STATE_COLUMNS)})
 select t, c, n, f, l, sm::text[], sa::numeric[], pm::text[], pe::bigint[], cat::varchar[], tier, tr, ck::text[],
-       cv::bigint[]
+       cv::bigint[], v
 from unnest($1::text[], $2::text[], $3::int[], $4::timestamptz[], $5::timestamptz[], $6::text[], $7::text[],
-            $8::text[], $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::text[], $14::text[])
-  as r(t, c, n, f, l, sm, sa, pm, pe, cat, tier, tr, ck, cv)
+            $8::text[], $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::text[], $14::text[],
+            $15::bigint[])
+  as r(t, c, n, f, l, sm, sa, pm, pe, cat, tier, tr, ck, cv, v)
 order by t, c
 on conflict (tenant_id, customer_id) do update set
 {", ".join(f"{c} = excluded.{c}" for c in STATE_COLUMNS[2:])}
+where s.version = excluded.version - 1
 """
+
+
+class StateChanged(Exception):
+    """A customer's stored state is newer than the one a batch read (another writer came between)."""
 
 
 class CustomerStateRepository(RepositoryBase):
     async def get(self, tenant_id: str, customer_id: str) -> CustomerState | None:
         return await self.session.get(CustomerState, (tenant_id, customer_id))
 
-    async def load(self, keys: Iterable[Key], *, for_update: bool = False) -> dict[Key, CustomerSnapshot]:
-        # Sorted, so two transactions lock shared customers in the same order and cannot deadlock.
+    async def load(self, keys: Iterable[Key]) -> dict[Key, CustomerSnapshot]:
+        """The stored states of these customers, unlocked: `save` writes each only over the version read."""
         tenants, customers = _keys(keys)
         if not tenants:
             return {}
-        sql = _LOAD_STATES.format(lock="for update" if for_update else "")
-        rows = await (await driver_connection(self.session)).fetch(sql, tenants, customers)
+        rows = await (await driver_connection(self.session)).fetch(_LOAD_STATES, tenants, customers)
         return {(r["tenant_id"], r["customer_id"]): snapshot(r) for r in rows}
 
     async def load_tenant(self, tenant_id: str, *, after: str, limit: int) -> list[CustomerSnapshot]:
@@ -150,9 +156,17 @@ class CustomerStateRepository(RepositoryBase):
         return [snapshot(r) for r in rows]
 
     async def save(self, states: Iterable[tuple[str, CustomerSnapshot]]) -> None:
-        columns = state_columns(states)
-        if columns[0]:
-            await (await driver_connection(self.session)).execute(_SAVE_STATES, *columns)
+        """Writes the states, each over the version it was read at, and moves them to the version written.
+        Raises StateChanged when any stored row moved on meanwhile (then nothing may be kept)."""
+        written = list(states)
+        if not written:
+            return
+        status = await (await driver_connection(self.session)).execute(_SAVE_STATES, *state_columns(written))
+        count = int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows inserted or updated>"
+        if count != len(written):
+            raise StateChanged(f"{len(written) - count} of {len(written)} customer states changed since read")
+        for _, state in written:
+            state.version += 1
 
 
 _ORDER_FIELDS = (

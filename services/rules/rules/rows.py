@@ -25,6 +25,7 @@ STATE_COLUMNS: Final = (
     "tier_reviewed_at",
     "counter_keys",
     "counter_values",
+    "version",
 )
 
 _PLAIN: Final = re.compile(r"[A-Za-z0-9_.:+-]+(?:,[A-Za-z0-9_.:+-]+)*")
@@ -48,7 +49,8 @@ def _numbers(values: list[str]) -> str:
 
 def state_columns(states: Iterable[tuple[str, CustomerSnapshot]]) -> list[list[Any]]:
     """The states as one list per column of STATE_COLUMNS (for `unnest`); the array columns of each state as
-    array literals, since unnest cannot take arrays of arrays."""
+    array literals, since unnest cannot take arrays of arrays. The version column is the one each state
+    is written at: one above the version it was read at."""
     tenants: list[Any] = []
     customers: list[Any] = []
     counts: list[Any] = []
@@ -63,6 +65,7 @@ def state_columns(states: Iterable[tuple[str, CustomerSnapshot]]) -> list[list[A
     reviewed: list[Any] = []
     counter_keys: list[Any] = []
     counter_values: list[Any] = []
+    versions: list[Any] = []
     for tenant, s in states:
         tenants.append(tenant)
         customers.append(s.customer_id)
@@ -84,6 +87,7 @@ def state_columns(states: Iterable[tuple[str, CustomerSnapshot]]) -> list[list[A
         keys = sorted(counters)
         counter_keys.append(array_literal(keys))
         counter_values.append(_numbers([str(counters[k]) for k in keys]))
+        versions.append(s.version + 1)
     return [
         tenants,
         customers,
@@ -99,6 +103,7 @@ def state_columns(states: Iterable[tuple[str, CustomerSnapshot]]) -> list[list[A
         reviewed,
         counter_keys,
         counter_values,
+        versions,
     ]
 
 
@@ -124,4 +129,5 @@ def snapshot(row: Mapping[str, Any]) -> CustomerSnapshot:
         row["tier"],
         row["tier_reviewed_at"],
         counters,
+        row["version"],
     )

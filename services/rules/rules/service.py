@@ -16,6 +16,7 @@ from rules.batch import (
     BatchWork,
     CampaignBudgetContended,
     RulesetCache,
+    StateCache,
     schedules,
     tier_changed,
 )
@@ -42,6 +43,7 @@ from rules.repository import (
     OrderRepository,
     OutboxRepository,
     RulesetRepository,
+    StateChanged,
     TrackingRepository,
 )
 from shared.consumer import Inbound, Rejection, RetryLater
@@ -286,27 +288,43 @@ class RulesService:
         return (await self.process_batch(session, batch, group=group)).rejections
 
     async def process_batch(
-        self, session: AsyncSession, batch: Sequence[Inbound], *, group: str = TRACKING_GROUP, namespace: str = ""
+        self,
+        session: AsyncSession,
+        batch: Sequence[Inbound],
+        *,
+        group: str = TRACKING_GROUP,
+        namespace: str = "",
+        state_cache: StateCache | None = None,
     ) -> BatchOutcome:
         """Evaluates a batch in memory and writes its effects with one statement per table.
 
         State, orders, awards, tracking rows and the outbox of commands commit together (the caller's
         transaction), so a redelivered batch finds its events done and produces nothing twice: a
         purchase by its order (the order row names the event that recorded it), any other event by its
-        tracking row. Raises `RetryLater` when another consumer is recording the same purchase.
+        tracking row. Raises `RetryLater` when another consumer is recording the same purchase or wrote
+        one of the customers' states meanwhile. States come from `state_cache` where it holds them; the
+        caller gives the outcome's states back to it once the transaction committed.
         """
         # Campaign budgets are read without a lock, so consumers do not queue behind one campaign row for
         # whole batches; when another consumer spent the budget meanwhile, the batch is evaluated again
         # with the rows locked (a savepoint undoes the first attempt).
         try:
             async with session.begin_nested():
-                return await self._process(session, batch, group, namespace, lock_campaigns=False)
+                return await self._process(session, batch, group, namespace, state_cache, lock_campaigns=False)
         except CampaignBudgetContended:
             log.info("campaign budget contended, evaluating the batch again under lock")
-            return await self._process(session, batch, group, namespace, lock_campaigns=True)
+            # The first attempt took its cached states (and changed them): this one reads them again.
+            return await self._process(session, batch, group, namespace, state_cache, lock_campaigns=True)
 
     async def _process(
-        self, session: AsyncSession, batch: Sequence[Inbound], group: str, namespace: str, *, lock_campaigns: bool
+        self,
+        session: AsyncSession,
+        batch: Sequence[Inbound],
+        group: str,
+        namespace: str,
+        state_cache: StateCache | None,
+        *,
+        lock_campaigns: bool,
     ) -> BatchOutcome:
         outcome = BatchOutcome()
         tracking = TrackingRepository.from_session(session)
@@ -324,7 +342,7 @@ class RulesService:
                 messages.append(m)
         if not messages:
             return outcome
-        work = BatchWork(self.cache, session, namespace, lock_campaigns=lock_campaigns)
+        work = BatchWork(self.cache, session, namespace, lock_campaigns=lock_campaigns, state_cache=state_cache)
         await work.load(messages)
         for m in messages:
             if work.recorded(m.event):
@@ -344,6 +362,10 @@ class RulesService:
             # Another consumer (the partition's previous owner, during a rebalance) recorded one of these
             # purchases after this batch read the orders: once it commits, the retry skips that purchase.
             raise RetryLater(f"order recorded concurrently: {exc.detail}") from exc
+        except StateChanged as exc:
+            # Another writer (a rebalance's other consumer, a tier review) changed a customer this batch
+            # evaluated: the retry reads the states again.
+            raise RetryLater(str(exc)) from exc
         return outcome
 
 
