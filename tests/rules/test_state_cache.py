@@ -72,14 +72,15 @@ class TestStateCache:
         self, sessionmaker: async_sessionmaker[AsyncSession], tenant: str
     ) -> None:
         cache = StateCache(100)
-        await _consume(sessionmaker, cache, _purchase(tenant, 1))  # cached: one purchase, version 1
-        # Another consumer (the partition moved during a rebalance) records the second purchase.
+        other = order(tenant, "c2", [line("A", "x", "1", "10")], order_id="SO-c2")
+        await _consume(sessionmaker, cache, _purchase(tenant, 1), other)  # cached: c1 and c2, version 1
+        # Another consumer (the partition moved during a rebalance) records c1's second purchase.
         await _consume(sessionmaker, None, _purchase(tenant, 2))
         third = _purchase(tenant, 3)
         with pytest.raises(RetryLater) as raised:
             await _consume(sessionmaker, cache, third)
         assert is_transient(raised.value), "the consumer retries the batch instead of dead-lettering it"
-        assert len(cache) == 0, "a failed batch gives nothing back"
+        assert len(cache) == 0, "a failed batch gives nothing back, and a stale state empties the cache"
         retried = await _consume(sessionmaker, cache, third)
         assert _points(retried) == 10 + THIRD, "evaluated on the stored state (two purchases), not the stale copy"
         stored = await _stored(sessionmaker, tenant, "c1")
@@ -104,7 +105,8 @@ class TestStateCacheBounds:
         found, missing = cache.take({a, b, c})
         assert (sorted(found), missing) == ([b, c], {a}), "a, the oldest, was evicted"
         assert len(cache) == 0, "taken states are out until given back"
-        cache.keep(found)
+        cache.keep({b: found[b]})
+        cache.keep({c: found[c]})
         cache.keep({a: CustomerSnapshot("a")})  # b and c kept again before a: b is now the oldest
         assert cache.take({a, b, c})[1] == {b}
         assert (cache.hits, cache.misses) == (4, 2)

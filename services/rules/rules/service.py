@@ -364,7 +364,10 @@ class RulesService:
             raise RetryLater(f"order recorded concurrently: {exc.detail}") from exc
         except StateChanged as exc:
             # Another writer (a rebalance's other consumer, a tier review) changed a customer this batch
-            # evaluated: the retry reads the states again.
+            # evaluated: the retry reads the states again. The whole cache goes: after a rebalance, more of
+            # it is likely stale, and each stale state would fail a batch of its own.
+            if state_cache is not None:
+                state_cache.clear()
             raise RetryLater(str(exc)) from exc
         return outcome
 
