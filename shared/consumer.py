@@ -195,17 +195,19 @@ class ConsumerRunner:
         rejections = await self._handle(good) if good else []
         dead.extend((r.message.record, r.reason) for r in rejections)
         await self._dead_letter(dead)
-        await self.commit(_next_offsets(records))
-        rejected = {id(r) for r, _ in dead}
-        outcomes: Counter[tuple[str, str]] = Counter(
-            (record.topic, "dead_lettered" if id(record) in rejected else "processed") for record in records
-        )
-        for (topic, outcome), count in outcomes.items():  # one metric update per topic and outcome, not per message
-            CONSUMER_MESSAGES.labels(self.service, topic, outcome).inc(count)
+        next_offsets = _next_offsets(records)
+        await self.commit(next_offsets)
+        # One metric update per topic and outcome, not per message.
+        dead_by_topic = Counter(record.topic for record, _ in dead)
+        for topic, count in Counter(record.topic for record in records).items():
+            if count > dead_by_topic[topic]:
+                CONSUMER_MESSAGES.labels(self.service, topic, "processed").inc(count - dead_by_topic[topic])
+        for topic, count in dead_by_topic.items():
+            CONSUMER_MESSAGES.labels(self.service, topic, "dead_lettered").inc(count)
         self.processed += len(records) - len(dead)
         self.dead_lettered += len(dead)
         CONSUMER_BATCH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
-        self._record_lag(records)
+        self._record_lag(next_offsets)
 
     def _check(self, record: ConsumerRecord[bytes, bytes]) -> str | None:
         size = len(record.value or b"")
@@ -284,9 +286,9 @@ class ConsumerRunner:
             # The partitions moved to another member; it redelivers and the handler's idempotency absorbs it.
             log.warning("offset commit failed after a rebalance", extra={"error": repr(exc)})
 
-    def _record_lag(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+    def _record_lag(self, next_offsets: dict[TopicPartition, int]) -> None:
         assigned = self._consumer.assignment()
-        for tp, next_offset in _next_offsets(records).items():
+        for tp, next_offset in next_offsets.items():
             if tp not in assigned:
                 continue  # taken away by a rebalance while the batch was handled
             highwater = self._consumer.highwater(tp)
@@ -301,11 +303,12 @@ class _PersistentFailure(Exception):
 
 
 def _next_offsets(records: Sequence[ConsumerRecord[bytes, bytes]]) -> dict[TopicPartition, int]:
-    out: dict[TopicPartition, int] = {}
+    last: dict[tuple[str, int], int] = {}
     for record in records:
-        tp = TopicPartition(record.topic, record.partition)
-        out[tp] = max(out.get(tp, 0), record.offset + 1)
-    return out
+        key = (record.topic, record.partition)
+        if record.offset >= last.get(key, -1):
+            last[key] = record.offset
+    return {TopicPartition(topic, partition): offset + 1 for (topic, partition), offset in last.items()}
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from rules.app import create_app
@@ -349,3 +350,70 @@ class TestCollectorPause:
             await probe.process([])
         assert probe.enabled_during == [False]
         assert gc.isenabled()
+
+
+class _Settled(ConsumerRunner):
+    """A runner whose dead letters and offset commits are recorded instead of sent (no broker needed)."""
+
+    def __init__(self, service: str, handler: Any) -> None:
+        super().__init__(
+            service=service,
+            topics=["unused"],
+            group_id="settled",
+            bootstrap_servers=KAFKA,
+            handler=handler,
+            dlq_producer=cast(Any, None),
+        )
+        self.dead: list[tuple[ConsumerRecord[bytes, bytes], str]] = []
+        self.committed: list[dict[TopicPartition, int]] = []
+
+    async def _dead_letter(self, dead: Sequence[tuple[ConsumerRecord[bytes, bytes], str]]) -> None:
+        self.dead.extend(dead)
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.committed.append(offsets)
+
+
+def _record(topic_name: str, partition: int, offset: int, value: bytes) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(topic_name, partition, offset, 0, 0, None, value, None, 0, len(value), ())
+
+
+class TestBatchSettlement:
+    async def test_offsets_per_partition_and_outcomes_per_topic(self) -> None:
+        service = f"settle-{uuid.uuid4().hex[:8]}"  # metric labels of this test alone
+        refused = purchase("t1", "c-refused")
+
+        async def handler(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+            return [Rejection(m, "refused") for m in batch if m.event.id == refused.id]
+
+        runner = _Settled(service, handler)
+        good = [purchase("t1", f"c-{i}").to_bytes() for i in range(4)]
+        # Two topics, partitions interleaved and out of offset order, as records of several fetches may come.
+        records = [
+            _record("a", 1, 7, good[0]),
+            _record("a", 0, 12, good[1]),
+            _record("a", 1, 5, b"not json"),
+            _record("b", 0, 3, refused.to_bytes()),
+            _record("a", 0, 10, good[2]),
+            _record("b", 0, 2, good[3]),
+        ]
+        await runner._process(records)
+        assert runner.committed == [{TopicPartition("a", 0): 13, TopicPartition("a", 1): 8, TopicPartition("b", 0): 4}]
+        assert sorted((r.topic, r.offset, reason.split(":")[0]) for r, reason in runner.dead) == [
+            ("a", 5, "not JSON"),
+            ("b", 3, "refused"),
+        ]
+        counts = {
+            (t, outcome): REGISTRY.get_sample_value(
+                "consumer_messages_total", {"service": service, "topic": t, "outcome": outcome}
+            )
+            for t in "ab"
+            for outcome in ("processed", "dead_lettered")
+        }
+        assert counts == {
+            ("a", "processed"): 3,
+            ("a", "dead_lettered"): 1,
+            ("b", "processed"): 1,
+            ("b", "dead_lettered"): 1,
+        }
+        assert (runner.processed, runner.dead_lettered) == (4, 2)
