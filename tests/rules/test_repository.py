@@ -16,10 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from rules.engine import CustomerSnapshot
 from rules.models import OutboxMessage
 from rules.repository import (
-    _ORDER_FIELDS,
     OUTBOX_ID_BLOCK,
     CustomerStateRepository,
-    OrderRecord,
     OutboxRepository,
     StateChanged,
 )
@@ -130,8 +128,3 @@ class TestCustomerStates:
         async with transaction(sessionmaker) as session:
             loaded = await CustomerStateRepository.from_session(session).load([(tenant, "c-1"), (tenant, "c-2")])
         assert [(s.purchase_count, s.version) for s in loaded.values()] == [(2, 2), (0, 1)]
-
-
-def test_an_order_record_is_a_row_in_column_order() -> None:
-    # insert_orders copies the records as they are: their fields are the COPY's columns, in order.
-    assert OrderRecord._fields == _ORDER_FIELDS

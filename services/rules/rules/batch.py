@@ -35,6 +35,7 @@ from rules.engine import (
 )
 from rules.models import RulesetActivation
 from rules.repository import (
+    AwardRow,
     CampaignRepository,
     CustomerStateRepository,
     OrderRecord,
@@ -274,7 +275,7 @@ class BatchWork:
         self.new_orders: list[OrderRecord] = []
         self.refunded: dict[tuple[str, str], Decimal] = {}
         self.order_awards: dict[tuple[str, str], list[AwardRecord]] = {}
-        self.awards: list[dict[str, Any]] = []
+        self.awards: list[AwardRow] = []
         self.clawed: dict[tuple[str, str, str], int] = {}  # (tenant, customer, command) -> points
         self.spent: dict[tuple[str, str], int] = {}
         self.spent_delta: dict[tuple[str, str], int] = {}
@@ -414,18 +415,18 @@ class BatchWork:
             if order_key is not None:
                 self.order_awards.setdefault(order_key, []).append(record)
             self.awards.append(
-                {
-                    "command_id": plan.command_id,
-                    "tenant_id": tenant,
-                    "customer_id": plan.customer_id,
-                    "order_id": order_key[1] if order_key else None,
-                    "event_id": event.id,
-                    "ruleset_id": evaluation.ruleset_id,
-                    "ruleset_version": evaluation.version,
-                    "points": plan.points,
-                    "matures_at": plan.matures_at,
-                    "breakdown": breakdown.decode(),
-                }
+                AwardRow(
+                    plan.command_id,
+                    tenant,
+                    plan.customer_id,
+                    order_key[1] if order_key else None,
+                    event.id,
+                    evaluation.ruleset_id,
+                    evaluation.version,
+                    plan.points,
+                    plan.matures_at,
+                    breakdown.decode(),
+                )
             )
         tiers = compiled.document.tiers
         if tiers is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -81,7 +80,8 @@ class RulesetRepository(RepositoryBase):
 
 
 class OrderRecord(NamedTuple):
-    """An order as the batch sees it (a named tuple: one is built per purchase, and written as a row)."""
+    """An order as the batch sees it (a named tuple: one is built per purchase, and written as a row, its
+    fields being the COPY's columns)."""
 
     tenant_id: str
     order_id: str
@@ -169,34 +169,19 @@ class CustomerStateRepository(RepositoryBase):
             state.version += 1
 
 
-_ORDER_FIELDS = (
-    "tenant_id",
-    "order_id",
-    "customer_id",
-    "event_id",
-    "currency",
-    "net_amount",
-    "refunded_amount",
-    "ordered_at",
-    "ruleset_id",
-    "ruleset_version",
-)
+class AwardRow(NamedTuple):
+    """An award as written (a named tuple in the COPY's column order: one is built per command)."""
 
-_AWARD_FIELDS: tuple[str, ...] = (
-    "command_id",
-    "tenant_id",
-    "customer_id",
-    "order_id",
-    "event_id",
-    "ruleset_id",
-    "ruleset_version",
-    "points",
-    "matures_at",
-    "breakdown",
-)
-
-
-_award_row = operator.itemgetter(*_AWARD_FIELDS)
+    command_id: str
+    tenant_id: str
+    customer_id: str
+    order_id: str | None
+    event_id: str
+    ruleset_id: str
+    ruleset_version: int
+    points: int
+    matures_at: datetime | None
+    breakdown: str  # JSON
 
 
 async def _copy(session: AsyncSession, table: str, columns: Sequence[str], records: Iterable[Sequence[Any]]) -> None:
@@ -221,7 +206,7 @@ class OrderRepository(RepositoryBase):
             tenants,
             orders,
         )
-        return {(r["tenant_id"], r["order_id"]): OrderRecord(*(r[f] for f in _ORDER_FIELDS)) for r in rows}
+        return {(r["tenant_id"], r["order_id"]): OrderRecord(*(r[f] for f in OrderRecord._fields)) for r in rows}
 
     async def awards(self, keys: Iterable[Key]) -> dict[Key, list[AwardRecord]]:
         tenants, orders = _keys(keys)
@@ -246,7 +231,7 @@ class OrderRepository(RepositoryBase):
 
     async def insert_orders(self, rows: Sequence[OrderRecord]) -> None:
         if rows:
-            await _copy(self.session, "orders", _ORDER_FIELDS, rows)  # the tuples are in column order
+            await _copy(self.session, "orders", OrderRecord._fields, rows)
 
     async def set_refunded(self, rows: Sequence[dict[str, Any]]) -> None:
         for row in rows:
@@ -256,9 +241,9 @@ class OrderRepository(RepositoryBase):
                 .values(refunded_amount=row["refunded_amount"])
             )
 
-    async def insert_awards(self, rows: Sequence[dict[str, Any]]) -> None:
+    async def insert_awards(self, rows: Sequence[AwardRow]) -> None:
         if rows:
-            await _copy(self.session, "awards", _AWARD_FIELDS, map(_award_row, rows))
+            await _copy(self.session, "awards", AwardRow._fields, rows)
 
     async def add_clawed_back(self, amounts: dict[tuple[str, str, str], int]) -> None:
         """Adds clawed-back points to awards, by (tenant, customer, command id)."""
