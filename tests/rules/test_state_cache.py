@@ -8,15 +8,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
+from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from rules.batch import BatchOutcome, StateCache
+from rules.consumers import batch_handler
 from rules.engine import CustomerSnapshot
 from rules.repository import CustomerStateRepository
-from rules.service import rules_service
+from rules.service import OutboxRelay, rules_service
 from shared.consumer import RetryLater, is_transient
 from shared.db import transaction
 from shared.events import CloudEvent
+from tests.conftest import NAMESPACE
 from tests.rules.helpers import inbound, rules_database
 from tests.rules.samples import BASE, doc, line, order
 
@@ -93,6 +97,28 @@ class TestStateCache:
         await _consume(sessionmaker, cache, _purchase(tenant, 1))
         await _consume(sessionmaker, cache, _purchase(tenant, 2))
         assert _points(await _consume(sessionmaker, None, _purchase(tenant, 3))) == 10 + THIRD
+
+
+def _lookups(result: str) -> float:
+    return REGISTRY.get_sample_value("rules_state_cache_lookups_total", {"result": result}) or 0.0
+
+
+@pytest.mark.kafka
+class TestConsumerHandler:
+    async def test_the_handler_keeps_committed_states_and_counts_lookups(
+        self, sessionmaker: async_sessionmaker[AsyncSession], tenant: str, raw_producer: AIOKafkaProducer
+    ) -> None:
+        cache = StateCache(100)
+        handler = batch_handler(
+            sessionmaker, OutboxRelay(sessionmaker, raw_producer), namespace=NAMESPACE, state_cache=cache
+        )
+        before = (_lookups("hit"), _lookups("miss"))
+        assert await handler([inbound(_purchase(tenant, 1))]) == []
+        assert len(cache) == 1, "the committed state is kept"
+        assert await handler([inbound(_purchase(tenant, 2)), inbound(_purchase(tenant, 3))]) == []
+        assert (_lookups("hit") - before[0], _lookups("miss") - before[1]) == (1, 1)
+        stored = await _stored(sessionmaker, tenant, "c1")
+        assert (stored.purchase_count, stored.version) == (3, 2)
 
 
 class TestStateCacheBounds:

@@ -5,6 +5,7 @@ import logging
 from collections.abc import Sequence
 from datetime import timedelta
 
+from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from rules.batch import StateCache
@@ -19,6 +20,12 @@ log = logging.getLogger(__name__)
 
 GROUP = "rules"
 
+STATE_CACHE_LOOKUPS = Counter(
+    "rules_state_cache_lookups_total",
+    "Customer states committed batches found in the consumer's cache (hit) or read from the database (miss)",
+    ["result"],
+)
+
 
 def batch_handler(
     sessionmaker: async_sessionmaker[AsyncSession],
@@ -28,12 +35,15 @@ def batch_handler(
     state_cache: StateCache | None = None,
 ) -> BatchHandler:
     async def on_batch(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+        hits, misses = (state_cache.hits, state_cache.misses) if state_cache is not None else (0, 0)
         async with transaction(sessionmaker) as session:
             outcome = await rules_service.process_batch(
                 session, batch, group=TRACKING_GROUP, namespace=namespace, state_cache=state_cache
             )
         if state_cache is not None:
             state_cache.keep(outcome.states)  # committed: the next batches start from these
+            STATE_CACHE_LOOKUPS.labels("hit").inc(state_cache.hits - hits)
+            STATE_CACHE_LOOKUPS.labels("miss").inc(state_cache.misses - misses)
         # Committed: the commands are durable in the outbox. Publishing them now is the fast path; if
         # this process dies first, the sweep publishes them (same command ids, so no double award).
         await relay.publish(outcome.outbox_ids, outcome.outbox_rows)
