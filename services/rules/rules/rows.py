@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from decimal import Decimal
 from typing import Any, Final
 
 from rules.engine import CustomerSnapshot
@@ -47,6 +46,20 @@ def _numbers(values: list[str]) -> str:
     return "{" + ",".join(values) + "}"
 
 
+def _sorted_items(values: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """A map's keys in order and its values as text, for two parallel array columns."""
+    keys = sorted(values)
+    return keys, [str(values[k]) for k in keys]
+
+
+def _zipped(keys: list[Any], values: list[Any]) -> dict[str, Any]:
+    """A map from two parallel array columns."""
+    out: dict[str, Any] = {}
+    for key, value in zip(keys, values, strict=True):
+        out[key] = value
+    return out
+
+
 def state_columns(states: Iterable[tuple[str, CustomerSnapshot]]) -> list[list[Any]]:
     """The states as one list per column of STATE_COLUMNS (for `unnest`); the array columns of each state as
     array literals, since unnest cannot take arrays of arrays. The version column is the one each state
@@ -72,21 +85,18 @@ def state_columns(states: Iterable[tuple[str, CustomerSnapshot]]) -> list[list[A
         counts.append(s.purchase_count)
         firsts.append(s.first_purchase_at)
         lasts.append(s.last_purchase_at)
-        spend: dict[str, Decimal] = s.spend_by_month
-        months = sorted(spend)
+        months, amounts = _sorted_items(s.spend_by_month)
         spend_months.append(_numbers(months))
-        spend_amounts.append(_numbers([str(spend[m]) for m in months]))
-        points: dict[str, int] = s.points_by_month
-        months = sorted(points)
+        spend_amounts.append(_numbers(amounts))
+        months, earned = _sorted_items(s.points_by_month)
         points_months.append(_numbers(months))
-        points_earned.append(_numbers([str(points[m]) for m in months]))
+        points_earned.append(_numbers(earned))
         categories.append(array_literal(sorted(s.categories)))
         tiers.append(s.tier)
         reviewed.append(s.tier_reviewed_at)
-        counters: dict[str, int] = s.counters
-        keys = sorted(counters)
+        keys, counts_by_key = _sorted_items(s.counters)
         counter_keys.append(array_literal(keys))
-        counter_values.append(_numbers([str(counters[k]) for k in keys]))
+        counter_values.append(_numbers(counts_by_key))
         versions.append(s.version + 1)
     return [
         tenants,
@@ -109,25 +119,16 @@ def state_columns(states: Iterable[tuple[str, CustomerSnapshot]]) -> list[list[A
 
 def snapshot(row: Mapping[str, Any]) -> CustomerSnapshot:
     """A state as read from its row (an asyncpg record)."""
-    spend_by_month: dict[str, Decimal] = {}
-    for month, amount in zip(row["spend_months"], row["spend_amounts"], strict=True):
-        spend_by_month[month] = amount
-    points_by_month: dict[str, int] = {}
-    for month, points in zip(row["points_months"], row["points_earned"], strict=True):
-        points_by_month[month] = points
-    counters: dict[str, int] = {}
-    for key, value in zip(row["counter_keys"], row["counter_values"], strict=True):
-        counters[key] = value
     return CustomerSnapshot(
         row["customer_id"],
         row["purchase_count"],
         row["first_purchase_at"],
         row["last_purchase_at"],
-        spend_by_month,
-        points_by_month,
+        _zipped(row["spend_months"], row["spend_amounts"]),
+        _zipped(row["points_months"], row["points_earned"]),
         set(row["categories"]),
         row["tier"],
         row["tier_reviewed_at"],
-        counters,
+        _zipped(row["counter_keys"], row["counter_values"]),
         row["version"],
     )
