@@ -27,7 +27,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from shared.events import TOPIC_EVENT_TYPES, CloudEvent, EventDecodeError, decode_event
+from shared.contract import Limits, violation
+from shared.events import TOPIC_EVENT_TYPES, CloudEvent, EventDecodeError, decode_event, utcnow
 from shared.kafka import EventProducer
 from shared.observability import (
     CONSUMER_BATCH_SECONDS,
@@ -92,6 +93,7 @@ class ConsumerRunner:
         topic_event_types: dict[str, frozenset[str]] | None = None,
         max_handler_attempts: int = 3,
         retry_backoff_s: float = 0.5,
+        limits: Limits = Limits(),
         **consumer_options: Any,
     ) -> None:
         self.service = service
@@ -106,6 +108,7 @@ class ConsumerRunner:
         self._types = topic_event_types if topic_event_types is not None else TOPIC_EVENT_TYPES
         self._attempts = max_handler_attempts
         self._backoff = retry_backoff_s
+        self._limits = limits
         self._consumer = AIOKafkaConsumer(
             *self.topics,
             bootstrap_servers=bootstrap_servers,
@@ -181,6 +184,7 @@ class ConsumerRunner:
         started = time.perf_counter()
         good: list[Inbound] = []
         dead: list[tuple[ConsumerRecord[bytes, bytes], str]] = []
+        now = utcnow()
         for record in records:
             reason = self._check(record)
             if reason is not None:
@@ -190,6 +194,10 @@ class ConsumerRunner:
                 event = decode_event(record.value, allowed_types=self._types.get(record.topic))
             except EventDecodeError as exc:
                 dead.append((record, str(exc)))
+                continue
+            refused = violation(event, record.key, limits=self._limits, now=now)
+            if refused is not None:
+                dead.append((record, refused))
                 continue
             good.append(Inbound(event, record.topic, record.partition, record.offset, record))
         rejections = await self._handle(good) if good else []

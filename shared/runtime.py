@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from types import TracebackType
@@ -34,6 +34,8 @@ from shared.topics import ALL_TOPICS, DLQ
 log = logging.getLogger(__name__)
 
 ConsumerFactory = Callable[["Runtime"], ConsumerRunner]
+# A readiness check: None while healthy, else a short reason (shown by /readyz, which then answers 503).
+HealthCheck = Callable[[], Awaitable[str | None]]
 
 
 # Consumers hold whole batches (thousands of decoded events, their states and commands) while they
@@ -67,6 +69,11 @@ class Runtime:
         self._consumer_factories = consumers
         self._stack = AsyncExitStack()
         self.consumers: list[ConsumerRunner] = []
+        self._checks: dict[str, HealthCheck] = {}
+
+    def add_check(self, name: str, check: HealthCheck) -> None:
+        """Adds a readiness check (a relay's backlog age, say) that `/readyz` runs with the built-in ones."""
+        self._checks[name] = check
 
     async def __aenter__(self) -> Self:
         s = self.settings
@@ -132,6 +139,7 @@ class Runtime:
             batch_size=s.consumer_batch_size,
             batch_timeout_ms=s.consumer_batch_timeout_ms,
             topic_event_types={s.topic(k): v for k, v in TOPIC_EVENT_TYPES.items()},
+            limits=s.input_limits,
         )
 
     def state(self) -> State:
@@ -151,6 +159,12 @@ class Runtime:
             checks["kafka"] = f"unreachable: {type(exc).__name__}"
         for consumer in self.consumers:
             checks[f"consumer:{consumer.group_id}"] = "ok" if consumer.running else "stopped"
+        for name, check in self._checks.items():
+            try:
+                problem_ = await asyncio.wait_for(check(), timeout_s)
+            except Exception as exc:
+                problem_ = f"check failed: {type(exc).__name__}"
+            checks[name] = problem_ or "ok"
         return checks
 
 

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Literal, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.contract import Limits
 
 _DEV_PASSWORD = "loyalty"
 
@@ -39,9 +42,16 @@ class ServiceSettings(BaseSettings):
     consumer_group_suffix: str = Field(default="", description="Appended to every consumer group id")
     consumers_enabled: bool = True
     max_event_bytes: int = Field(default=256 * 1024, description="Larger messages are dead-lettered")
+    max_future_skew_seconds: float = Field(
+        default=300, ge=0, description="How far in the future an event's time may lie (producers' clock skew)"
+    )
     consumer_batch_size: int = Field(default=500, ge=1)
     consumer_batch_timeout_ms: int = Field(default=200, ge=1)
     api_key_cache_seconds: float = Field(default=5.0, ge=0)
+
+    @property
+    def input_limits(self) -> Limits:
+        return Limits(max_future_skew=timedelta(seconds=self.max_future_skew_seconds))
 
     def topic(self, name: str) -> str:
         return f"{self.topic_namespace}{name}"
