@@ -3,6 +3,12 @@
 The envelope's `type` names the event (`purchase.completed`), the `dataversion` extension its payload
 version; together they select the payload model from `EVENT_TYPES`. Money is Decimal with an ISO 4217
 currency, points are integers, times are timezone-aware UTC.
+
+Bounds every producer's input meets (the JSON Schemas show them): money is finite, 0 to `MAX_MONEY` with
+at most `MONEY_PLACES` decimals (it fits the Numeric(18, 4) columns); quantities are positive, up to
+`MAX_QUANTITY`; points commands carry 1 to `MAX_POINTS` (the ledger's REST bound); a time outside what
+UTC can represent is a validation error. What depends on settings or on the message around the event
+(future skew, the Kafka key) is checked by `shared.contract`.
 """
 
 from __future__ import annotations
@@ -22,23 +28,57 @@ from pydantic import (
     PlainSerializer,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 SPEC_VERSION = "1.0"
 
 
+MAX_MONEY = Decimal(10**12)
+MONEY_PLACES = 4
+MAX_QUANTITY = Decimal(10**9)
+MAX_POINTS = 10**12
+_SCALE = Decimal(1).scaleb(-MONEY_PLACES)
+
+
 def _utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("timestamp must carry a timezone (UTC)")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00, 9999-12-31T23:59:59-01:00: no such UTC time
+        raise ValueError("timestamp is outside the range of UTC times") from None
+
+
+def _scaled(value: Decimal) -> Decimal:
+    # `decimal_places` counts significant places only: "0e-999999" or "1.000…0" pass it, and the
+    # database driver cannot encode such an exponent. The value is unchanged, only its zeros dropped.
+    exponent = value.as_tuple().exponent
+    return value.quantize(_SCALE) if isinstance(exponent, int) and exponent < -MONEY_PLACES else value
+
+
+def _decimal(*, gt: int | None = None, ge: int | None = None, le: Decimal) -> Any:
+    low = f"more than {gt}" if gt is not None else f"at least {ge}"
+    return Field(
+        gt=gt,
+        ge=ge,
+        le=le,
+        decimal_places=MONEY_PLACES,
+        allow_inf_nan=False,
+        description=f"A finite decimal (a string, best), {low} and at most {le}, with at most {MONEY_PLACES} decimals",
+    )
 
 
 UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
-# Decimal travels as a JSON string so no float rounding can creep in between services.
-Money = Annotated[Decimal, PlainSerializer(lambda d: str(d), return_type=str, when_used="json")]
+# Decimal travels as a JSON string so no float rounding can creep in between services. `Amount` is any
+# such decimal (a total, a report's sum); `Money` is one amount a producer sends, within the bounds.
+Amount = Annotated[Decimal, PlainSerializer(lambda d: str(d), return_type=str, when_used="json")]
+Money = Annotated[Amount, _decimal(ge=0, le=MAX_MONEY), AfterValidator(_scaled)]
+Quantity = Annotated[Decimal, _decimal(gt=0, le=MAX_QUANTITY), AfterValidator(_scaled)]
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
 Identifier = Annotated[str, Field(min_length=1, max_length=200)]
-Points = Annotated[int, Field(strict=True)]
+# One bound for every way points enter the ledger: its REST writes and the Kafka commands.
+PositivePoints = Annotated[int, Field(strict=True, gt=0, le=MAX_POINTS)]
 
 
 def utcnow() -> datetime:
@@ -55,11 +95,18 @@ class Payload(BaseModel):
 class PurchaseLine(Payload):
     sku: Identifier
     category: Identifier
-    quantity: Annotated[Decimal, Field(gt=0)]
+    quantity: Quantity
     unit_price: Money
     discount: Money = Decimal("0")
     gift_card: bool = False
     shipping: bool = False
+
+    @model_validator(mode="after")
+    def _not_negative(self) -> PurchaseLine:
+        # A line's net (quantity x unit price - discount) is what earns points: it is never negative.
+        if self.discount and self.discount > self.quantity * self.unit_price:
+            raise ValueError("discount exceeds the line's quantity x unit_price")
+        return self
 
 
 class PurchaseCompleted(Payload):
@@ -76,7 +123,7 @@ class PurchaseCompleted(Payload):
 
 class RefundedLine(Payload):
     sku: Identifier
-    quantity: Annotated[Decimal, Field(gt=0)]
+    quantity: Quantity
     amount: Money
 
 
@@ -135,7 +182,7 @@ class CustomEngagement(Payload):
 
 class RuleAward(Payload):
     rule_id: Identifier
-    points: int
+    points: Annotated[int, Field(ge=-MAX_POINTS, le=MAX_POINTS)]
     explanation: str
 
 
@@ -143,7 +190,7 @@ class EarnPoints(Payload):
     command_id: Identifier
     customer_id: Identifier
     member_id: Identifier | None = None
-    points: Annotated[int, Field(gt=0)]
+    points: PositivePoints
     source_event_id: Identifier
     matures_at: UtcDatetime | None = Field(default=None, description="Pending until then")
     ruleset_id: Identifier | None = None
@@ -157,7 +204,7 @@ class ClawbackPoints(Payload):
     command_id: Identifier
     customer_id: Identifier
     original_command_id: Identifier
-    points: Annotated[int, Field(gt=0)]
+    points: PositivePoints
     source_event_id: Identifier
     reason: str | None = None
 

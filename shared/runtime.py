@@ -28,6 +28,7 @@ from shared.errors import install_error_handlers, problem
 from shared.events import TOPIC_EVENT_TYPES
 from shared.kafka import EventProducer, ensure_topics
 from shared.observability import MetricsMiddleware, configure_logging, metrics_endpoint
+from shared.request_limit import RequestBodyLimit
 from shared.settings import ServiceSettings
 from shared.topics import ALL_TOPICS, DLQ
 
@@ -179,6 +180,7 @@ def base_app(*, title: str, description: str, version: str, settings: ServiceSet
         redoc_url="/redoc",
         openapi_url="/openapi.json",
     )
+    app.add_middleware(RequestBodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, service=settings.service_name)
     install_error_handlers(app)
     app.include_router(ops_router)

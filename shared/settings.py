@@ -42,6 +42,9 @@ class ServiceSettings(BaseSettings):
     consumer_group_suffix: str = Field(default="", description="Appended to every consumer group id")
     consumers_enabled: bool = True
     max_event_bytes: int = Field(default=256 * 1024, description="Larger messages are dead-lettered")
+    max_request_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1, description="Larger request bodies are refused (413); a full ingest batch fits"
+    )
     max_future_skew_seconds: float = Field(
         default=300, ge=0, description="How far in the future an event's time may lie (producers' clock skew)"
     )

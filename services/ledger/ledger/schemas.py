@@ -5,10 +5,9 @@ from typing import Annotated, Any, Generic, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ledger.domain import ClawbackPolicy, ExpiryRule
-from shared.events import Identifier, UtcDatetime
+from shared.events import MAX_POINTS, Identifier, PositivePoints, UtcDatetime
 
 T = TypeVar("T")
-PositivePoints = Annotated[int, Field(strict=True, gt=0, le=10**12)]
 
 
 def _nonzero(value: int) -> int:
@@ -62,7 +61,7 @@ class TransferCreate(Write):
 
 
 class AdjustmentCreate(Write):
-    points: Annotated[int, Field(strict=True, ge=-(10**12), le=10**12), AfterValidator(_nonzero)]
+    points: Annotated[int, Field(strict=True, ge=-MAX_POINTS, le=MAX_POINTS), AfterValidator(_nonzero)]
     reason: Annotated[str, Field(min_length=3, max_length=2000)]
 
 

@@ -2,7 +2,7 @@ from datetime import date
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.events import Money
+from shared.events import Amount
 
 
 class DailyPurchases(BaseModel):
@@ -11,7 +11,7 @@ class DailyPurchases(BaseModel):
     day: date
     currency: str
     orders: int
-    net_revenue: Money
+    net_revenue: Amount
 
 
 class DailyPurchasesList(BaseModel):

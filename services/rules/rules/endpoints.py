@@ -197,19 +197,37 @@ async def simulate(body: schemas.SimulateRequest, principal: RulesAdmin, session
     return _simulation(evaluation)
 
 
-@router.post("/events", response_model=schemas.Accepted, status_code=202, tags=["ingest"])
+INGEST_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: {"description": "An event is larger than a message may be (`max_event_bytes`), or the body too large"},
+    422: {"description": "An event is invalid or breaks the input contract (see the README)"},
+}
+
+
+@router.post("/events", response_model=schemas.Accepted, status_code=202, tags=["ingest"], responses=INGEST_RESPONSES)
 async def ingest_event(body: dict[str, Any], principal: EventsWrite, runtime: RuntimeDep) -> object:
     """Validates one purchase or engagement CloudEvent and produces it to its topic."""
     ids = await rules_service.ingest(
-        runtime.producer, namespace=runtime.settings.topic_namespace, tenant_id=principal.tenant_id, docs=[body]
+        runtime.producer,
+        namespace=runtime.settings.topic_namespace,
+        tenant_id=principal.tenant_id,
+        docs=[body],
+        limits=runtime.settings.input_limits,
+        max_event_bytes=runtime.settings.max_event_bytes,
     )
     return schemas.Accepted(event_ids=ids)
 
 
-@router.post("/events/batch", response_model=schemas.Accepted, status_code=202, tags=["ingest"])
+@router.post(
+    "/events/batch", response_model=schemas.Accepted, status_code=202, tags=["ingest"], responses=INGEST_RESPONSES
+)
 async def ingest_events(body: schemas.EventBatch, principal: EventsWrite, runtime: RuntimeDep) -> object:
     """Validates up to 1000 events (all or none) and produces them to their topics."""
     ids = await rules_service.ingest(
-        runtime.producer, namespace=runtime.settings.topic_namespace, tenant_id=principal.tenant_id, docs=body.events
+        runtime.producer,
+        namespace=runtime.settings.topic_namespace,
+        tenant_id=principal.tenant_id,
+        docs=body.events,
+        limits=runtime.settings.input_limits,
+        max_event_bytes=runtime.settings.max_event_bytes,
     )
     return schemas.Accepted(event_ids=ids)

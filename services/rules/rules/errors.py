@@ -53,6 +53,13 @@ class InvalidEvent(RulesError):
         super().__init__(message if index is None else f"event [{index}]: {message}", index=index)
 
 
+class EventTooLarge(InvalidEvent):
+    """Larger than a message the consumer takes (`max_event_bytes`)."""
+
+    status_code = 413
+    title = "Content Too Large"
+
+
 class TiersNotDefined(RulesError):
     status_code = 409
 

@@ -3,7 +3,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.events import Money, RuleAward, UtcDatetime
+from shared.events import Amount, RuleAward, UtcDatetime
 
 
 class CustomerState(BaseModel):
@@ -11,7 +11,7 @@ class CustomerState(BaseModel):
     purchase_count: int
     first_purchase_at: datetime | None
     last_purchase_at: datetime | None
-    spend_12m: Money = Field(description="Net spend of the last 12 calendar months, in the reference currency")
+    spend_12m: Amount = Field(description="Net spend of the last 12 calendar months, in the reference currency")
     points_12m: int
     categories: list[str]
     tier: str | None

@@ -29,6 +29,7 @@ from rules.engine import (
     review_tier,
 )
 from rules.errors import (
+    EventTooLarge,
     InvalidEvent,
     NoActiveRuleset,
     RulesetNotFound,
@@ -47,6 +48,7 @@ from rules.repository import (
     TrackingRepository,
 )
 from shared.consumer import Inbound, Rejection, RetryLater
+from shared.contract import Limits, violation
 from shared.db import transaction
 from shared.events import (
     TOPIC_EVENT_TYPES,
@@ -268,12 +270,51 @@ class RulesService:
             raise InvalidEvent(str(exc), index) from exc
         return topic, event
 
+    def accept_event(
+        self,
+        doc: dict[str, Any],
+        *,
+        tenant_id: str,
+        limits: Limits,
+        max_event_bytes: int,
+        now: datetime,
+        index: int | None = None,
+    ) -> tuple[str, CloudEvent[Any]]:
+        """`parse_event`, then the checks the consumer makes of every message: an event accepted here
+        is one the consumer takes (the same contract, the same size limit on the bytes it will read)."""
+        topic, event = self.parse_event(doc, tenant_id=tenant_id, index=index)
+        size = len(event.to_bytes())
+        if size > max_event_bytes:
+            raise EventTooLarge(
+                f"the event is {size} bytes, more than the {max_event_bytes} a message may carry", index
+            )
+        refused = violation(event, None, limits=limits, now=now)
+        if refused is not None:
+            raise InvalidEvent(refused, index)
+        return topic, event
+
     async def ingest(
-        self, producer: EventProducer, *, namespace: str, tenant_id: str, docs: Sequence[dict[str, Any]]
+        self,
+        producer: EventProducer,
+        *,
+        namespace: str,
+        tenant_id: str,
+        docs: Sequence[dict[str, Any]],
+        limits: Limits,
+        max_event_bytes: int,
     ) -> list[str]:
         # All or nothing: every event is validated before the first one is produced.
+        now = utcnow()
         parsed = [
-            self.parse_event(d, tenant_id=tenant_id, index=i if len(docs) > 1 else None) for i, d in enumerate(docs)
+            self.accept_event(
+                d,
+                tenant_id=tenant_id,
+                limits=limits,
+                max_event_bytes=max_event_bytes,
+                now=now,
+                index=i if len(docs) > 1 else None,
+            )
+            for i, d in enumerate(docs)
         ]
         by_topic: dict[str, list[CloudEvent[Any]]] = {}
         for topic, event in parsed:
