@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -112,8 +113,25 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DBAPIError)
+    # SQLSTATE class 22 (data exception): a value the column cannot hold, a NUL in text. Parameters are
+    # bounded where they are declared; this is the backstop, so a value missed there is still a 422.
+    if str(getattr(exc.orig, "sqlstate", "")).startswith("22"):
+        log.warning("value refused by the database", extra={"path": request.url.path, "error": str(exc.orig)})
+        return problem(
+            422,
+            "Unprocessable Entity",
+            "a value in the request cannot be stored (out of range, or a NUL character)",
+            instance=request.url.path,
+            error="UnprocessableEntity",
+        )
+    return await _unhandled(request, exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unhandled)

@@ -5,10 +5,11 @@ version; together they select the payload model from `EVENT_TYPES`. Money is Dec
 currency, points are integers, times are timezone-aware UTC.
 
 Bounds every producer's input meets (the JSON Schemas show them): money is finite, 0 to `MAX_MONEY` with
-at most `MONEY_PLACES` decimals (it fits the Numeric(18, 4) columns); quantities are positive, up to
-`MAX_QUANTITY`; points commands carry 1 to `MAX_POINTS` (the ledger's REST bound); a time outside what
-UTC can represent is a validation error. What depends on settings or on the message around the event
-(future skew, the Kafka key) is checked by `shared.contract`.
+at most `MONEY_PLACES` decimals (it fits the Numeric(18, 4) columns), unit prices likewise with up to
+`PRICE_PLACES`; quantities are positive, up to `MAX_QUANTITY`; points commands carry 1 to `MAX_POINTS`
+(the ledger's REST bound); a time lies from `EARLIEST` to before `LATEST` (anything else, the edges of
+Python's range included, is a validation error); identifiers and texts hold no NUL. What depends on
+settings or on the message around the event (future skew, the Kafka key) is checked by `shared.contract`.
 """
 
 from __future__ import annotations
@@ -35,48 +36,67 @@ SPEC_VERSION = "1.0"
 
 
 MAX_MONEY = Decimal(10**12)
-MONEY_PLACES = 4
+MONEY_PLACES = 4  # ISO 4217's most minor-unit digits
+PRICE_PLACES = 6  # B2B unit prices (bulk parts) go finer than a currency's minor unit
 MAX_QUANTITY = Decimal(10**9)
 MAX_POINTS = 10**12
-_SCALE = Decimal(1).scaleb(-MONEY_PLACES)
+
+# Times outside these are refused: Python's own edges (where date arithmetic overflows, and which the
+# database driver maps to -infinity/infinity, returned as naive datetimes) are far from any real event.
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 def _utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("timestamp must carry a timezone (UTC)")
     try:
-        return value.astimezone(UTC)
+        utc = value.astimezone(UTC)
     except OverflowError:  # 0001-01-01T00:00:00+01:00, 9999-12-31T23:59:59-01:00: no such UTC time
-        raise ValueError("timestamp is outside the range of UTC times") from None
+        utc = None
+    if utc is None or not EARLIEST <= utc < LATEST:
+        raise ValueError(f"timestamp must lie from {EARLIEST.date()} to before {LATEST.date()} (UTC)")
+    return utc
 
 
-def _scaled(value: Decimal) -> Decimal:
-    # `decimal_places` counts significant places only: "0e-999999" or "1.000…0" pass it, and the
-    # database driver cannot encode such an exponent. The value is unchanged, only its zeros dropped.
-    exponent = value.as_tuple().exponent
-    return value.quantize(_SCALE) if isinstance(exponent, int) and exponent < -MONEY_PLACES else value
+def _decimal(*, gt: int | None = None, ge: int | None = None, le: Decimal, places: int) -> tuple[Any, Any]:
+    """A bounded, finite Decimal: the Field with the bounds (shown in the JSON Schemas) and a validator."""
+    scale = Decimal(1).scaleb(-places)
 
+    def scaled(value: Decimal) -> Decimal:
+        # `decimal_places` counts significant places only: "0e-999999" or "1.000…0" pass it, and the
+        # database driver cannot encode such an exponent. The value is unchanged, only its zeros dropped.
+        exponent = value.as_tuple().exponent
+        return value.quantize(scale) if isinstance(exponent, int) and exponent < -places else value
 
-def _decimal(*, gt: int | None = None, ge: int | None = None, le: Decimal) -> Any:
     low = f"more than {gt}" if gt is not None else f"at least {ge}"
-    return Field(
+    bounds = Field(
         gt=gt,
         ge=ge,
         le=le,
-        decimal_places=MONEY_PLACES,
+        decimal_places=places,
         allow_inf_nan=False,
-        description=f"A finite decimal (a string, best), {low} and at most {le}, with at most {MONEY_PLACES} decimals",
+        description=f"A finite decimal (a string, best), {low} and at most {le}, with at most {places} decimals",
     )
+    return bounds, AfterValidator(scaled)
 
+
+_MONEY = _decimal(ge=0, le=MAX_MONEY, places=MONEY_PLACES)
+_PRICE = _decimal(ge=0, le=MAX_MONEY, places=PRICE_PLACES)
+_QUANTITY = _decimal(gt=0, le=MAX_QUANTITY, places=MONEY_PLACES)
 
 UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 # Decimal travels as a JSON string so no float rounding can creep in between services. `Amount` is any
 # such decimal (a total, a report's sum); `Money` is one amount a producer sends, within the bounds.
 Amount = Annotated[Decimal, PlainSerializer(lambda d: str(d), return_type=str, when_used="json")]
-Money = Annotated[Amount, _decimal(ge=0, le=MAX_MONEY), AfterValidator(_scaled)]
-Quantity = Annotated[Decimal, _decimal(gt=0, le=MAX_QUANTITY), AfterValidator(_scaled)]
+Money = Annotated[Amount, _MONEY[0], _MONEY[1]]
+UnitPrice = Annotated[Amount, _PRICE[0], _PRICE[1]]
+Quantity = Annotated[Decimal, _QUANTITY[0], _QUANTITY[1]]
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
-Identifier = Annotated[str, Field(min_length=1, max_length=200)]
+# PostgreSQL text cannot hold NUL; a pattern also refuses a lone surrogate (which no encoder takes).
+NO_NUL = r"^[^\x00]*$"
+Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)]
+Text = Annotated[str, Field(pattern=NO_NUL)]
 # One bound for every way points enter the ledger: its REST writes and the Kafka commands.
 PositivePoints = Annotated[int, Field(strict=True, gt=0, le=MAX_POINTS)]
 
@@ -96,7 +116,7 @@ class PurchaseLine(Payload):
     sku: Identifier
     category: Identifier
     quantity: Quantity
-    unit_price: Money
+    unit_price: UnitPrice
     discount: Money = Decimal("0")
     gift_card: bool = False
     shipping: bool = False
@@ -183,7 +203,7 @@ class CustomEngagement(Payload):
 class RuleAward(Payload):
     rule_id: Identifier
     points: Annotated[int, Field(ge=-MAX_POINTS, le=MAX_POINTS)]
-    explanation: str
+    explanation: Text
 
 
 class EarnPoints(Payload):
@@ -195,7 +215,7 @@ class EarnPoints(Payload):
     matures_at: UtcDatetime | None = Field(default=None, description="Pending until then")
     ruleset_id: Identifier | None = None
     ruleset_version: int | None = None
-    reason: str | None = None
+    reason: Text | None = None
     # Last: the rules service writes the breakdown's JSON once, for its award row, and appends it here.
     breakdown: list[RuleAward] = Field(default_factory=list)
 
@@ -206,7 +226,7 @@ class ClawbackPoints(Payload):
     original_command_id: Identifier
     points: PositivePoints
     source_event_id: Identifier
-    reason: str | None = None
+    reason: Text | None = None
 
 
 # --- ledger entries (loyalty.ledger-entries.v1) ---------------------------------------------------
@@ -238,9 +258,9 @@ class LedgerEntryPosted(Payload):
 class TierChanged(Payload):
     customer_id: Identifier
     # A default, because envelopes are serialised without None fields: a first tier must still decode.
-    previous_tier: str | None = None
-    tier: str
-    reason: str
+    previous_tier: Text | None = None
+    tier: Text
+    reason: Text
     ruleset_id: Identifier | None = None
     ruleset_version: int | None = None
 
@@ -249,7 +269,7 @@ class SegmentChanged(Payload):
     customer_id: Identifier
     previous_segment: str | None = None
     segment: Literal["ambassador", "loyal_passive", "price_shopper", "leaver", "new"]
-    reason: str
+    reason: Text
 
 
 # type -> {dataversion -> payload model}

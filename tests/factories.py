@@ -19,7 +19,7 @@ def purchase(
         "channel": "webshop",
         "currency": currency,
         "net_amount": Decimal(net),
-        "gross_amount": Decimal(net) * Decimal("1.21"),
+        "gross_amount": (Decimal(net) * Decimal("1.21")).quantize(Decimal("0.0001")),
         "lines": [PurchaseLine(sku="SKU-1", category="tools", quantity=Decimal(1), unit_price=Decimal(net))],
     }
     fields.update(overrides)

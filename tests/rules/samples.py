@@ -65,7 +65,7 @@ def order(
         channel="webshop",
         currency=currency,
         net_amount=amount,
-        gross_amount=amount * Decimal("1.21"),
+        gross_amount=(amount * Decimal("1.21")).quantize(Decimal("0.0001")),
         lines=lines,
         ordered_at=at,
     )

@@ -2,7 +2,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Depends, Header, Path, Query
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
@@ -14,7 +14,7 @@ from ledger.service import ledger_service
 from shared.auth import Principal, require
 from shared.db import ReadSessionDep, SessionDep
 from shared.errors import UnprocessableEntity
-from shared.events import UtcDatetime
+from shared.events import NO_NUL, UtcDatetime
 
 router = APIRouter(prefix="/v1", tags=["ledger"])
 T = TypeVar("T")
@@ -28,10 +28,14 @@ IdempotencyKey = Annotated[
         alias="Idempotency-Key",
         min_length=1,
         max_length=200,
+        pattern=NO_NUL,
         description="Makes the write safe to retry: the same key and request return the stored response",
     ),
 ]
 Limit = Annotated[int, Query(ge=1, le=500)]
+AccountId = Annotated[str, Path(min_length=1, max_length=200, pattern=NO_NUL)]
+# Entry sequence numbers are 32-bit (their column): a larger cursor is a 422, not a database error.
+MAX_SEQ = 2**31 - 1
 
 WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
     409: {"description": "Not enough available points, or the hold is no longer active"},
@@ -82,7 +86,7 @@ async def list_accounts(
     principal: PointsRead,
     session: ReadSessionDep,
     kind: Annotated[str | None, Query(pattern="^(customer|system)$")] = None,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
     limit: Limit = 100,
 ) -> schemas.Page[schemas.Balance]:
     """The programme's accounts with their balances, ordered by account id."""
@@ -91,7 +95,7 @@ async def list_accounts(
 
 @router.get("/accounts/{account_id}", response_model=schemas.Balance)
 async def get_account(
-    account_id: str, principal: PointsRead, session: ReadSessionDep, as_of: UtcDatetime | None = None
+    account_id: AccountId, principal: PointsRead, session: ReadSessionDep, as_of: UtcDatetime | None = None
 ) -> Response:
     """An account's balances; with `as_of`, as they were at that moment (recomputed from the entries)."""
     balance = await ledger_service.get_balance(session, principal.tenant_id, account_id, as_of=as_of)
@@ -101,13 +105,13 @@ async def get_account(
 
 @router.get("/accounts/{account_id}/entries", response_model=schemas.Page[schemas.Entry])
 async def history(
-    account_id: str,
+    account_id: AccountId,
     principal: PointsRead,
     session: ReadSessionDep,
     kind: Annotated[list[str] | None, Query()] = None,
     since: UtcDatetime | None = None,
     until: UtcDatetime | None = None,
-    cursor: Annotated[int | None, Query(ge=1)] = None,
+    cursor: Annotated[int | None, Query(ge=1, le=MAX_SEQ)] = None,
     limit: Limit = 50,
 ) -> schemas.Page[schemas.Entry]:
     """An account's entries, newest first; filter by kind (repeatable) and period [since, until)."""
@@ -119,10 +123,11 @@ async def history(
 
 @router.get("/accounts/{account_id}/expiring", response_model=schemas.Expiring)
 async def expiring(
-    account_id: str,
+    account_id: AccountId,
     principal: PointsRead,
     session: ReadSessionDep,
-    within: Annotated[str, Query(description="A window such as 30d, 12h or 90m")] = "30d",
+    # Six digits at most: 999999d is ~2,700 years, which a date can still reach from now.
+    within: Annotated[str, Query(pattern=r"^[0-9]{1,6}[dhm]$", description="A window such as 30d, 12h or 90m")] = "30d",
 ) -> schemas.Expiring:
     """Available points that expire within the window, per expiry date."""
     try:
@@ -134,7 +139,7 @@ async def expiring(
 
 
 @router.get("/accounts/{account_id}/verify", response_model=schemas.Verification)
-async def verify(account_id: str, principal: PointsRead, session: ReadSessionDep) -> schemas.Verification:
+async def verify(account_id: AccountId, principal: PointsRead, session: ReadSessionDep) -> schemas.Verification:
     """Recompute the account's hash chain and balances from its entries and report every mismatch."""
     return _found(await ledger_service.verify(session, principal.tenant_id, account_id), AccountNotFound(account_id))
 
@@ -146,7 +151,11 @@ async def get_hold(hold_id: uuid.UUID, principal: PointsRead, session: ReadSessi
 
 
 @router.get("/commands/{command_id}", response_model=schemas.AppliedCommand)
-async def get_command(command_id: str, principal: PointsRead, session: ReadSessionDep) -> schemas.AppliedCommand:
+async def get_command(
+    command_id: Annotated[str, Path(min_length=1, max_length=200, pattern=NO_NUL)],
+    principal: PointsRead,
+    session: ReadSessionDep,
+) -> schemas.AppliedCommand:
     """Whether a Kafka points command (by its command id) has been applied, and when."""
     command = await ledger_service.get_command(session, principal.tenant_id, command_id)
     return _found(command, CommandNotFound(command_id))
@@ -168,7 +177,7 @@ async def get_policy(principal: PointsRead, session: ReadSessionDep) -> schemas.
 async def list_adjustments(
     principal: Admin,
     session: ReadSessionDep,
-    account_id: str | None = None,
+    account_id: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
     cursor: UtcDatetime | None = None,
     limit: Limit = 50,
 ) -> schemas.Page[schemas.Entry]:
@@ -183,7 +192,7 @@ async def list_adjustments(
 
 @router.post("/accounts/{account_id}/redeem", response_model=schemas.Posted, status_code=201, responses=WRITE_RESPONSES)
 async def redeem(
-    account_id: str,
+    account_id: AccountId,
     body: schemas.RedeemCreate,
     request: Request,
     principal: PointsWrite,
@@ -198,7 +207,7 @@ async def redeem(
     "/accounts/{account_id}/holds", response_model=schemas.HoldPosted, status_code=201, responses=WRITE_RESPONSES
 )
 async def reserve(
-    account_id: str,
+    account_id: AccountId,
     body: schemas.HoldCreate,
     request: Request,
     principal: PointsWrite,
@@ -235,7 +244,7 @@ async def void(
 
 @router.post("/accounts/{account_id}/earn", response_model=schemas.Posted, status_code=201, responses=WRITE_RESPONSES)
 async def earn(
-    account_id: str,
+    account_id: AccountId,
     body: schemas.EarnCreate,
     request: Request,
     principal: Admin,
@@ -250,7 +259,7 @@ async def earn(
     "/accounts/{account_id}/clawback", response_model=schemas.Posted, status_code=201, responses=WRITE_RESPONSES
 )
 async def clawback(
-    account_id: str,
+    account_id: AccountId,
     body: schemas.ClawbackCreate,
     request: Request,
     principal: Admin,
@@ -265,7 +274,7 @@ async def clawback(
     "/accounts/{account_id}/transfers", response_model=schemas.Posted, status_code=201, responses=WRITE_RESPONSES
 )
 async def transfer(
-    account_id: str,
+    account_id: AccountId,
     body: schemas.TransferCreate,
     request: Request,
     principal: Admin,
@@ -280,7 +289,7 @@ async def transfer(
     "/accounts/{account_id}/adjustments", response_model=schemas.Posted, status_code=201, responses=WRITE_RESPONSES
 )
 async def adjust(
-    account_id: str,
+    account_id: AccountId,
     body: schemas.AdjustmentCreate,
     request: Request,
     principal: Admin,

@@ -5,7 +5,7 @@ from typing import Annotated, Any, Generic, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ledger.domain import ClawbackPolicy, ExpiryRule
-from shared.events import MAX_POINTS, Identifier, PositivePoints, UtcDatetime
+from shared.events import MAX_POINTS, NO_NUL, Identifier, PositivePoints, Text, UtcDatetime
 
 T = TypeVar("T")
 
@@ -24,7 +24,7 @@ class EarnCreate(Write):
     points: PositivePoints
     member_id: Identifier | None = None
     matures_at: UtcDatetime | None = Field(default=None, description="Pending until then (the return window)")
-    reason: str | None = None
+    reason: Text | None = None
 
 
 class ClawbackCreate(Write):
@@ -32,7 +32,7 @@ class ClawbackCreate(Write):
         description="The earn to take points back from: its transaction id, or the command id of a Kafka earn"
     )
     points: PositivePoints
-    reason: str | None = None
+    reason: Text | None = None
 
 
 class RedeemCreate(Write):
@@ -57,12 +57,12 @@ class HoldCapture(Write):
 class TransferCreate(Write):
     to_account_id: Identifier
     points: PositivePoints
-    reason: str | None = None
+    reason: Text | None = None
 
 
 class AdjustmentCreate(Write):
     points: Annotated[int, Field(strict=True, ge=-MAX_POINTS, le=MAX_POINTS), AfterValidator(_nonzero)]
-    reason: Annotated[str, Field(min_length=3, max_length=2000)]
+    reason: Annotated[str, Field(min_length=3, max_length=2000, pattern=NO_NUL)]
 
 
 class PolicyUpdate(Write):

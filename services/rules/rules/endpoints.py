@@ -9,7 +9,7 @@ from rules.errors import CustomerNotFound
 from rules.service import rules_service
 from shared.auth import Principal, require
 from shared.db import ReadSessionDep, SessionDep
-from shared.events import UtcDatetime, utcnow
+from shared.events import NO_NUL, UtcDatetime, utcnow
 from shared.runtime import Runtime
 
 router = APIRouter(prefix="/v1")
@@ -25,6 +25,10 @@ def _runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+CustomerId = Annotated[str, Path(min_length=1, max_length=200, pattern=NO_NUL)]
+RulesetId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,100}$")]
+# Versions are 32-bit (their column): a larger one is a 422, not a database error.
+Version = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 def _state(state: CustomerSnapshot) -> schemas.CustomerState:
@@ -73,7 +77,7 @@ def _simulation(evaluation: Evaluation) -> schemas.Simulation:
 
 
 @router.get("/customers/{customer_id}/state", response_model=schemas.CustomerState, tags=["customers"])
-async def get_customer_state(customer_id: str, principal: PointsRead, session: ReadSessionDep) -> object:
+async def get_customer_state(customer_id: CustomerId, principal: PointsRead, session: ReadSessionDep) -> object:
     """The state the rules keep for one customer of the caller's tenant."""
     state = await rules_service.get_state(session, tenant_id=principal.tenant_id, customer_id=customer_id)
     if state is None:
@@ -82,7 +86,7 @@ async def get_customer_state(customer_id: str, principal: PointsRead, session: R
 
 
 @router.get("/customers/{customer_id}/tier", response_model=schemas.Tier, tags=["customers"])
-async def get_customer_tier(customer_id: str, principal: PointsRead, session: ReadSessionDep) -> object:
+async def get_customer_tier(customer_id: CustomerId, principal: PointsRead, session: ReadSessionDep) -> object:
     """The customer's current tier."""
     state = await rules_service.get_state(session, tenant_id=principal.tenant_id, customer_id=customer_id)
     if state is None:
@@ -92,7 +96,7 @@ async def get_customer_tier(customer_id: str, principal: PointsRead, session: Re
 
 @router.get("/customers/{customer_id}/awards", response_model=list[schemas.AwardOut], tags=["customers"])
 async def list_customer_awards(
-    customer_id: str,
+    customer_id: CustomerId,
     principal: PointsRead,
     session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
@@ -115,7 +119,7 @@ async def validate_ruleset(body: schemas.RulesetSource, principal: RulesAdmin) -
     "/rulesets/{ruleset_id}/versions", response_model=schemas.RulesetVersion, status_code=201, tags=["rulesets"]
 )
 async def create_ruleset_version(
-    ruleset_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,100}$")],
+    ruleset_id: RulesetId,
     body: schemas.RulesetSource,
     principal: RulesAdmin,
     session: SessionDep,
@@ -140,7 +144,9 @@ async def list_rulesets(principal: RulesAdmin, session: ReadSessionDep) -> objec
 
 
 @router.get("/rulesets/{ruleset_id}/versions/{version}", response_model=schemas.RulesetVersion, tags=["rulesets"])
-async def get_ruleset_version(ruleset_id: str, version: int, principal: RulesAdmin, session: ReadSessionDep) -> object:
+async def get_ruleset_version(
+    ruleset_id: RulesetId, version: Version, principal: RulesAdmin, session: ReadSessionDep
+) -> object:
     """One version of a ruleset, as stored (old versions stay readable)."""
     return await rules_service.get_version(
         session, tenant_id=principal.tenant_id, ruleset_id=ruleset_id, version=version
@@ -154,7 +160,7 @@ async def get_ruleset_version(ruleset_id: str, version: int, principal: RulesAdm
     tags=["rulesets"],
 )
 async def activate_ruleset_version(
-    ruleset_id: str, version: int, body: schemas.ActivationCreate, principal: RulesAdmin, session: SessionDep
+    ruleset_id: RulesetId, version: Version, body: schemas.ActivationCreate, principal: RulesAdmin, session: SessionDep
 ) -> object:
     """Makes a version the tenant's active ruleset from `effective_from` (default now)."""
     return await rules_service.activate(

@@ -1,5 +1,5 @@
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -101,8 +101,10 @@ class RulesetList(BaseModel):
 
 class SimulateRequest(BaseModel):
     event: dict[str, Any] = Field(description="A CloudEvent (purchase or engagement); `tenantid` may be left out")
-    ruleset_id: str | None = Field(default=None, description="Default: the version active at the event's time")
-    version: int | None = None
+    ruleset_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$")] | None = Field(
+        default=None, description="Default: the version active at the event's time"
+    )
+    version: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
 
 
 class PlannedCommand(BaseModel):
