@@ -59,15 +59,22 @@ def _utc(value: datetime) -> datetime:
     return utc
 
 
+_ONE = Decimal(1)
+
+
 def _decimal(*, gt: int | None = None, ge: int | None = None, le: Decimal, places: int) -> tuple[Any, Any]:
     """A bounded, finite Decimal: the Field with the bounds (shown in the JSON Schemas) and a validator."""
     scale = Decimal(1).scaleb(-places)
 
     def scaled(value: Decimal) -> Decimal:
-        # `decimal_places` counts significant places only: "0e-999999" or "1.000…0" pass it, and the
-        # database driver cannot encode such an exponent. The value is unchanged, only its zeros dropped.
+        # `decimal_places` counts significant places only: "0e-999999", "1.000…0" or "0e999999" pass the
+        # bounds, and the database driver cannot encode such an exponent. The value stays, its zeros go.
         exponent = value.as_tuple().exponent
-        return value.quantize(scale) if isinstance(exponent, int) and exponent < -places else value
+        if isinstance(exponent, int) and exponent < -places:
+            return value.quantize(scale)
+        if isinstance(exponent, int) and exponent > 0:
+            return value.quantize(_ONE)
+        return value
 
     low = f"more than {gt}" if gt is not None else f"at least {ge}"
     bounds = Field(
