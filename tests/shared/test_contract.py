@@ -134,9 +134,11 @@ class TestMoney:
                 QUANTITY.validate_json(raw)
         assert QUANTITY.validate_json('"2.5"') == Decimal("2.5")
 
-    def test_unit_prices_take_six_decimals_and_lines_never_go_negative(self) -> None:
+    def test_unit_prices_are_bounded_and_lines_never_go_negative(self) -> None:
         line = PurchaseLine(sku="S", category="bolts", quantity=Decimal(1000), unit_price=Decimal("0.012345"))
         assert line.unit_price == Decimal("0.012345")
+        with pytest.raises(ValidationError):
+            PurchaseLine(sku="S", category="x", quantity=Decimal(1), unit_price=MAX_MONEY + 1)
         with pytest.raises(ValidationError, match="discount exceeds"):
             PurchaseLine(sku="S", category="x", quantity=Decimal(2), unit_price=Decimal(5), discount=Decimal("10.01"))
         with pytest.raises(ValidationError):
