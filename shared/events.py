@@ -37,7 +37,12 @@ UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 # Decimal travels as a JSON string so no float rounding can creep in between services.
 Money = Annotated[Decimal, PlainSerializer(lambda d: str(d), return_type=str, when_used="json")]
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
-Identifier = Annotated[str, Field(min_length=1, max_length=200)]
+MAX_IDENTIFIER = 200
+# What caused a ledger entry: a short prefix ("request:", "command:", "task:") and an Identifier, so a
+# 200-character Idempotency-Key or command id fits (the entries' source column has the same length).
+MAX_SOURCE = MAX_IDENTIFIER + 50
+Identifier = Annotated[str, Field(min_length=1, max_length=MAX_IDENTIFIER)]
+EntrySource = Annotated[str, Field(min_length=1, max_length=MAX_SOURCE)]
 Points = Annotated[int, Field(strict=True)]
 
 
@@ -174,7 +179,9 @@ class LedgerEntryPosted(Payload):
     kind: Identifier
     points: int
     balance_after: int
-    source: Identifier | None = None
+    source: EntrySource | None = Field(
+        default=None, description="What caused the entry: request:<Idempotency-Key>, command:<command id>, task:<job>"
+    )
     created_at: UtcDatetime
     bucket: Literal["available", "pending", "held"] | None = Field(default=None, description="Which balance moved")
     sequence: int | None = Field(default=None, description="The entry's position in its account's hash chain")

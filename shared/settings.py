@@ -48,6 +48,15 @@ class ServiceSettings(BaseSettings):
     consumer_batch_size: int = Field(default=500, ge=1)
     consumer_batch_timeout_ms: int = Field(default=200, ge=1)
     api_key_cache_seconds: float = Field(default=5.0, ge=0)
+    outbox_max_age_seconds: float = Field(
+        default=60.0, gt=0, description="/readyz fails while the oldest unpublished outbox row is older than this"
+    )
+    outbox_max_record_bytes: int = Field(
+        default=1_000_000,
+        ge=1024,
+        description="Outbox rows whose record (key and value) is larger are quarantined, not sent; keep it below "
+        "the topics' max.message.bytes",
+    )
 
     @property
     def input_limits(self) -> Limits:

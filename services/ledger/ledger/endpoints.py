@@ -2,7 +2,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Depends, Header, Path, Query
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
@@ -14,7 +14,7 @@ from ledger.service import ledger_service
 from shared.auth import Principal, require
 from shared.db import ReadSessionDep, SessionDep
 from shared.errors import UnprocessableEntity
-from shared.events import UtcDatetime
+from shared.events import MAX_IDENTIFIER, UtcDatetime
 
 router = APIRouter(prefix="/v1", tags=["ledger"])
 T = TypeVar("T")
@@ -22,15 +22,18 @@ T = TypeVar("T")
 PointsRead = Annotated[Principal, Depends(require("points:read"))]
 PointsWrite = Annotated[Principal, Depends(require("points:write"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
+# Both end up in entries and their ledger.entry.posted events: the key as the entry's source
+# ("request:" + key, which the source field and column have room for), the account id as the account.
 IdempotencyKey = Annotated[
     str,
     Header(
         alias="Idempotency-Key",
         min_length=1,
-        max_length=200,
+        max_length=MAX_IDENTIFIER,
         description="Makes the write safe to retry: the same key and request return the stored response",
     ),
 ]
+AccountId = Annotated[str, Path(min_length=1, max_length=MAX_IDENTIFIER)]
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -183,7 +186,7 @@ async def list_adjustments(
 
 @router.post("/accounts/{account_id}/redeem", response_model=schemas.Posted, status_code=201, responses=WRITE_RESPONSES)
 async def redeem(
-    account_id: str,
+    account_id: AccountId,
     body: schemas.RedeemCreate,
     request: Request,
     principal: PointsWrite,
@@ -198,7 +201,7 @@ async def redeem(
     "/accounts/{account_id}/holds", response_model=schemas.HoldPosted, status_code=201, responses=WRITE_RESPONSES
 )
 async def reserve(
-    account_id: str,
+    account_id: AccountId,
     body: schemas.HoldCreate,
     request: Request,
     principal: PointsWrite,
@@ -235,7 +238,7 @@ async def void(
 
 @router.post("/accounts/{account_id}/earn", response_model=schemas.Posted, status_code=201, responses=WRITE_RESPONSES)
 async def earn(
-    account_id: str,
+    account_id: AccountId,
     body: schemas.EarnCreate,
     request: Request,
     principal: Admin,
@@ -250,7 +253,7 @@ async def earn(
     "/accounts/{account_id}/clawback", response_model=schemas.Posted, status_code=201, responses=WRITE_RESPONSES
 )
 async def clawback(
-    account_id: str,
+    account_id: AccountId,
     body: schemas.ClawbackCreate,
     request: Request,
     principal: Admin,
@@ -265,7 +268,7 @@ async def clawback(
     "/accounts/{account_id}/transfers", response_model=schemas.Posted, status_code=201, responses=WRITE_RESPONSES
 )
 async def transfer(
-    account_id: str,
+    account_id: AccountId,
     body: schemas.TransferCreate,
     request: Request,
     principal: Admin,
@@ -280,7 +283,7 @@ async def transfer(
     "/accounts/{account_id}/adjustments", response_model=schemas.Posted, status_code=201, responses=WRITE_RESPONSES
 )
 async def adjust(
-    account_id: str,
+    account_id: AccountId,
     body: schemas.AdjustmentCreate,
     request: Request,
     principal: Admin,

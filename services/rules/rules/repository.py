@@ -19,9 +19,11 @@ from rules.models import (
     OutboxMessage,
     Ruleset,
     RulesetActivation,
+    outbox_quarantine,
 )
 from rules.rows import STATE_COLUMNS, snapshot, state_columns
 from shared.db import driver_connection
+from shared.outbox import Unpublishable, insert_quarantined
 
 Key = tuple[str, str]
 
@@ -372,6 +374,18 @@ class OutboxRepository(RepositoryBase):
             starts,
             ends,
         )
+
+    async def quarantine(self, rows: Sequence[Unpublishable]) -> None:
+        await insert_quarantined(self.session, outbox_quarantine, rows)
+
+    async def oldest(self, namespace: str = "") -> datetime | None:
+        stmt = (
+            select(OutboxMessage.created_at)
+            .where(OutboxMessage.topic.startswith(namespace))
+            .order_by(OutboxMessage.id)
+            .limit(1)
+        )
+        return (await self.session.execute(stmt)).scalar_one_or_none()
 
     async def claim_stale(
         self, older_than: timedelta, limit: int, now: datetime, namespace: str = ""

@@ -6,9 +6,8 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from asyncpg.exceptions import UniqueViolationError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from rules import ruleset as rs
 from rules.batch import (
@@ -47,7 +46,6 @@ from rules.repository import (
     TrackingRepository,
 )
 from shared.consumer import Inbound, Rejection, RetryLater
-from shared.db import transaction
 from shared.events import (
     TOPIC_EVENT_TYPES,
     CloudEvent,
@@ -59,7 +57,8 @@ from shared.events import (
     decode_event,
     utcnow,
 )
-from shared.kafka import EventProducer, send_all
+from shared.kafka import EventProducer
+from shared.outbox import Claimed, Unpublishable
 from shared.topics import CUSTOMERS, ENGAGEMENT, PURCHASES
 
 log = logging.getLogger(__name__)
@@ -372,36 +371,33 @@ class RulesService:
         return outcome
 
 
-class OutboxRelay:
-    """Publishes committed outbox rows and deletes them; a sweep picks up rows a crash left behind.
+class RulesOutbox:
+    """The rules' outbox as the shared relay reads it: rows hold their records' bytes already. `claim`
+    takes the rows older than `sweep_after`, which a crash left behind (the consumer publishes its batch's
+    rows itself, right after the commit), and only its deployment's topics (the namespace prefix).
 
     A crash after publishing but before the delete publishes a row again: the copy carries the same
     deterministic command id, which the ledger records once.
     """
 
-    def __init__(
-        self, sessionmaker: async_sessionmaker[AsyncSession], producer: AIOKafkaProducer, *, namespace: str = ""
-    ) -> None:
-        self._sessionmaker = sessionmaker
-        self._producer = producer
-        self._namespace = namespace
+    def __init__(self, *, namespace: str = "", sweep_after: timedelta = timedelta(seconds=5)) -> None:
+        self.namespace = namespace
+        self.sweep_after = sweep_after
 
-    async def publish(self, ids: Sequence[int], rows: Sequence[dict[str, Any]]) -> None:
-        if not rows:
-            return
-        await send_all(self._producer, ((r["topic"], r["key"], r["value"]) for r in rows))
-        async with transaction(self._sessionmaker) as session:
-            await OutboxRepository.from_session(session).delete(ids)
+    async def claim(self, session: AsyncSession, limit: int) -> Claimed:
+        rows = await OutboxRepository.from_session(session).claim_stale(
+            self.sweep_after, limit, utcnow(), self.namespace
+        )
+        return Claimed(ids=[r.id for r in rows], messages=[(r.topic, r.key, r.value) for r in rows])
 
-    async def sweep(self, *, older_than: timedelta = timedelta(seconds=5), limit: int = 5000) -> int:
-        async with transaction(self._sessionmaker) as session:
-            repo = OutboxRepository.from_session(session)
-            rows = await repo.claim_stale(older_than, limit, utcnow(), self._namespace)
-            if not rows:
-                return 0
-            await send_all(self._producer, ((r.topic, r.key, r.value) for r in rows))
-            await repo.delete([r.id for r in rows])
-            return len(rows)
+    async def delete(self, session: AsyncSession, ids: Sequence[int]) -> None:
+        await OutboxRepository.from_session(session).delete(ids)
+
+    async def quarantine(self, session: AsyncSession, rows: Sequence[Unpublishable]) -> None:
+        await OutboxRepository.from_session(session).quarantine(rows)
+
+    async def oldest(self, session: AsyncSession) -> datetime | None:
+        return await OutboxRepository.from_session(session).oldest(self.namespace)
 
 
 rules_service = RulesService()
