@@ -27,7 +27,6 @@ CONSUMER_LAG = Gauge(
     "consumer_lag", "Messages behind the partition's high watermark", ["service", "topic", "partition"]
 )
 DLQ_MESSAGES = Counter("dlq_messages_total", "Messages sent to the DLQ", ["service", "source_topic", "reason_class"])
-OUTBOX_PUBLISHED = Counter("outbox_published_total", "Outbox rows the broker acknowledged", ["service"])
 OUTBOX_QUARANTINED = Counter(
     "outbox_quarantined_total", "Outbox rows moved to the quarantine table (fixed reason codes)", ["service", "reason"]
 )

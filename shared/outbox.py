@@ -50,7 +50,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from shared.db import transaction
 from shared.events import utcnow
 from shared.kafka import send_all, send_each
-from shared.observability import OUTBOX_OLDEST_AGE, OUTBOX_PUBLISHED, OUTBOX_QUARANTINED
+from shared.observability import OUTBOX_OLDEST_AGE, OUTBOX_QUARANTINED
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class OutboxRelay:
         self._producer = producer
         self._batch_size = batch_size
         self._max_record_bytes = max_record_bytes
-        # While `run` has not finished its first round, old rows are a backlog being caught up, not a stall.
+        # Until `run` has tried its first round, old rows are a backlog about to be relayed, not a stall.
         self._starting = False
 
     # --- relaying -----------------------------------------------------------------------------------
@@ -253,8 +253,6 @@ class OutboxRelay:
                     extra={"outbox_id": row.id, "topic": row.topic, "reason": row.reason, "detail": row.detail},
                 )
         await self.source.delete(session, [*sent, *(r.id for r in refused)])
-        if sent:
-            OUTBOX_PUBLISHED.labels(self.service).inc(len(sent))
 
     async def run(self, *, idle_s: float, max_backoff_s: float = 30.0, age_every_s: float = 5.0) -> None:
         """Relays until cancelled: a full batch is followed at once by the next, otherwise it waits
@@ -268,9 +266,8 @@ class OutboxRelay:
                 if time.monotonic() - age_at >= age_every_s:
                     age_at = time.monotonic()
                     await self.oldest_age()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
+                self._starting = False
                 backoff = min(max_backoff_s, backoff * 2 or min(0.5, max_backoff_s))
                 log.warning(
                     "outbox relay failed; retrying",
