@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -110,4 +112,41 @@ async def test_an_outage_is_raised_and_quarantines_nothing() -> None:
         await relay.relay_once()
     with pytest.raises(KafkaConnectionError):
         await relay.publish([3], [("t", b"k", b"v")])
+    assert (source.deleted, source.quarantined) == ([], [])
+
+
+class _FlakySource(_Source):
+    """The database is unreachable for the first two claims."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims = 0
+
+    async def claim(self, session: AsyncSession, limit: int) -> Claimed:
+        self.claims += 1
+        if self.claims <= 2:
+            raise ConnectionRefusedError("database down")
+        return Claimed()
+
+
+async def test_the_loop_outlives_an_outage_and_resumes() -> None:
+    source = _FlakySource()
+    relay = OutboxRelay(
+        service="test",
+        sessionmaker=cast(async_sessionmaker[AsyncSession], _sessions),
+        producer=cast(AIOKafkaProducer, _BrokerDown()),
+        source=source,
+        bootstrap_servers="unused:9092",
+    )
+    task = asyncio.create_task(relay.run(idle_s=0.01, max_backoff_s=0.01, age_every_s=3600))
+    try:
+        for _ in range(200):
+            if source.claims > 3:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert source.claims > 3, "claims go on after the outage"
     assert (source.deleted, source.quarantined) == ([], [])
