@@ -11,7 +11,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.auth import api_keys_table
 from shared.db import make_metadata
-from shared.tracking import processed_events_table
 
 
 class Base(DeclarativeBase):
@@ -19,7 +18,6 @@ class Base(DeclarativeBase):
 
 
 api_keys = api_keys_table(Base.metadata)
-processed_events = processed_events_table(Base.metadata)
 
 
 class Balance(Base):

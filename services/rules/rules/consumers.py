@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from rules.batch import StateCache
 from rules.config import STATE_CACHE_SIZE
-from rules.service import TRACKING_GROUP, OutboxRelay, rules_service
+from rules.service import OutboxRelay, rules_service
 from shared.consumer import BatchHandler, ConsumerRunner, Inbound, Rejection
 from shared.db import transaction
 from shared.runtime import Runtime
@@ -37,9 +37,7 @@ def batch_handler(
     async def on_batch(batch: Sequence[Inbound]) -> Sequence[Rejection]:
         hits, misses = (state_cache.hits, state_cache.misses) if state_cache is not None else (0, 0)
         async with transaction(sessionmaker) as session:
-            outcome = await rules_service.process_batch(
-                session, batch, group=TRACKING_GROUP, namespace=namespace, state_cache=state_cache
-            )
+            outcome = await rules_service.process_batch(session, batch, namespace=namespace, state_cache=state_cache)
         if state_cache is not None:
             state_cache.keep(outcome.states)  # committed: the next batches start from these
             STATE_CACHE_LOOKUPS.labels("hit").inc(state_cache.hits - hits)
