@@ -319,7 +319,7 @@ class BatchWork:
             if order.ruleset_id is not None and order.ruleset_version is not None:
                 wanted.add((order.tenant_id, order.ruleset_id, order.ruleset_version))
         self.compiled = await self.cache.load(session, wanted)
-        cached, missing = self.state_cache.take(customer_keys) if self.state_cache else ({}, customer_keys)
+        cached, missing = self.state_cache.take(customer_keys) if self.state_cache is not None else ({}, customer_keys)
         self.states = cached
         self.states.update(await CustomerStateRepository.from_session(session).load(missing))
         budgets: dict[tuple[str, str], int] = {}
