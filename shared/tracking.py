@@ -103,19 +103,20 @@ class Admission:
     """What `admit` made of a batch: the messages to process (in batch order), the messages refused for a
     business id already taken, and the keys each admitted message claimed."""
 
+    name: str
     messages: list[Inbound] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     # Keys to give back whatever happens: a refused message's event key, and a business id claimed for
     # an event that turned out to be a redelivery.
     unclaimed: list[Key] = field(default_factory=list)
-    owned: dict[tuple[str, int, int], tuple[Key, ...]] = field(default_factory=dict)
+    # By event key: one admitted message per event key.
+    owned: dict[Key, tuple[Key, ...]] = field(default_factory=dict)
 
     def release_keys(self, rejections: Iterable[Rejection]) -> list[Key]:
         """The keys to release when `rejections` (of admitted messages) are refused: theirs, and `unclaimed`."""
         out = list(self.unclaimed)
         for r in rejections:
-            m = r.message
-            out.extend(self.owned.get((m.topic, m.partition, m.offset), ()))
+            out.extend(self.owned.get(event_key(self.name, r.message.event), ()))
         return out
 
 
@@ -137,9 +138,11 @@ def keys_of(
     return out
 
 
-def admit(batch: Sequence[Inbound], keys: Sequence[tuple[Key, Key | None, bool]], claimed: set[Key]) -> Admission:
+def admit(
+    name: str, batch: Sequence[Inbound], keys: Sequence[tuple[Key, Key | None, bool]], claimed: set[Key]
+) -> Admission:
     """The pure decision of `claim_batch`, given each message's keys and what the claim inserted."""
-    out = Admission()
+    out = Admission(name)
     seen: set[Key] = set()
     taken: set[Key] = set()
     for m, (ek, bk, tracked) in zip(batch, keys, strict=True):
@@ -166,7 +169,7 @@ def admit(batch: Sequence[Inbound], keys: Sequence[tuple[Key, Key | None, bool]]
         out.messages.append(m)
         mine = tuple(k for k in (ek if tracked else None, bk) if k is not None)
         if mine:
-            out.owned[(m.topic, m.partition, m.offset)] = mine
+            out.owned[ek] = mine
     return out
 
 
@@ -186,4 +189,4 @@ async def claim_batch(
     keys = keys_of(name, batch, tracked, business_id)
     wanted = [k for ek, bk, t in keys for k in (ek if t else None, bk) if k is not None]
     claimed = await claim(session, table, wanted)
-    return admit(batch, keys, claimed)
+    return admit(name, batch, keys, claimed)
