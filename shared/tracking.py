@@ -127,14 +127,12 @@ def keys_of(
     out: list[tuple[Key, Key | None, bool]] = []
     for m in batch:
         event = m.event
+        ek = (name, event.tenantid, event.source, event.id)
+        if tracked is not None and not tracked(event):
+            out.append((ek, None, False))  # recorded by the caller, business id and all
+            continue
         bid = business_id(event) if business_id is not None else None
-        out.append(
-            (
-                (name, event.tenantid, event.source, event.id),
-                business_key(name, event.tenantid, bid) if bid is not None else None,
-                tracked is None or tracked(event),
-            )
-        )
+        out.append((ek, business_key(name, event.tenantid, bid) if bid is not None else None, True))
     return out
 
 
@@ -162,14 +160,12 @@ def admit(
                 out.rejections.append(
                     Rejection(m, f"{field_name} {bk[3]!r} was already processed under another event id")
                 )
-                if tracked:
-                    out.unclaimed.append(ek)
+                out.unclaimed.append(ek)  # a business key is only ever a tracked event's
                 continue
             taken.add(bk)
         out.messages.append(m)
-        mine = tuple(k for k in (ek if tracked else None, bk) if k is not None)
-        if mine:
-            out.owned[ek] = mine
+        if tracked:
+            out.owned[ek] = (ek,) if bk is None else (ek, bk)
     return out
 
 
@@ -184,9 +180,10 @@ async def claim_batch(
 ) -> Admission:
     """Claims the batch's keys under the tracking name `name` in one statement and admits its messages.
 
-    `tracked` says which events get an event key (default: all; an untracked event is recorded by the
-    caller some other way, e.g. rules' order rows); `business_id` names an event's business id."""
+    `tracked` says which events are claimed (default: all); an untracked event, business id and all, is
+    recorded by the caller some other way (rules' purchases by their order rows) and only counted once
+    per batch here. `business_id` names a tracked event's business id."""
     keys = keys_of(name, batch, tracked, business_id)
-    wanted = [k for ek, bk, t in keys for k in (ek if t else None, bk) if k is not None]
+    wanted = [ek for ek, _, t in keys if t] + [bk for _, bk, _ in keys if bk is not None]
     claimed = await claim(session, table, wanted)
     return admit(name, batch, keys, claimed)

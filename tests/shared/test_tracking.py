@@ -29,7 +29,7 @@ def _batch(*events: CloudEvent[Any]) -> list[Inbound]:
 def _admit(batch: list[Inbound], claimed: set[Key] | None = None, **kw: Any) -> Any:
     keys = keys_of(NAME, batch, kw.get("tracked"), kw.get("business_id"))
     # By default the claim inserted every key: nothing was processed before.
-    wanted = {k for ek, bk, t in keys for k in (ek if t else None, bk) if k is not None}
+    wanted = {ek for ek, _, t in keys if t} | {bk for _, bk, _ in keys if bk is not None}
     return admit(NAME, batch, keys, wanted if claimed is None else claimed)
 
 
