@@ -703,6 +703,8 @@ class TestEventChecks:
 
         assert answer("c1", None) == answer("c1", None)
         assert len({answer("c1", None), answer("c2", None), answer("c1", "m1"), answer("c1", None, "NPS-2")}) == 4
+        assert answer("c|1", None, "S") != answer("1", None, "S|c"), "no two respondents read the same"
+        assert answer("c1", None) == ("survey_answer", '["NPS-1","c1",null]')
         long = answer("c" * 200, "m" * 200, "s" * 200)
         assert long is not None
         assert len(long[1]) <= 200, "fits a tracking row"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import operator
 import re
@@ -823,8 +824,9 @@ def business_id(event: CloudEvent[Any]) -> tuple[str, str] | None:
     if isinstance(data, EventAttended):
         return ("attendance_id", data.attendance_id)
     if isinstance(data, SurveyAnswered):
-        # A survey is answered by many: what counts once is one respondent's answer.
-        answer = f"{data.survey_id}|{data.customer_id}|{data.member_id or ''}"
+        # A survey is answered by many: what counts once is one respondent's answer. JSON: ids may hold
+        # any character, and no two triples may read the same.
+        answer = json.dumps([data.survey_id, data.customer_id, data.member_id], separators=(",", ":"))
         if len(answer) > _BUSINESS_ID_LENGTH:
             answer = command_id("survey", answer)
         return ("survey_answer", answer)
