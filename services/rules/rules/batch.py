@@ -449,8 +449,8 @@ class BatchWork:
         order = self.orders.get(key)
         if order is None:
             raise EventRefused(f"refund of order {refund.original_order_id!r}, which this service never saw")
-        # Before anything is read or changed: the order's customer is not this refund's, so its state
-        # was not loaded (and a write over it would fail as if another writer had changed it).
+        # Checked before the order customer's state is touched: a refund naming another customer did not
+        # load that state, and a write over it would fail, batch after batch, as if another writer had won.
         amount = check_refund(refund, order_id=order.order_id, customer_id=order.customer_id, currency=order.currency)
         before = self.refunded.get(key, order.refunded_amount)
         now = min(amount, max(order.net_amount - before, Decimal(0)))
