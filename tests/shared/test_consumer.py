@@ -123,7 +123,7 @@ class TestRestart:
 
         async def handler(batch: Sequence[Inbound]) -> Sequence[Rejection]:
             async with transaction(sessionmaker) as session:
-                return await rules_service.handle_batch(session, batch, group=group)
+                return await rules_service.handle_batch(session, batch)
 
         def runner(cls: type[ConsumerRunner]) -> ConsumerRunner:
             return cls(

@@ -13,7 +13,6 @@ from shared.auth import api_keys_table
 from shared.db import make_metadata
 from shared.events import MAX_SOURCE
 from shared.outbox import outbox_quarantine_table
-from shared.tracking import processed_events_table
 
 
 class Base(DeclarativeBase):
@@ -21,7 +20,6 @@ class Base(DeclarativeBase):
 
 
 api_keys = api_keys_table(Base.metadata)
-processed_events = processed_events_table(Base.metadata)
 outbox_quarantine = outbox_quarantine_table(Base.metadata)
 
 

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from rules.batch import StateCache
 from rules.config import STATE_CACHE_SIZE, Settings
-from rules.service import TRACKING_GROUP, rules_service
+from rules.service import rules_service
 from rules.tasks import outbox_relay
 from shared.consumer import BatchHandler, ConsumerRunner, Inbound, Rejection
 from shared.db import transaction
@@ -38,9 +38,7 @@ def batch_handler(
     async def on_batch(batch: Sequence[Inbound]) -> Sequence[Rejection]:
         hits, misses = (state_cache.hits, state_cache.misses) if state_cache is not None else (0, 0)
         async with transaction(sessionmaker) as session:
-            outcome = await rules_service.process_batch(
-                session, batch, group=TRACKING_GROUP, namespace=namespace, state_cache=state_cache
-            )
+            outcome = await rules_service.process_batch(session, batch, namespace=namespace, state_cache=state_cache)
         if state_cache is not None:
             state_cache.keep(outcome.states)  # committed: the next batches start from these
             STATE_CACHE_LOOKUPS.labels("hit").inc(state_cache.hits - hits)

@@ -266,29 +266,6 @@ class OrderRepository(RepositoryBase):
         return (await self.session.execute(stmt)).scalars().all()
 
 
-class TrackingRepository(RepositoryBase):
-    async def claim_new(self, group: str, event_ids: Iterable[str]) -> set[str]:
-        """Like shared.tracking.claim_new (same table, same contract), as one cached array statement."""
-        ids = sorted(set(event_ids))
-        if not ids:
-            return set()
-        rows = await (await driver_connection(self.session)).fetch(
-            """insert into rules.processed_events (consumer_group, event_id)
-               select $1, unnest($2::text[]) on conflict do nothing returning event_id""",
-            group,
-            ids,
-        )
-        return {r["event_id"] for r in rows}
-
-    async def release(self, group: str, event_ids: Sequence[str]) -> None:
-        if event_ids:
-            await (await driver_connection(self.session)).execute(
-                "delete from rules.processed_events where consumer_group = $1 and event_id = any($2::text[])",
-                group,
-                list(event_ids),
-            )
-
-
 class CampaignRepository(RepositoryBase):
     async def spent(self, keys: Iterable[Key], *, for_update: bool = False) -> dict[Key, int]:
         wanted = sorted(set(keys))

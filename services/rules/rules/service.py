@@ -23,6 +23,8 @@ from rules.engine import (
     CustomerSnapshot,
     Evaluation,
     EventRefused,
+    business_id,
+    check_referral,
     evaluate,
     event_time,
     review_tier,
@@ -35,7 +37,7 @@ from rules.errors import (
     SimulationNotSupported,
     TiersNotDefined,
 )
-from rules.models import Award, Ruleset, RulesetActivation
+from rules.models import Award, Ruleset, RulesetActivation, processed_events
 from rules.repository import (
     CampaignRepository,
     CustomerStateRepository,
@@ -43,7 +45,6 @@ from rules.repository import (
     OutboxRepository,
     RulesetRepository,
     StateChanged,
-    TrackingRepository,
 )
 from shared.consumer import Inbound, Rejection, RetryLater
 from shared.events import (
@@ -60,12 +61,16 @@ from shared.events import (
 from shared.kafka import EventProducer
 from shared.outbox import Claimed, Unpublishable
 from shared.topics import CUSTOMERS, ENGAGEMENT, PURCHASES
+from shared.tracking import claim_batch, release
 
 log = logging.getLogger(__name__)
 
-# The consumer tracks under the service's name, not its (suffixed) group id: the effect (state, awards)
-# is the service's, so any replica or group that sees an event again must skip it.
-TRACKING_GROUP = "rules"
+# The tracking name (shared.tracking): the service's, not its (suffixed) group id.
+TRACKING_NAME = "rules"
+
+
+def _tracked(event: CloudEvent[Any]) -> bool:
+    return not isinstance(event.data, PurchaseCompleted)
 
 
 INGEST_TOPICS = {PURCHASES: TOPIC_EVENT_TYPES[PURCHASES], ENGAGEMENT: TOPIC_EVENT_TYPES[ENGAGEMENT]}
@@ -227,7 +232,13 @@ class RulesService:
             raise RulesetNotFound(ruleset_id, version)
         customer_id = event.data.customer_id
         keys = [(tenant_id, customer_id)]
-        referred_id = event.data.referred_customer_id if isinstance(event.data, ReferralConverted) else None
+        referred_id = None
+        if isinstance(event.data, ReferralConverted):
+            try:
+                check_referral(event.data)
+            except EventRefused as exc:
+                raise SimulationNotSupported(str(exc)) from exc
+            referred_id = event.data.referred_customer_id
         if referred_id:
             keys.append((tenant_id, referred_id))
         states = await CustomerStateRepository.from_session(session).load(keys)
@@ -283,15 +294,14 @@ class RulesService:
 
     # --- the pipeline -----------------------------------------------------------------------------
 
-    async def handle_batch(self, session: AsyncSession, batch: Sequence[Inbound], *, group: str) -> list[Rejection]:
-        return (await self.process_batch(session, batch, group=group)).rejections
+    async def handle_batch(self, session: AsyncSession, batch: Sequence[Inbound]) -> list[Rejection]:
+        return (await self.process_batch(session, batch)).rejections
 
     async def process_batch(
         self,
         session: AsyncSession,
         batch: Sequence[Inbound],
         *,
-        group: str = TRACKING_GROUP,
         namespace: str = "",
         state_cache: StateCache | None = None,
     ) -> BatchOutcome:
@@ -300,8 +310,10 @@ class RulesService:
         State, orders, awards, tracking rows and the outbox of commands commit together (the caller's
         transaction), so a redelivered batch finds its events done and produces nothing twice: a
         purchase by its order (the order row names the event that recorded it), any other event by its
-        tracking row. Raises `RetryLater` when another consumer is recording the same purchase or wrote
-        one of the customers' states meanwhile. States come from `state_cache` where it holds them; the
+        tracking row (shared.tracking). A business id (refund, review, referral...) is processed once per
+        tenant: another event naming it is refused, as is a purchase of an order recorded before. Raises
+        `RetryLater` when another consumer is recording the same purchase or wrote one of the customers'
+        states meanwhile. States come from `state_cache` where it holds them; the
         caller gives the outcome's states back to it once the transaction committed.
         """
         # Campaign budgets are read without a lock, so consumers do not queue behind one campaign row for
@@ -309,50 +321,45 @@ class RulesService:
         # with the rows locked (a savepoint undoes the first attempt).
         try:
             async with session.begin_nested():
-                return await self._process(session, batch, group, namespace, state_cache, lock_campaigns=False)
+                return await self._process(session, batch, namespace, state_cache, lock_campaigns=False)
         except CampaignBudgetContended:
             log.info("campaign budget contended, evaluating the batch again under lock")
             # The first attempt took its cached states (and changed them): this one reads them again.
-            return await self._process(session, batch, group, namespace, state_cache, lock_campaigns=True)
+            return await self._process(session, batch, namespace, state_cache, lock_campaigns=True)
 
     async def _process(
         self,
         session: AsyncSession,
         batch: Sequence[Inbound],
-        group: str,
         namespace: str,
         state_cache: StateCache | None,
         *,
         lock_campaigns: bool,
     ) -> BatchOutcome:
         outcome = BatchOutcome()
-        tracking = TrackingRepository.from_session(session)
-        # Purchases need no tracking row: their order row, written in the same transaction, records them.
-        tracked = [m.event.id for m in batch if not isinstance(m.event.data, PurchaseCompleted)]
-        fresh = await tracking.claim_new(group, tracked)
-        messages: list[Inbound] = []
-        taken: set[str] = set()
-        for m in batch:
-            event_id = m.event.id
-            if event_id in taken:
-                continue  # the same id twice in one batch counts once
-            if event_id in fresh or isinstance(m.event.data, PurchaseCompleted):
-                taken.add(event_id)
-                messages.append(m)
-        if not messages:
-            return outcome
+        # Purchases get no event key: their order row, written in the same transaction, records them.
+        admission = await claim_batch(
+            session, processed_events, TRACKING_NAME, batch, tracked=_tracked, business_id=business_id
+        )
+        outcome.rejections.extend(admission.rejections)
+        messages = admission.messages
         work = BatchWork(self.cache, session, namespace, lock_campaigns=lock_campaigns, state_cache=state_cache)
-        await work.load(messages)
+        if messages:
+            await work.load(messages)
+        refused: list[Rejection] = []
         for m in messages:
             if work.recorded(m.event):
                 continue  # a redelivered purchase: its order row names this very event
             try:
                 work.apply(m)
             except EventRefused as exc:
-                outcome.rejections.append(Rejection(m, str(exc)))
-        # A refused event changed nothing: release its claim, so replaying it from the DLQ (after the
+                refused.append(Rejection(m, str(exc)))
+        outcome.rejections.extend(refused)
+        # A refused event changed nothing: release its claims, so replaying it from the DLQ (after the
         # ruleset learnt the currency, say) processes it instead of skipping it as a duplicate.
-        await tracking.release(group, [r.message.event.id for r in outcome.rejections if r.message.event.id in fresh])
+        await release(session, processed_events, admission.release_keys(refused))
+        if not messages:
+            return outcome
         try:
             await work.save(outcome)
         except UniqueViolationError as exc:

@@ -2,7 +2,7 @@
 moved to outbox_quarantine
 
 Revision ID: 0003
-Revises: 0002
+Revises: 0004
 Create Date: 2026-12-05 04:30:00
 """
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003"
-down_revision: str | None = "0002"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

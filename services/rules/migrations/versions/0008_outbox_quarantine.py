@@ -1,7 +1,7 @@
 """outbox rows that can never be published are moved to outbox_quarantine
 
 Revision ID: 0008
-Revises: 0007
+Revises: 0009
 Create Date: 2026-12-05 04:30:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
-down_revision: str | None = "0007"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
