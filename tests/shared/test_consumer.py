@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from rules.app import create_app
 from rules.models import CustomerState, Order
 from rules.service import rules_service
-from shared.consumer import ConsumerRunner, Inbound, Rejection
+from shared.consumer import ConsumerRunner, DeadRecord, Inbound, Rejection
 from shared.db import create_engine, create_sessionmaker, transaction
 from shared.kafka import EventProducer, ensure_topics
 from shared.topics import DLQ, PURCHASES, TopicSpec
@@ -364,10 +364,10 @@ class _Settled(ConsumerRunner):
             handler=handler,
             dlq_producer=cast(Any, None),
         )
-        self.dead: list[tuple[ConsumerRecord[bytes, bytes], str]] = []
+        self.dead: list[DeadRecord] = []
         self.committed: list[dict[TopicPartition, int]] = []
 
-    async def _dead_letter(self, dead: Sequence[tuple[ConsumerRecord[bytes, bytes], str]]) -> None:
+    async def _dead_letter(self, dead: Sequence[DeadRecord]) -> None:
         self.dead.extend(dead)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
@@ -399,9 +399,9 @@ class TestBatchSettlement:
         ]
         await runner._process(records)
         assert runner.committed == [{TopicPartition("a", 0): 13, TopicPartition("a", 1): 8, TopicPartition("b", 0): 4}]
-        assert sorted((r.topic, r.offset, reason.split(":")[0]) for r, reason in runner.dead) == [
-            ("a", 5, "not JSON"),
-            ("b", 3, "refused"),
+        assert sorted((r.topic, r.offset, code, reason.split(":")[0]) for r, code, reason in runner.dead) == [
+            ("a", 5, "not_json", "not JSON"),
+            ("b", 3, "refused", "refused"),
         ]
         counts = {
             (t, outcome): REGISTRY.get_sample_value(
