@@ -14,8 +14,6 @@ from sqlalchemy import MetaData, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from starlette.requests import Request
 
-from shared.faults import drop_broken_connections
-
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -42,7 +40,7 @@ def create_engine(
     """`pre_ping` tests every connection on checkout (one extra round trip per request or batch); without
     it a connection the server dropped fails its first statement instead, which surfaces as a 500
     problem on a request and as a retried batch on a consumer."""
-    engine = create_async_engine(
+    return create_async_engine(
         dsn,
         pool_size=pool_size,
         max_overflow=pool_size,
@@ -58,9 +56,6 @@ def create_engine(
             }
         },
     )
-    # A connection the server dropped (or shut down) leaves the pool, so a retry gets a fresh one.
-    drop_broken_connections(engine)
-    return engine
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -5,8 +5,9 @@ outbox relays) uses: database or broker unreachable, a connection the server dro
 serialization failure, a cancelled query. Such errors are retried with back-off, never blamed on a
 message. Anything else is treated as a fault of the work at hand.
 
-`drop_broken_connections(engine)` makes SQLAlchemy discard (invalidate) a pooled connection that
-failed with a connection-level SQLSTATE, so that the retry gets a fresh one even without pre-ping.
+A pooled connection that the server dropped or shut down needs nothing more: SQLAlchemy's asyncpg
+dialect invalidates a connection whose driver connection is closed (`connection_invalidated`), so the
+retry checks out a fresh one, with or without pre-ping (tests/shared/test_faults.py shows both cases).
 """
 
 from __future__ import annotations
@@ -18,17 +19,12 @@ from aiokafka.errors import (
     RecordListTooLargeError,
     RecordTooLargeError,
 )
-from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import ExceptionContext
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 # SQLSTATE classes of outages: 08 connection exception, 40 transaction rollback (deadlock, serialization
 # failure), 53 insufficient resources (too many connections, out of memory, disk full), 57P operator
 # intervention (admin or crash shutdown, cannot connect now), plus 57014 query_canceled.
 _TRANSIENT_SQLSTATE_PREFIXES = ("08", "40", "53", "57P", "57014")
-# Of those, the ones after which the connection itself is gone.
-_CONNECTION_LOST_PREFIXES = ("08", "57P")
 
 # The driver's connection errors (class 08: ConnectionDoesNotExistError, ConnectionFailureError...).
 _DRIVER_CONNECTION_ERRORS = asyncpg.exceptions.PostgresConnectionError
@@ -75,17 +71,3 @@ def _chain(exc: BaseException, depth: int = 6) -> list[BaseException]:
         orig = getattr(current, "orig", None)
         current = orig if isinstance(orig, BaseException) else current.__cause__
     return out
-
-
-def _mark_lost_connection(context: ExceptionContext) -> None:
-    code = sqlstate(context.original_exception)
-    if code is not None and code.startswith(_CONNECTION_LOST_PREFIXES):
-        context.is_disconnect = True
-    elif isinstance(context.original_exception, _DRIVER_CONNECTION_ERRORS | OSError):
-        context.is_disconnect = True
-
-
-def drop_broken_connections(engine: AsyncEngine) -> None:
-    """Invalidate a pooled connection (and the pool's older ones) on a connection-level failure."""
-    if not event.contains(engine.sync_engine, "handle_error", _mark_lost_connection):
-        event.listen(engine.sync_engine, "handle_error", _mark_lost_connection)
