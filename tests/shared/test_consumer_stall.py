@@ -51,6 +51,7 @@ class TestOutage:
         settings = service_settings(
             "rules",
             service_name=f"outage-{tenant}",
+            consumer_batch_size=2,  # batches behind the failing one are fetched ahead: the rewind drops them
             consumer_unready_after_failures=2,
             consumer_retry_backoff_seconds=0.05,
             consumer_retry_backoff_max_seconds=0.5,
@@ -65,7 +66,7 @@ class TestOutage:
                 yield runtime.state()
 
         app = base_app(title="outage", description="", version="0", settings=settings, lifespan=lifespan)
-        events = [purchase(tenant, "c-1") for _ in range(3)]
+        events = [purchase(tenant, "c-1") for _ in range(5)]
         check = f"consumer:outage-{tenant}"
         labels = {"service": f"outage-{tenant}", "group": f"outage-{tenant}"}
         try:
