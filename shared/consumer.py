@@ -206,7 +206,7 @@ class ConsumerRunner:
                 continue
             records = [r for tp_records in batches.values() for r in tp_records]
             if not records:
-                if not self.failures:
+                if not self._waiting:
                     self._advanced()  # nothing waiting is no stall
                 continue
             self._waiting = True
@@ -215,7 +215,7 @@ class ConsumerRunner:
             except Exception as exc:
                 # An outage, or a fault the runner cannot pin on one record: read the batch again from its own
                 # first offsets (a rewind to the committed ones would skip it on a partition without any).
-                self._rewind(records)
+                self._waiting = self._rewind(records)
                 await self._failed(exc, "batch not settled, reading it again")
             else:
                 self._waiting = False
@@ -235,7 +235,9 @@ class ConsumerRunner:
         log.warning(message, exc_info=exc, extra={"group": self.group_id, "failures": self.failures})
         await asyncio.sleep(min(self._backoff * 2 ** min(self.failures - 1, 20), self._backoff_max))
 
-    def _rewind(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+    def _rewind(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> bool:
+        """Moves back to the records' first offsets; False when none of their partitions is ours any more."""
+        rewound = False
         assigned = self._consumer.assignment()
         for tp, offset in _first_offsets(records).items():
             if tp not in assigned:
@@ -244,6 +246,8 @@ class ConsumerRunner:
                 self._consumer.seek(tp, offset)
             except IllegalStateError:
                 continue  # taken away just now
+            rewound = True
+        return rewound
 
     async def _settle(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         try:

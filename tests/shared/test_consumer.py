@@ -417,3 +417,19 @@ class TestBatchSettlement:
             ("b", "dead_lettered"): 1,
         }
         assert (runner.processed, runner.dead_lettered) == (4, 2)
+
+    async def test_a_fault_of_the_runner_on_one_record_sets_that_record_aside_alone(self) -> None:
+        # A handler bug that shows on one event only (it returns None instead of its rejections): the
+        # batch is settled record by record, and only that record goes to the DLQ.
+        odd = purchase("t1", "c-odd")
+
+        async def handler(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+            return cast(Any, None) if any(m.event.id == odd.id for m in batch) else []
+
+        runner = _Settled(f"settle-{uuid.uuid4().hex[:8]}", handler)
+        good = [purchase("t1", f"c-{i}").to_bytes() for i in range(3)]
+        records = [_record("a", 0, 0, good[0]), _record("a", 0, 1, odd.to_bytes()), _record("a", 0, 2, good[1])]
+        await runner._settle(records)
+        assert [(r.offset, code) for r, code, _ in runner.dead] == [(1, "internal")]
+        assert "TypeError" in runner.dead[0].reason
+        assert runner.committed[-1] == {TopicPartition("a", 0): 3}
