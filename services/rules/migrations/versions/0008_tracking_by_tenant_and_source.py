@@ -5,7 +5,7 @@ tracked in the same table (shared.tracking).
 Rows of before are kept, under tenant '' and source '': no key matches them any more (a tenant id is never
 empty), so they change nothing; they record offsets already committed, which a restart does not read again.
 
-Revision ID: 0009
+Revision ID: 0008
 Revises: 0007
 Create Date: 2026-12-06 04:30:00
 """
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0009"
+revision: str = "0008"
 down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
