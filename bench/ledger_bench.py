@@ -108,7 +108,7 @@ async def earn_from_kafka(settings: Settings, tenant: str) -> None:
 
     async with (
         Runtime(settings, api_keys=api_keys, consumers=[commands_consumer]) as runtime,
-        background(settings, runtime.sessionmaker, runtime.producer),
+        background(settings, runtime),
     ):
         runner = runtime.consumers[0]
         cpu = CpuMeter([]).__enter__()  # this process (consumer and relay) and PostgreSQL

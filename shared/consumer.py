@@ -6,9 +6,19 @@ Contract:
   on business grounds (`Rejection`), which go to the DLQ with their reason.
 - Offsets are committed only after the handler returned and the dead letters are acknowledged, so a
   crash anywhere before that redelivers the batch and the handler's idempotency absorbs it.
-- Input never kills the loop: undecodable, invalid, oversized or refused messages are dead-lettered;
-  a handler error that persists for one message dead-letters that message alone; infrastructure
-  errors (database or broker down) are retried with back-off until they clear.
+- One record's faults are that record's alone: whatever fails while sizing, decoding, validating or
+  checking it against the input contract dead-letters it, with a reason that is always encodable
+  (escaped, bounded) and a fixed reason code (`dlq.reason.code`, the metric label).
+- Handler errors: an outage of the database or broker (`shared.faults.is_infrastructure_error`) is
+  retried with back-off for as long as it lasts and never dead-letters valid input; a passing conflict
+  (`RetryLater`) is retried `retry_later_attempts` times and any other error `max_handler_attempts`
+  times, after which the batch is halved until the message that keeps failing stands alone and is
+  dead-lettered by itself.
+- A batch that cannot be settled is read again from its own first offsets (never skipped, never
+  rewound to a commit that a partition may not have); one the runner keeps failing on for a reason
+  other than an outage is settled record by record, so only the record that triggers it is set aside.
+- `health()` says when the consumer is stuck: `unready_after_failures` failed attempts in a row, or
+  no progress for `stall_after_s` with a batch waiting. `/readyz` and two gauges show it.
 """
 
 from __future__ import annotations
@@ -24,15 +34,17 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from shared.contract import Limits, violation
 from shared.events import TOPIC_EVENT_TYPES, CloudEvent, EventDecodeError, decode_event, utcnow
+from shared.faults import is_infrastructure_error
 from shared.kafka import EventProducer
 from shared.observability import (
     CONSUMER_BATCH_SECONDS,
+    CONSUMER_CONSECUTIVE_FAILURES,
     CONSUMER_LAG,
+    CONSUMER_LAST_PROGRESS,
     CONSUMER_MESSAGES,
     DLQ_MESSAGES,
 )
@@ -41,6 +53,8 @@ from shared.topics import DLQ
 log = logging.getLogger(__name__)
 
 DLQ_HEADER_PREFIX = "dlq."
+# A reason quotes the input at times: the header keeps its first characters only.
+MAX_REASON_CHARS = 1000
 
 
 class Inbound(NamedTuple):
@@ -55,8 +69,12 @@ class Inbound(NamedTuple):
 
 @dataclass(frozen=True)
 class Rejection:
+    """A message the handler refuses: `reason` says why (DLQ header, log), `code` is a fixed word for the
+    metric label (never event data)."""
+
     message: Inbound
     reason: str
+    code: str = "refused"
 
 
 BatchHandler = Callable[[Sequence[Inbound]], Awaitable[Sequence[Rejection]]]
@@ -64,16 +82,21 @@ BatchHandler = Callable[[Sequence[Inbound]], Awaitable[Sequence[Rejection]]]
 
 class RetryLater(Exception):
     """Raised by a handler when the batch met a passing conflict (another consumer holds or just wrote
-    the same rows), not a fault of the input: the batch is retried, never dead-lettered."""
+    the same rows), not a fault of the input: the batch is retried a bounded number of times, after which
+    the message that keeps conflicting is isolated and dead-lettered."""
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Errors of the infrastructure, not of the input: retrying the same batch later can succeed."""
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(
-        exc, RetryLater | OperationalError | InterfaceError | OSError | ConnectionError | TimeoutError | KafkaError
-    )
+    """Retrying the same batch later can succeed: an outage, or a passing conflict (`RetryLater`)."""
+    return isinstance(exc, RetryLater) or is_infrastructure_error(exc)
+
+
+class DeadRecord(NamedTuple):
+    """A record on its way to the DLQ: why (`reason`), and the fixed word for the metric label (`code`)."""
+
+    record: ConsumerRecord[bytes, bytes]
+    code: str
+    reason: str
 
 
 class ConsumerRunner:
@@ -92,7 +115,11 @@ class ConsumerRunner:
         batch_timeout_ms: int = 200,
         topic_event_types: dict[str, frozenset[str]] | None = None,
         max_handler_attempts: int = 3,
+        retry_later_attempts: int = 5,
         retry_backoff_s: float = 0.5,
+        retry_backoff_max_s: float = 30.0,
+        stall_after_s: float = 120.0,
+        unready_after_failures: int = 5,
         limits: Limits = Limits(),
         **consumer_options: Any,
     ) -> None:
@@ -107,7 +134,11 @@ class ConsumerRunner:
         self._batch_timeout_ms = batch_timeout_ms
         self._types = topic_event_types if topic_event_types is not None else TOPIC_EVENT_TYPES
         self._attempts = max_handler_attempts
+        self._retry_later_attempts = retry_later_attempts
         self._backoff = retry_backoff_s
+        self._backoff_max = retry_backoff_max_s
+        self._stall_after_s = stall_after_s
+        self._unready_after = unready_after_failures
         self._limits = limits
         self._consumer = AIOKafkaConsumer(
             *self.topics,
@@ -123,6 +154,16 @@ class ConsumerRunner:
         self._stopping = False
         self.processed = 0
         self.dead_lettered = 0
+        # Progress, for health(): failed attempts in a row, the last one's error, when the runner last
+        # advanced (or found nothing to do), and whether a batch is waiting to be settled.
+        self.failures = 0
+        self._last_error = ""
+        self._progress_at = time.monotonic()
+        self._waiting = False
+        self._failures_gauge = CONSUMER_CONSECUTIVE_FAILURES.labels(service, group_id)
+        self._progress_gauge = CONSUMER_LAST_PROGRESS.labels(service, group_id)
+        self._failures_gauge.set(0)
+        self._progress_gauge.set(time.time())
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -145,28 +186,89 @@ class ConsumerRunner:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def health(self) -> str | None:
+        """None while the consumer makes progress; else why it does not (for `/readyz`)."""
+        if not self.running:
+            return "stopped"
+        if self.failures >= self._unready_after:
+            return f"stalled: {self.failures} failed attempts in a row (last: {self._last_error})"
+        idle = time.monotonic() - self._progress_at
+        if self._waiting and idle > self._stall_after_s:
+            return f"stalled: no progress for {idle:.0f}s with messages waiting"
+        return None
+
     async def _run(self) -> None:
         while not self._stopping:
             try:
                 batches = await self._consumer.getmany(timeout_ms=self._batch_timeout_ms, max_records=self._batch_size)
-            except KafkaError as exc:
-                log.warning("fetch failed, retrying", extra={"error": repr(exc), "group": self.group_id})
-                await asyncio.sleep(self._backoff)
+            except Exception as exc:  # the broker, or a record the client cannot parse: try again
+                await self._failed(exc, "fetch failed, retrying")
                 continue
             records = [r for tp_records in batches.values() for r in tp_records]
             if not records:
+                if not self._waiting:
+                    self._advanced()  # nothing waiting is no stall
                 continue
+            self._waiting = True
             try:
-                await self.process(records)
+                await self._settle(records)
             except Exception as exc:
-                # Not the input's fault (dead letters could not be sent, a commit failed): rewind to the
-                # committed offsets and try the batch again after a pause.
-                log.warning("batch not settled, rewinding", exc_info=exc, extra={"group": self.group_id})
-                await asyncio.sleep(self._backoff)
-                try:
-                    await self._consumer.seek_to_committed()
-                except KafkaError as seek_error:
-                    log.warning("rewind failed", extra={"error": repr(seek_error)})
+                # An outage, or a fault the runner cannot pin on one record: read the batch again from its own
+                # first offsets (a rewind to the committed ones would skip it on a partition without any).
+                self._waiting = self._rewind(records)
+                await self._failed(exc, "batch not settled, reading it again")
+            else:
+                self._waiting = False
+                self._advanced()
+
+    def _advanced(self) -> None:
+        if self.failures:
+            self.failures = 0
+            self._failures_gauge.set(0)
+        self._progress_at = time.monotonic()
+        self._progress_gauge.set(time.time())
+
+    async def _failed(self, exc: BaseException, message: str) -> None:
+        self.failures += 1
+        self._last_error = type(exc).__name__
+        self._failures_gauge.set(self.failures)
+        log.warning(message, exc_info=exc, extra={"group": self.group_id, "failures": self.failures})
+        await asyncio.sleep(min(self._backoff * 2 ** min(self.failures - 1, 20), self._backoff_max))
+
+    def _rewind(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> bool:
+        """Moves back to the records' first offsets; False when none of their partitions is ours any more."""
+        rewound = False
+        assigned = self._consumer.assignment()
+        for tp, offset in _first_offsets(records).items():
+            if tp not in assigned:
+                continue  # a rebalance took it: its new owner reads on from the committed offset
+            try:
+                self._consumer.seek(tp, offset)
+            except IllegalStateError:
+                continue  # taken away just now
+            rewound = True
+        return rewound
+
+    async def _settle(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        try:
+            await self.process(records)
+            return
+        except Exception as exc:
+            if is_infrastructure_error(exc):
+                raise
+            fault = exc
+        # Neither an outage nor one record's own fault (those are settled inside `process`): something the
+        # runner calls fails on some record. One by one, the others go through and that one is set aside.
+        if len(records) > 1:
+            log.error("batch not settled, settling it record by record", exc_info=fault, extra={"group": self.group_id})
+            for record in records:
+                await self._settle([record])
+            return
+        record = records[0]
+        await self._dead_letter([DeadRecord(record, "internal", f"could not be processed: {fault!r}")])
+        await self.commit(_next_offsets(records))
+        CONSUMER_MESSAGES.labels(self.service, record.topic, "dead_lettered").inc()
+        self.dead_lettered += 1
 
     async def process(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         # A batch's objects (decoded events, states, rows) live until the batch is done, then go by
@@ -183,30 +285,37 @@ class ConsumerRunner:
     async def _process(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         started = time.perf_counter()
         good: list[Inbound] = []
-        dead: list[tuple[ConsumerRecord[bytes, bytes], str]] = []
+        dead: list[DeadRecord] = []
         now = utcnow()
         for record in records:
-            reason = self._check(record)
-            if reason is not None:
-                dead.append((record, reason))
+            value = record.value
+            if value is not None and len(value) > self._max_bytes:
+                reason = f"message of {len(value)} bytes exceeds the limit of {self._max_bytes} bytes"
+                dead.append(DeadRecord(record, "too_large", reason))
                 continue
             try:
-                event = decode_event(record.value, allowed_types=self._types.get(record.topic))
+                event = decode_event(value, allowed_types=self._types.get(record.topic))
             except EventDecodeError as exc:
-                dead.append((record, str(exc)))
+                dead.append(DeadRecord(record, exc.code, str(exc)))
                 continue
-            refused = violation(event, record.key, limits=self._limits, now=now)
+            except Exception as exc:  # whatever else goes wrong with one record's bytes is theirs
+                dead.append(DeadRecord(record, "invalid", f"cannot be decoded: {type(exc).__name__}: {exc}"))
+                continue
+            try:
+                refused = violation(event, record.key, limits=self._limits, now=now)
+            except Exception as exc:
+                refused = f"the input contract cannot be checked: {type(exc).__name__}: {exc}"
             if refused is not None:
-                dead.append((record, refused))
+                dead.append(DeadRecord(record, "contract", refused))
                 continue
             good.append(Inbound(event, record.topic, record.partition, record.offset, record))
         rejections = await self._handle(good) if good else []
-        dead.extend((r.message.record, r.reason) for r in rejections)
+        dead.extend(DeadRecord(r.message.record, r.code, r.reason) for r in rejections)
         await self._dead_letter(dead)
         next_offsets = _next_offsets(records)
         await self.commit(next_offsets)
         # One metric update per topic and outcome, not per message.
-        dead_by_topic = Counter(record.topic for record, _ in dead)
+        dead_by_topic = Counter(d.record.topic for d in dead)
         for topic, count in Counter(record.topic for record in records).items():
             if count > dead_by_topic[topic]:
                 CONSUMER_MESSAGES.labels(self.service, topic, "processed").inc(count - dead_by_topic[topic])
@@ -217,71 +326,78 @@ class ConsumerRunner:
         CONSUMER_BATCH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
         self._record_lag(next_offsets)
 
-    def _check(self, record: ConsumerRecord[bytes, bytes]) -> str | None:
-        size = len(record.value or b"")
-        if size > self._max_bytes:
-            return f"message of {size} bytes exceeds the limit of {self._max_bytes} bytes"
-        return None
-
     async def _handle(self, batch: Sequence[Inbound]) -> list[Rejection]:
         try:
             return list(await self._call_until_settled(batch))
         except _PersistentFailure as failure:
             if len(batch) == 1:
-                return [Rejection(batch[0], f"handler failed {self._attempts} times: {failure.error!r}")]
-        # Some message in the batch keeps failing: handle them one by one so only that one is dead-lettered.
+                reason = f"handler failed {failure.attempts} times: {failure.error!r}"
+                return [Rejection(batch[0], reason, "handler_failed")]
+        # Some message in the batch keeps failing: halve the batch, in order (a customer's events keep
+        # theirs), until that message stands alone and is dead-lettered by itself.
         log.warning("batch keeps failing, isolating messages", extra={"group": self.group_id, "size": len(batch)})
-        out: list[Rejection] = []
-        for message in batch:
-            out.extend(await self._handle([message]))
-        return out
+        middle = len(batch) // 2
+        return [*await self._handle(batch[:middle]), *await self._handle(batch[middle:])]
 
     async def _call_until_settled(self, batch: Sequence[Inbound]) -> Sequence[Rejection]:
-        attempt = 0
-        delay = self._backoff
+        failures = conflicts = 0
         while True:
             try:
                 return await self._handler(batch)
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
-                if is_transient(exc):
-                    # The infrastructure is down: wait for it rather than blaming the input.
-                    log.warning("transient handler error, retrying", extra={"error": repr(exc)})
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
-                    continue
-                attempt += 1
-                log.exception("handler error", extra={"group": self.group_id, "attempt": attempt})
-                if attempt >= self._attempts:
-                    raise _PersistentFailure(exc) from exc
+                if isinstance(exc, RetryLater):
+                    conflicts += 1
+                    attempts, limit = conflicts, self._retry_later_attempts
+                elif is_infrastructure_error(exc):
+                    raise  # an outage: the runner backs off and reads the batch again, for as long as it lasts
+                else:
+                    failures += 1
+                    attempts, limit = failures, self._attempts
+                log.warning("handler error", exc_info=exc, extra={"group": self.group_id, "attempt": attempts})
+                if attempts >= limit:
+                    raise _PersistentFailure(exc, attempts) from exc
                 await asyncio.sleep(self._backoff)
 
-    async def _dead_letter(self, dead: Sequence[tuple[ConsumerRecord[bytes, bytes], str]]) -> None:
+    async def _dead_letter(self, dead: Sequence[DeadRecord]) -> None:
         if not dead:
             return
         producer = self._dlq.raw
         futures = []
-        for record, reason in dead:
-            headers = [
-                *list(record.headers or ()),
-                (f"{DLQ_HEADER_PREFIX}reason", reason.encode()),
+        failed_at = datetime.now(UTC).isoformat().encode()
+        for record, code, reason in dead:
+            # Escaped (a lone surrogate cannot be encoded as it is) and bounded: the reason may quote the input.
+            encoded = reason[:MAX_REASON_CHARS].encode("utf-8", "backslashreplace")
+            ours = [
+                (f"{DLQ_HEADER_PREFIX}reason", encoded),
+                (f"{DLQ_HEADER_PREFIX}reason.code", code.encode()),
                 (f"{DLQ_HEADER_PREFIX}source.topic", record.topic.encode()),
                 (f"{DLQ_HEADER_PREFIX}source.partition", str(record.partition).encode()),
                 (f"{DLQ_HEADER_PREFIX}source.offset", str(record.offset).encode()),
                 (f"{DLQ_HEADER_PREFIX}consumer.group", self.group_id.encode()),
                 (f"{DLQ_HEADER_PREFIX}service", self.service.encode()),
-                (f"{DLQ_HEADER_PREFIX}failed_at", datetime.now(UTC).isoformat().encode()),
+                (f"{DLQ_HEADER_PREFIX}failed_at", failed_at),
             ]
-            futures.append(await producer.send(self._dlq_topic, record.value, key=record.key, headers=headers))
-            DLQ_MESSAGES.labels(self.service, record.topic, reason.split(":", 1)[0][:60]).inc()
+            try:
+                future = await producer.send(
+                    self._dlq_topic, record.value, key=record.key, headers=[*(record.headers or ()), *ours]
+                )
+            except Exception as exc:
+                if is_infrastructure_error(exc):
+                    raise
+                # This letter cannot go as it is (too large with its headers, say): it goes without the
+                # original bytes and headers, which stay on the source topic at the offset it names.
+                dropped = (f"{DLQ_HEADER_PREFIX}original.dropped", repr(exc)[:MAX_REASON_CHARS].encode())
+                future = await producer.send(self._dlq_topic, None, key=record.key, headers=[*ours, dropped])
+            futures.append(future)
+            DLQ_MESSAGES.labels(self.service, record.topic, code).inc()
             log.warning(
                 "dead-lettered",
                 extra={
                     "topic": record.topic,
                     "partition": record.partition,
                     "offset": record.offset,
-                    "reason": reason[:500],
+                    "code": code,
+                    "reason": encoded.decode(),
                 },
             )
         # The dead letters must be durable before the offsets move past them.
@@ -305,9 +421,10 @@ class ConsumerRunner:
 
 
 class _PersistentFailure(Exception):
-    def __init__(self, error: BaseException) -> None:
+    def __init__(self, error: BaseException, attempts: int) -> None:
         super().__init__(repr(error))
         self.error = error
+        self.attempts = attempts
 
 
 def _next_offsets(records: Sequence[ConsumerRecord[bytes, bytes]]) -> dict[TopicPartition, int]:
@@ -317,6 +434,15 @@ def _next_offsets(records: Sequence[ConsumerRecord[bytes, bytes]]) -> dict[Topic
         if record.offset >= last.get(key, -1):
             last[key] = record.offset
     return {TopicPartition(topic, partition): offset + 1 for (topic, partition), offset in last.items()}
+
+
+def _first_offsets(records: Sequence[ConsumerRecord[bytes, bytes]]) -> dict[TopicPartition, int]:
+    first: dict[tuple[str, int], int] = {}
+    for record in records:
+        key = (record.topic, record.partition)
+        if record.offset < first.get(key, record.offset + 1):
+            first[key] = record.offset
+    return {TopicPartition(topic, partition): offset for (topic, partition), offset in first.items()}
 
 
 @dataclass(frozen=True)
@@ -330,6 +456,7 @@ class DeadLetter:
     source_partition: int
     source_offset: int
     headers: dict[str, bytes]
+    code: str = ""
 
     @classmethod
     def from_record(cls, record: ConsumerRecord[bytes, bytes]) -> DeadLetter:
@@ -337,9 +464,10 @@ class DeadLetter:
         return cls(
             value=record.value,
             key=record.key,
-            reason=headers.get(f"{DLQ_HEADER_PREFIX}reason", b"").decode(),
+            reason=headers.get(f"{DLQ_HEADER_PREFIX}reason", b"").decode(errors="replace"),
             source_topic=headers.get(f"{DLQ_HEADER_PREFIX}source.topic", b"").decode(),
             source_partition=int(headers.get(f"{DLQ_HEADER_PREFIX}source.partition", b"-1")),
             source_offset=int(headers.get(f"{DLQ_HEADER_PREFIX}source.offset", b"-1")),
             headers=headers,
+            code=headers.get(f"{DLQ_HEADER_PREFIX}reason.code", b"").decode(errors="replace"),
         )

@@ -111,9 +111,14 @@ Quantity = Annotated[
     ),
 ]
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
+MAX_IDENTIFIER = 200
+# What caused a ledger entry: a short prefix ("request:", "command:", "task:") and an Identifier, so a
+# 200-character Idempotency-Key or command id fits (the entries' source column has the same length).
+MAX_SOURCE = MAX_IDENTIFIER + 50
 # PostgreSQL text cannot hold NUL; a pattern also refuses a lone surrogate (which no encoder takes).
 NO_NUL = r"^[^\x00]*$"
-Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)]
+Identifier = Annotated[str, Field(min_length=1, max_length=MAX_IDENTIFIER, pattern=NO_NUL)]
+EntrySource = Annotated[str, Field(min_length=1, max_length=MAX_SOURCE)]
 Text = Annotated[str, Field(pattern=NO_NUL)]
 # One bound for every way points enter the ledger: its REST writes and the Kafka commands.
 PositivePoints = Annotated[int, Field(strict=True, gt=0, le=MAX_POINTS)]
@@ -259,7 +264,9 @@ class LedgerEntryPosted(Payload):
     kind: Identifier
     points: int
     balance_after: int
-    source: Identifier | None = None
+    source: EntrySource | None = Field(
+        default=None, description="What caused the entry: request:<Idempotency-Key>, command:<command id>, task:<job>"
+    )
     created_at: UtcDatetime
     bucket: Literal["available", "pending", "held"] | None = Field(default=None, description="Which balance moved")
     sequence: int | None = Field(default=None, description="The entry's position in its account's hash chain")
@@ -345,7 +352,12 @@ AnyEvent = CloudEvent[Any]
 
 
 class EventDecodeError(ValueError):
-    """The bytes are not a valid event; the message says why, for the DLQ."""
+    """The bytes are not a valid event; the message says why, for the DLQ, and `code` names the kind of
+    fault with one of a few fixed words (a metric label): not_json, invalid, wrong_topic, empty."""
+
+    def __init__(self, message: str, *, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def payload_model(event_type: str, version: int) -> type[Payload]:
@@ -398,7 +410,7 @@ def _decode_fast(raw: bytes) -> CloudEvent[Any] | None:
     version = int(version_found.group(1)) if version_found else 1
     try:
         event: CloudEvent[Any] = envelope_class(payload_model(event_type, version)).model_validate_json(raw)
-    except (EventDecodeError, ValidationError):
+    except Exception:  # any failure (a validator's OverflowError too): the full path says what is wrong
         return None
     # The model is chosen by (type, dataversion) alone: when the validated event has the guessed pair,
     # the full path would have chosen the same model for the same document.
@@ -408,26 +420,31 @@ def _decode_fast(raw: bytes) -> CloudEvent[Any] | None:
 
 
 def decode_event(raw: bytes | None, *, allowed_types: frozenset[str] | None = None) -> CloudEvent[Any]:
-    """Parse and validate one structured-mode CloudEvent; raises EventDecodeError with the reason."""
+    """Parse and validate one structured-mode CloudEvent; raises EventDecodeError with the reason.
+
+    Any failure on the way is the input's: hostile bytes raise more than JSONDecodeError (RecursionError
+    on deep nesting, ValueError on integers of over 4,300 digits, OverflowError at the datetime edges)."""
     if raw is None:
-        raise EventDecodeError("empty message (tombstone)")
+        raise EventDecodeError("empty message (tombstone)", code="empty")
     event = _decode_fast(raw)
     if event is not None:
         if allowed_types is not None and not carries(allowed_types, event.type):
-            raise EventDecodeError(f"event type {event.type!r} does not belong on this topic")
+            raise EventDecodeError(f"event type {event.type!r} does not belong on this topic", code="wrong_topic")
         return event
     # The full path: every problem gets its precise reason.
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EventDecodeError(f"not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise EventDecodeError("not JSON: nested too deeply", code="not_json") from exc
+    except Exception as exc:
+        raise EventDecodeError(f"not JSON: {exc}", code="not_json") from exc
     if not isinstance(doc, dict):
         raise EventDecodeError("not a CloudEvent: the JSON document is not an object")
     event_type = doc.get("type")
     if not isinstance(event_type, str):
         raise EventDecodeError("not a CloudEvent: missing 'type'")
     if allowed_types is not None and not carries(allowed_types, event_type):
-        raise EventDecodeError(f"event type {event_type!r} does not belong on this topic")
+        raise EventDecodeError(f"event type {event_type!r} does not belong on this topic", code="wrong_topic")
     version = doc.get("dataversion", 1)
     if not isinstance(version, int):
         raise EventDecodeError("'dataversion' must be an integer")
@@ -435,12 +452,23 @@ def decode_event(raw: bytes | None, *, allowed_types: frozenset[str] | None = No
     try:
         validated: CloudEvent[Any] = envelope_class(model).model_validate(doc)
     except ValidationError as exc:
-        raise EventDecodeError(f"invalid {event_type} v{version}: {_summarise(exc)}") from exc
+        raise EventDecodeError(f"invalid {_shown(event_type)} v{version}: {_summarise(exc)}") from exc
+    except Exception as exc:  # a validator's own failure (OverflowError, RecursionError...)
+        raise EventDecodeError(f"invalid {_shown(event_type)} v{version}: {type(exc).__name__}: {exc}") from exc
     return validated
 
 
 def _summarise(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()[:10])
+    return "; ".join(
+        f"{'.'.join(_shown(str(p)) for p in e['loc']) or '<root>'}: {e['msg']}"
+        for e in exc.errors(include_url=False, include_input=False)[:10]
+    )
+
+
+def _shown(text: str) -> str:
+    """Text of the input as a reason may quote it: as is when plain, else escaped (a lone surrogate, say,
+    could not be encoded in a DLQ header or a response)."""
+    return text if text.isascii() and text.isprintable() else repr(text)
 
 
 def make_event(

@@ -26,7 +26,23 @@ CONSUMER_BATCH_SECONDS = Histogram("consumer_batch_duration_seconds", "Time to s
 CONSUMER_LAG = Gauge(
     "consumer_lag", "Messages behind the partition's high watermark", ["service", "topic", "partition"]
 )
+# reason_class is one of a few fixed codes (too_large, not_json, invalid, wrong_topic, contract, refused,
+# handler_failed, ...): never text of the event, which stays in the DLQ header and the log.
 DLQ_MESSAGES = Counter("dlq_messages_total", "Messages sent to the DLQ", ["service", "source_topic", "reason_class"])
+OUTBOX_QUARANTINED = Counter(
+    "outbox_quarantined_total", "Outbox rows moved to the quarantine table (fixed reason codes)", ["service", "reason"]
+)
+OUTBOX_OLDEST_AGE = Gauge("outbox_oldest_age_seconds", "Age of the oldest row waiting in the outbox", ["service"])
+CONSUMER_CONSECUTIVE_FAILURES = Gauge(
+    "consumer_consecutive_failures",
+    "Failed attempts in a row to fetch or settle a batch (0 once the consumer advances)",
+    ["service", "group"],
+)
+CONSUMER_LAST_PROGRESS = Gauge(
+    "consumer_last_progress_timestamp_seconds",
+    "When the consumer last settled a batch or found nothing to consume (Unix time)",
+    ["service", "group"],
+)
 
 
 class MetricsMiddleware:

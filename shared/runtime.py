@@ -140,6 +140,11 @@ class Runtime:
             batch_size=s.consumer_batch_size,
             batch_timeout_ms=s.consumer_batch_timeout_ms,
             topic_event_types={s.topic(k): v for k, v in TOPIC_EVENT_TYPES.items()},
+            retry_later_attempts=s.consumer_retry_later_attempts,
+            retry_backoff_s=s.consumer_retry_backoff_seconds,
+            retry_backoff_max_s=s.consumer_retry_backoff_max_seconds,
+            stall_after_s=s.consumer_stall_seconds,
+            unready_after_failures=s.consumer_unready_after_failures,
             limits=s.input_limits,
         )
 
@@ -159,7 +164,7 @@ class Runtime:
         except Exception as exc:
             checks["kafka"] = f"unreachable: {type(exc).__name__}"
         for consumer in self.consumers:
-            checks[f"consumer:{consumer.group_id}"] = "ok" if consumer.running else "stopped"
+            checks[f"consumer:{consumer.group_id}"] = consumer.health() or "ok"
         for name, check in self._checks.items():
             try:
                 problem_ = await asyncio.wait_for(check(), timeout_s)
@@ -198,7 +203,7 @@ async def healthz() -> dict[str, str]:
 
 @ops_router.get("/readyz", responses={503: {"description": "A dependency is unreachable"}})
 async def readyz(request: Request) -> JSONResponse:
-    """Database and Kafka reachable and consumers running (readiness); 503 otherwise."""
+    """Database and Kafka reachable and consumers running and advancing (readiness); 503 otherwise."""
     runtime: Runtime = request.state.runtime
     checks = await runtime.readiness()
     if all(v == "ok" for v in checks.values()):

@@ -50,7 +50,29 @@ class ServiceSettings(BaseSettings):
     )
     consumer_batch_size: int = Field(default=500, ge=1)
     consumer_batch_timeout_ms: int = Field(default=200, ge=1)
+    consumer_retry_later_attempts: int = Field(
+        default=5, ge=1, description="Tries of a batch that meets a passing conflict before its culprit is isolated"
+    )
+    consumer_retry_backoff_seconds: float = Field(default=0.5, gt=0, description="First pause before a retry")
+    consumer_retry_backoff_max_seconds: float = Field(
+        default=30, gt=0, description="Longest pause between retries of a batch during an outage"
+    )
+    consumer_stall_seconds: float = Field(
+        default=120, gt=0, description="A consumer with a batch waiting and no progress for this long is not ready"
+    )
+    consumer_unready_after_failures: int = Field(
+        default=5, ge=1, description="A consumer whose batch failed this many times in a row is not ready"
+    )
     api_key_cache_seconds: float = Field(default=5.0, ge=0)
+    outbox_max_age_seconds: float = Field(
+        default=60.0, gt=0, description="/readyz fails while the oldest unpublished outbox row is older than this"
+    )
+    outbox_max_record_bytes: int = Field(
+        default=1_000_000,
+        ge=1024,
+        description="Outbox rows whose record (key and value) is larger are quarantined, not sent; keep it below "
+        "the topics' max.message.bytes",
+    )
 
     @property
     def input_limits(self) -> Limits:

@@ -18,10 +18,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from rules.app import create_app
 from rules.consumers import batch_handler
 from rules.models import OutboxMessage
-from rules.service import OutboxRelay
+from rules.service import RulesOutbox
 from shared.consumer import ConsumerRunner
 from shared.db import create_engine, create_sessionmaker
 from shared.kafka import EventProducer, ensure_topics
+from shared.outbox import Message, OutboxRelay
 from shared.topics import DLQ, TopicSpec
 from tests.conftest import KAFKA, NAMESPACE, create_api_key, eventually, running_app, service_settings, topic
 from tests.rules.helpers import commands, commands_now, earned, install
@@ -44,8 +45,18 @@ class CrashBeforeOffsetCommit(ConsumerRunner):
 class CrashBeforePublish(OutboxRelay):
     """Dies after the database commit but before any command reached Kafka."""
 
-    async def publish(self, ids: Sequence[int], rows: Sequence[dict[str, Any]]) -> None:
+    async def publish(self, ids: Sequence[int], messages: Sequence[Message]) -> None:
         raise _SimulatedCrash
+
+
+def relay(
+    cls: type[OutboxRelay], sessionmaker: async_sessionmaker[AsyncSession], producer: EventProducer
+) -> OutboxRelay:
+    # A sweep of everything (no waiting for rows to age), as a restarted service's sweep would find it.
+    source = RulesOutbox(namespace=NAMESPACE, sweep_after=timedelta(0))
+    return cls(
+        service="rules", sessionmaker=sessionmaker, producer=producer.raw, source=source, bootstrap_servers=KAFKA
+    )
 
 
 async def _run_crash(
@@ -60,13 +71,13 @@ async def _run_crash(
     await ensure_topics(KAFKA, [TopicSpec(source, 3)])
     group = f"crash-{tenant}"
 
-    def runner(cls: type[ConsumerRunner], relay: OutboxRelay) -> ConsumerRunner:
+    def runner(cls: type[ConsumerRunner], outbox: OutboxRelay) -> ConsumerRunner:
         return cls(
             service="rules",
             topics=[source],
             group_id=group,
             bootstrap_servers=KAFKA,
-            handler=batch_handler(sessionmaker, relay, namespace=NAMESPACE),
+            handler=batch_handler(sessionmaker, outbox, namespace=NAMESPACE),
             dlq_producer=producer,
             dlq_topic=topic(DLQ),
             batch_timeout_ms=50,
@@ -80,21 +91,21 @@ async def _run_crash(
         for event in events:
             await raw_producer.send(source, event.to_bytes(), key=event.key)
         await raw_producer.flush()
-        crashing = runner(runner_cls, relay_cls(sessionmaker, producer.raw, namespace=NAMESPACE))
+        crashing = runner(runner_cls, relay(relay_cls, sessionmaker, producer))
         await crashing.start()
         await eventually(lambda: not crashing.running)
         await crashing.stop()
         after_crash = (len(await commands_now(tenant)), await _outbox_rows(sessionmaker, tenant))
 
-        healthy_relay = OutboxRelay(sessionmaker, producer.raw, namespace=NAMESPACE)
+        healthy_relay = relay(OutboxRelay, sessionmaker, producer)
         healthy = runner(ConsumerRunner, healthy_relay)
         await healthy.start()
         try:
             # What a restarted service's sweep does: relay what the crash left in the outbox.
-            await healthy_relay.sweep(older_than=timedelta(0))
+            await healthy_relay.relay_once()
             found = await commands(tenant, lambda cs: len({c.id for c in cs}) >= len(events))
             await asyncio.sleep(1.0)  # let any redelivery land before the final check
-            await healthy_relay.sweep(older_than=timedelta(0))
+            await healthy_relay.relay_once()
             found = await commands(tenant, lambda cs: len({c.id for c in cs}) >= len(events))
         finally:
             await healthy.stop()

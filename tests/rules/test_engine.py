@@ -24,13 +24,17 @@ from rules.engine import (
     _kept_from,
     _months_back_from,
     apply_event,
+    business_id,
+    check_referral,
+    check_refund,
     command_id,
     evaluate,
     month_key,
     plan_clawbacks,
     review_tier,
 )
-from tests.rules.samples import BASE, T0, TIERS, custom, doc, line, order, referral, review
+from shared.events import EventAttended, SurveyAnswered, make_event
+from tests.rules.samples import BASE, T0, TIERS, custom, doc, line, order, referral, refund, review
 
 TENANT = "t-engine"
 
@@ -672,3 +676,52 @@ class TestFastPaths:
         utc = aware.astimezone(UTC)
         assert month_key(aware) == f"{utc.year:04d}-{utc.month:02d}"
         assert _kept_from(at.year, at.month) == (min(_months_back_from(at.year, at.month, 13)), str(at.year - 1))
+
+
+class TestEventChecks:
+    def test_business_ids_of_each_event_type(self) -> None:
+        assert business_id(order(TENANT, "c1", [line("A", "x", "1", "1")])) is None, "an order row records it"
+        assert business_id(custom(TENANT, "c1", "podcast")) is None
+        refunded = refund(TENANT, "c1", "SO-1", "5")
+        assert business_id(refunded) == ("refund_id", refunded.data.refund_id)
+        posted = review(TENANT, "c1")
+        assert business_id(posted) == ("review_id", posted.data.review_id)
+        converted = referral(TENANT, "c1", "c2")
+        assert business_id(converted) == ("referral_id", converted.data.referral_id)
+        attended = make_event(
+            "event.attended",
+            EventAttended(attendance_id="A-1", customer_id="c1", event_name="expo"),
+            tenant_id=TENANT,
+            source="tests",
+        )
+        assert business_id(attended) == ("attendance_id", "A-1")
+
+    def test_a_survey_counts_once_per_respondent_not_once(self) -> None:
+        def answer(customer: str, member: str | None, survey: str = "NPS-1") -> Any:
+            data = SurveyAnswered(survey_id=survey, customer_id=customer, member_id=member, nps=9)
+            return business_id(make_event("survey.answered", data, tenant_id=TENANT, source="tests"))
+
+        assert answer("c1", None) == answer("c1", None)
+        assert len({answer("c1", None), answer("c2", None), answer("c1", "m1"), answer("c1", None, "NPS-2")}) == 4
+        assert answer("c|1", None, "S") != answer("1", None, "S|c"), "no two respondents read the same"
+        assert answer("c1", None) == ("survey_answer", '["NPS-1","c1",null]')
+        long = answer("c" * 200, "m" * 200, "s" * 200)
+        assert long is not None
+        assert len(long[1]) <= 200, "fits a tracking row"
+
+    def test_a_self_referral_is_refused(self) -> None:
+        with pytest.raises(EventRefused, match="self-referral: customer 'c1' cannot refer itself"):
+            check_referral(referral(TENANT, "c1", "c1").data)
+        check_referral(referral(TENANT, "c1", "c2").data)
+
+    def test_a_refund_must_name_the_orders_customer_and_currency_and_an_amount(self) -> None:
+        def check(event: Any, customer: str = "c1", currency: str = "EUR") -> Decimal:
+            return check_refund(event.data, order_id="SO-1", customer_id=customer, currency=currency)
+
+        assert check(refund(TENANT, "c1", "SO-1", "5")) == Decimal(5)
+        with pytest.raises(EventRefused, match="refund customer does not match the order's customer"):
+            check(refund(TENANT, "c2", "SO-1", "5"))
+        with pytest.raises(EventRefused, match="refund in USD of order 'SO-1' paid in EUR"):
+            check(refund(TENANT, "c1", "SO-1", "5", currency="USD"))
+        with pytest.raises(EventRefused, match="positive amount"):
+            check(refund(TENANT, "c1", "SO-1", "0"))

@@ -61,8 +61,12 @@ class TestRedelivery:
         points = select(func.sum(Award.points)).where(Award.tenant_id == tenant)
         assert await _count(sessionmaker, points) == 30 + 40 + 50 + 10
         ids = [first.id, second.id, new.id, posted.id]
-        tracked = select(func.count()).select_from(processed_events).where(processed_events.c.event_id.in_(ids))
-        assert await _count(sessionmaker, tracked) == 1, "only the review has a tracking row"
+        tracked = (
+            select(func.count())
+            .select_from(processed_events)
+            .where(processed_events.c.tenant_id == tenant, processed_events.c.event_id.in_(ids))
+        )
+        assert await _count(sessionmaker, tracked) == 1, "only the review has an event's tracking row"
 
     async def test_the_same_purchase_twice_in_one_batch_counts_once(
         self, sessionmaker: async_sessionmaker[AsyncSession], tenant: str

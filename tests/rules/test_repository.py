@@ -127,4 +127,8 @@ class TestCustomerStates:
         assert (stale.version, fresh.version) == (read_at, 1), "nothing counts as written"
         async with transaction(sessionmaker) as session:
             loaded = await CustomerStateRepository.from_session(session).load([(tenant, "c-1"), (tenant, "c-2")])
-        assert [(s.purchase_count, s.version) for s in loaded.values()] == [(2, 2), (0, 1)]
+        # By key: nothing orders the rows a load returns.
+        assert {k: (s.purchase_count, s.version) for k, s in loaded.items()} == {
+            (tenant, "c-1"): (2, 2),
+            (tenant, "c-2"): (0, 1),
+        }

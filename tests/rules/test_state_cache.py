@@ -16,11 +16,12 @@ from rules.batch import BatchOutcome, StateCache
 from rules.consumers import batch_handler
 from rules.engine import CustomerSnapshot
 from rules.repository import CustomerStateRepository
-from rules.service import OutboxRelay, rules_service
+from rules.service import RulesOutbox, rules_service
 from shared.consumer import RetryLater, is_transient
 from shared.db import transaction
 from shared.events import CloudEvent
-from tests.conftest import NAMESPACE
+from shared.outbox import OutboxRelay
+from tests.conftest import KAFKA, NAMESPACE
 from tests.rules.helpers import inbound, rules_database
 from tests.rules.samples import BASE, doc, line, order
 
@@ -109,9 +110,14 @@ class TestConsumerHandler:
         self, sessionmaker: async_sessionmaker[AsyncSession], tenant: str, raw_producer: AIOKafkaProducer
     ) -> None:
         cache = StateCache(100)
-        handler = batch_handler(
-            sessionmaker, OutboxRelay(sessionmaker, raw_producer), namespace=NAMESPACE, state_cache=cache
+        relay = OutboxRelay(
+            service="rules",
+            sessionmaker=sessionmaker,
+            producer=raw_producer,
+            source=RulesOutbox(),
+            bootstrap_servers=KAFKA,
         )
+        handler = batch_handler(sessionmaker, relay, namespace=NAMESPACE, state_cache=cache)
         before = (_lookups("hit"), _lookups("miss"))
         assert await handler([inbound(_purchase(tenant, 1))]) == []
         assert len(cache) == 1, "the committed state is kept"

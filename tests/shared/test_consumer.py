@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from rules.app import create_app
 from rules.models import CustomerState, Order
 from rules.service import rules_service
-from shared.consumer import ConsumerRunner, Inbound, Rejection
+from shared.consumer import ConsumerRunner, DeadRecord, Inbound, Rejection
 from shared.db import create_engine, create_sessionmaker, transaction
 from shared.kafka import EventProducer, ensure_topics
 from shared.topics import DLQ, PURCHASES, TopicSpec
@@ -123,7 +123,7 @@ class TestRestart:
 
         async def handler(batch: Sequence[Inbound]) -> Sequence[Rejection]:
             async with transaction(sessionmaker) as session:
-                return await rules_service.handle_batch(session, batch, group=group)
+                return await rules_service.handle_batch(session, batch)
 
         def runner(cls: type[ConsumerRunner]) -> ConsumerRunner:
             return cls(
@@ -364,10 +364,10 @@ class _Settled(ConsumerRunner):
             handler=handler,
             dlq_producer=cast(Any, None),
         )
-        self.dead: list[tuple[ConsumerRecord[bytes, bytes], str]] = []
+        self.dead: list[DeadRecord] = []
         self.committed: list[dict[TopicPartition, int]] = []
 
-    async def _dead_letter(self, dead: Sequence[tuple[ConsumerRecord[bytes, bytes], str]]) -> None:
+    async def _dead_letter(self, dead: Sequence[DeadRecord]) -> None:
         self.dead.extend(dead)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
@@ -399,9 +399,9 @@ class TestBatchSettlement:
         ]
         await runner._process(records)
         assert runner.committed == [{TopicPartition("a", 0): 13, TopicPartition("a", 1): 8, TopicPartition("b", 0): 4}]
-        assert sorted((r.topic, r.offset, reason.split(":")[0]) for r, reason in runner.dead) == [
-            ("a", 5, "not JSON"),
-            ("b", 3, "refused"),
+        assert sorted((r.topic, r.offset, code, reason.split(":")[0]) for r, code, reason in runner.dead) == [
+            ("a", 5, "not_json", "not JSON"),
+            ("b", 3, "refused", "refused"),
         ]
         counts = {
             (t, outcome): REGISTRY.get_sample_value(
@@ -417,3 +417,19 @@ class TestBatchSettlement:
             ("b", "dead_lettered"): 1,
         }
         assert (runner.processed, runner.dead_lettered) == (4, 2)
+
+    async def test_a_fault_of_the_runner_on_one_record_sets_that_record_aside_alone(self) -> None:
+        # A handler bug that shows on one event only (it returns None instead of its rejections): the
+        # batch is settled record by record, and only that record goes to the DLQ.
+        odd = purchase("t1", "c-odd")
+
+        async def handler(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+            return cast(Any, None) if any(m.event.id == odd.id for m in batch) else []
+
+        runner = _Settled(f"settle-{uuid.uuid4().hex[:8]}", handler)
+        good = [purchase("t1", f"c-{i}").to_bytes() for i in range(3)]
+        records = [_record("a", 0, 0, good[0]), _record("a", 0, 1, odd.to_bytes()), _record("a", 0, 2, good[1])]
+        await runner._settle(records)
+        assert [(r.offset, code) for r, code, _ in runner.dead] == [(1, "internal")]
+        assert "TypeError" in runner.dead[0].reason
+        assert runner.committed[-1] == {TopicPartition("a", 0): 3}

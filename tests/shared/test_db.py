@@ -19,7 +19,10 @@ class TestDriverConnection:
         engine = create_engine(service_settings("rules").database_url, pool_size=1)
         maker = create_sessionmaker(engine)
         event_id = f"driver-{uuid.uuid4()}"
-        insert = "insert into rules.processed_events (consumer_group, event_id) values ('test-driver', $1)"
+        insert = (
+            "insert into rules.processed_events (consumer_group, tenant_id, source, event_id)"
+            " values ('test-driver', 'test', 'test', $1)"
+        )
         try:
             async with maker() as session:
                 async with session.begin():

@@ -30,7 +30,7 @@ def create_app(app_settings: Settings = settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         async with (
             Runtime(app_settings, api_keys=api_keys, consumers=[commands_consumer]) as runtime,
-            background(app_settings, runtime.sessionmaker, runtime.producer),
+            background(app_settings, runtime),
         ):
             yield runtime.state()
 

@@ -14,7 +14,7 @@ from ledger.service import ledger_service
 from shared.auth import Principal, require
 from shared.db import ReadSessionDep, SessionDep
 from shared.errors import UnprocessableEntity
-from shared.events import NO_NUL, UtcDatetime
+from shared.events import MAX_IDENTIFIER, NO_NUL, UtcDatetime
 
 router = APIRouter(prefix="/v1", tags=["ledger"])
 T = TypeVar("T")
@@ -22,18 +22,20 @@ T = TypeVar("T")
 PointsRead = Annotated[Principal, Depends(require("points:read"))]
 PointsWrite = Annotated[Principal, Depends(require("points:write"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
+# Both end up in entries and their ledger.entry.posted events: the key as the entry's source
+# ("request:" + key, which the source field and column have room for), the account id as the account.
 IdempotencyKey = Annotated[
     str,
     Header(
         alias="Idempotency-Key",
         min_length=1,
-        max_length=200,
+        max_length=MAX_IDENTIFIER,
         pattern=NO_NUL,
         description="Makes the write safe to retry: the same key and request return the stored response",
     ),
 ]
+AccountId = Annotated[str, Path(min_length=1, max_length=MAX_IDENTIFIER, pattern=NO_NUL)]
 Limit = Annotated[int, Query(ge=1, le=500)]
-AccountId = Annotated[str, Path(min_length=1, max_length=200, pattern=NO_NUL)]
 # Entry sequence numbers are 32-bit (their column): a larger cursor is a 422, not a database error.
 MAX_SEQ = 2**31 - 1
 
@@ -86,7 +88,7 @@ async def list_accounts(
     principal: PointsRead,
     session: ReadSessionDep,
     kind: Annotated[str | None, Query(pattern="^(customer|system)$")] = None,
-    cursor: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
+    cursor: Annotated[str | None, Query(max_length=MAX_IDENTIFIER, pattern=NO_NUL)] = None,
     limit: Limit = 100,
 ) -> schemas.Page[schemas.Balance]:
     """The programme's accounts with their balances, ordered by account id."""
@@ -152,7 +154,7 @@ async def get_hold(hold_id: uuid.UUID, principal: PointsRead, session: ReadSessi
 
 @router.get("/commands/{command_id}", response_model=schemas.AppliedCommand)
 async def get_command(
-    command_id: Annotated[str, Path(min_length=1, max_length=200, pattern=NO_NUL)],
+    command_id: Annotated[str, Path(min_length=1, max_length=MAX_IDENTIFIER, pattern=NO_NUL)],
     principal: PointsRead,
     session: ReadSessionDep,
 ) -> schemas.AppliedCommand:
@@ -177,7 +179,7 @@ async def get_policy(principal: PointsRead, session: ReadSessionDep) -> schemas.
 async def list_adjustments(
     principal: Admin,
     session: ReadSessionDep,
-    account_id: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
+    account_id: Annotated[str | None, Query(max_length=MAX_IDENTIFIER, pattern=NO_NUL)] = None,
     cursor: UtcDatetime | None = None,
     limit: Limit = 50,
 ) -> schemas.Page[schemas.Entry]:

@@ -11,7 +11,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.auth import api_keys_table
 from shared.db import make_metadata
-from shared.tracking import processed_events_table
+from shared.events import MAX_SOURCE
+from shared.outbox import outbox_quarantine_table
 
 
 class Base(DeclarativeBase):
@@ -19,7 +20,7 @@ class Base(DeclarativeBase):
 
 
 api_keys = api_keys_table(Base.metadata)
-processed_events = processed_events_table(Base.metadata)
+outbox_quarantine = outbox_quarantine_table(Base.metadata)
 
 
 class Balance(Base):
@@ -57,7 +58,7 @@ class Entry(Base):
     kind: Mapped[str] = mapped_column(String(20), nullable=False)
     points: Mapped[int] = mapped_column(BigInteger, nullable=False)
     balance_after: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    source: Mapped[str] = mapped_column(String(250), nullable=False)
+    source: Mapped[str] = mapped_column(String(MAX_SOURCE), nullable=False)
     event_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     member_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     ruleset_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
@@ -150,6 +151,8 @@ class Outbox(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     entry_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+    # How long the oldest row has waited is the relay's stall signal (/readyz, outbox_oldest_age_seconds).
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 
 
 class TenantPolicy(Base):

@@ -16,8 +16,9 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ledger.domain import AccountState, HoldState, LotState, Policy, is_system
-from ledger.models import Balance, Command, Entry, Hold, IdempotencyKey, Lot, Outbox, TenantPolicy
+from ledger.models import Balance, Command, Entry, Hold, IdempotencyKey, Lot, Outbox, TenantPolicy, outbox_quarantine
 from shared.db import driver_connection
+from shared.outbox import Unpublishable, insert_quarantined
 
 _ACCOUNT_FIELDS = [f.name for f in fields(AccountState)]
 _LOT_FIELDS = [f.name for f in fields(LotState) if f.name != "is_new"]
@@ -146,12 +147,13 @@ _OUTBOX_BATCH = _Sql(
     WITH claimed AS (
         SELECT id, entry_id FROM ledger.outbox ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED
     )
-    SELECT claimed.id AS outbox_id, {", ".join(f"e.{c}" for c in _ENTRY_COLUMNS)}
-    FROM claimed JOIN ledger.entries AS e ON e.entry_id = claimed.entry_id
+    SELECT claimed.id AS outbox_id, claimed.entry_id AS outbox_entry_id, {", ".join(f"e.{c}" for c in _ENTRY_COLUMNS)}
+    FROM claimed LEFT JOIN ledger.entries AS e ON e.entry_id = claimed.entry_id
     ORDER BY claimed.id
     """
 )
 _DELETE_OUTBOX = _Sql("DELETE FROM ledger.outbox WHERE id = ANY(CAST(:ids AS bigint[]))")
+_OLDEST_OUTBOX = _Sql("SELECT created_at FROM ledger.outbox ORDER BY id LIMIT 1")
 _SAVE_LOTS = _Sql(
     """
     UPDATE ledger.lots AS l SET remaining = u.remaining, pending = u.pending
@@ -323,7 +325,8 @@ class LedgerRepository:
         return list((await self.session.execute(stmt)).scalars())
 
     async def outbox_batch(self, limit: int) -> list[dict[str, Any]]:
-        # SKIP LOCKED lets several relays (replicas) drain the outbox without waiting on each other.
+        # SKIP LOCKED lets several relays (replicas) drain the outbox without waiting on each other. A row
+        # whose entry is missing comes back with the entry's columns null (so it can be quarantined).
         rows = await _OUTBOX_BATCH.fetch(self.session, {"limit": limit})
         out = []
         for row in rows:
@@ -336,6 +339,13 @@ class LedgerRepository:
     async def delete_outbox(self, ids: Sequence[int]) -> None:
         # One fixed statement (an array parameter) instead of an IN list compiled per batch.
         await _DELETE_OUTBOX.fetch(self.session, {"ids": list(ids)})
+
+    async def oldest_outbox_row(self) -> datetime | None:
+        rows = await _OLDEST_OUTBOX.fetch(self.session, {})
+        return rows[0]["created_at"] if rows else None
+
+    async def quarantine_outbox(self, rows: Sequence[Unpublishable]) -> None:
+        await insert_quarantined(self.session, outbox_quarantine, rows)
 
     async def outbox_size(self) -> int:
         return int((await self.session.execute(select(func.count()).select_from(Outbox))).scalar_one())

@@ -38,6 +38,7 @@ from ledger.errors import (
 from ledger.repository import LedgerRepository
 from shared.consumer import Inbound, Rejection
 from shared.events import ClawbackPoints, CloudEvent, EarnPoints, LedgerEntryPosted, make_event, utcnow
+from shared.outbox import Claimed, Unpublishable, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,42 @@ def entry_event(entry: dict[str, Any]) -> CloudEvent[Any]:
         event_id=str(entry["entry_id"]),
         time=entry["created_at"],
     )
+
+
+class LedgerOutbox:
+    """The ledger's outbox as the shared relay reads it: each row names an entry, published as its
+    `ledger.entry.posted` event on `topic`. A row whose event cannot be built (its entry is missing or
+    does not validate) is handed back as unpublishable, with the entry id as its reference."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+
+    async def claim(self, session: AsyncSession, limit: int) -> Claimed:
+        claimed = Claimed()
+        for row in await LedgerRepository.from_session(session).outbox_batch(limit):
+            try:
+                if row["entry_id"] is None:
+                    raise LookupError(f"entry {row['outbox_entry_id']} does not exist")
+                event = entry_event(row)
+                message = (self.topic, event.key, event.to_bytes())
+            except Exception as exc:  # whatever fails here is this row's fault, never the others'
+                reference = str(row["outbox_entry_id"])
+                claimed.unpublishable.append(
+                    Unpublishable(row["outbox_id"], self.topic, "invalid", describe_error(exc), reference=reference)
+                )
+                continue
+            claimed.ids.append(row["outbox_id"])
+            claimed.messages.append(message)
+        return claimed
+
+    async def delete(self, session: AsyncSession, ids: Sequence[int]) -> None:
+        await LedgerRepository.from_session(session).delete_outbox(ids)
+
+    async def quarantine(self, session: AsyncSession, rows: Sequence[Unpublishable]) -> None:
+        await LedgerRepository.from_session(session).quarantine_outbox(rows)
+
+    async def oldest(self, session: AsyncSession) -> datetime | None:
+        return await LedgerRepository.from_session(session).oldest_outbox_row()
 
 
 # Per session (a request's transaction): the idempotency key whose response `_post` should store with
@@ -559,15 +596,6 @@ class LedgerService:
                 done += txn is not None
             await self._save(session, book)
         return done
-
-    # --- the outbox -------------------------------------------------------------------------------
-
-    async def outbox_events(self, session: AsyncSession, *, limit: int) -> list[tuple[int, CloudEvent[Any]]]:
-        rows = await LedgerRepository.from_session(session).outbox_batch(limit)
-        return [(row["outbox_id"], entry_event(row)) for row in rows]
-
-    async def relayed(self, session: AsyncSession, outbox_ids: Sequence[int]) -> None:
-        await LedgerRepository.from_session(session).delete_outbox(outbox_ids)
 
     # --- reads ------------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Background jobs of the ledger: the outbox relay and the periodic maturing/expiry/hold-release run."""
+"""Background jobs of the ledger: the outbox relay (shared/outbox.py) and the periodic maturing/expiry/hold-release
+run."""
 
 from __future__ import annotations
 
@@ -12,25 +13,30 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ledger import schemas
 from ledger.config import Settings
-from ledger.service import ledger_service
+from ledger.service import LedgerOutbox, ledger_service
 from shared.db import transaction
 from shared.kafka import EventProducer
+from shared.outbox import OutboxRelay
+from shared.runtime import Runtime
 from shared.topics import LEDGER_ENTRIES
 
 log = logging.getLogger(__name__)
 
 
-async def relay_once(
-    sessionmaker: async_sessionmaker[AsyncSession], producer: EventProducer, topic: str, limit: int
-) -> int:
+def outbox_relay(
+    settings: Settings, sessionmaker: async_sessionmaker[AsyncSession], producer: EventProducer
+) -> OutboxRelay:
     # The rows stay locked until the broker acked every event; a crash before the delete commits
     # relays them again, and the duplicates carry the same event id (the entry id).
-    async with transaction(sessionmaker) as session:
-        events = await ledger_service.outbox_events(session, limit=limit)
-        if events:
-            await producer.publish_many(topic, [event for _, event in events])
-            await ledger_service.relayed(session, [outbox_id for outbox_id, _ in events])
-        return len(events)
+    return OutboxRelay(
+        service=settings.service_name,
+        sessionmaker=sessionmaker,
+        producer=producer.raw,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        source=LedgerOutbox(settings.topic(LEDGER_ENTRIES)),
+        batch_size=settings.outbox_batch_size,
+        max_record_bytes=settings.outbox_max_record_bytes,
+    )
 
 
 async def run_tasks(
@@ -38,21 +44,6 @@ async def run_tasks(
 ) -> schemas.TaskRun:
     async with transaction(sessionmaker) as session:
         return await ledger_service.run_tasks(session, now=now, limit=limit, tenant_id=tenant_id)
-
-
-async def _relay_loop(
-    settings: Settings, sessionmaker: async_sessionmaker[AsyncSession], producer: EventProducer
-) -> None:
-    topic = settings.topic(LEDGER_ENTRIES)
-    while True:
-        try:
-            relayed = await relay_once(sessionmaker, producer, topic, settings.outbox_batch_size)
-        except Exception:  # the relay must outlive a database or broker outage
-            log.exception("outbox relay failed; retrying")
-            await asyncio.sleep(1.0)
-            continue
-        if relayed < settings.outbox_batch_size:
-            await asyncio.sleep(settings.outbox_poll_interval_s)
 
 
 async def _tasks_loop(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
@@ -67,14 +58,16 @@ async def _tasks_loop(settings: Settings, sessionmaker: async_sessionmaker[Async
 
 
 @asynccontextmanager
-async def background(
-    settings: Settings, sessionmaker: async_sessionmaker[AsyncSession], producer: EventProducer
-) -> AsyncIterator[list[asyncio.Task[None]]]:
+async def background(settings: Settings, runtime: Runtime) -> AsyncIterator[list[asyncio.Task[None]]]:
+    relay = outbox_relay(settings, runtime.sessionmaker, runtime.producer)
+    # Registered whether this process relays or not: the outbox's age is the database's, whoever relays it.
+    runtime.add_check("outbox", relay.readiness(settings.outbox_max_age_seconds))
     tasks: list[asyncio.Task[None]] = []
     if settings.outbox_relay_enabled:
-        tasks.append(asyncio.create_task(_relay_loop(settings, sessionmaker, producer), name="ledger:outbox-relay"))
+        relaying = relay.run(idle_s=settings.outbox_poll_interval_s)
+        tasks.append(asyncio.create_task(relaying, name="ledger:outbox-relay"))
     if settings.tasks_enabled:
-        tasks.append(asyncio.create_task(_tasks_loop(settings, sessionmaker), name="ledger:tasks"))
+        tasks.append(asyncio.create_task(_tasks_loop(settings, runtime.sessionmaker), name="ledger:tasks"))
     try:
         yield tasks
     finally:

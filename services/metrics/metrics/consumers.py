@@ -12,10 +12,8 @@ GROUP = "metrics"
 
 
 def purchases_consumer(runtime: Runtime) -> ConsumerRunner:
-    group = runtime.settings.group(GROUP)
-
     async def on_batch(batch: Sequence[Inbound]) -> Sequence[Rejection]:
         async with transaction(runtime.sessionmaker) as session:
-            return await metrics_service.handle_batch(session, batch, group=group)
+            return await metrics_service.handle_batch(session, batch)
 
     return runtime.make_consumer(group=GROUP, topics=[PURCHASES], handler=on_batch)

@@ -4,6 +4,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import date
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -11,20 +12,27 @@ from metrics.errors import InvalidPeriod
 from metrics.models import DailyPurchases, processed_events
 from metrics.repository import DailyPurchasesRepository
 from shared.consumer import Inbound, Rejection
-from shared.events import PurchaseCompleted
-from shared.tracking import claim_new
+from shared.events import CloudEvent, PurchaseCompleted
+from shared.tracking import claim_batch, release
+
+# The tracking name (shared.tracking): the service's, not the consumer group's.
+TRACKING_NAME = "metrics"
+
+
+def _order_id(event: CloudEvent[Any]) -> tuple[str, str] | None:
+    # An order counts once per tenant, whatever event ids it arrives under (as in the rules service).
+    return ("order_id", event.data.order_id) if isinstance(event.data, PurchaseCompleted) else None
 
 
 class MetricsService:
-    async def handle_batch(self, session: AsyncSession, batch: Sequence[Inbound], *, group: str) -> list[Rejection]:
-        fresh = await claim_new(session, processed_events, group, (m.event.id for m in batch))
+    async def handle_batch(self, session: AsyncSession, batch: Sequence[Inbound]) -> list[Rejection]:
+        admission = await claim_batch(session, processed_events, TRACKING_NAME, batch, business_id=_order_id)
         # Aggregate in memory first: one upsert per (tenant, day, currency) instead of one per event.
         totals: dict[tuple[str, date, str], tuple[int, Decimal]] = defaultdict(lambda: (0, Decimal(0)))
-        for message in batch:
+        for message in admission.messages:
             event = message.event
-            if event.id not in fresh or not isinstance(event.data, PurchaseCompleted):
+            if not isinstance(event.data, PurchaseCompleted):
                 continue
-            fresh.discard(event.id)
             day = (event.data.ordered_at or event.time).date()
             key = (event.tenantid, day, event.data.currency)
             orders, revenue = totals[key]
@@ -32,7 +40,9 @@ class MetricsService:
         repo = DailyPurchasesRepository.from_session(session)
         for (tenant_id, day, currency), (orders, revenue) in sorted(totals.items()):
             await repo.add(tenant_id, day, currency, orders, revenue)
-        return []
+        # A duplicate order changed nothing: its event's claim goes, so a replay from the DLQ is not skipped.
+        await release(session, processed_events, admission.release_keys(admission.rejections))
+        return admission.rejections
 
     async def daily(self, session: AsyncSession, *, tenant_id: str, start: date, end: date) -> Sequence[DailyPurchases]:
         if start > end:

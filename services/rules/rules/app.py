@@ -1,16 +1,14 @@
-import asyncio
 import functools
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
-from datetime import timedelta
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from rules.config import Settings, settings
-from rules.consumers import purchases_consumer, sweep_outbox
+from rules.consumers import purchases_consumer
 from rules.endpoints import router
 from rules.models import api_keys
-from rules.service import OutboxRelay
+from rules.tasks import background
 from shared.runtime import Runtime, State, base_app
 
 
@@ -18,25 +16,11 @@ def create_app(app_settings: Settings = settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         consumer = functools.partial(purchases_consumer, state_cache_size=app_settings.state_cache_size)
-        async with Runtime(app_settings, api_keys=api_keys, consumers=[consumer]) as runtime:
-            sweeper = None
-            if app_settings.consumers_enabled:
-                relay = OutboxRelay(runtime.sessionmaker, runtime.producer.raw, namespace=app_settings.topic_namespace)
-                sweeper = asyncio.create_task(
-                    sweep_outbox(
-                        relay,
-                        interval_s=app_settings.outbox_sweep_seconds,
-                        older_than=timedelta(seconds=app_settings.outbox_sweep_after_seconds),
-                    ),
-                    name="outbox-sweep",
-                )
-            try:
-                yield runtime.state()
-            finally:
-                if sweeper is not None:
-                    sweeper.cancel()
-                    with suppress(asyncio.CancelledError):
-                        await sweeper
+        async with (
+            Runtime(app_settings, api_keys=api_keys, consumers=[consumer]) as runtime,
+            background(app_settings, runtime),
+        ):
+            yield runtime.state()
 
     app = base_app(
         title="Loyalty rules",

@@ -26,11 +26,12 @@ from rules.engine import (
     TierChange,
     apply_event,
     apply_refund,
+    check_referral,
+    check_refund,
     command_id,
     evaluate,
     event_time,
     plan_clawbacks,
-    refund_amount,
     review_tier,
 )
 from rules.models import RulesetActivation
@@ -318,7 +319,7 @@ class BatchWork:
             if order.ruleset_id is not None and order.ruleset_version is not None:
                 wanted.add((order.tenant_id, order.ruleset_id, order.ruleset_version))
         self.compiled = await self.cache.load(session, wanted)
-        cached, missing = self.state_cache.take(customer_keys) if self.state_cache else ({}, customer_keys)
+        cached, missing = self.state_cache.take(customer_keys) if self.state_cache is not None else ({}, customer_keys)
         self.states = cached
         self.states.update(await CustomerStateRepository.from_session(session).load(missing))
         budgets: dict[tuple[str, str], int] = {}
@@ -357,8 +358,11 @@ class BatchWork:
         if order_key is not None and order_key in self.orders:
             seen = self.orders[order_key]
             raise EventRefused(f"order {data.order_id!r} was already processed (event {seen.event_id})")
+        referred: CustomerSnapshot | None = None
+        if isinstance(data, ReferralConverted):
+            check_referral(data)
+            referred = self.state(tenant, data.referred_customer_id)
         customer = self.state(tenant, data.customer_id)
-        referred = self.state(tenant, data.referred_customer_id) if isinstance(data, ReferralConverted) else None
         evaluation: Evaluation | None = None
         if compiled is not None:
             spent = {c: p for (t, c), p in self.spent.items() if t == tenant}
@@ -445,11 +449,9 @@ class BatchWork:
         order = self.orders.get(key)
         if order is None:
             raise EventRefused(f"refund of order {refund.original_order_id!r}, which this service never saw")
-        if refund.currency != order.currency:
-            raise EventRefused(f"refund in {refund.currency} of order {order.order_id!r} paid in {order.currency}")
-        amount = refund_amount(refund)
-        if amount <= 0:
-            raise EventRefused("a refund needs a positive amount or returned lines")
+        # Checked before the order customer's state is touched: a refund naming another customer did not
+        # load that state, and a write over it would fail, batch after batch, as if another writer had won.
+        amount = check_refund(refund, order_id=order.order_id, customer_id=order.customer_id, currency=order.currency)
         before = self.refunded.get(key, order.refunded_amount)
         now = min(amount, max(order.net_amount - before, Decimal(0)))
         awards = self.order_awards.get(key, [])

@@ -17,6 +17,7 @@ class Settings(ServiceSettings):
         default=5.0, ge=0, description="Outbox rows older than this are taken as left behind by a crash"
     )
     outbox_sweep_seconds: float = Field(default=2.0, gt=0, description="How often crash leftovers are relayed")
+    outbox_batch_size: int = Field(default=5000, ge=1, description="Outbox rows one sweep round relays")
     state_cache_size: int = Field(
         default=STATE_CACHE_SIZE,
         ge=0,

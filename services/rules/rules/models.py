@@ -21,6 +21,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.auth import api_keys_table
 from shared.db import make_metadata
+from shared.outbox import outbox_quarantine_table
 from shared.tracking import processed_events_table
 
 
@@ -30,6 +31,7 @@ class Base(DeclarativeBase):
 
 api_keys = api_keys_table(Base.metadata)
 processed_events = processed_events_table(Base.metadata)
+outbox_quarantine = outbox_quarantine_table(Base.metadata)
 
 
 class CustomerState(Base):

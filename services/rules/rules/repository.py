@@ -19,9 +19,11 @@ from rules.models import (
     OutboxMessage,
     Ruleset,
     RulesetActivation,
+    outbox_quarantine,
 )
 from rules.rows import STATE_COLUMNS, snapshot, state_columns
 from shared.db import driver_connection
+from shared.outbox import Unpublishable, insert_quarantined
 
 Key = tuple[str, str]
 
@@ -264,29 +266,6 @@ class OrderRepository(RepositoryBase):
         return (await self.session.execute(stmt)).scalars().all()
 
 
-class TrackingRepository(RepositoryBase):
-    async def claim_new(self, group: str, event_ids: Iterable[str]) -> set[str]:
-        """Like shared.tracking.claim_new (same table, same contract), as one cached array statement."""
-        ids = sorted(set(event_ids))
-        if not ids:
-            return set()
-        rows = await (await driver_connection(self.session)).fetch(
-            """insert into rules.processed_events (consumer_group, event_id)
-               select $1, unnest($2::text[]) on conflict do nothing returning event_id""",
-            group,
-            ids,
-        )
-        return {r["event_id"] for r in rows}
-
-    async def release(self, group: str, event_ids: Sequence[str]) -> None:
-        if event_ids:
-            await (await driver_connection(self.session)).execute(
-                "delete from rules.processed_events where consumer_group = $1 and event_id = any($2::text[])",
-                group,
-                list(event_ids),
-            )
-
-
 class CampaignRepository(RepositoryBase):
     async def spent(self, keys: Iterable[Key], *, for_update: bool = False) -> dict[Key, int]:
         wanted = sorted(set(keys))
@@ -372,6 +351,18 @@ class OutboxRepository(RepositoryBase):
             starts,
             ends,
         )
+
+    async def quarantine(self, rows: Sequence[Unpublishable]) -> None:
+        await insert_quarantined(self.session, outbox_quarantine, rows)
+
+    async def oldest(self, namespace: str = "") -> datetime | None:
+        stmt = (
+            select(OutboxMessage.created_at)
+            .where(OutboxMessage.topic.startswith(namespace))
+            .order_by(OutboxMessage.id)
+            .limit(1)
+        )
+        return (await self.session.execute(stmt)).scalar_one_or_none()
 
     async def claim_stale(
         self, older_than: timedelta, limit: int, now: datetime, namespace: str = ""

@@ -6,9 +6,8 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from asyncpg.exceptions import UniqueViolationError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from rules import ruleset as rs
 from rules.batch import (
@@ -24,6 +23,8 @@ from rules.engine import (
     CustomerSnapshot,
     Evaluation,
     EventRefused,
+    business_id,
+    check_referral,
     evaluate,
     event_time,
     review_tier,
@@ -37,7 +38,7 @@ from rules.errors import (
     SimulationNotSupported,
     TiersNotDefined,
 )
-from rules.models import Award, Ruleset, RulesetActivation
+from rules.models import Award, Ruleset, RulesetActivation, processed_events
 from rules.repository import (
     CampaignRepository,
     CustomerStateRepository,
@@ -45,11 +46,9 @@ from rules.repository import (
     OutboxRepository,
     RulesetRepository,
     StateChanged,
-    TrackingRepository,
 )
 from shared.consumer import Inbound, Rejection, RetryLater
 from shared.contract import Limits, violation
-from shared.db import transaction
 from shared.events import (
     TOPIC_EVENT_TYPES,
     CloudEvent,
@@ -61,14 +60,19 @@ from shared.events import (
     decode_event,
     utcnow,
 )
-from shared.kafka import EventProducer, send_all
+from shared.kafka import EventProducer
+from shared.outbox import Claimed, Unpublishable
 from shared.topics import CUSTOMERS, ENGAGEMENT, PURCHASES
+from shared.tracking import claim_batch, release
 
 log = logging.getLogger(__name__)
 
-# The consumer tracks under the service's name, not its (suffixed) group id: the effect (state, awards)
-# is the service's, so any replica or group that sees an event again must skip it.
-TRACKING_GROUP = "rules"
+# The tracking name (shared.tracking): the service's, not its (suffixed) group id.
+TRACKING_NAME = "rules"
+
+
+def _tracked(event: CloudEvent[Any]) -> bool:
+    return not isinstance(event.data, PurchaseCompleted)
 
 
 INGEST_TOPICS = {PURCHASES: TOPIC_EVENT_TYPES[PURCHASES], ENGAGEMENT: TOPIC_EVENT_TYPES[ENGAGEMENT]}
@@ -230,7 +234,13 @@ class RulesService:
             raise RulesetNotFound(ruleset_id, version)
         customer_id = event.data.customer_id
         keys = [(tenant_id, customer_id)]
-        referred_id = event.data.referred_customer_id if isinstance(event.data, ReferralConverted) else None
+        referred_id = None
+        if isinstance(event.data, ReferralConverted):
+            try:
+                check_referral(event.data)
+            except EventRefused as exc:
+                raise SimulationNotSupported(str(exc)) from exc
+            referred_id = event.data.referred_customer_id
         if referred_id:
             keys.append((tenant_id, referred_id))
         states = await CustomerStateRepository.from_session(session).load(keys)
@@ -325,15 +335,14 @@ class RulesService:
 
     # --- the pipeline -----------------------------------------------------------------------------
 
-    async def handle_batch(self, session: AsyncSession, batch: Sequence[Inbound], *, group: str) -> list[Rejection]:
-        return (await self.process_batch(session, batch, group=group)).rejections
+    async def handle_batch(self, session: AsyncSession, batch: Sequence[Inbound]) -> list[Rejection]:
+        return (await self.process_batch(session, batch)).rejections
 
     async def process_batch(
         self,
         session: AsyncSession,
         batch: Sequence[Inbound],
         *,
-        group: str = TRACKING_GROUP,
         namespace: str = "",
         state_cache: StateCache | None = None,
     ) -> BatchOutcome:
@@ -342,8 +351,10 @@ class RulesService:
         State, orders, awards, tracking rows and the outbox of commands commit together (the caller's
         transaction), so a redelivered batch finds its events done and produces nothing twice: a
         purchase by its order (the order row names the event that recorded it), any other event by its
-        tracking row. Raises `RetryLater` when another consumer is recording the same purchase or wrote
-        one of the customers' states meanwhile. States come from `state_cache` where it holds them; the
+        tracking row (shared.tracking). A business id (refund, review, referral...) is processed once per
+        tenant: another event naming it is refused, as is a purchase of an order recorded before. Raises
+        `RetryLater` when another consumer is recording the same purchase or wrote one of the customers'
+        states meanwhile. States come from `state_cache` where it holds them; the
         caller gives the outcome's states back to it once the transaction committed.
         """
         # Campaign budgets are read without a lock, so consumers do not queue behind one campaign row for
@@ -351,50 +362,45 @@ class RulesService:
         # with the rows locked (a savepoint undoes the first attempt).
         try:
             async with session.begin_nested():
-                return await self._process(session, batch, group, namespace, state_cache, lock_campaigns=False)
+                return await self._process(session, batch, namespace, state_cache, lock_campaigns=False)
         except CampaignBudgetContended:
             log.info("campaign budget contended, evaluating the batch again under lock")
             # The first attempt took its cached states (and changed them): this one reads them again.
-            return await self._process(session, batch, group, namespace, state_cache, lock_campaigns=True)
+            return await self._process(session, batch, namespace, state_cache, lock_campaigns=True)
 
     async def _process(
         self,
         session: AsyncSession,
         batch: Sequence[Inbound],
-        group: str,
         namespace: str,
         state_cache: StateCache | None,
         *,
         lock_campaigns: bool,
     ) -> BatchOutcome:
         outcome = BatchOutcome()
-        tracking = TrackingRepository.from_session(session)
-        # Purchases need no tracking row: their order row, written in the same transaction, records them.
-        tracked = [m.event.id for m in batch if not isinstance(m.event.data, PurchaseCompleted)]
-        fresh = await tracking.claim_new(group, tracked)
-        messages: list[Inbound] = []
-        taken: set[str] = set()
-        for m in batch:
-            event_id = m.event.id
-            if event_id in taken:
-                continue  # the same id twice in one batch counts once
-            if event_id in fresh or isinstance(m.event.data, PurchaseCompleted):
-                taken.add(event_id)
-                messages.append(m)
-        if not messages:
-            return outcome
+        # Purchases get no event key: their order row, written in the same transaction, records them.
+        admission = await claim_batch(
+            session, processed_events, TRACKING_NAME, batch, tracked=_tracked, business_id=business_id
+        )
+        outcome.rejections.extend(admission.rejections)
+        messages = admission.messages
         work = BatchWork(self.cache, session, namespace, lock_campaigns=lock_campaigns, state_cache=state_cache)
-        await work.load(messages)
+        if messages:
+            await work.load(messages)
+        refused: list[Rejection] = []
         for m in messages:
             if work.recorded(m.event):
                 continue  # a redelivered purchase: its order row names this very event
             try:
                 work.apply(m)
             except EventRefused as exc:
-                outcome.rejections.append(Rejection(m, str(exc)))
-        # A refused event changed nothing: release its claim, so replaying it from the DLQ (after the
+                refused.append(Rejection(m, str(exc)))
+        outcome.rejections.extend(refused)
+        # A refused event changed nothing: release its claims, so replaying it from the DLQ (after the
         # ruleset learnt the currency, say) processes it instead of skipping it as a duplicate.
-        await tracking.release(group, [r.message.event.id for r in outcome.rejections if r.message.event.id in fresh])
+        await release(session, processed_events, admission.release_keys(refused))
+        if not messages:
+            return outcome
         try:
             await work.save(outcome)
         except UniqueViolationError as exc:
@@ -413,36 +419,33 @@ class RulesService:
         return outcome
 
 
-class OutboxRelay:
-    """Publishes committed outbox rows and deletes them; a sweep picks up rows a crash left behind.
+class RulesOutbox:
+    """The rules' outbox as the shared relay reads it: rows hold their records' bytes already. `claim`
+    takes the rows older than `sweep_after`, which a crash left behind (the consumer publishes its batch's
+    rows itself, right after the commit), and only its deployment's topics (the namespace prefix).
 
     A crash after publishing but before the delete publishes a row again: the copy carries the same
     deterministic command id, which the ledger records once.
     """
 
-    def __init__(
-        self, sessionmaker: async_sessionmaker[AsyncSession], producer: AIOKafkaProducer, *, namespace: str = ""
-    ) -> None:
-        self._sessionmaker = sessionmaker
-        self._producer = producer
-        self._namespace = namespace
+    def __init__(self, *, namespace: str = "", sweep_after: timedelta = timedelta(seconds=5)) -> None:
+        self.namespace = namespace
+        self.sweep_after = sweep_after
 
-    async def publish(self, ids: Sequence[int], rows: Sequence[dict[str, Any]]) -> None:
-        if not rows:
-            return
-        await send_all(self._producer, ((r["topic"], r["key"], r["value"]) for r in rows))
-        async with transaction(self._sessionmaker) as session:
-            await OutboxRepository.from_session(session).delete(ids)
+    async def claim(self, session: AsyncSession, limit: int) -> Claimed:
+        rows = await OutboxRepository.from_session(session).claim_stale(
+            self.sweep_after, limit, utcnow(), self.namespace
+        )
+        return Claimed(ids=[r.id for r in rows], messages=[(r.topic, r.key, r.value) for r in rows])
 
-    async def sweep(self, *, older_than: timedelta = timedelta(seconds=5), limit: int = 5000) -> int:
-        async with transaction(self._sessionmaker) as session:
-            repo = OutboxRepository.from_session(session)
-            rows = await repo.claim_stale(older_than, limit, utcnow(), self._namespace)
-            if not rows:
-                return 0
-            await send_all(self._producer, ((r.topic, r.key, r.value) for r in rows))
-            await repo.delete([r.id for r in rows])
-            return len(rows)
+    async def delete(self, session: AsyncSession, ids: Sequence[int]) -> None:
+        await OutboxRepository.from_session(session).delete(ids)
+
+    async def quarantine(self, session: AsyncSession, rows: Sequence[Unpublishable]) -> None:
+        await OutboxRepository.from_session(session).quarantine(rows)
+
+    async def oldest(self, session: AsyncSession) -> datetime | None:
+        return await OutboxRepository.from_session(session).oldest(self.namespace)
 
 
 rules_service = RulesService()
