@@ -24,4 +24,4 @@ class DailyPurchases(Base):
     day: Mapped[date] = mapped_column(Date, primary_key=True)
     currency: Mapped[str] = mapped_column(String(3), primary_key=True)
     orders: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    net_revenue: Mapped[Decimal] = mapped_column(Numeric(18, 4), nullable=False, default=Decimal(0))
+    net_revenue: Mapped[Decimal] = mapped_column(Numeric, nullable=False, default=Decimal(0))
