@@ -12,8 +12,11 @@ retry checks out a fresh one, with or without pre-ping (tests/shared/test_faults
 
 from __future__ import annotations
 
+from typing import Literal
+
 import asyncpg
 from aiokafka.errors import (
+    InvalidTimestampError,
     KafkaError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
@@ -28,8 +31,15 @@ _TRANSIENT_SQLSTATE_PREFIXES = ("08", "40", "53", "57P", "57014")
 
 # The driver's connection errors (class 08: ConnectionDoesNotExistError, ConnectionFailureError...).
 _DRIVER_CONNECTION_ERRORS = asyncpg.exceptions.PostgresConnectionError
-# Broker errors that are one message's own (it is too large), not the broker's.
-_KAFKA_MESSAGE_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
+# Broker errors that are one record's own (it is too large, its timestamp is refused), not the broker's,
+# with the fixed reason code a relay quarantines such a record under.
+RecordRefusal = Literal["too_large", "refused"]
+_RECORD_REFUSALS: dict[type[KafkaError], RecordRefusal] = {
+    MessageSizeTooLargeError: "too_large",
+    RecordListTooLargeError: "too_large",
+    RecordTooLargeError: "too_large",
+    InvalidTimestampError: "refused",
+}
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -39,6 +49,12 @@ def sqlstate(exc: BaseException) -> str | None:
         if isinstance(code, str) and code:
             return code
     return None
+
+
+def record_refusal(exc: BaseException) -> RecordRefusal | None:
+    """The reason code when the broker refused one record for what it is (never worth retrying); None for
+    anything else."""
+    return next((reason for kind, reason in _RECORD_REFUSALS.items() if isinstance(exc, kind)), None)
 
 
 def is_infrastructure_error(exc: BaseException) -> bool:
@@ -51,7 +67,7 @@ def is_infrastructure_error(exc: BaseException) -> bool:
 
 def _is_outage(exc: BaseException) -> bool:
     if isinstance(exc, KafkaError):
-        return not isinstance(exc, _KAFKA_MESSAGE_ERRORS)
+        return record_refusal(exc) is None
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, OSError | TimeoutError | sa_exc.TimeoutError | _DRIVER_CONNECTION_ERRORS):

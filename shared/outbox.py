@@ -8,10 +8,10 @@ delete rows, insert quarantined rows, the oldest row's time); `OutboxRelay` does
   sends it, deletes what the broker acknowledged and quarantines what cannot be published, in one
   transaction. `publish` is the fast path for rows the caller has just committed.
 - A row is *unpublishable* when its record cannot be built (the source says why), is larger than
-  `max_record_bytes`, or the broker refuses that record alone (`refusal`: the batch's rows are then sent
-  one by one, on a producer of their own, to find it). It goes to the service's `outbox_quarantine`
-  table with a fixed reason code, is counted in `outbox_quarantined_total{service, reason}` and logged
-  with its id.
+  `max_record_bytes`, or the broker refuses that record alone (`shared.faults.record_refusal`: the
+  batch's rows are then sent one by one, on a producer of their own, to find it). It goes to the service's
+  `outbox_quarantine` table with a fixed reason code, is counted in `outbox_quarantined_total{service, reason}` and
+  logged with its id.
 - Anything else (the broker or the database unreachable, a timeout) is an outage: nothing is
   quarantined, the rows stay, and `run` retries with back-off.
 - `oldest_age` sets `outbox_oldest_age_seconds{service}`; `readiness(max_age_s)` is a `/readyz` check
@@ -37,18 +37,13 @@ from datetime import datetime
 from typing import Literal, Protocol
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import (
-    InvalidTimestampError,
-    MessageSizeTooLargeError,
-    RecordListTooLargeError,
-    RecordTooLargeError,
-)
 from sqlalchemy import BigInteger, Column, DateTime, LargeBinary, MetaData, String, Table, Text, func
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import transaction
 from shared.events import utcnow
+from shared.faults import record_refusal
 from shared.kafka import send_all, send_each
 from shared.observability import OUTBOX_OLDEST_AGE, OUTBOX_QUARANTINED
 
@@ -59,19 +54,6 @@ log = logging.getLogger(__name__)
 Reason = Literal["invalid", "too_large", "refused"]
 Message = tuple[str, bytes, bytes]  # topic, key, value
 DETAIL_MAX = 500
-
-_REFUSALS: dict[type[BaseException], Reason] = {
-    MessageSizeTooLargeError: "too_large",
-    RecordListTooLargeError: "too_large",
-    RecordTooLargeError: "too_large",
-    InvalidTimestampError: "refused",
-}
-
-
-def refusal(exc: BaseException) -> Reason | None:
-    """The reason code when the broker refused one record for what it is (never worth retrying); None for
-    everything else, which is treated as an outage and retried."""
-    return next((reason for kind, reason in _REFUSALS.items() if isinstance(exc, kind)), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +184,7 @@ class OutboxRelay:
         try:
             oversized = await send_all(self._producer, messages, max_record_bytes=self._max_record_bytes)
         except Exception as exc:
-            if refusal(exc) is None:
+            if record_refusal(exc) is None:
                 raise
             # The broker refused a batch for one of its records: send each row alone to find which.
             return await self._send_each(ids, messages)
@@ -230,7 +212,7 @@ class OutboxRelay:
         for row_id, (topic, key, value), outcome in zip(ids, messages, outcomes, strict=True):
             if outcome is None:
                 sent.append(row_id)
-            elif (reason := refusal(outcome)) is not None:
+            elif (reason := record_refusal(outcome)) is not None:
                 refused.append(Unpublishable(row_id, topic, reason, describe_error(outcome), key, value))
             else:  # an outage hit this row: it stays for the next round
                 log.warning("outbox row not sent", extra={"outbox_id": row_id, "error": type(outcome).__name__})

@@ -25,7 +25,8 @@ from aiokafka.errors import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared.outbox import Claimed, OutboxRelay, Unpublishable, describe_error, refusal
+from shared.faults import record_refusal as refusal
+from shared.outbox import Claimed, OutboxRelay, Unpublishable, describe_error
 
 
 @pytest.mark.parametrize(
