@@ -487,13 +487,14 @@ def _comprehension_problem(tokens: list[Token] | None, variables: frozenset[str]
         name = tokens[i][1]
         if name in REFUSED_MACROS:
             return f"CEL: {name}() is not available in a condition; use exists(), all() or filter()"
+        end = _closing(tokens, i + 1)
+        if any(i + 1 < j < end for j in macros):
+            return f"CEL: a comprehension inside {name}() (nested comprehensions are not accepted)"
     if len(macros) > MAX_COMPREHENSIONS:
         return f"CEL: more than {MAX_COMPREHENSIONS} comprehensions (all, exists, exists_one, filter)"
     for i in macros:
         name = tokens[i][1]
         end = _closing(tokens, i + 1)
-        if any(i + 1 < j < end for j in macros):
-            return f"CEL: a comprehension inside {name}() (nested comprehensions are not accepted)"
         # The receiver: a field path `var.field(.field)*`, so the comprehension walks an input, whose size
         # the engine's budget bounds, not a list computed (and grown) by the expression.
         j = i - 2
