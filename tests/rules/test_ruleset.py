@@ -198,6 +198,12 @@ class TestConditionLimits:
             ("(event.skus + event.skus).exists(s, s == 'a')", "must be called on a field"),
             ("[1, 2, 3].all(x, x > 0)", "must be called on a field"),
             ("event.skus.exists(s, s in customer.categories)", "only the comprehension's own variable"),
+            ("event.skus.exists(s, s.matches('^A'))", "matches() inside a comprehension"),
+            ("event.channel.matches('\\\\w{1000}')", "repetition counts"),
+            ("event.channel.matches(r'\\pL+')", "classes like"),
+            ("event.channel.matches(event.channel)", "must be a string literal"),
+            ("event.channel.matches('a') || event.channel.matches('b')", "at most once"),
+            ("event.channel.matches('" + "a" * 101 + "')", "longer than"),
         ],
     )
     def test_costly_shapes_are_refused(self, source: str, message: str) -> None:
@@ -212,6 +218,7 @@ class TestConditionLimits:
             "event.categories.filter(c, c in ['paint', 'tools']).size() >= 2",
             "event.skus.exists(s, s == 'event.map(x, x)')",  # names inside text are text
             "size(event.new_categories) > 0 && has(event.member_id)",
+            "event.channel.matches('^(web|erp)[a-z]*$')",
         ],
     )
     def test_ordinary_comprehensions_are_accepted(self, source: str) -> None:

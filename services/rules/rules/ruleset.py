@@ -46,6 +46,10 @@ MAX_CONDITION_LENGTH = 500
 MAX_COMPREHENSIONS = 2
 COMPREHENSIONS = frozenset({"all", "exists", "exists_one", "filter"})
 REFUSED_MACROS = frozenset({"map"})
+# CEL compiles a regular expression on every call; Unicode classes and counted repetitions make that
+# compilation cost up to ~75 ms (`\\w{1000}`), so a pattern is one short literal without them.
+MAX_PATTERN_LENGTH = 100
+_COSTLY_PATTERN = re.compile(r"\{|\\\\?[wWdDsSpPbBX]")
 
 PositiveDecimal = Annotated[Decimal, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -377,7 +381,7 @@ def check_condition(source: str, allowed: frozenset[str]) -> str | None:
     unknown = sorted(set(program.variables()) - allowed - _bound_names(tokens))
     if unknown:
         return f"CEL: unknown variable(s) {unknown}; a condition can read {sorted(allowed)}"
-    return _comprehension_problem(tokens, allowed)
+    return _comprehension_problem(tokens, allowed) or _pattern_problem(tokens or [])
 
 
 def condition_limits(source: str) -> str | None:
@@ -388,7 +392,33 @@ def condition_limits(source: str) -> str | None:
     tokens = _tokens(source)
     if tokens is None:
         return None  # unterminated text: the compiler names the error
-    return _comprehension_problem(tokens, None)
+    return _comprehension_problem(tokens, None) or _pattern_problem(tokens)
+
+
+def _pattern_problem(tokens: list[Token]) -> str | None:
+    """matches(): once per condition, outside comprehensions (which would compile it per item), on a
+    short literal pattern without Unicode classes or counted repetition."""
+    calls = [i for i, token in enumerate(tokens) if token == ("name", "matches")]
+    if len(calls) > 1:
+        return "CEL: matches() at most once per condition"
+    for i in calls:
+        if tokens[i - 1 : i] != [("punct", ".")] or tokens[i + 1 : i + 2] != [("punct", "(")]:
+            return "CEL: write matches() as text.matches('pattern')"
+        pattern = tokens[i + 2] if i + 2 < len(tokens) else ("", "")
+        if pattern[0] != "text" or tokens[i + 3 : i + 4] != [("punct", ")")]:
+            return "CEL: the pattern of matches() must be a string literal"
+        if len(pattern[1]) > MAX_PATTERN_LENGTH:
+            return f"CEL: the pattern of matches() is longer than {MAX_PATTERN_LENGTH} characters"
+        if _COSTLY_PATTERN.search(pattern[1]):
+            return r"CEL: a pattern of matches() may not use repetition counts ({n}) or classes like \w, \d, \s, \p"
+        for j in _macro_positions(tokens):
+            if j < i < _closing(tokens, j + 1):
+                return "CEL: matches() inside a comprehension (it would compile the pattern for every item)"
+    return None
+
+
+def _macro_positions(tokens: list[Token]) -> list[int]:
+    return [i for i in range(len(tokens)) if _macro_at(tokens, i)]
 
 
 def _shorten(text: str, limit: int = 300) -> str:
@@ -482,7 +512,7 @@ def _comprehension_problem(tokens: list[Token] | None, variables: frozenset[str]
     (when `variables` names the condition's inputs)."""
     if tokens is None:
         return None
-    macros = [i for i in range(len(tokens)) if _macro_at(tokens, i)]
+    macros = _macro_positions(tokens)
     for i in macros:
         name = tokens[i][1]
         if name in REFUSED_MACROS:
