@@ -198,6 +198,7 @@ class TestConditionLimits:
             ("(event.skus + event.skus).exists(s, s == 'a')", "must be called on a field"),
             ("[1, 2, 3].all(x, x > 0)", "must be called on a field"),
             ("event.skus.exists(s, s in customer.categories)", "only the comprehension's own variable"),
+            ("event.skus.filter(s, true).size() > event.categories.filter(c, true).size()", "filter() at most once"),
             ("event.skus.exists(s, s.matches('^A'))", "matches() inside a comprehension"),
             ("event.channel.matches('\\\\w{1000}')", "repetition counts"),
             ("event.channel.matches(r'\\pL+')", "classes like"),
@@ -209,6 +210,14 @@ class TestConditionLimits:
     def test_costly_shapes_are_refused(self, source: str, message: str) -> None:
         [problem] = when(source)
         assert message in problem.message, problem.message
+
+    def test_all_conditions_of_a_document_are_bounded_together(self) -> None:
+        condition = "event.net_amount > 1.0 && " * 17 + "true"
+        rules = [{"id": f"b{i}", "kind": "bonus", "points": 1, "when": condition} for i in range(10)]
+        [problem] = problems(doc(BASE, *rules))
+        assert (problem.path, problem.rule) == ("rules", None)
+        assert f"at most {rs.MAX_CONDITIONS_LENGTH}" in problem.message
+        rs.parse(doc(BASE, *rules[:8]))
 
     @pytest.mark.parametrize(
         "source",

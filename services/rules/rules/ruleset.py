@@ -7,11 +7,13 @@ variables, and compiled again (once per version) by the engine.
 
 Limits (docs/rules.md, "Limits"): a document is at most MAX_SOURCE_BYTES of text, MAX_NODES values and
 MAX_DEPTH levels of nesting; YAML anchors and aliases are refused (a few hundred bytes of nested aliases
-describe billions of nodes). A condition is at most MAX_CONDITION_LENGTH characters with at most
-MAX_COMPREHENSIONS comprehension macros (`all`, `exists`, `exists_one`, `filter`; not `map`), none nested
-in another, each over a field (`event.skus`, not a computed list) and reading only its own variable: the
-CEL library has no cost limit and copies a comprehension's accumulator on every step, so these bound what
-one evaluation can cost (the engine's input budget bounds the rest). Parsing is CPU work: the service
+describe billions of nodes). A condition is at most MAX_CONDITION_LENGTH characters (all of a document's
+conditions MAX_CONDITIONS_LENGTH) with at most MAX_COMPREHENSIONS comprehension macros (`all`, `exists`,
+`exists_one`, one `filter`; not `map`), none nested in another, each over a field (`event.skus`, not a
+computed list) and reading only its own variable, and at most one `matches` on a short literal pattern:
+the CEL library has no cost limit, copies a comprehension's accumulator on every step and compiles a
+pattern on every call, so these bound what one evaluation can cost (the engine's input budget bounds
+the rest). Parsing is CPU work: the service
 runs it off the event loop.
 """
 
@@ -43,6 +45,7 @@ MAX_SOURCE_BYTES = 256 * 1024
 MAX_NODES = 50_000  # scalars, sequences and mappings
 MAX_DEPTH = 16  # the deepest a valid ruleset needs is 5 (rules[i].multipliers.<tier>)
 MAX_CONDITION_LENGTH = 500
+MAX_CONDITIONS_LENGTH = 4_000  # all conditions of a document: what one event may have to run
 MAX_COMPREHENSIONS = 2
 COMPREHENSIONS = frozenset({"all", "exists", "exists_one", "filter"})
 REFUSED_MACROS = frozenset({"map"})
@@ -522,6 +525,9 @@ def _comprehension_problem(tokens: list[Token] | None, variables: frozenset[str]
             return f"CEL: a comprehension inside {name}() (nested comprehensions are not accepted)"
     if len(macros) > MAX_COMPREHENSIONS:
         return f"CEL: more than {MAX_COMPREHENSIONS} comprehensions (all, exists, exists_one, filter)"
+    if sum(tokens[i][1] == "filter" for i in macros) > 1:
+        # filter() copies its growing result on every step: quadratic in the list's length
+        return "CEL: filter() at most once per condition"
     for i in macros:
         name = tokens[i][1]
         end = _closing(tokens, i + 1)
@@ -575,6 +581,9 @@ def _semantic_problems(doc: RulesetDocument) -> list[tuple[str, Path]]:
             for name in rule.multipliers:
                 if name not in known_tiers:
                     out.append((f"unknown tier {name!r}; defined: {sorted(known_tiers)}", (*at, "multipliers", name)))
+    total = sum(len(rule.when or "") + len(rule.line_when or "") for rule in doc.rules)
+    if total > MAX_CONDITIONS_LENGTH:
+        out.append((f"the conditions add up to {total} characters; at most {MAX_CONDITIONS_LENGTH}", ("rules",)))
     for name in doc.custom_events:
         if f"{CUSTOM_TYPE_PREFIX}{name}" in EVENT_TYPES:
             out.append((f"custom event {name!r} clashes with a built-in type", ("custom_events",)))
