@@ -217,7 +217,7 @@ class TestConditionLimits:
         [problem] = problems(doc(BASE, *rules))
         assert (problem.path, problem.rule) == ("rules", None)
         assert f"at most {rs.MAX_CONDITIONS_LENGTH}" in problem.message
-        rs.parse(doc(BASE, *rules[:8]))
+        rs.parse(doc(BASE, *rules[:4]))
 
     @pytest.mark.parametrize(
         "source",

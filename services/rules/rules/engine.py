@@ -51,8 +51,8 @@ from shared.events import (
 ROUNDING: Final = {"floor": ROUND_FLOOR, "half_up": ROUND_HALF_UP, "half_even": ROUND_HALF_EVEN, "ceil": ROUND_CEILING}
 MEMO_LIMIT: Final = 50_000
 # The evaluation budget of one condition: what the values it reads may hold in all (docs/rules.md, Limits).
-INPUT_ITEMS: Final = 1_000
-INPUT_CHARACTERS: Final = 100_000
+INPUT_ITEMS: Final = 250
+INPUT_CHARACTERS: Final = 25_000
 REASON_LENGTH: Final = 300
 _MISSING: Final = object()
 
