@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import rules.engine
 from rules import ruleset as rs
 from rules.engine import (
     INPUT_CHARACTERS,
@@ -777,9 +778,12 @@ class TestConditionErrors:
         assert "refused" in nested.explanation
         assert "nested comprehensions" in nested.explanation
 
+    @pytest.mark.skipif(
+        not (rules.engine.__file__ or "").endswith(".py"), reason="compiled: `program` only takes a cel.Program"
+    )
     def test_a_panic_of_the_library_is_not_met(self, monkeypatch: pytest.MonkeyPatch) -> None:
         # pyo3 raises a Rust panic as PanicException, a BaseException: it counts as not met too, while
-        # a cancellation still propagates.
+        # a cancellation still propagates. (No condition is known to make the library panic.)
         class PanicException(BaseException):
             pass
 
