@@ -100,3 +100,18 @@ def referral(tenant: str, referrer: str, referred: str, *, at: datetime = T0) ->
 def custom(tenant: str, customer: str, name: str, *, at: datetime = T0, **fields: Any) -> CloudEvent[Any]:
     data = CustomEngagement(customer_id=customer, **fields)
     return make_event(f"custom.{name}", data, tenant_id=tenant, source="tests", time=at)
+
+
+# 428 bytes of YAML whose `rules` expand to 9**9 (387 million) values through nested aliases: the
+# shape of issue 10's 433-byte document (10 s and 2.7 GB to validate before anchors were refused).
+ALIAS_BOMB = (
+    "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+    + "currencies: {EUR: {points_per_unit: 1}}\nrules: *i\n"
+)
+
+# Five nested comprehensions over literal lists: 100,000 steps per event (seconds, with CEL's accumulators).
+NESTED_COMPREHENSIONS = (
+    "[0,1,2,3,4,5,6,7,8,9].all(a, [0,1,2,3,4,5,6,7,8,9].all(b, [0,1,2,3,4,5,6,7,8,9].all(c, "
+    "[0,1,2,3,4,5,6,7,8,9].all(d, [0,1,2,3,4,5,6,7,8,9].all(e, a + b + c + d + e >= 0)))))"
+)

@@ -11,8 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import rules.engine
 from rules import ruleset as rs
 from rules.engine import (
+    INPUT_CHARACTERS,
+    INPUT_ITEMS,
     AwardRecord,
     CompiledRuleset,
     Condition,
@@ -34,7 +37,19 @@ from rules.engine import (
     review_tier,
 )
 from shared.events import EventAttended, SurveyAnswered, make_event
-from tests.rules.samples import BASE, T0, TIERS, custom, doc, line, order, referral, refund, review
+from tests.rules.samples import (
+    BASE,
+    NESTED_COMPREHENSIONS,
+    T0,
+    TIERS,
+    custom,
+    doc,
+    line,
+    order,
+    referral,
+    refund,
+    review,
+)
 
 TENANT = "t-engine"
 
@@ -725,3 +740,120 @@ class TestEventChecks:
             check(refund(TENANT, "c1", "SO-1", "5", currency="USD"))
         with pytest.raises(EventRefused, match="positive amount"):
             check(refund(TENANT, "c1", "SO-1", "0"))
+
+
+# Conditions that fail at run time, one per class of error CEL raises (or answers without a bool).
+FAILING_CONDITIONS = [
+    ("event.line_count / customer.purchase_count > 0", "ZeroDivisionError"),
+    ("event.line_count % customer.purchase_count == 0", "ZeroDivisionError"),
+    ("event.line_count + 9223372036854775807 > 0", "OverflowError"),
+    ("uint(-event.line_count) > 0u", "OverflowError"),
+    ("timestamp('9999-12-31T23:59:59Z') + duration('1s') > event.time", "OverflowError"),
+    ("event.skus[5] == 'A'", "IndexError"),
+    ("event.nps > 3", "KeyError"),  # a field a purchase does not have
+    ("{'webshop': 1}[event.channel + 'x'] == 1", "KeyError"),
+    ("event.net_amount + 1 > 2.0", "TypeError"),  # double + int: no such overload
+    ("int(event.channel) > 0", "RuntimeError"),
+    ("event.channel.matches('[')", "RuntimeError"),  # an invalid regular expression
+    ("event.line_count", "not a bool"),
+]
+
+
+class TestConditionErrors:
+    """Whatever goes wrong while running a condition, the rule's condition is not met, the reason is in
+    its outcome, and the other rules (the base points) are awarded as usual."""
+
+    @pytest.mark.parametrize(("source", "reason"), FAILING_CONDITIONS)
+    def test_a_runtime_error_is_not_met_with_its_reason(self, source: str, reason: str) -> None:
+        document = doc(BASE, {"id": "risky", "kind": "bonus", "points": 40, "when": source})
+        ev = run(document, order(TENANT, "c", [line("A", "x", "2", "10"), line("B", "y", "1", "5")]))
+        assert points(ev) == {"base": 25}
+        assert ev.total_points == 25
+        [earn] = ev.commands
+        assert [(a.rule_id, a.points) for a in earn.breakdown] == [("base", 25)]
+        risky = next(o for o in ev.trace if o.rule_id == "risky")
+        assert (risky.fired, risky.points) == (False, 0)
+        assert reason in risky.explanation
+        assert "counts as not met" in risky.explanation or "not a bool" in risky.explanation
+        assert source in risky.explanation
+
+    @pytest.mark.parametrize(("source", "reason"), FAILING_CONDITIONS[:4])
+    def test_a_line_condition_error_leaves_that_line_out(self, source: str, reason: str) -> None:
+        # The condition fails on line B only (A matches by SKU first), so the rule fires for line A alone.
+        line_source = "line.sku == 'A' || " + source.replace("event.line_count", "int(line.quantity)").replace(
+            "customer.purchase_count", "(int(line.quantity) - 1)"
+        )
+        rule = {"id": "bulk", "kind": "line_multiplier", "multiplier": "2", "line_when": line_source}
+        ev = run(doc(BASE, rule), order(TENANT, "c", [line("A", "x", "2", "10"), line("B", "y", "1", "5")]))
+        assert points(ev) == {"base": 25, "bulk": 20}
+        bulk = next(o for o in ev.trace if o.rule_id == "bulk")
+        assert "lines A: 20 EUR" in bulk.explanation
+        assert "line 'B' not matched" in bulk.explanation
+        assert reason in bulk.explanation
+
+    def test_a_line_condition_failing_on_every_line_says_why_no_line_matched(self) -> None:
+        rule = {"id": "bulk", "kind": "line_multiplier", "multiplier": "2", "line_when": "int(line.sku) > 0"}
+        ev = run(doc(BASE, rule), order(TENANT, "c", [line("A", "x", "2", "10")]))
+        assert points(ev) == {"base": 20}
+        bulk = next(o for o in ev.trace if o.rule_id == "bulk")
+        assert bulk.explanation.startswith("no eligible line; line 'A' not matched")
+        assert "RuntimeError" in bulk.explanation
+
+    def test_inputs_over_the_budget_are_not_met(self) -> None:
+        document = doc(BASE, {"id": "many", "kind": "bonus", "points": 5, "when": "size(event.skus) > 0"})
+        lines = [line(f"S{i}", "x", "1", "1") for i in range(INPUT_ITEMS + 1)]
+        ev = run(document, order(TENANT, "c", lines))
+        assert points(ev) == {"base": INPUT_ITEMS + 1}
+        many = next(o for o in ev.trace if o.rule_id == "many")
+        assert not many.fired
+        assert f"more than {INPUT_ITEMS} list items" in many.explanation
+        # within the budget the same condition is met
+        assert points(run(document, order(TENANT, "c", lines[:100]))) == {"base": 100, "many": 5}
+
+    def test_text_over_the_budget_is_not_met(self) -> None:
+        rule = {"id": "w", "kind": "engagement", "on": "custom.webinar", "points": 15, "when": "size(event.note) > 0"}
+        document = doc(BASE, rule, custom_events=["webinar"])
+        long = run(document, custom(TENANT, "c", "webinar", note="x" * (INPUT_CHARACTERS + 1)))
+        assert long.total_points == 0
+        assert f"more than {INPUT_CHARACTERS} characters" in long.trace[0].explanation
+        assert run(document, custom(TENANT, "c", "webinar", note="x" * 100)).total_points == 15
+
+    def test_a_stored_condition_over_the_limits_is_refused_not_run(self) -> None:
+        # A version stored before the limits existed: validation is bypassed, the engine refuses to run it.
+        rule = {"id": "nested", "kind": "bonus", "points": 5, "when": NESTED_COMPREHENSIONS}
+        document = rs.RulesetDocument.model_validate(doc(BASE, rule))
+        ev = evaluate(
+            CompiledRuleset.compile("main", 1, document),
+            order(TENANT, "c", [line("A", "x", "1", "10")]),
+            CustomerSnapshot("c"),
+        )
+        assert points(ev) == {"base": 10}
+        nested = next(o for o in ev.trace if o.rule_id == "nested")
+        assert "refused" in nested.explanation
+        assert "nested comprehensions" in nested.explanation
+
+    @pytest.mark.skipif(
+        not (rules.engine.__file__ or "").endswith(".py"), reason="compiled: `program` only takes a cel.Program"
+    )
+    def test_a_panic_of_the_library_is_not_met(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # pyo3 raises a Rust panic as PanicException, a BaseException: it counts as not met too, while
+        # a cancellation still propagates. (No condition is known to make the library panic.)
+        class PanicException(BaseException):
+            pass
+
+        class Panicking:
+            def __init__(self, error: BaseException) -> None:
+                self.error = error
+
+            def execute(self, args: object) -> object:
+                raise self.error
+
+        condition = Condition("size(event.skus) > 0")
+        scope = {"event": {"skus": ["A"]}, "customer": {}}
+        monkeypatch.setattr(condition, "program", Panicking(PanicException("index out of bounds")))
+        result = condition(scope, memo=False)
+        assert isinstance(result, str)
+        assert "PanicException" in result
+        monkeypatch.setattr(condition, "program", Panicking(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            condition(scope, memo=False)

@@ -111,7 +111,7 @@ async def list_customer_awards(
 @router.post("/rulesets/validate", response_model=schemas.ValidationResult, tags=["rulesets"])
 async def validate_ruleset(body: schemas.RulesetSource, principal: RulesAdmin) -> object:
     """Validates a ruleset document without storing it; every problem names the rule and the position."""
-    problems = rules_service.check(body.source)
+    problems = await rules_service.check(body.source)
     return schemas.ValidationResult(valid=not problems, errors=[p.as_dict() for p in problems])
 
 

@@ -11,6 +11,12 @@ scalars ~1 µs). A plain `var.field <op> literal` is answered in Python when the
 literal's type (what CEL answers too). The views hold only the fields some condition reads, and
 everything that depends only on the version (rule order per event type, windows, line index, fixed
 explanations) is computed once; docs/rules.md lists what the hot path avoids.
+
+A condition never fails an evaluation: any error while running it (division by zero, overflow, an index
+or key that is not there, a type error, a panic of the CEL library) counts as not met, with the reason
+in the rule's outcome. The library has no cost limit, so a condition runs only on inputs within a budget
+(INPUT_ITEMS list items and map entries, INPUT_CHARACTERS of text, over the values it reads); over it,
+the condition counts as not met too. With the limits on its text (rules.ruleset), that bounds its cost.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any, Final
 
 import cel
 
-from rules.ruleset import PURCHASE, Period, Rule, RulesetDocument, Tiers
+from rules.ruleset import PURCHASE, Period, Rule, RulesetDocument, Tiers, condition_limits
 from shared.events import (
     CUSTOM_TYPE_PREFIX,
     CloudEvent,
@@ -48,6 +54,10 @@ from shared.events import (
 # module's dict on every use.
 ROUNDING: Final = {"floor": ROUND_FLOOR, "half_up": ROUND_HALF_UP, "half_even": ROUND_HALF_EVEN, "ceil": ROUND_CEILING}
 MEMO_LIMIT: Final = 50_000
+# The evaluation budget of one condition: what the values it reads may hold in all (docs/rules.md, Limits).
+INPUT_ITEMS: Final = 250
+INPUT_CHARACTERS: Final = 25_000
+REASON_LENGTH: Final = 300
 _MISSING: Final = object()
 
 
@@ -227,7 +237,16 @@ class Condition:
 
     def __init__(self, source: str) -> None:
         self.source = source
-        self.program = cel.compile(source)
+        # A version stored before a limit existed may break it: such a condition is never run (not met).
+        self.refused = condition_limits(source) or ""
+        if not self.refused:
+            try:
+                self.program = cel.compile(source)
+            except Exception as exc:  # validated at creation; kept safe for whatever is stored
+                self.refused = f"CEL: {_shorten(str(exc))}"
+        if self.refused:
+            self.refused = f"condition {_shorten(source)!r} refused: {self.refused}"
+            self.program = cel.compile("false")
         self.variables: tuple[str, ...] = tuple(sorted(self.program.variables()))
         self.fields: dict[str, tuple[str, ...] | None] = {v: _fields_read(source, v) for v in self.variables}
         self._plan = tuple((v, self.fields[v]) for v in self.variables)
@@ -344,6 +363,8 @@ class Condition:
         return result
 
     def _execute(self, scope: Mapping[str, Mapping[str, Any]]) -> bool | str:
+        if self.refused:
+            return self.refused
         args: dict[str, Any] = {}
         for var in self.variables:
             if var not in scope:
@@ -351,13 +372,58 @@ class Condition:
             value = scope[var]
             fields = self.fields[var]
             args[var] = value if fields is None else {f: value[f] for f in fields if f in value}
+        over = _over_budget(args)
+        if over:
+            return f"condition {self.source!r} not evaluated (counts as not met): {over}"
         try:
             result = self.program.execute(args)
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-            return f"condition {self.source!r} failed: {type(exc).__name__}: {exc}"
+        except Exception as exc:
+            return f"condition {self.source!r} failed (counts as not met): {type(exc).__name__}: {_shorten(str(exc))}"
+        except BaseException as exc:
+            # A panic inside the CEL library arrives as pyo3's PanicException, a BaseException; anything
+            # else of that kind (cancellation, exit) is not the condition's.
+            if type(exc).__name__ != "PanicException":
+                raise
+            return f"condition {self.source!r} failed (counts as not met): {type(exc).__name__}: {_shorten(str(exc))}"
         if not isinstance(result, bool):
             return f"condition {self.source!r} returned {result!r}, not a bool"
         return result
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= REASON_LENGTH else text[:REASON_LENGTH] + "…"
+
+
+def _over_budget(args: dict[str, Any]) -> str:
+    """Why the values handed to a condition are over the evaluation budget, or "" (walks them once,
+    stopping as soon as a bound is passed)."""
+    items = 0
+    characters = 0
+    stack: list[Any] = list(args.values())
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            characters += len(value)
+        elif isinstance(value, dict):
+            items += len(value)
+            if items > INPUT_ITEMS:
+                break
+            for key, item in value.items():
+                if isinstance(key, str):
+                    characters += len(key)
+                stack.append(item)
+        elif isinstance(value, (list, tuple)):
+            items += len(value)
+            if items > INPUT_ITEMS:
+                break
+            stack.extend(value)
+        elif isinstance(value, (bytes, bytearray)):
+            characters += len(value)
+        if characters > INPUT_CHARACTERS:
+            return f"the values it reads hold more than {INPUT_CHARACTERS} characters of text (the evaluation budget)"
+    if items > INPUT_ITEMS:
+        return f"the values it reads hold more than {INPUT_ITEMS} list items and map entries (the evaluation budget)"
+    return ""
 
 
 _INT64_MIN: Final = -(2**63)
@@ -1078,6 +1144,7 @@ def evaluate(
                 )
                 continue
         if bonus or line:
+            failed = ""  # a line condition's error on some line (that line counted as not matching)
             if bonus:
                 outcome = RuleOutcome(
                     compiled.rule_id, True, compiled.points, compiled.fixed, customer_id, compiled.pending_days, None
@@ -1094,9 +1161,13 @@ def evaluate(
                         continue
                     amount, skus = basket.total, _NO_SKUS
                 else:
-                    amount, skus = basket.matching(compiled, position, scope)
+                    amount, skus, failed = basket.matching(compiled, position, scope)
                     if not skus:
-                        append(compiled.no_line)
+                        append(
+                            compiled.no_line
+                            if not failed
+                            else RuleOutcome(compiled.rule_id, False, 0, f"no eligible line; {failed}")
+                        )
                         continue
                 raw = amount * rate * compiled.scale
                 # _round, inlined: floor below 10**20 is math.floor.
@@ -1113,6 +1184,8 @@ def evaluate(
                     )
                 else:
                     explanation = f"{amount_text}{arithmetic} = {raw_text} → {points} {rounded}"
+                if failed:
+                    explanation += f"; {failed}"
                 outcome = RuleOutcome(
                     compiled.rule_id, True, points, explanation, customer_id, compiled.pending_days, None
                 )
@@ -1305,19 +1378,22 @@ class _Basket:
 
     def matching(
         self, compiled: CompiledRule, position: int, scope: dict[str, Mapping[str, Any]]
-    ) -> tuple[Decimal, set[str]]:
+    ) -> tuple[Decimal, set[str], str]:
+        """The matching amount and SKUs, and why the line condition failed on the first line it failed on
+        ("" when it did not): such a line counts as not matching."""
         if compiled.indexed:
             if position in self.amounts:
-                return self.amounts[position], self.skus[position]
-            return Decimal(0), set()
+                return self.amounts[position], self.skus[position], ""
+            return Decimal(0), set(), ""
         if compiled.line_when is None and not (compiled.skus or compiled.categories):
-            return self.total, {line.sku for line, _ in self.lines}
+            return self.total, {line.sku for line, _ in self.lines}, ""
         amount = _ZERO
         skus: set[str] = set()
         selected_skus, selected_categories = compiled.skus, compiled.categories
         selecting = bool(selected_skus or selected_categories)
         condition = compiled.line_when
         views = self.views  # one per line wherever a rule has a line condition (has_line_conditions)
+        failed = ""
         # enumerate, not zip(..., strict=True): compiled, it runs as a native loop over the list.
         for i, (line, net) in enumerate(self.lines):
             # SKU/category from the line itself: the view holds only the fields conditions read.
@@ -1325,12 +1401,15 @@ class _Basket:
                 continue
             if condition is not None:
                 scope["line"] = views[i]
-                if condition.check(scope, True) is not True:
+                met = condition.check(scope, True)
+                if met is not True:
+                    if met is not False and not failed:
+                        failed = f"line {line.sku!r} not matched: {met}"
                     continue
             amount += net
             skus.add(line.sku)
         scope.pop("line", None)
-        return amount, skus
+        return amount, skus, failed
 
 
 def _apply_rule(

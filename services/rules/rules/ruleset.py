@@ -4,6 +4,17 @@ Validation reports every problem it finds, each naming the rule (when it is insi
 the document and, for YAML input, the line and column, so an author can fix a version in one go.
 Conditions are CEL expressions; they are compiled here once to catch syntax errors and unknown
 variables, and compiled again (once per version) by the engine.
+
+Limits (docs/rules.md, "Limits"): a document is at most MAX_SOURCE_BYTES of text, MAX_NODES values and
+MAX_DEPTH levels of nesting; YAML anchors and aliases are refused (a few hundred bytes of nested aliases
+describe billions of nodes). A condition is at most MAX_CONDITION_LENGTH characters (all of a document's
+conditions MAX_CONDITIONS_LENGTH) with at most MAX_COMPREHENSIONS comprehension macros (`all`, `exists`,
+`exists_one`, one `filter`; not `map`), none nested in another, each over a field (`event.skus`, not a
+computed list) and reading only its own variable, and at most one `matches` on a short literal pattern:
+the CEL library has no cost limit, copies a comprehension's accumulator on every step and compiles a
+pattern on every call, so these bound what one evaluation can cost (the engine's input budget bounds
+the rest). Parsing is CPU work: the service
+runs it off the event loop.
 """
 
 from __future__ import annotations
@@ -29,6 +40,19 @@ ENGAGEMENT_TYPES = frozenset({"review.posted", "referral.converted", "survey.ans
 # What a condition may read; `line` only in a line condition.
 EVENT_VARIABLES = frozenset({"event", "customer"})
 LINE_VARIABLES = frozenset({"event", "customer", "line"})
+
+MAX_SOURCE_BYTES = 256 * 1024
+MAX_NODES = 50_000  # scalars, sequences and mappings
+MAX_DEPTH = 16  # the deepest a valid ruleset needs is 5 (rules[i].multipliers.<tier>)
+MAX_CONDITION_LENGTH = 500
+MAX_CONDITIONS_LENGTH = 2_000  # all conditions of a document: what one event may have to run
+MAX_COMPREHENSIONS = 2
+COMPREHENSIONS = frozenset({"all", "exists", "exists_one", "filter"})
+REFUSED_MACROS = frozenset({"map"})
+# CEL compiles a regular expression on every call; Unicode classes and counted repetitions make that
+# compilation cost up to ~75 ms (`\\w{1000}`), so a pattern is one short literal without them.
+MAX_PATTERN_LENGTH = 100
+_COSTLY_PATTERN = re.compile(r"\{|\\\\?[wWdDsSpPbBX]")
 
 PositiveDecimal = Annotated[Decimal, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -235,20 +259,80 @@ _Loader.add_implicit_resolver(
 
 
 def load_source(source: str | dict[str, Any]) -> tuple[dict[str, Any], dict[Path, Any]]:
-    """The document as a dict plus positions (YAML text only); raises RulesetInvalid on a syntax error."""
+    """The document as a dict plus positions (YAML text only); raises RulesetInvalid on a syntax error or
+    a document over the limits."""
     if isinstance(source, dict):
+        _check_tree(source)
         return source, {}
+    if len(source) > MAX_SOURCE_BYTES or len(source.encode("utf-8", "surrogatepass")) > MAX_SOURCE_BYTES:
+        raise RulesetInvalid([Problem(f"the document is larger than {MAX_SOURCE_BYTES} bytes", "")])
     try:
-        node = yaml.compose(source, Loader=_Loader)
-        # Unquoted YAML timestamps load as datetimes, which pydantic accepts like the JSON strings.
-        doc = yaml.load(source, Loader=_Loader)  # safe: _Loader is a SafeLoader
+        _check_events(source)
+        loader = _Loader(source)
+        try:
+            node = loader.get_single_node()
+            # Unquoted YAML timestamps load as datetimes, which pydantic accepts like the JSON strings.
+            doc = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except RulesetInvalid:
+        raise
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line, column = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
         raise RulesetInvalid([Problem(f"not valid YAML/JSON: {exc}", "", None, line, column)]) from exc
+    except Exception as exc:  # whatever turns text into objects fails on bad input, not on ours
+        raise RulesetInvalid([Problem(f"not valid YAML/JSON: {type(exc).__name__}", "")]) from exc
     if not isinstance(doc, dict) or node is None:
         raise RulesetInvalid([Problem("the document must be a mapping (YAML) or an object (JSON)", "")])
     return doc, _positions(node)
+
+
+def _check_events(source: str) -> None:
+    """Refuses anchors, aliases and documents over the node or depth limit, streaming the parser's events
+    (so nothing is built before the limits hold)."""
+    nodes = depth = 0
+    for event in yaml.parse(source, Loader=_Loader):
+        mark = event.start_mark
+        at = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            message = "YAML anchors and aliases (&name, *name, <<) are not accepted; write the values out"
+            raise RulesetInvalid([Problem(message, "", None, *at)])
+        if isinstance(event, yaml.ScalarEvent | yaml.CollectionStartEvent):
+            nodes += 1
+            if nodes > MAX_NODES:
+                raise RulesetInvalid([Problem(f"the document has more than {MAX_NODES} values", "", None, *at)])
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                message = f"the document is nested deeper than {MAX_DEPTH} levels"
+                raise RulesetInvalid([Problem(message, "", None, *at)])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _check_tree(doc: dict[str, Any]) -> None:
+    """The limits of a YAML document, for one given as JSON (already parsed): values, depth, and text
+    that UTF-8 can encode (a lone surrogate passes JSON decoding and fails when stored)."""
+    nodes = 0
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise RulesetInvalid([Problem(f"the document has more than {MAX_NODES} values", "")])
+        if isinstance(value, dict | list):
+            if depth > MAX_DEPTH:
+                raise RulesetInvalid([Problem(f"the document is nested deeper than {MAX_DEPTH} levels", "")])
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+            if isinstance(value, dict):
+                stack.extend((key, depth + 1) for key in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise RulesetInvalid([Problem("the document holds text that is not valid Unicode", "")]) from exc
 
 
 def parse(source: str | dict[str, Any]) -> RulesetDocument:
@@ -287,30 +371,180 @@ def _nearest(positions: dict[Path, Any], path: Path) -> tuple[int | None, int | 
 
 
 def check_condition(source: str, allowed: frozenset[str]) -> str | None:
-    """None when `source` compiles and reads only allowed variables, else the reason."""
+    """None when `source` compiles, reads only allowed variables and stays within the cost limits, else
+    the reason."""
+    limit = condition_limits(source)
+    if limit is not None:
+        return limit
     try:
         program = cel.compile(source)
-    except (ValueError, RuntimeError) as exc:
-        return f"CEL: {exc}"
-    unknown = sorted(set(program.variables()) - allowed - _comprehension_names(source))
+    except Exception as exc:  # the parser's errors, whatever their class
+        return f"CEL: {_shorten(str(exc))}"
+    tokens = _tokens(source)
+    unknown = sorted(set(program.variables()) - allowed - _bound_names(tokens))
     if unknown:
         return f"CEL: unknown variable(s) {unknown}; a condition can read {sorted(allowed)}"
+    return _comprehension_problem(tokens, allowed) or _pattern_problem(tokens or [])
+
+
+def condition_limits(source: str) -> str | None:
+    """The limit a condition's text breaks before it is compiled (the engine refuses such a condition
+    of a version stored before the limit existed), or None."""
+    if len(source) > MAX_CONDITION_LENGTH:
+        return f"CEL: the condition is longer than {MAX_CONDITION_LENGTH} characters"
+    tokens = _tokens(source)
+    if tokens is None:
+        return None  # unterminated text: the compiler names the error
+    return _comprehension_problem(tokens, None) or _pattern_problem(tokens)
+
+
+def _pattern_problem(tokens: list[Token]) -> str | None:
+    """matches(): once per condition, outside comprehensions (which would compile it per item), on a
+    short literal pattern without Unicode classes or counted repetition."""
+    calls = [i for i, token in enumerate(tokens) if token == ("name", "matches")]
+    if len(calls) > 1:
+        return "CEL: matches() at most once per condition"
+    for i in calls:
+        if tokens[i - 1 : i] != [("punct", ".")] or tokens[i + 1 : i + 2] != [("punct", "(")]:
+            return "CEL: write matches() as text.matches('pattern')"
+        pattern = tokens[i + 2] if i + 2 < len(tokens) else ("", "")
+        if pattern[0] != "text" or tokens[i + 3 : i + 4] != [("punct", ")")]:
+            return "CEL: the pattern of matches() must be a string literal"
+        if len(pattern[1]) > MAX_PATTERN_LENGTH:
+            return f"CEL: the pattern of matches() is longer than {MAX_PATTERN_LENGTH} characters"
+        if _COSTLY_PATTERN.search(pattern[1]):
+            return r"CEL: a pattern of matches() may not use repetition counts ({n}) or classes like \w, \d, \s, \p"
+        for j in _macro_positions(tokens):
+            if j < i < _closing(tokens, j + 1):
+                return "CEL: matches() inside a comprehension (it would compile the pattern for every item)"
     return None
 
 
-def _comprehension_names(source: str) -> set[str]:
-    # Macros like `l.exists(x, ...)` bind names that CEL reports as variables; accept any name that the
-    # expression binds that way. A superset is harmless: CEL itself fails on a truly unbound name.
-    try:
-        names = set(cel.compile(source).variables())
-    except (ValueError, RuntimeError):
+def _macro_positions(tokens: list[Token]) -> list[int]:
+    return [i for i in range(len(tokens)) if _macro_at(tokens, i)]
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+Token = tuple[str, str]  # (kind: "name" | "text" | "number" | "punct", text)
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NUMBER = re.compile(r"[0-9][A-Za-z0-9_.]*")
+_STRING_START = re.compile(r"(?:[rR][bB]?|[bB][rR]?)?(\"\"\"|'''|\"|')")
+
+
+def _tokens(source: str) -> list[Token] | None:
+    """CEL's tokens as far as the limits need them (names, punctuation; literals as opaque), or None
+    when a string literal is not closed."""
+    out: list[Token] = []
+    i, n = 0, len(source)
+    while i < n:
+        c = source[i]
+        if c.isspace():
+            i += 1
+        elif source.startswith("//", i):
+            end = source.find("\n", i)
+            i = n if end < 0 else end + 1
+        elif (quote := _STRING_START.match(source, i)) is not None:
+            delimiter = quote.group(1)
+            raw = quote.group(0)[: -len(delimiter)].lower().count("r") > 0
+            j = quote.end()
+            while True:
+                if j >= n:
+                    return None
+                if not raw and source[j] == "\\":
+                    j += 2
+                elif source.startswith(delimiter, j):
+                    j += len(delimiter)
+                    break
+                elif len(delimiter) == 1 and source[j] == "\n":
+                    return None
+                else:
+                    j += 1
+            out.append(("text", source[i:j]))
+            i = j
+        elif (name := _NAME.match(source, i)) is not None:
+            out.append(("name", name.group(0)))
+            i = name.end()
+        elif (number := _NUMBER.match(source, i)) is not None:
+            out.append(("number", number.group(0)))
+            i = number.end()
+        else:
+            out.append(("punct", c))
+            i += 1
+    return out
+
+
+def _macro_at(tokens: list[Token], i: int) -> bool:
+    """Whether tokens[i] names a macro call `.<name>(`."""
+    return (
+        i > 0
+        and tokens[i][0] == "name"
+        and tokens[i - 1] == ("punct", ".")
+        and i + 1 < len(tokens)
+        and tokens[i + 1] == ("punct", "(")
+        and tokens[i][1] in COMPREHENSIONS | REFUSED_MACROS
+    )
+
+
+def _bound_names(tokens: list[Token] | None) -> set[str]:
+    # A macro's first argument is the name it binds; CEL reports it among the variables.
+    if tokens is None:
         return set()
-    bound: set[str] = set()
-    for name in names:
-        for macro in ("all", "exists", "exists_one", "map", "filter"):
-            if f"{macro}({name}," in source.replace(" ", ""):
-                bound.add(name)
-    return bound
+    return {tokens[i + 2][1] for i in range(len(tokens) - 2) if _macro_at(tokens, i) and tokens[i + 2][0] == "name"}
+
+
+def _closing(tokens: list[Token], open_at: int) -> int:
+    """The index of the bracket closing tokens[open_at] (len(tokens) when unbalanced)."""
+    depth = 0
+    for j in range(open_at, len(tokens)):
+        kind, text = tokens[j]
+        if kind == "punct" and text in "([{":
+            depth += 1
+        elif kind == "punct" and text in ")]}":
+            depth -= 1
+            if depth == 0:
+                return j
+    return len(tokens)
+
+
+def _comprehension_problem(tokens: list[Token] | None, variables: frozenset[str] | None) -> str | None:
+    """The comprehension limits: how many, not nested, over a field, reading only their own variable
+    (when `variables` names the condition's inputs)."""
+    if tokens is None:
+        return None
+    macros = _macro_positions(tokens)
+    for i in macros:
+        name = tokens[i][1]
+        if name in REFUSED_MACROS:
+            return f"CEL: {name}() is not available in a condition; use exists(), all() or filter()"
+        end = _closing(tokens, i + 1)
+        if any(i + 1 < j < end for j in macros):
+            return f"CEL: a comprehension inside {name}() (nested comprehensions are not accepted)"
+    if len(macros) > MAX_COMPREHENSIONS:
+        return f"CEL: more than {MAX_COMPREHENSIONS} comprehensions (all, exists, exists_one, filter)"
+    if sum(tokens[i][1] == "filter" for i in macros) > 1:
+        # filter() copies its growing result on every step: quadratic in the list's length
+        return "CEL: filter() at most once per condition"
+    for i in macros:
+        name = tokens[i][1]
+        end = _closing(tokens, i + 1)
+        # The receiver: a field path `var.field(.field)*`, so the comprehension walks an input, whose size
+        # the engine's budget bounds, not a list computed (and grown) by the expression.
+        j = i - 2
+        while j >= 2 and tokens[j][0] == "name" and tokens[j - 1] == ("punct", "."):
+            j -= 2
+        if j < 0 or tokens[j][0] != "name" or (j > 0 and tokens[j - 1] == ("punct", ".")):
+            return f"CEL: {name}() must be called on a field (like event.skus), not on a computed value"
+        if variables is not None:
+            bound = tokens[i + 2][1] if i + 2 < len(tokens) else ""
+            for j in range(i + 2, end):
+                kind, text = tokens[j]
+                if kind == "name" and text in variables and text != bound and tokens[j - 1] != ("punct", "."):
+                    return f"CEL: inside {name}() a condition reads only the comprehension's own variable, not {text!r}"
+    return None
 
 
 def _semantic_problems(doc: RulesetDocument) -> list[tuple[str, Path]]:
@@ -347,6 +581,9 @@ def _semantic_problems(doc: RulesetDocument) -> list[tuple[str, Path]]:
             for name in rule.multipliers:
                 if name not in known_tiers:
                     out.append((f"unknown tier {name!r}; defined: {sorted(known_tiers)}", (*at, "multipliers", name)))
+    total = sum(len(rule.when or "") + len(rule.line_when or "") for rule in doc.rules)
+    if total > MAX_CONDITIONS_LENGTH:
+        out.append((f"the conditions add up to {total} characters; at most {MAX_CONDITIONS_LENGTH}", ("rules",)))
     for name in doc.custom_events:
         if f"{CUSTOM_TYPE_PREFIX}{name}" in EVENT_TYPES:
             out.append((f"custom event {name!r} clashes with a built-in type", ("custom_events",)))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -90,15 +91,17 @@ class RulesService:
 
     # --- rulesets ---------------------------------------------------------------------------------
 
-    def validate(self, source: str | dict[str, Any]) -> rs.RulesetDocument:
+    async def validate(self, source: str | dict[str, Any]) -> rs.RulesetDocument:
+        # Parsing and validating is CPU work bounded by the document limits; in a thread, so a large
+        # document does not hold up the event loop (the consumer's too).
         try:
-            return rs.parse(source)
+            return await asyncio.to_thread(rs.parse, source)
         except rs.RulesetInvalid as exc:
             raise RulesetValidationFailed(exc.problems) from exc
 
-    def check(self, source: str | dict[str, Any]) -> list[rs.Problem]:
+    async def check(self, source: str | dict[str, Any]) -> list[rs.Problem]:
         try:
-            rs.parse(source)
+            await asyncio.to_thread(rs.parse, source)
         except rs.RulesetInvalid as exc:
             return exc.problems
         return []
@@ -106,7 +109,7 @@ class RulesService:
     async def create_version(
         self, session: AsyncSession, *, tenant_id: str, ruleset_id: str, source: str | dict[str, Any], key_id: str
     ) -> Ruleset:
-        document = self.validate(source)
+        document = await self.validate(source)
         repo = RulesetRepository.from_session(session)
         version = await repo.next_version(tenant_id, ruleset_id)
         return await repo.create(
