@@ -39,6 +39,8 @@ MAX_MONEY = Decimal(10**12)
 MONEY_PLACES = 4  # ISO 4217's most minor-unit digits
 MAX_QUANTITY = Decimal(10**9)
 MAX_POINTS = 10**12
+# Lines of one purchase or refund: rule conditions run once per line, so their number bounds the work.
+MAX_LINES = 1000
 
 # Times outside these are refused: Python's own edges (where date arithmetic overflows, and which the
 # database driver maps to -infinity/infinity, returned as naive datetimes) are far from any real event.
@@ -160,7 +162,7 @@ class PurchaseCompleted(Payload):
     currency: Currency
     net_amount: Money
     gross_amount: Money
-    lines: list[PurchaseLine] = Field(default_factory=list)
+    lines: list[PurchaseLine] = Field(default_factory=list, max_length=MAX_LINES)
     ordered_at: UtcDatetime | None = None
 
 
@@ -176,7 +178,7 @@ class PurchaseRefunded(Payload):
     customer_id: Identifier
     currency: Currency
     amount: Money | None = Field(default=None, description="Refunded net amount, when not per line")
-    lines: list[RefundedLine] = Field(default_factory=list)
+    lines: list[RefundedLine] = Field(default_factory=list, max_length=MAX_LINES)
 
 
 # --- engagement (loyalty.engagement.v1) -----------------------------------------------------------

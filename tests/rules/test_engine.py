@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import rules.engine
 from rules import ruleset as rs
 from rules.engine import (
     INPUT_CHARACTERS,
@@ -37,6 +36,7 @@ from rules.engine import (
     review_tier,
 )
 from shared.events import EventAttended, SurveyAnswered, make_event
+from tests.rules.helpers import interpreted_engine
 from tests.rules.samples import (
     BASE,
     NESTED_COMPREHENSIONS,
@@ -80,6 +80,16 @@ class TestPointsPerUnit:
         )
         assert points(evaluation) == {"base": 250}
         assert evaluation.total_points == 250
+
+    def test_an_award_over_a_commands_maximum_refuses_the_event(self) -> None:
+        # 8 x 10^11 EUR: at 1 pt/EUR within the 10^12 a points command carries, at 2 pt/EUR over it.
+        event = order(TENANT, "c", [], net="800000000000")
+        assert run(doc(BASE), event).total_points == 8 * 10**11
+        with pytest.raises(EventRefused, match="exceeds the maximum of 1000000000000"):
+            run(doc(BASE, currencies={"EUR": {"points_per_unit": "2"}}), event)
+        # Two awards within the bound whose command together is over it.
+        with pytest.raises(EventRefused, match="an award of 1600000000000 points"):
+            run(doc(BASE, {**BASE, "id": "again"}), event)
 
     def test_half_up_rounding_and_rate_per_currency(self) -> None:
         # 21.50 USD x 2 pts/USD = 43.00; 10.25 x 2 = 20.50 -> half_up 21
@@ -832,9 +842,6 @@ class TestConditionErrors:
         assert "refused" in nested.explanation
         assert "nested comprehensions" in nested.explanation
 
-    @pytest.mark.skipif(
-        not (rules.engine.__file__ or "").endswith(".py"), reason="compiled: `program` only takes a cel.Program"
-    )
     def test_a_panic_of_the_library_is_not_met(self, monkeypatch: pytest.MonkeyPatch) -> None:
         # pyo3 raises a Rust panic as PanicException, a BaseException: it counts as not met too, while
         # a cancellation still propagates. (No condition is known to make the library panic.)
@@ -848,7 +855,8 @@ class TestConditionErrors:
             def execute(self, args: object) -> object:
                 raise self.error
 
-        condition = Condition("size(event.skus) > 0")
+        # The interpreted engine: a compiled Condition's `program` only takes a cel.Program.
+        condition = interpreted_engine().Condition("size(event.skus) > 0")
         scope = {"event": {"skus": ["A"]}, "customer": {}}
         monkeypatch.setattr(condition, "program", Panicking(PanicException("index out of bounds")))
         result = condition(scope, memo=False)

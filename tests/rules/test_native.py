@@ -6,7 +6,6 @@ rule kind. (The compiled batch code is what every pipeline test runs.)"""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import random
 import sys
 from datetime import timedelta
@@ -22,21 +21,11 @@ import rules.engine
 import rules.rows
 from rules import ruleset as rs
 from shared.events import CloudEvent
+from tests.rules.helpers import interpreted_engine
 from tests.rules.samples import T0, TIERS, doc, line, order, review
 
 SOURCE = Path(rules.engine.__file__ or "").with_name("engine.py")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _interpreted() -> ModuleType:
-    """engine.py loaded from source under another name, beside the compiled module."""
-    spec = importlib.util.spec_from_file_location("rules_engine_interpreted", SOURCE)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
 
 
 class TestBuild:
@@ -149,7 +138,7 @@ class TestSameResults:
     def test_compiled_and_interpreted_engines_agree_on_every_result(self) -> None:
         events = _events("t-native", 600)
         compiled_results = _replay(rules.engine, events)
-        interpreted = _interpreted()
+        interpreted = interpreted_engine()
         assert interpreted.__file__ == str(SOURCE)
         assert compiled_results == _replay(interpreted, events)
         # The stream reaches every kind of outcome, so the comparison covers them.
@@ -159,7 +148,7 @@ class TestSameResults:
         assert any(r[4] for r in compiled_results), "tier changes happened"
 
     def test_clawback_plans_agree(self) -> None:
-        interpreted = _interpreted()
+        interpreted = interpreted_engine()
         awards = [("earn-a", "c-1", 120, 0), ("earn-b", "c-2", 33, 10)]
         plans = []
         for engine in (rules.engine, interpreted):

@@ -38,6 +38,7 @@ import cel
 from rules.ruleset import PURCHASE, Period, Rule, RulesetDocument, Tiers, condition_limits
 from shared.events import (
     CUSTOM_TYPE_PREFIX,
+    MAX_POINTS,
     CloudEvent,
     EventAttended,
     Payload,
@@ -1278,6 +1279,8 @@ def evaluate(
             if cid:
                 points_by_customer[cid] = points_by_customer.get(cid, 0) + points
                 if points > 0:
+                    if points > MAX_POINTS:
+                        raise EventRefused(f"an award of {points} points exceeds the maximum of {MAX_POINTS}")
                     explanation = outcome.explanation
                     award = (
                         _award(outcome.rule_id, points, explanation)
@@ -1558,6 +1561,9 @@ def _plan_commands(
     out = []
     for group, breakdown in groups.items():
         cid, pending = group
+        if group_points[group] > MAX_POINTS:
+            # More than a points command may carry (the ledger's bound): the event is refused, not cut.
+            raise EventRefused(f"an award of {group_points[group]} points exceeds the maximum of {MAX_POINTS}")
         out.append(
             PlannedEarn(
                 # command_id("earn", ...) inlined: the same text, hashed.
