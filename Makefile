@@ -13,7 +13,7 @@ SERVICES := ledger rules metrics
 SERVICE_PORTS := ledger:$${LEDGER_HTTP_PORT:-8001} rules:$${RULES_HTTP_PORT:-8002} metrics:$${METRICS_HTTP_PORT:-8003}
 PYTEST_ARGS ?=
 
-.PHONY: help setup kafka-jars kafka-up kafka-down db-up db-down db-migrate topics infra up down run test test-fast \
+.PHONY: help setup prometheus kafka-jars kafka-up kafka-down db-up db-down db-migrate topics infra up down run test test-fast \
         lint fmt typecheck schemas check-schemas bench bench-ledger bench-rules clean native
 
 help: ## List the targets
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
-setup: $(VENV)/.installed kafka-jars native ## Create .venv, install the pinned dependencies, fetch the Kafka jars
+setup: $(VENV)/.installed kafka-jars native prometheus ## Create .venv, install the pinned dependencies, fetch the Kafka jars, Prometheus
 
 # The rules engine, the consumer's per-event code (rules/batch.py) and state rows (rules/rows.py) compiled by mypyc into C extensions beside
 # their sources, which Python imports instead: ~40 % less CPU per evaluated event. The compiled code relies on
@@ -49,6 +49,18 @@ $(NATIVE_DIR)/%.build: $(NATIVE_DIR)/%.py $(VENV)/.installed
 	@sha256sum $< $(filter %.py,$(filter-out $<,$^)) > $@
 
 native: $(NATIVE_STAMPS) ## Compile the rules engine, batch and row code with mypyc (part of setup; again on change)
+
+# tests/e2e/test_dashboards.py runs a Prometheus of its own on a free loopback port and checks /metrics with
+# promtool; the package's system daemon (on :9090) is not used, so it is stopped and disabled right after install.
+prometheus: ## Install Debian's prometheus package (prometheus, promtool) when missing
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then \
+	  :; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	  echo "prometheus/promtool missing and not root: run 'sudo apt-get install -y prometheus' (the dashboard test needs them)"; \
+	else \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null && \
+	  if [ -d /run/systemd/system ]; then systemctl disable --now prometheus; else service prometheus stop >/dev/null 2>&1 || true; fi; \
+	fi
 
 kafka-jars: ## Resolve the Apache Kafka broker classpath from Maven Central
 	@deploy/kafka/kafka.sh jars
