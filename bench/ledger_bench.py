@@ -31,7 +31,7 @@ from ledger.config import Settings
 from ledger.consumers import commands_consumer
 from ledger.models import api_keys
 from ledger.repository import LedgerRepository
-from ledger.tasks import background
+from ledger.tasks import start as start_background
 from shared.auth import generate_key, store_key
 from shared.events import EarnPoints, make_event
 from shared.kafka import delete_topics, ensure_topics
@@ -106,10 +106,8 @@ async def earn_from_kafka(settings: Settings, tenant: str) -> None:
     finally:
         await producer.stop()
 
-    async with (
-        Runtime(settings, api_keys=api_keys, consumers=[commands_consumer]) as runtime,
-        background(settings, runtime),
-    ):
+    async with Runtime(settings, api_keys=api_keys, consumers=[commands_consumer]) as runtime:
+        start_background(settings, runtime)
         runner = runtime.consumers[0]
         cpu = CpuMeter([]).__enter__()  # this process (consumer and relay) and PostgreSQL
         started = time.perf_counter()

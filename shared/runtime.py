@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from types import TracebackType
@@ -71,6 +71,17 @@ class Runtime:
         self._stack = AsyncExitStack()
         self.consumers: list[ConsumerRunner] = []
         self._checks: dict[str, HealthCheck] = {}
+
+    def spawn(self, name: str, work: Coroutine[Any, Any, None]) -> None:
+        """Runs a service's background loop (a relay, periodic tasks) for the runtime's life: cancelled and
+        awaited when the runtime closes, before the consumers, producer and engine it uses."""
+        task = asyncio.create_task(work, name=name)
+
+        async def cancel() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        self._stack.push_async_callback(cancel)
 
     def add_check(self, name: str, check: HealthCheck) -> None:
         """Adds a readiness check (a relay's backlog age, say) that `/readyz` runs with the built-in ones."""

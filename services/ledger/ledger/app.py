@@ -7,7 +7,7 @@ from ledger.config import Settings, settings
 from ledger.consumers import commands_consumer
 from ledger.endpoints import router
 from ledger.models import api_keys
-from ledger.tasks import background
+from ledger.tasks import start as start_background
 from shared.runtime import Runtime, State, base_app
 
 DESCRIPTION = """The append-only, double-entry points ledger: balances, history, redemptions, holds, transfers,
@@ -28,10 +28,8 @@ pay it off first.
 def create_app(app_settings: Settings = settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        async with (
-            Runtime(app_settings, api_keys=api_keys, consumers=[commands_consumer]) as runtime,
-            background(app_settings, runtime),
-        ):
+        async with Runtime(app_settings, api_keys=api_keys, consumers=[commands_consumer]) as runtime:
+            start_background(app_settings, runtime)
             yield runtime.state()
 
     app = base_app(

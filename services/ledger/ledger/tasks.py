@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -57,20 +55,12 @@ async def _tasks_loop(settings: Settings, sessionmaker: async_sessionmaker[Async
         await asyncio.sleep(settings.tasks_interval_s)
 
 
-@asynccontextmanager
-async def background(settings: Settings, runtime: Runtime) -> AsyncIterator[list[asyncio.Task[None]]]:
+def start(settings: Settings, runtime: Runtime) -> None:
+    """The service's background work, run by the runtime for its life: the outbox relay, periodic tasks."""
     relay = outbox_relay(settings, runtime.sessionmaker, runtime.producer)
     # Registered whether this process relays or not: the outbox's age is the database's, whoever relays it.
     runtime.add_check("outbox", relay.readiness(settings.outbox_max_age_seconds))
-    tasks: list[asyncio.Task[None]] = []
     if settings.outbox_relay_enabled:
-        relaying = relay.run(idle_s=settings.outbox_poll_interval_s)
-        tasks.append(asyncio.create_task(relaying, name="ledger:outbox-relay"))
+        runtime.spawn("ledger:outbox-relay", relay.run(idle_s=settings.outbox_poll_interval_s))
     if settings.tasks_enabled:
-        tasks.append(asyncio.create_task(_tasks_loop(settings, runtime.sessionmaker), name="ledger:tasks"))
-    try:
-        yield tasks
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        runtime.spawn("ledger:tasks", _tasks_loop(settings, runtime.sessionmaker))

@@ -8,7 +8,7 @@ from rules.config import Settings, settings
 from rules.consumers import purchases_consumer
 from rules.endpoints import router
 from rules.models import api_keys
-from rules.tasks import background
+from rules.tasks import start as start_background
 from shared.runtime import Runtime, State, base_app
 
 
@@ -16,10 +16,8 @@ def create_app(app_settings: Settings = settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         consumer = functools.partial(purchases_consumer, state_cache_size=app_settings.state_cache_size)
-        async with (
-            Runtime(app_settings, api_keys=api_keys, consumers=[consumer]) as runtime,
-            background(app_settings, runtime),
-        ):
+        async with Runtime(app_settings, api_keys=api_keys, consumers=[consumer]) as runtime:
+            start_background(app_settings, runtime)
             yield runtime.state()
 
     app = base_app(

@@ -3,9 +3,6 @@ process committed but never published; the consumer publishes its own batches' r
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -34,18 +31,10 @@ def outbox_relay(
     )
 
 
-@asynccontextmanager
-async def background(settings: Settings, runtime: Runtime) -> AsyncIterator[list[asyncio.Task[None]]]:
+def start(settings: Settings, runtime: Runtime) -> None:
+    """The service's background work, run by the runtime for its life: the outbox sweep."""
     relay = outbox_relay(settings, runtime.sessionmaker, runtime.producer)
     # Registered whether this process sweeps or not: the outbox's age is the database's, whoever relays it.
     runtime.add_check("outbox", relay.readiness(settings.outbox_max_age_seconds))
-    tasks: list[asyncio.Task[None]] = []
     if settings.consumers_enabled:
-        sweeping = relay.run(idle_s=settings.outbox_sweep_seconds)
-        tasks.append(asyncio.create_task(sweeping, name="rules:outbox-sweep"))
-    try:
-        yield tasks
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        runtime.spawn("rules:outbox-sweep", relay.run(idle_s=settings.outbox_sweep_seconds))
