@@ -128,8 +128,8 @@ fmt: $(VENV)/.installed ## Format and autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-typecheck: $(VENV)/.installed ## mypy (strict) over services, shared and tests
-	$(BIN)/mypy shared services/ledger/ledger services/rules/rules services/metrics/metrics tests
+typecheck: $(VENV)/.installed ## mypy (strict) over shared, services, ops and tests
+	$(BIN)/mypy shared services/ledger/ledger services/rules/rules services/metrics/metrics ops tests
 
 bench: bench-ledger bench-rules ## Every benchmark (prints figures)
 

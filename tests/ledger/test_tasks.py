@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from ledger.app import create_app
 from ledger.models import Entry, Outbox
-from shared.cli import app as cli
+from ops.cli import app as cli
 from shared.topics import LEDGER_ENTRIES
 from tests.conftest import create_api_key, eventually, read_topic, running_app, service_settings, topic
 

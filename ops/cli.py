@@ -1,9 +1,11 @@
-"""`loyalty`: the operator's command line (API keys, topics, migrations, sample events, the DLQ)."""
+"""`loyalty`: the operator's command line (API keys, topics, migrations, sample events, the DLQ).
+
+It sits above the services and composes them: a service's settings and key table are imported only when a
+command names that service, so one service's missing configuration does not stop commands for another."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import random
 import uuid
@@ -38,13 +40,37 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def service_settings(service: str) -> ServiceSettings:
-    settings: ServiceSettings = importlib.import_module(f"{service}.config").settings
-    return settings
+    match service:
+        case "ledger":
+            from ledger.config import settings as ledger
+
+            return ledger
+        case "rules":
+            from rules.config import settings as rules
+
+            return rules
+        case "metrics":
+            from metrics.config import settings as metrics
+
+            return metrics
+    raise typer.BadParameter(f"unknown service {service!r}; known: {list(SERVICES)}")
 
 
 def service_keys_table(service: str) -> Table:
-    table: Table = importlib.import_module(f"{service}.models").api_keys
-    return table
+    match service:
+        case "ledger":
+            from ledger.models import api_keys as ledger
+
+            return ledger
+        case "rules":
+            from rules.models import api_keys as rules
+
+            return rules
+        case "metrics":
+            from metrics.models import api_keys as metrics
+
+            return metrics
+    raise typer.BadParameter(f"unknown service {service!r}; known: {list(SERVICES)}")
 
 
 ServiceOpt = Annotated[list[str] | None, typer.Option("--service", "-s", help="Only these services (default: all)")]

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.db
 def loyalty(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "METRICS_DATABASE_URL": database_url("metrics"), "COLUMNS": "250"}
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "ops.cli", *args], env=env, capture_output=True, text=True, timeout=60, check=False
     )
 
 
