@@ -11,6 +11,7 @@ from asyncpg.exceptions import UniqueViolationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from rules import ruleset as rs
+from rules import schemas
 from rules.batch import (
     BatchOutcome,
     BatchWork,
@@ -162,11 +163,11 @@ class RulesService:
         schedule = schedules(await RulesetRepository.from_session(session).activations([tenant_id])).get(tenant_id)
         return schedule.at(at) if schedule else None
 
-    async def require_active(self, session: AsyncSession, *, tenant_id: str, at: datetime) -> dict[str, Any]:
+    async def require_active(self, session: AsyncSession, *, tenant_id: str, at: datetime) -> schemas.ActiveVersion:
         active = await self.active_version(session, tenant_id=tenant_id, at=at)
         if active is None:
             raise NoActiveRuleset(tenant_id, at)
-        return {"ruleset_id": active[0], "version": active[1]}
+        return schemas.ActiveVersion(ruleset_id=active[0], version=active[1])
 
     # --- customers --------------------------------------------------------------------------------
 
