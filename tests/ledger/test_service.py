@@ -13,13 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ledger import schemas
 from ledger.errors import LedgerError
 from ledger.models import Entry
 from ledger.service import PendingResponse, ledger_service
-from shared.db import transaction
+from shared.db import AsyncSession, transaction
 from shared.events import ClawbackPoints, make_event
 from tests.factories import earn
 from tests.ledger.conftest import as_superuser, balances, check_books, inbound, new_tenant

@@ -11,7 +11,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from ledger import schemas
 from ledger.domain import (
@@ -36,6 +35,7 @@ from ledger.errors import (
 )
 from ledger.repository import LedgerRepository
 from shared.consumer import Inbound, Rejection
+from shared.db import AsyncReadSession, AsyncSession
 from shared.events import ClawbackPoints, CloudEvent, EarnPoints, LedgerEntryPosted, make_event, utcnow
 from shared.outbox import Claimed, Unpublishable, describe_error
 
@@ -115,7 +115,7 @@ class LedgerOutbox:
     async def quarantine(self, session: AsyncSession, rows: Sequence[Unpublishable]) -> None:
         await LedgerRepository.from_session(session).quarantine_outbox(rows)
 
-    async def oldest(self, session: AsyncSession) -> datetime | None:
+    async def oldest(self, session: AsyncReadSession) -> datetime | None:
         return await LedgerRepository.from_session(session).oldest_outbox_row()
 
 
@@ -614,7 +614,7 @@ class LedgerService:
     # --- reads ------------------------------------------------------------------------------------
 
     async def get_balance(
-        self, session: AsyncSession, tenant_id: str, account_id: str, *, as_of: datetime | None = None
+        self, session: AsyncReadSession, tenant_id: str, account_id: str, *, as_of: datetime | None = None
     ) -> schemas.Balance | None:
         repo = LedgerRepository.from_session(session)
         if account_id in SYSTEM_ACCOUNTS:
@@ -627,7 +627,7 @@ class LedgerService:
         return await self._balance_as_of(session, tenant_id, account_id, [account_id], as_of)
 
     async def _balance_as_of(
-        self, session: AsyncSession, tenant_id: str, account_id: str, rows: list[str], as_of: datetime
+        self, session: AsyncReadSession, tenant_id: str, account_id: str, rows: list[str], as_of: datetime
     ) -> schemas.Balance:
         # A past balance is answered from the entries, which are the record; the row only knows "now".
         state = AccountState(account_id)
@@ -636,7 +636,7 @@ class LedgerService:
         return _balance(state).model_copy(update={"as_of": as_of})
 
     async def _system_balance(
-        self, session: AsyncSession, tenant_id: str, account_id: str, *, as_of: datetime | None
+        self, session: AsyncReadSession, tenant_id: str, account_id: str, *, as_of: datetime | None
     ) -> schemas.Balance | None:
         """A system account's balance: the sum of its shards."""
         shards = [f"{account_id}/{i:02d}" for i in range(SYSTEM_SHARDS)]
@@ -652,7 +652,7 @@ class LedgerService:
         return _balance(total)
 
     async def list_accounts(
-        self, session: AsyncSession, tenant_id: str, *, kind: str | None, cursor: str | None, limit: int
+        self, session: AsyncReadSession, tenant_id: str, *, kind: str | None, cursor: str | None, limit: int
     ) -> schemas.Page[schemas.Balance]:
         rows = await LedgerRepository.from_session(session).list_accounts(
             tenant_id, kind=kind, after=cursor, limit=limit + 1
@@ -664,7 +664,7 @@ class LedgerService:
 
     async def history(
         self,
-        session: AsyncSession,
+        session: AsyncReadSession,
         tenant_id: str,
         account_id: str,
         *,
@@ -684,17 +684,23 @@ class LedgerService:
         return schemas.Page[schemas.Entry](items=items, next_cursor=str(items[-1].seq) if len(rows) > limit else None)
 
     async def get_command(
-        self, session: AsyncSession, tenant_id: str, command_id: str
+        self, session: AsyncReadSession, tenant_id: str, command_id: str
     ) -> schemas.AppliedCommand | None:
         command = await LedgerRepository.from_session(session).get_command(tenant_id, command_id)
         return None if command is None else schemas.AppliedCommand.model_validate(command)
 
-    async def get_hold(self, session: AsyncSession, tenant_id: str, hold_id: uuid.UUID) -> schemas.Hold | None:
+    async def get_hold(self, session: AsyncReadSession, tenant_id: str, hold_id: uuid.UUID) -> schemas.Hold | None:
         hold = await LedgerRepository.from_session(session).get_hold(tenant_id, hold_id)
         return None if hold is None else schemas.Hold.model_validate(hold, from_attributes=True)
 
     async def expiring(
-        self, session: AsyncSession, tenant_id: str, account_id: str, *, within: timedelta, now: datetime | None = None
+        self,
+        session: AsyncReadSession,
+        tenant_id: str,
+        account_id: str,
+        *,
+        within: timedelta,
+        now: datetime | None = None,
     ) -> schemas.Expiring | None:
         repo = LedgerRepository.from_session(session)
         if await repo.get_balance(tenant_id, account_id) is None:
@@ -706,7 +712,7 @@ class LedgerService:
         ]
         return schemas.Expiring(account_id=account_id, until=until, points=sum(lot.points for lot in lots), lots=lots)
 
-    async def liability(self, session: AsyncSession, tenant_id: str) -> schemas.Liability:
+    async def liability(self, session: AsyncReadSession, tenant_id: str) -> schemas.Liability:
         row = await LedgerRepository.from_session(session).liability(tenant_id)
         available, pending, held = int(row.available), int(row.pending), int(row.held)
         return schemas.Liability(
@@ -719,7 +725,7 @@ class LedgerService:
         )
 
     async def adjustments(
-        self, session: AsyncSession, tenant_id: str, *, account_id: str | None, cursor: datetime | None, limit: int
+        self, session: AsyncReadSession, tenant_id: str, *, account_id: str | None, cursor: datetime | None, limit: int
     ) -> schemas.Page[schemas.Entry]:
         rows = await LedgerRepository.from_session(session).entries_of_kind(
             tenant_id, "adjustment", account_id=account_id, before=cursor, limit=limit + 1
@@ -728,10 +734,10 @@ class LedgerService:
         more = len(rows) > limit
         return schemas.Page[schemas.Entry](items=items, next_cursor=items[-1].created_at.isoformat() if more else None)
 
-    async def get_policy(self, session: AsyncSession, tenant_id: str) -> schemas.Policy:
+    async def get_policy(self, session: AsyncReadSession, tenant_id: str) -> schemas.Policy:
         return schemas.Policy(**asdict(await LedgerRepository.from_session(session).policy(tenant_id)))
 
-    async def verify(self, session: AsyncSession, tenant_id: str, account_id: str) -> schemas.Verification | None:
+    async def verify(self, session: AsyncReadSession, tenant_id: str, account_id: str) -> schemas.Verification | None:
         repo = LedgerRepository.from_session(session)
         row = await repo.get_balance(tenant_id, account_id)
         if row is None:
@@ -744,7 +750,7 @@ class LedgerService:
                 problems.append(f"balances row: {name} is {getattr(stored, name)!r}, the entries give {value!r}")
         return schemas.Verification(account_id=account_id, entries=len(entries), ok=not problems, problems=problems)
 
-    async def verify_tenant(self, session: AsyncSession, tenant_id: str) -> list[schemas.Verification]:
+    async def verify_tenant(self, session: AsyncReadSession, tenant_id: str) -> list[schemas.Verification]:
         out = []
         for account_id in await LedgerRepository.from_session(session).account_ids(tenant_id):
             result = await self.verify(session, tenant_id, account_id)
