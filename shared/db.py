@@ -1,17 +1,23 @@
 """Async SQLAlchemy engine and session helpers. The boundary (a request or a consumed batch) owns the
-transaction: it commits on success and rolls back on error; services only flush."""
+transaction: it commits on success and rolls back on error; services only flush.
+
+Two session types, for the type checker only (both are SQLAlchemy's `AsyncSession` at run time): a
+function that only reads takes `AsyncReadSession`; one that writes takes `AsyncSession`, a kind of read
+session, so it refuses the read session a read endpoint gets (`ReadSessionDep`) and accepts what
+`transaction()` and the sessionmaker give."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Annotated, Any, NewType
+from typing import Annotated, Any, NewType, TypeAlias, TypeVar, cast
 
 from fastapi import Depends
 from pydantic_core import from_json
 from sqlalchemy import MetaData, text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext import asyncio as sa_asyncio
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from starlette.requests import Request
 
 NAMING_CONVENTION = {
@@ -22,7 +28,10 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-AsyncReadSession = NewType("AsyncReadSession", AsyncSession)
+AsyncReadSession: TypeAlias = sa_asyncio.AsyncSession
+AsyncSession = NewType("AsyncSession", AsyncReadSession)
+# A repository's session: its reads take any, its writes the write session (`self: Repo[AsyncSession]`).
+SessionT = TypeVar("SessionT", bound=AsyncReadSession)
 
 
 def make_metadata(schema: str) -> MetaData:
@@ -59,7 +68,8 @@ def create_engine(
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+    # Its sessions may write; a read endpoint's is narrowed to `AsyncReadSession` by its dependency.
+    return cast("async_sessionmaker[AsyncSession]", async_sessionmaker(engine, expire_on_commit=False, autoflush=False))
 
 
 @asynccontextmanager
@@ -69,7 +79,7 @@ async def transaction(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIt
         yield session
 
 
-async def driver_connection(session: AsyncSession, *, begin: bool = True) -> Any:
+async def driver_connection(session: AsyncReadSession, *, begin: bool = True) -> Any:
     """The asyncpg connection under the session's transaction, for batch statements sent straight to the
     driver (array parameters, COPY). With `begin`, the transaction is open before they run."""
     # The session's connection is fixed for the life of its transaction: look it up once per transaction
@@ -129,7 +139,7 @@ async def _request_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 async def _read_session(request: Request) -> AsyncIterator[AsyncReadSession]:
     async with request.state.sessionmaker() as session:
-        yield AsyncReadSession(session)
+        yield session
 
 
 # scope="function": the commit happens before the response is sent, so a 2xx means the write is durable.

@@ -39,9 +39,9 @@ from typing import Literal, Protocol
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import BigInteger, Column, DateTime, LargeBinary, MetaData, String, Table, Text, func
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from shared.db import transaction
+from shared.db import AsyncReadSession, AsyncSession, transaction
 from shared.events import utcnow
 from shared.faults import record_refusal
 from shared.kafka import send_all, send_each
@@ -90,7 +90,7 @@ class OutboxSource(Protocol):
         """Inserts the rows into the service's quarantine table (`insert_quarantined`); the relay deletes them."""
         ...
 
-    async def oldest(self, session: AsyncSession) -> datetime | None:
+    async def oldest(self, session: AsyncReadSession) -> datetime | None:
         """When the oldest row this relay would publish was written; None when there is none."""
         ...
 

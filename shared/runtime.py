@@ -18,12 +18,13 @@ from typing import Any, Self, TypedDict
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import Table
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from starlette.requests import Request
 
 from shared import db
 from shared.auth import KeyStore
 from shared.consumer import BatchHandler, ConsumerRunner
+from shared.db import AsyncSession
 from shared.errors import install_error_handlers, problem
 from shared.events import TOPIC_EVENT_TYPES
 from shared.kafka import EventProducer, ensure_topics

@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Column, DateTime, MetaData, PrimaryKeyConstraint, String, Table, func
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.consumer import Inbound, Rejection
-from shared.db import driver_connection
+from shared.db import AsyncSession, driver_connection
 from shared.events import CloudEvent
 
 # (tracking name, tenant, source, id)

@@ -9,12 +9,12 @@ from typing import Any, cast
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ledger.models import Balance, Entry, Lot
 from ledger.service import ledger_service
 from shared.consumer import Inbound
-from shared.db import create_engine, create_sessionmaker
+from shared.db import AsyncSession, create_engine, create_sessionmaker
 from shared.events import CloudEvent
 from tests.conftest import database_url
 

@@ -10,11 +10,11 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ledger.app import create_app
 from ledger.service import ledger_service
-from shared.db import transaction
+from shared.db import AsyncSession, transaction
 from shared.events import ClawbackPoints, CloudEvent, make_event
 from shared.topics import POINTS_COMMANDS
 from tests.conftest import (

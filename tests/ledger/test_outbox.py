@@ -15,12 +15,12 @@ import pytest
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from prometheus_client import REGISTRY
 from sqlalchemy import CursorResult, insert, select, text, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ledger.app import create_app
 from ledger.models import Entry, Outbox, outbox_quarantine
 from ledger.tasks import outbox_relay
-from shared.db import create_engine, create_sessionmaker, transaction
+from shared.db import AsyncSession, create_engine, create_sessionmaker, transaction
 from shared.events import utcnow
 from shared.kafka import EventProducer
 from shared.topics import LEDGER_ENTRIES, POINTS_COMMANDS

@@ -13,13 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ledger import schemas
 from ledger.errors import LedgerError
 from ledger.models import Entry
-from ledger.service import ledger_service
-from shared.db import transaction
+from ledger.service import PendingResponse, ledger_service
+from shared.db import AsyncSession, transaction
 from shared.events import ClawbackPoints, make_event
 from tests.factories import earn
 from tests.ledger.conftest import as_superuser, balances, check_books, inbound, new_tenant
@@ -74,7 +74,7 @@ class Scenario:
                 key=key,
                 fingerprint=fingerprint,
                 status_code=201,
-                operation=lambda: operation(session),
+                operation=lambda pending: operation(session, pending),
             )
 
     async def rest(self, key: str, fingerprint: str, operation: Any) -> None:
@@ -108,13 +108,15 @@ class Scenario:
         elif name == "redeem":
             body = schemas.RedeemCreate(points=op[2])
             await self.rest(
-                key, f"redeem {op[1]} {op[2]}", lambda s: ledger_service.redeem(s, t, op[1], body, source=key, now=now)
+                key,
+                f"redeem {op[1]} {op[2]}",
+                lambda s, p: ledger_service.redeem(s, t, op[1], body, source=key, now=now, pending=p),
             )
         elif name == "reserve":
             body_h = schemas.HoldCreate(points=op[2])
 
-            async def reserve(session: AsyncSession) -> schemas.HoldPosted:
-                posted = await ledger_service.reserve(session, t, op[1], body_h, source=key, now=now)
+            async def reserve(session: AsyncSession, pending: PendingResponse) -> schemas.HoldPosted:
+                posted = await ledger_service.reserve(session, t, op[1], body_h, source=key, now=now, pending=pending)
                 self.holds.append(posted.hold.hold_id)
                 return posted
 
@@ -124,22 +126,30 @@ class Scenario:
             await self.rest(
                 key,
                 f"capture {hold_id} {op[2]}",
-                lambda s: ledger_service.capture(s, t, hold_id, schemas.HoldCapture(points=op[2]), source=key, now=now),
+                lambda s, p: ledger_service.capture(
+                    s, t, hold_id, schemas.HoldCapture(points=op[2]), source=key, now=now, pending=p
+                ),
             )
         elif name == "void" and self.holds:
             hold_id = self.holds[op[1] % len(self.holds)]
-            await self.rest(key, f"void {hold_id}", lambda s: ledger_service.void(s, t, hold_id, source=key, now=now))
+            await self.rest(
+                key, f"void {hold_id}", lambda s, p: ledger_service.void(s, t, hold_id, source=key, now=now, pending=p)
+            )
         elif name == "transfer":
             body_t = schemas.TransferCreate(to_account_id=op[2], points=op[3])
             await self.rest(
-                key, f"transfer {op[1:]}", lambda s: ledger_service.transfer(s, t, op[1], body_t, source=key, now=now)
+                key,
+                f"transfer {op[1:]}",
+                lambda s, p: ledger_service.transfer(s, t, op[1], body_t, source=key, now=now, pending=p),
             )
         elif name == "adjust":
             body_a = schemas.AdjustmentCreate(points=op[2], reason="property test")
             await self.rest(
                 key,
                 f"adjust {op[1:]}",
-                lambda s: ledger_service.adjust(s, t, op[1], body_a, source=key, actor_key_id="k", now=now),
+                lambda s, p: ledger_service.adjust(
+                    s, t, op[1], body_a, source=key, actor_key_id="k", now=now, pending=p
+                ),
             )
         elif name == "tick":
             self.now += timedelta(days=op[1])

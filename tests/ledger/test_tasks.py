@@ -13,12 +13,13 @@ import httpx
 import pytest
 from aiokafka import ConsumerRecord
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from typer.testing import CliRunner
 
 from ledger.app import create_app
 from ledger.models import Entry, Outbox
 from ops.cli import app as cli
+from shared.db import AsyncSession
 from shared.topics import LEDGER_ENTRIES
 from tests.conftest import create_api_key, eventually, read_topic, running_app, service_settings, topic
 

@@ -14,12 +14,12 @@ from typing import Any, cast
 
 import httpx
 from aiokafka import AIOKafkaProducer, ConsumerRecord
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 import rules.engine
 from rules.service import rules_service
 from shared.consumer import Inbound
-from shared.db import create_engine, create_sessionmaker, transaction
+from shared.db import AsyncSession, create_engine, create_sessionmaker, transaction
 from shared.events import CloudEvent, decode_event
 from shared.topics import CUSTOMERS, ENGAGEMENT, POINTS_COMMANDS, PURCHASES
 from tests.conftest import read_topic, service_settings, topic

@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from rules.app import create_app
 from rules.consumers import batch_handler
 from rules.models import OutboxMessage
 from rules.service import RulesOutbox
 from shared.consumer import ConsumerRunner
-from shared.db import create_engine, create_sessionmaker
+from shared.db import AsyncSession, create_engine, create_sessionmaker
 from shared.kafka import EventProducer, ensure_topics
 from shared.outbox import Message, OutboxRelay
 from shared.topics import DLQ, TopicSpec

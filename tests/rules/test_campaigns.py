@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from rules.models import CampaignSpend
 from rules.repository import CampaignRepository, Key
 from rules.service import rules_service
-from shared.db import transaction
+from shared.db import AsyncSession, transaction
 from shared.events import decode_event
 from tests.rules.helpers import inbound, rules_database
 from tests.rules.samples import BASE, doc, line, order
@@ -41,7 +41,9 @@ def _spends_meanwhile(
     on other partitions would. `reads` records whether each read locked."""
     original = CampaignRepository.spent
 
-    async def spent(repo: CampaignRepository, keys: Iterable[Key], *, for_update: bool = False) -> dict[Key, int]:
+    async def spent(
+        repo: CampaignRepository[AsyncSession], keys: Iterable[Key], *, for_update: bool = False
+    ) -> dict[Key, int]:
         wanted = list(keys)
         result = await original(repo, wanted, for_update=for_update)
         reads.append(for_update)

@@ -14,13 +14,13 @@ import pytest
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from prometheus_client import REGISTRY
 from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from rules.app import create_app
 from rules.models import OutboxMessage, outbox_quarantine
 from rules.repository import OutboxRepository
 from rules.service import RulesOutbox
-from shared.db import create_engine, create_sessionmaker, transaction
+from shared.db import AsyncSession, create_engine, create_sessionmaker, transaction
 from shared.events import utcnow
 from shared.kafka import EventProducer, delete_topics, ensure_topics
 from shared.outbox import OutboxRelay

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from rules.batch import BatchOutcome
 from rules.models import Award, CustomerState, Order, processed_events
 from rules.service import rules_service
 from shared.consumer import RetryLater, is_transient
-from shared.db import transaction
+from shared.db import AsyncSession, transaction
 from shared.events import CloudEvent, decode_event
 from tests.rules.helpers import inbound, rules_database
 from tests.rules.samples import BASE, doc, line, order, refund, review

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from rules.engine import CustomerSnapshot
 from rules.models import OutboxMessage
@@ -21,7 +21,7 @@ from rules.repository import (
     OutboxRepository,
     StateChanged,
 )
-from shared.db import create_engine, create_sessionmaker, transaction
+from shared.db import AsyncSession, create_engine, create_sessionmaker, transaction
 from tests.conftest import service_settings
 
 pytestmark = pytest.mark.db

@@ -2,13 +2,13 @@ from datetime import timedelta, timezone
 from typing import Any, cast
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from rules import ruleset as rs
 from rules.batch import BatchWork, Schedule, breakdown_json, earn_command, tier_changed
 from rules.engine import CompiledRuleset, CustomerSnapshot, TierChange, evaluate
 from rules.service import rules_service
 from shared.consumer import Inbound
+from shared.db import AsyncSession
 from shared.events import ClawbackPoints, CloudEvent, EarnPoints, Payload, TierChanged, decode_event
 from tests.rules.samples import BASE, T0, TIERS, doc, line, order, referral, refund, review
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from rules.batch import BatchOutcome, StateCache
 from rules.consumers import batch_handler
@@ -18,7 +18,7 @@ from rules.engine import CustomerSnapshot
 from rules.repository import CustomerStateRepository
 from rules.service import RulesOutbox, rules_service
 from shared.consumer import RetryLater, is_transient
-from shared.db import transaction
+from shared.db import AsyncSession, transaction
 from shared.events import CloudEvent
 from shared.outbox import OutboxRelay
 from tests.conftest import KAFKA, NAMESPACE

@@ -23,8 +23,9 @@ from aiokafka.errors import (
     RequestTimedOutError,
     TopicAuthorizationFailedError,
 )
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from shared.db import AsyncReadSession, AsyncSession
 from shared.faults import record_refusal as refusal
 from shared.outbox import Claimed, OutboxRelay, Unpublishable, describe_error
 
@@ -80,7 +81,7 @@ class _Source:
     async def quarantine(self, session: AsyncSession, rows: Sequence[Unpublishable]) -> None:
         self.quarantined.extend(rows)
 
-    async def oldest(self, session: AsyncSession) -> datetime | None:
+    async def oldest(self, session: AsyncReadSession) -> datetime | None:
         return None
 
 

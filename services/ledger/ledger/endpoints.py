@@ -63,8 +63,13 @@ async def _once(
         key=key,
         fingerprint=fingerprint,
         status_code=201,
-        operation=lambda: operation(
-            session, principal.tenant_id, *args, source=f"request:{key}", actor_key_id=principal.key_id
+        operation=lambda pending: operation(
+            session,
+            principal.tenant_id,
+            *args,
+            source=f"request:{key}",
+            actor_key_id=principal.key_id,
+            pending=pending,
         ),
     )
     return Response(content, status_code=status, media_type="application/json")

@@ -9,15 +9,14 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic
 
 from sqlalchemy import Select, delete, func, select, true, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from ledger.domain import AccountState, HoldState, LotState, Policy, is_system
 from ledger.models import Balance, Command, Entry, Hold, IdempotencyKey, Lot, Outbox, TenantPolicy, outbox_quarantine
-from shared.db import driver_connection
+from shared.db import AsyncReadSession, AsyncSession, SessionT, driver_connection
 from shared.outbox import Unpublishable, insert_quarantined
 
 _ACCOUNT_FIELDS = [f.name for f in fields(AccountState)]
@@ -44,7 +43,7 @@ class _Sql:
 
         self.sql = re.sub(r"(?<!:):([a-z_]+)", positional, sql)
 
-    async def fetch(self, session: AsyncSession, params: dict[str, Any], *, begin: bool = True) -> list[Any]:
+    async def fetch(self, session: AsyncReadSession, params: dict[str, Any], *, begin: bool = True) -> list[Any]:
         driver = await driver_connection(session, begin=begin)
         rows: list[Any] = await driver.fetch(self.sql, *(params[name] for name in self.names))
         return rows
@@ -164,23 +163,27 @@ _SAVE_LOTS = _Sql(
 )
 
 
-class LedgerRepository:
-    def __init__(self, session: AsyncSession) -> None:
+class LedgerRepository(Generic[SessionT]):
+    """Reads on any session; the methods that write or lock ask for the write session (`self`'s type)."""
+
+    def __init__(self, session: SessionT) -> None:
         self.session = session
 
     @classmethod
-    def from_session(cls, session: AsyncSession) -> LedgerRepository:
+    def from_session(cls, session: SessionT) -> LedgerRepository[SessionT]:
         return cls(session)
 
     # --- accounts and balances --------------------------------------------------------------------
 
-    async def create_accounts(self, tenant_id: str, account_ids: Iterable[str]) -> None:
+    async def create_accounts(self: LedgerRepository[AsyncSession], tenant_id: str, account_ids: Iterable[str]) -> None:
         ids = sorted(set(account_ids))
         if ids:
             kinds = ["system" if is_system(a) else "customer" for a in ids]
             await _CREATE_ACCOUNTS.fetch(self.session, {"tenant": tenant_id, "ids": ids, "kinds": kinds})
 
-    async def lock_accounts(self, tenant_id: str, account_ids: Iterable[str]) -> dict[str, AccountState]:
+    async def lock_accounts(
+        self: LedgerRepository[AsyncSession], tenant_id: str, account_ids: Iterable[str]
+    ) -> dict[str, AccountState]:
         # Rows are locked in account id order: two transactions over overlapping accounts cannot deadlock.
         rows = await _LOCK_ACCOUNTS.fetch(self.session, {"tenant": tenant_id, "ids": sorted(set(account_ids))})
         return {row["account_id"]: _account(row) for row in rows}
@@ -225,7 +228,7 @@ class LedgerRepository:
     # --- entries and the outbox -------------------------------------------------------------------
 
     async def post(
-        self,
+        self: LedgerRepository[AsyncSession],
         tenant_id: str,
         entries: Sequence[dict[str, Any]],
         accounts: Iterable[AccountState],
@@ -269,7 +272,9 @@ class LedgerRepository:
         await _INSERT_ENTRIES.fetch(self.session, {**columns, **balances, **extra})
         return response is not None
 
-    async def _copy(self, table: str, columns: Sequence[str], records: Sequence[tuple[Any, ...]]) -> None:
+    async def _copy(
+        self: LedgerRepository[AsyncSession], table: str, columns: Sequence[str], records: Sequence[tuple[Any, ...]]
+    ) -> None:
         # COPY is the fastest way in (several times executemany); it runs on the session's own
         # connection, so it is part of the same transaction as everything else.
         driver = await driver_connection(self.session)
@@ -324,7 +329,7 @@ class LedgerRepository:
         stmt = select(Balance.account_id).where(Balance.tenant_id == tenant_id).order_by(Balance.account_id)
         return list((await self.session.execute(stmt)).scalars())
 
-    async def outbox_batch(self, limit: int) -> list[dict[str, Any]]:
+    async def outbox_batch(self: LedgerRepository[AsyncSession], limit: int) -> list[dict[str, Any]]:
         # SKIP LOCKED lets several relays (replicas) drain the outbox without waiting on each other. A row
         # whose entry is missing comes back with the entry's columns null (so it can be quarantined).
         rows = await _OUTBOX_BATCH.fetch(self.session, {"limit": limit})
@@ -336,7 +341,7 @@ class LedgerRepository:
             out.append(entry)
         return out
 
-    async def delete_outbox(self, ids: Sequence[int]) -> None:
+    async def delete_outbox(self: LedgerRepository[AsyncSession], ids: Sequence[int]) -> None:
         # One fixed statement (an array parameter) instead of an IN list compiled per batch.
         await _DELETE_OUTBOX.fetch(self.session, {"ids": list(ids)})
 
@@ -344,7 +349,7 @@ class LedgerRepository:
         rows = await _OLDEST_OUTBOX.fetch(self.session, {})
         return rows[0]["created_at"] if rows else None
 
-    async def quarantine_outbox(self, rows: Sequence[Unpublishable]) -> None:
+    async def quarantine_outbox(self: LedgerRepository[AsyncSession], rows: Sequence[Unpublishable]) -> None:
         await insert_quarantined(self.session, outbox_quarantine, rows)
 
     async def outbox_size(self) -> int:
@@ -360,7 +365,7 @@ class LedgerRepository:
         return [LotState(**dict(row)) for row in rows]
 
     async def save_lots(
-        self, tenant_id: str, lots: Iterable[LotState], *, defer_changed: bool = False
+        self: LedgerRepository[AsyncSession], tenant_id: str, lots: Iterable[LotState], *, defer_changed: bool = False
     ) -> list[LotState]:
         """Inserts the new lots and updates the changed ones; with `defer_changed`, returns the changed
         ones unwritten instead, for `post` to write in its own statement."""
@@ -377,7 +382,9 @@ class LedgerRepository:
         await self._save_changed_lots(tenant_id, changed)
         return []
 
-    async def _save_changed_lots(self, tenant_id: str, changed: Sequence[LotState]) -> None:
+    async def _save_changed_lots(
+        self: LedgerRepository[AsyncSession], tenant_id: str, changed: Sequence[LotState]
+    ) -> None:
         if changed:
             params = {
                 "tenant": tenant_id,
@@ -421,7 +428,7 @@ class LedgerRepository:
         row = (await self.session.execute(stmt)).first()
         return None if row is None else HoldState(**row._asdict())
 
-    async def lock_hold(self, tenant_id: str, hold_id: uuid.UUID) -> None:
+    async def lock_hold(self: LedgerRepository[AsyncSession], tenant_id: str, hold_id: uuid.UUID) -> None:
         # The hold row is locked after its account: the same order as every other writer.
         await self.session.execute(
             select(Hold.hold_id).where(Hold.tenant_id == tenant_id, Hold.hold_id == hold_id).with_for_update()
@@ -437,7 +444,7 @@ class LedgerRepository:
         )
         return [(row.tenant_id, row.hold_id) for row in await self.session.execute(stmt)]
 
-    async def save_holds(self, tenant_id: str, holds: Iterable[HoldState]) -> None:
+    async def save_holds(self: LedgerRepository[AsyncSession], tenant_id: str, holds: Iterable[HoldState]) -> None:
         for hold in holds:
             values = {n: getattr(hold, n) for n in _HOLD_FIELDS}
             if hold.is_new:
@@ -452,7 +459,9 @@ class LedgerRepository:
 
     # --- idempotency ------------------------------------------------------------------------------
 
-    async def claim_commands(self, rows: Sequence[tuple[str, str, str]]) -> set[tuple[str, str]]:
+    async def claim_commands(
+        self: LedgerRepository[AsyncSession], rows: Sequence[tuple[str, str, str]]
+    ) -> set[tuple[str, str]]:
         """Inserts (tenant, command id, kind) rows; returns the (tenant, command id) pairs that were new."""
         if not rows:
             return set()
@@ -463,11 +472,13 @@ class LedgerRepository:
     async def get_command(self, tenant_id: str, command_id: str) -> Command | None:
         return await self.session.get(Command, (tenant_id, command_id))
 
-    async def release_commands(self, keys: Sequence[tuple[str, str]]) -> None:
+    async def release_commands(self: LedgerRepository[AsyncSession], keys: Sequence[tuple[str, str]]) -> None:
         if keys:
             await self.session.execute(delete(Command).where(tuple_(Command.tenant_id, Command.command_id).in_(keys)))
 
-    async def claim_idempotency_key(self, tenant_id: str, key: str, request_hash: str) -> bool:
+    async def claim_idempotency_key(
+        self: LedgerRepository[AsyncSession], tenant_id: str, key: str, request_hash: str
+    ) -> bool:
         # A concurrent request with the same key waits here on the unique index until the first one
         # commits (then it finds the stored response) or rolls back (then it proceeds itself).
         rows = await _CLAIM_KEY.fetch(self.session, {"tenant": tenant_id, "key": key, "hash": request_hash})
@@ -476,7 +487,9 @@ class LedgerRepository:
     async def get_idempotency_key(self, tenant_id: str, key: str) -> IdempotencyKey | None:
         return await self.session.get(IdempotencyKey, (tenant_id, key))
 
-    async def store_response(self, tenant_id: str, key: str, status_code: int, response: str) -> None:
+    async def store_response(
+        self: LedgerRepository[AsyncSession], tenant_id: str, key: str, status_code: int, response: str
+    ) -> None:
         params = {"tenant": tenant_id, "key": key, "status": status_code, "response": response}
         await _STORE_RESPONSE.fetch(self.session, params)
 
@@ -493,7 +506,7 @@ class LedgerRepository:
             hold_timeout_seconds=row.hold_timeout_seconds,
         )
 
-    async def set_policy(self, tenant_id: str, policy: Policy, now: datetime) -> None:
+    async def set_policy(self: LedgerRepository[AsyncSession], tenant_id: str, policy: Policy, now: datetime) -> None:
         values = {**asdict(policy), "updated_at": now}
         stmt = insert(TenantPolicy).values(tenant_id=tenant_id, **values)
         await self.session.execute(stmt.on_conflict_do_update(index_elements=[TenantPolicy.tenant_id], set_=values))

@@ -4,15 +4,13 @@ import hashlib
 import json
 import logging
 import uuid
-import weakref
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from ledger import schemas
 from ledger.domain import (
@@ -37,6 +35,7 @@ from ledger.errors import (
 )
 from ledger.repository import LedgerRepository
 from shared.consumer import Inbound, Rejection
+from shared.db import AsyncReadSession, AsyncSession
 from shared.events import ClawbackPoints, CloudEvent, EarnPoints, LedgerEntryPosted, make_event, utcnow
 from shared.outbox import Claimed, Unpublishable, describe_error
 
@@ -116,14 +115,19 @@ class LedgerOutbox:
     async def quarantine(self, session: AsyncSession, rows: Sequence[Unpublishable]) -> None:
         await LedgerRepository.from_session(session).quarantine_outbox(rows)
 
-    async def oldest(self, session: AsyncSession) -> datetime | None:
+    async def oldest(self, session: AsyncReadSession) -> datetime | None:
         return await LedgerRepository.from_session(session).oldest_outbox_row()
 
 
-# Per session (a request's transaction): the idempotency key whose response `_post` should store with
-# the entries, and the response it stored. Weak keys: nothing outlives the session.
-_PENDING_RESPONSE: weakref.WeakKeyDictionary[AsyncSession, tuple[str, int]] = weakref.WeakKeyDictionary()
-_STORED_RESPONSE: weakref.WeakKeyDictionary[AsyncSession, schemas.Posted] = weakref.WeakKeyDictionary()
+@dataclass(slots=True)
+class PendingResponse:
+    """The Idempotency-Key a REST write answers under, handed by `idempotent` to the write: a plain posting
+    stores its response in the statement that writes its entries and sets `stored` to it, so that
+    `idempotent` does not store it a second time."""
+
+    key: str
+    status_code: int
+    stored: BaseModel | None = None
 
 
 class LedgerService:
@@ -193,10 +197,16 @@ class LedgerService:
         book.entries, book.touched, book.dirty_lots, book.dirty_holds = [], set(), set(), set()
         return stored
 
-    async def _post(self, session: AsyncSession, book: Book, txn: uuid.UUID, account_id: str) -> schemas.Posted:
+    async def _post(
+        self,
+        session: AsyncSession,
+        book: Book,
+        txn: uuid.UUID,
+        account_id: str,
+        pending: PendingResponse | None = None,
+    ) -> schemas.Posted:
         posted = [e for e in book.entries if e["transaction_id"] == txn]
         result: list[schemas.Posted] = []
-        pending = _PENDING_RESPONSE.get(session)
 
         def respond() -> tuple[str, int, str]:
             # The entries are sealed now (seq and hash): the response is final before the statement runs.
@@ -205,14 +215,13 @@ class LedgerService:
                 schemas.Posted(transaction_id=txn, balance=_balance(book.account(account_id)), entries=entries)
             )
             assert pending is not None
-            key, status = pending
-            return key, status, result[0].model_dump_json()
+            return pending.key, pending.status_code, result[0].model_dump_json()
 
         # `_save` seals the system postings in place: they get their seq and hash.
         if pending is None:
             await self._save(session, book)
         elif await self._save(session, book, respond):
-            _STORED_RESPONSE[session] = result[0]
+            pending.stored = result[0]
             return result[0]
         if result:  # built, but too many entries to be stored with them: `idempotent` stores it
             return result[0]
@@ -229,9 +238,10 @@ class LedgerService:
         key: str,
         fingerprint: str,
         status_code: int,
-        operation: Callable[[], Awaitable[BaseModel]],
+        operation: Callable[[PendingResponse], Awaitable[BaseModel]],
     ) -> tuple[int, bytes]:
         """Runs a write once per Idempotency-Key: a repeat with the same request gets the stored response.
+        `operation` gets the key's pending response, to pass to the write as its `pending`.
 
         Returns the status and the JSON body, serialised once for both the client and the store."""
         repo = LedgerRepository.from_session(session)
@@ -239,14 +249,10 @@ class LedgerService:
         if await repo.claim_idempotency_key(tenant_id, key, request_hash):
             # A plain posting stores its response in the statement that writes its entries (`_post`),
             # saving a round trip while the system accounts are locked; anything else is stored here.
-            _PENDING_RESPONSE[session] = (key, status_code)
-            try:
-                response = await operation()
-            finally:
-                del _PENDING_RESPONSE[session]
-                stored_with_entries = _STORED_RESPONSE.pop(session, None)
+            pending = PendingResponse(key, status_code)
+            response = await operation(pending)
             body = response.model_dump_json()
-            if stored_with_entries is not response:
+            if pending.stored is not response:
                 await repo.store_response(tenant_id, key, status_code, body)
             return status_code, body.encode()
         stored = await repo.get_idempotency_key(tenant_id, key)
@@ -267,12 +273,13 @@ class LedgerService:
         source: str,
         actor_key_id: str | None = None,
         now: datetime | None = None,
+        pending: PendingResponse | None = None,
     ) -> schemas.Posted:
         check_customer_account(account_id)
         book = await self._open(session, tenant_id, [account_id], now=now, create=[account_id])
         meta = Meta(kind="earn", source=source, member_id=body.member_id, reason=body.reason, actor_key_id=actor_key_id)
         txn = book.earn(account_id, body.points, meta, lot_id=None, matures_at=body.matures_at)
-        return await self._post(session, book, txn, account_id)
+        return await self._post(session, book, txn, account_id, pending)
 
     async def clawback(
         self,
@@ -284,6 +291,7 @@ class LedgerService:
         source: str,
         actor_key_id: str | None = None,
         now: datetime | None = None,
+        pending: PendingResponse | None = None,
     ) -> schemas.Posted:
         book = await self._open(
             session,
@@ -304,7 +312,7 @@ class LedgerService:
             reference_id=body.original_earn,
         )
         txn = book.clawback(account_id, body.points, meta, original_lot_id=original.lot_id)
-        return await self._post(session, book, txn, account_id)
+        return await self._post(session, book, txn, account_id, pending)
 
     async def redeem(
         self,
@@ -316,6 +324,7 @@ class LedgerService:
         source: str,
         actor_key_id: str | None = None,
         now: datetime | None = None,
+        pending: PendingResponse | None = None,
     ) -> schemas.Posted:
         book = await self._open(session, tenant_id, [account_id], now=now, lots_of=[account_id], policy=False)
         meta = Meta(
@@ -326,7 +335,7 @@ class LedgerService:
             actor_key_id=actor_key_id,
         )
         txn = book.redeem(account_id, body.points, meta)
-        return await self._post(session, book, txn, account_id)
+        return await self._post(session, book, txn, account_id, pending)
 
     async def reserve(
         self,
@@ -338,6 +347,7 @@ class LedgerService:
         source: str,
         actor_key_id: str | None = None,
         now: datetime | None = None,
+        pending: PendingResponse | None = None,
     ) -> schemas.HoldPosted:
         book = await self._open(session, tenant_id, [account_id], now=now, lots_of=[account_id])
         timeout = body.timeout_seconds or book.policy.hold_timeout_seconds
@@ -362,7 +372,7 @@ class LedgerService:
             hold_id=hold.hold_id,
         )
         txn = book.reserve(hold, meta)
-        posted = await self._post(session, book, txn, account_id)
+        posted = await self._post(session, book, txn, account_id, pending)
         return schemas.HoldPosted(**posted.model_dump(), hold=schemas.Hold.model_validate(hold, from_attributes=True))
 
     async def _hold_book(
@@ -391,6 +401,7 @@ class LedgerService:
         source: str,
         actor_key_id: str | None = None,
         now: datetime | None = None,
+        pending: PendingResponse | None = None,
     ) -> schemas.HoldPosted:
         book, hold = await self._hold_book(session, tenant_id, hold_id, now=now)
         meta = Meta(
@@ -402,7 +413,7 @@ class LedgerService:
             hold_id=hold.hold_id,
         )
         txn = book.capture(hold, body.points or hold.points, meta)
-        return await self._hold_posted(session, book, txn, hold)
+        return await self._hold_posted(session, book, txn, hold, pending)
 
     async def void(
         self,
@@ -413,16 +424,17 @@ class LedgerService:
         source: str,
         actor_key_id: str | None = None,
         now: datetime | None = None,
+        pending: PendingResponse | None = None,
     ) -> schemas.HoldPosted:
         book, hold = await self._hold_book(session, tenant_id, hold_id, now=now)
         meta = Meta(kind="void", source=source, actor_key_id=actor_key_id, hold_id=hold.hold_id)
         txn = book.release(hold, meta, status="voided")
-        return await self._hold_posted(session, book, txn, hold)
+        return await self._hold_posted(session, book, txn, hold, pending)
 
     async def _hold_posted(
-        self, session: AsyncSession, book: Book, txn: uuid.UUID, hold: HoldState
+        self, session: AsyncSession, book: Book, txn: uuid.UUID, hold: HoldState, pending: PendingResponse | None
     ) -> schemas.HoldPosted:
-        posted = await self._post(session, book, txn, hold.account_id)
+        posted = await self._post(session, book, txn, hold.account_id, pending)
         return schemas.HoldPosted(**posted.model_dump(), hold=schemas.Hold.model_validate(hold, from_attributes=True))
 
     async def transfer(
@@ -435,6 +447,7 @@ class LedgerService:
         source: str,
         actor_key_id: str | None = None,
         now: datetime | None = None,
+        pending: PendingResponse | None = None,
     ) -> schemas.Posted:
         target = body.to_account_id
         check_customer_account(target)
@@ -443,7 +456,7 @@ class LedgerService:
         )
         meta = Meta(kind="transfer", source=source, reason=body.reason, actor_key_id=actor_key_id)
         txn = book.transfer(account_id, target, body.points, meta)
-        return await self._post(session, book, txn, account_id)
+        return await self._post(session, book, txn, account_id, pending)
 
     async def adjust(
         self,
@@ -455,12 +468,13 @@ class LedgerService:
         source: str,
         actor_key_id: str,
         now: datetime | None = None,
+        pending: PendingResponse | None = None,
     ) -> schemas.Posted:
         check_customer_account(account_id)
         book = await self._open(session, tenant_id, [account_id], now=now, create=[account_id], lots_of=[account_id])
         meta = Meta(kind="adjustment", source=source, reason=body.reason, actor_key_id=actor_key_id)
         txn = book.adjust(account_id, body.points, meta)
-        return await self._post(session, book, txn, account_id)
+        return await self._post(session, book, txn, account_id, pending)
 
     async def set_policy(
         self, session: AsyncSession, tenant_id: str, body: schemas.PolicyUpdate, *, now: datetime | None = None
@@ -600,7 +614,7 @@ class LedgerService:
     # --- reads ------------------------------------------------------------------------------------
 
     async def get_balance(
-        self, session: AsyncSession, tenant_id: str, account_id: str, *, as_of: datetime | None = None
+        self, session: AsyncReadSession, tenant_id: str, account_id: str, *, as_of: datetime | None = None
     ) -> schemas.Balance | None:
         repo = LedgerRepository.from_session(session)
         if account_id in SYSTEM_ACCOUNTS:
@@ -613,7 +627,7 @@ class LedgerService:
         return await self._balance_as_of(session, tenant_id, account_id, [account_id], as_of)
 
     async def _balance_as_of(
-        self, session: AsyncSession, tenant_id: str, account_id: str, rows: list[str], as_of: datetime
+        self, session: AsyncReadSession, tenant_id: str, account_id: str, rows: list[str], as_of: datetime
     ) -> schemas.Balance:
         # A past balance is answered from the entries, which are the record; the row only knows "now".
         state = AccountState(account_id)
@@ -622,7 +636,7 @@ class LedgerService:
         return _balance(state).model_copy(update={"as_of": as_of})
 
     async def _system_balance(
-        self, session: AsyncSession, tenant_id: str, account_id: str, *, as_of: datetime | None
+        self, session: AsyncReadSession, tenant_id: str, account_id: str, *, as_of: datetime | None
     ) -> schemas.Balance | None:
         """A system account's balance: the sum of its shards."""
         shards = [f"{account_id}/{i:02d}" for i in range(SYSTEM_SHARDS)]
@@ -638,7 +652,7 @@ class LedgerService:
         return _balance(total)
 
     async def list_accounts(
-        self, session: AsyncSession, tenant_id: str, *, kind: str | None, cursor: str | None, limit: int
+        self, session: AsyncReadSession, tenant_id: str, *, kind: str | None, cursor: str | None, limit: int
     ) -> schemas.Page[schemas.Balance]:
         rows = await LedgerRepository.from_session(session).list_accounts(
             tenant_id, kind=kind, after=cursor, limit=limit + 1
@@ -650,7 +664,7 @@ class LedgerService:
 
     async def history(
         self,
-        session: AsyncSession,
+        session: AsyncReadSession,
         tenant_id: str,
         account_id: str,
         *,
@@ -670,17 +684,23 @@ class LedgerService:
         return schemas.Page[schemas.Entry](items=items, next_cursor=str(items[-1].seq) if len(rows) > limit else None)
 
     async def get_command(
-        self, session: AsyncSession, tenant_id: str, command_id: str
+        self, session: AsyncReadSession, tenant_id: str, command_id: str
     ) -> schemas.AppliedCommand | None:
         command = await LedgerRepository.from_session(session).get_command(tenant_id, command_id)
         return None if command is None else schemas.AppliedCommand.model_validate(command)
 
-    async def get_hold(self, session: AsyncSession, tenant_id: str, hold_id: uuid.UUID) -> schemas.Hold | None:
+    async def get_hold(self, session: AsyncReadSession, tenant_id: str, hold_id: uuid.UUID) -> schemas.Hold | None:
         hold = await LedgerRepository.from_session(session).get_hold(tenant_id, hold_id)
         return None if hold is None else schemas.Hold.model_validate(hold, from_attributes=True)
 
     async def expiring(
-        self, session: AsyncSession, tenant_id: str, account_id: str, *, within: timedelta, now: datetime | None = None
+        self,
+        session: AsyncReadSession,
+        tenant_id: str,
+        account_id: str,
+        *,
+        within: timedelta,
+        now: datetime | None = None,
     ) -> schemas.Expiring | None:
         repo = LedgerRepository.from_session(session)
         if await repo.get_balance(tenant_id, account_id) is None:
@@ -692,7 +712,7 @@ class LedgerService:
         ]
         return schemas.Expiring(account_id=account_id, until=until, points=sum(lot.points for lot in lots), lots=lots)
 
-    async def liability(self, session: AsyncSession, tenant_id: str) -> schemas.Liability:
+    async def liability(self, session: AsyncReadSession, tenant_id: str) -> schemas.Liability:
         row = await LedgerRepository.from_session(session).liability(tenant_id)
         available, pending, held = int(row.available), int(row.pending), int(row.held)
         return schemas.Liability(
@@ -705,7 +725,7 @@ class LedgerService:
         )
 
     async def adjustments(
-        self, session: AsyncSession, tenant_id: str, *, account_id: str | None, cursor: datetime | None, limit: int
+        self, session: AsyncReadSession, tenant_id: str, *, account_id: str | None, cursor: datetime | None, limit: int
     ) -> schemas.Page[schemas.Entry]:
         rows = await LedgerRepository.from_session(session).entries_of_kind(
             tenant_id, "adjustment", account_id=account_id, before=cursor, limit=limit + 1
@@ -714,10 +734,10 @@ class LedgerService:
         more = len(rows) > limit
         return schemas.Page[schemas.Entry](items=items, next_cursor=items[-1].created_at.isoformat() if more else None)
 
-    async def get_policy(self, session: AsyncSession, tenant_id: str) -> schemas.Policy:
+    async def get_policy(self, session: AsyncReadSession, tenant_id: str) -> schemas.Policy:
         return schemas.Policy(**asdict(await LedgerRepository.from_session(session).policy(tenant_id)))
 
-    async def verify(self, session: AsyncSession, tenant_id: str, account_id: str) -> schemas.Verification | None:
+    async def verify(self, session: AsyncReadSession, tenant_id: str, account_id: str) -> schemas.Verification | None:
         repo = LedgerRepository.from_session(session)
         row = await repo.get_balance(tenant_id, account_id)
         if row is None:
@@ -730,7 +750,7 @@ class LedgerService:
                 problems.append(f"balances row: {name} is {getattr(stored, name)!r}, the entries give {value!r}")
         return schemas.Verification(account_id=account_id, entries=len(entries), ok=not problems, problems=problems)
 
-    async def verify_tenant(self, session: AsyncSession, tenant_id: str) -> list[schemas.Verification]:
+    async def verify_tenant(self, session: AsyncReadSession, tenant_id: str) -> list[schemas.Verification]:
         out = []
         for account_id in await LedgerRepository.from_session(session).account_ids(tenant_id):
             result = await self.verify(session, tenant_id, account_id)

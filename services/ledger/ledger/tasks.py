@@ -7,12 +7,12 @@ import asyncio
 import logging
 from datetime import datetime
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ledger import schemas
 from ledger.config import Settings
 from ledger.service import LedgerOutbox, ledger_service
-from shared.db import transaction
+from shared.db import AsyncSession, transaction
 from shared.kafka import EventProducer
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime

@@ -3,23 +3,33 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import date
 from decimal import Decimal
+from typing import Generic
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from metrics.models import DailyPurchases
+from shared.db import AsyncSession, SessionT
 
 
-class DailyPurchasesRepository:
-    def __init__(self, session: AsyncSession) -> None:
+class DailyPurchasesRepository(Generic[SessionT]):
+    """Reads on any session; `add` asks for the write session (`self`'s type)."""
+
+    def __init__(self, session: SessionT) -> None:
         self.session = session
 
     @classmethod
-    def from_session(cls, session: AsyncSession) -> DailyPurchasesRepository:
+    def from_session(cls, session: SessionT) -> DailyPurchasesRepository[SessionT]:
         return cls(session)
 
-    async def add(self, tenant_id: str, day: date, currency: str, orders: int, net_revenue: Decimal) -> None:
+    async def add(
+        self: DailyPurchasesRepository[AsyncSession],
+        tenant_id: str,
+        day: date,
+        currency: str,
+        orders: int,
+        net_revenue: Decimal,
+    ) -> None:
         table = DailyPurchases
         stmt = insert(table).values(
             tenant_id=tenant_id, day=day, currency=currency, orders=orders, net_revenue=net_revenue

@@ -6,12 +6,11 @@ from datetime import date
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from metrics.errors import InvalidPeriod
 from metrics.models import DailyPurchases, processed_events
 from metrics.repository import DailyPurchasesRepository
 from shared.consumer import Inbound, Rejection
+from shared.db import AsyncReadSession, AsyncSession
 from shared.events import CloudEvent, PurchaseCompleted
 from shared.tracking import claim_batch, release
 
@@ -44,7 +43,9 @@ class MetricsService:
         await release(session, processed_events, admission.release_keys(admission.rejections))
         return admission.rejections
 
-    async def daily(self, session: AsyncSession, *, tenant_id: str, start: date, end: date) -> Sequence[DailyPurchases]:
+    async def daily(
+        self, session: AsyncReadSession, *, tenant_id: str, start: date, end: date
+    ) -> Sequence[DailyPurchases]:
         if start > end:
             raise InvalidPeriod(start, end)
         return await DailyPurchasesRepository.from_session(session).between(tenant_id, start, end)

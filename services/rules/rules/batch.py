@@ -13,7 +13,6 @@ from decimal import Decimal
 from typing import Any
 
 from pydantic_core import to_json
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from rules import ruleset as rs
 from rules.engine import (
@@ -45,6 +44,7 @@ from rules.repository import (
     RulesetRepository,
 )
 from shared.consumer import Inbound, Rejection
+from shared.db import AsyncReadSession, AsyncSession
 from shared.events import (
     CUSTOM_TYPE_PREFIX,
     CloudEvent,
@@ -149,7 +149,7 @@ class RulesetCache:
         self._compiled[key] = compiled
         return compiled
 
-    async def load(self, session: AsyncSession, keys: set[VersionKey]) -> dict[VersionKey, CompiledRuleset]:
+    async def load(self, session: AsyncReadSession, keys: set[VersionKey]) -> dict[VersionKey, CompiledRuleset]:
         out = {k: c for k in keys if (c := self.get(k)) is not None}
         missing = keys - out.keys()
         for row in await RulesetRepository.from_session(session).documents(missing):

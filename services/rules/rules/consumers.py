@@ -5,14 +5,14 @@ from collections.abc import Sequence
 from typing import cast
 
 from prometheus_client import Counter
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from rules.batch import StateCache
 from rules.config import STATE_CACHE_SIZE, Settings
 from rules.service import rules_service
 from rules.tasks import outbox_relay
 from shared.consumer import BatchHandler, ConsumerRunner, Inbound, Rejection
-from shared.db import transaction
+from shared.db import AsyncSession, transaction
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime
 from shared.topics import ENGAGEMENT, PURCHASES

@@ -77,7 +77,9 @@ def _simulation(evaluation: Evaluation) -> schemas.Simulation:
 
 
 @router.get("/customers/{customer_id}/state", response_model=schemas.CustomerState, tags=["customers"])
-async def get_customer_state(customer_id: CustomerId, principal: PointsRead, session: ReadSessionDep) -> object:
+async def get_customer_state(
+    customer_id: CustomerId, principal: PointsRead, session: ReadSessionDep
+) -> schemas.CustomerState:
     """The state the rules keep for one customer of the caller's tenant."""
     state = await rules_service.get_state(session, tenant_id=principal.tenant_id, customer_id=customer_id)
     if state is None:
@@ -86,7 +88,7 @@ async def get_customer_state(customer_id: CustomerId, principal: PointsRead, ses
 
 
 @router.get("/customers/{customer_id}/tier", response_model=schemas.Tier, tags=["customers"])
-async def get_customer_tier(customer_id: CustomerId, principal: PointsRead, session: ReadSessionDep) -> object:
+async def get_customer_tier(customer_id: CustomerId, principal: PointsRead, session: ReadSessionDep) -> schemas.Tier:
     """The customer's current tier."""
     state = await rules_service.get_state(session, tenant_id=principal.tenant_id, customer_id=customer_id)
     if state is None:
@@ -100,16 +102,17 @@ async def list_customer_awards(
     principal: PointsRead,
     session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-) -> object:
+) -> list[schemas.AwardOut]:
     """The customer's awards, newest first, each with its ruleset version, rules and arithmetic."""
-    return await rules_service.awards(session, tenant_id=principal.tenant_id, customer_id=customer_id, limit=limit)
+    awards = await rules_service.awards(session, tenant_id=principal.tenant_id, customer_id=customer_id, limit=limit)
+    return [schemas.AwardOut.model_validate(award) for award in awards]
 
 
 # --- rulesets --------------------------------------------------------------------------------------
 
 
 @router.post("/rulesets/validate", response_model=schemas.ValidationResult, tags=["rulesets"])
-async def validate_ruleset(body: schemas.RulesetSource, principal: RulesAdmin) -> object:
+async def validate_ruleset(body: schemas.RulesetSource, principal: RulesAdmin) -> schemas.ValidationResult:
     """Validates a ruleset document without storing it; every problem names the rule and the position."""
     problems = await rules_service.check(body.source)
     return schemas.ValidationResult(valid=not problems, errors=[p.as_dict() for p in problems])
@@ -123,15 +126,16 @@ async def create_ruleset_version(
     body: schemas.RulesetSource,
     principal: RulesAdmin,
     session: SessionDep,
-) -> object:
+) -> schemas.RulesetVersion:
     """Creates the next version of a ruleset (422 with every problem when the document is invalid)."""
-    return await rules_service.create_version(
+    created = await rules_service.create_version(
         session, tenant_id=principal.tenant_id, ruleset_id=ruleset_id, source=body.source, key_id=principal.key_id
     )
+    return schemas.RulesetVersion.model_validate(created)
 
 
 @router.get("/rulesets", response_model=schemas.RulesetList, tags=["rulesets"])
-async def list_rulesets(principal: RulesAdmin, session: ReadSessionDep) -> object:
+async def list_rulesets(principal: RulesAdmin, session: ReadSessionDep) -> schemas.RulesetList:
     """Every version and activation of the tenant's rulesets, and the version active now."""
     versions = await rules_service.list_versions(session, tenant_id=principal.tenant_id)
     activations = await rules_service.activations(session, tenant_id=principal.tenant_id)
@@ -146,11 +150,12 @@ async def list_rulesets(principal: RulesAdmin, session: ReadSessionDep) -> objec
 @router.get("/rulesets/{ruleset_id}/versions/{version}", response_model=schemas.RulesetVersion, tags=["rulesets"])
 async def get_ruleset_version(
     ruleset_id: RulesetId, version: Version, principal: RulesAdmin, session: ReadSessionDep
-) -> object:
+) -> schemas.RulesetVersion:
     """One version of a ruleset, as stored (old versions stay readable)."""
-    return await rules_service.get_version(
+    stored = await rules_service.get_version(
         session, tenant_id=principal.tenant_id, ruleset_id=ruleset_id, version=version
     )
+    return schemas.RulesetVersion.model_validate(stored)
 
 
 @router.post(
@@ -161,9 +166,9 @@ async def get_ruleset_version(
 )
 async def activate_ruleset_version(
     ruleset_id: RulesetId, version: Version, body: schemas.ActivationCreate, principal: RulesAdmin, session: SessionDep
-) -> object:
+) -> schemas.Activation:
     """Makes a version the tenant's active ruleset from `effective_from` (default now)."""
-    return await rules_service.activate(
+    activation = await rules_service.activate(
         session,
         tenant_id=principal.tenant_id,
         ruleset_id=ruleset_id,
@@ -171,10 +176,13 @@ async def activate_ruleset_version(
         effective_from=body.effective_from,
         key_id=principal.key_id,
     )
+    return schemas.Activation.model_validate(activation)
 
 
 @router.get("/rulesets/active", response_model=schemas.ActiveVersion, tags=["rulesets"])
-async def get_active_ruleset(principal: RulesAdmin, session: ReadSessionDep, at: UtcDatetime | None = None) -> object:
+async def get_active_ruleset(
+    principal: RulesAdmin, session: ReadSessionDep, at: UtcDatetime | None = None
+) -> schemas.ActiveVersion:
     """The version active at `at` (default now)."""
     return await rules_service.require_active(session, tenant_id=principal.tenant_id, at=at or utcnow())
 
@@ -182,7 +190,7 @@ async def get_active_ruleset(principal: RulesAdmin, session: ReadSessionDep, at:
 @router.post("/tiers/review", response_model=schemas.TierReview, tags=["rulesets"])
 async def review_tiers(
     body: schemas.TierReviewRequest, principal: RulesAdmin, session: SessionDep, runtime: RuntimeDep
-) -> object:
+) -> schemas.TierReview:
     """Runs the tier review for every customer due at `at`; changes are published as tier.changed."""
     reviewed, changed = await rules_service.review_tiers(
         session, tenant_id=principal.tenant_id, at=body.at or utcnow(), namespace=runtime.settings.topic_namespace
@@ -194,7 +202,7 @@ async def review_tiers(
 
 
 @router.post("/simulate", response_model=schemas.Simulation, tags=["rulesets"])
-async def simulate(body: schemas.SimulateRequest, principal: RulesAdmin, session: ReadSessionDep) -> object:
+async def simulate(body: schemas.SimulateRequest, principal: RulesAdmin, session: ReadSessionDep) -> schemas.Simulation:
     """Evaluates one event against the stored customer state and returns the full breakdown; stores nothing."""
     _, event = rules_service.parse_event(body.event, tenant_id=principal.tenant_id)
     evaluation = await rules_service.simulate(
@@ -210,7 +218,7 @@ INGEST_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/events", response_model=schemas.Accepted, status_code=202, tags=["ingest"], responses=INGEST_RESPONSES)
-async def ingest_event(body: dict[str, Any], principal: EventsWrite, runtime: RuntimeDep) -> object:
+async def ingest_event(body: dict[str, Any], principal: EventsWrite, runtime: RuntimeDep) -> schemas.Accepted:
     """Validates one purchase or engagement CloudEvent and produces it to its topic."""
     ids = await rules_service.ingest(
         runtime.producer,
@@ -226,7 +234,7 @@ async def ingest_event(body: dict[str, Any], principal: EventsWrite, runtime: Ru
 @router.post(
     "/events/batch", response_model=schemas.Accepted, status_code=202, tags=["ingest"], responses=INGEST_RESPONSES
 )
-async def ingest_events(body: schemas.EventBatch, principal: EventsWrite, runtime: RuntimeDep) -> object:
+async def ingest_events(body: schemas.EventBatch, principal: EventsWrite, runtime: RuntimeDep) -> schemas.Accepted:
     """Validates up to 1000 events (all or none) and produces them to their topics."""
     ids = await rules_service.ingest(
         runtime.producer,

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, NamedTuple, Self
+from typing import Any, Generic, NamedTuple, Self
 
 from sqlalchemy import func, select, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from rules.engine import AwardRecord, CustomerSnapshot
 from rules.models import (
@@ -22,23 +21,25 @@ from rules.models import (
     outbox_quarantine,
 )
 from rules.rows import STATE_COLUMNS, snapshot, state_columns
-from shared.db import driver_connection
+from shared.db import AsyncSession, SessionT, driver_connection
 from shared.outbox import Unpublishable, insert_quarantined
 
 Key = tuple[str, str]
 
 
-class RepositoryBase:
-    def __init__(self, session: AsyncSession) -> None:
+class RepositoryBase(Generic[SessionT]):
+    """Reads on any session; the methods that write or lock ask for the write session (`self`'s type)."""
+
+    def __init__(self, session: SessionT) -> None:
         self.session = session
 
     @classmethod
-    def from_session(cls, session: AsyncSession) -> Self:
+    def from_session(cls, session: SessionT) -> Self:
         return cls(session)
 
 
-class RulesetRepository(RepositoryBase):
-    async def next_version(self, tenant_id: str, ruleset_id: str) -> int:
+class RulesetRepository(RepositoryBase[SessionT]):
+    async def next_version(self: RulesetRepository[AsyncSession], tenant_id: str, ruleset_id: str) -> int:
         # Serialises concurrent creations of one ruleset: the second waits and takes the next number.
         await self.session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"rules:{tenant_id}:{ruleset_id}"))))
         stmt = select(func.coalesce(func.max(Ruleset.version), 0)).where(
@@ -46,7 +47,7 @@ class RulesetRepository(RepositoryBase):
         )
         return int((await self.session.execute(stmt)).scalar_one()) + 1
 
-    async def create(self, ruleset: Ruleset) -> Ruleset:
+    async def create(self: RulesetRepository[AsyncSession], ruleset: Ruleset) -> Ruleset:
         self.session.add(ruleset)
         await self.session.flush()
         return ruleset
@@ -60,7 +61,7 @@ class RulesetRepository(RepositoryBase):
             stmt = stmt.where(Ruleset.ruleset_id == ruleset_id)
         return (await self.session.execute(stmt)).scalars().all()
 
-    async def activate(self, activation: RulesetActivation) -> RulesetActivation:
+    async def activate(self: RulesetRepository[AsyncSession], activation: RulesetActivation) -> RulesetActivation:
         self.session.add(activation)
         await self.session.flush()
         return activation
@@ -134,7 +135,7 @@ class StateChanged(Exception):
     """A customer's stored state is newer than the one a batch read (another writer came between)."""
 
 
-class CustomerStateRepository(RepositoryBase):
+class CustomerStateRepository(RepositoryBase[SessionT]):
     async def get(self, tenant_id: str, customer_id: str) -> CustomerState | None:
         return await self.session.get(CustomerState, (tenant_id, customer_id))
 
@@ -157,7 +158,7 @@ class CustomerStateRepository(RepositoryBase):
         )
         return [snapshot(r) for r in rows]
 
-    async def save(self, states: Iterable[tuple[str, CustomerSnapshot]]) -> None:
+    async def save(self: CustomerStateRepository[AsyncSession], states: Iterable[tuple[str, CustomerSnapshot]]) -> None:
         """Writes the states, each over the version it was read at, and moves them to the version written.
         Raises StateChanged when any stored row moved on meanwhile (then nothing may be kept)."""
         written = list(states)
@@ -195,7 +196,7 @@ async def _copy(session: AsyncSession, table: str, columns: Sequence[str], recor
     await driver.copy_records_to_table(table, schema_name="rules", columns=list(columns), records=records)
 
 
-class OrderRepository(RepositoryBase):
+class OrderRepository(RepositoryBase[SessionT]):
     async def load(self, keys: Iterable[Key]) -> dict[Key, OrderRecord]:
         tenants, orders = _keys(keys)
         if not tenants:
@@ -231,11 +232,11 @@ class OrderRepository(RepositoryBase):
             )
         return out
 
-    async def insert_orders(self, rows: Sequence[OrderRecord]) -> None:
+    async def insert_orders(self: OrderRepository[AsyncSession], rows: Sequence[OrderRecord]) -> None:
         if rows:
             await _copy(self.session, "orders", OrderRecord._fields, rows)
 
-    async def set_refunded(self, rows: Sequence[dict[str, Any]]) -> None:
+    async def set_refunded(self: OrderRepository[AsyncSession], rows: Sequence[dict[str, Any]]) -> None:
         for row in rows:
             await self.session.execute(
                 update(Order)
@@ -243,11 +244,11 @@ class OrderRepository(RepositoryBase):
                 .values(refunded_amount=row["refunded_amount"])
             )
 
-    async def insert_awards(self, rows: Sequence[AwardRow]) -> None:
+    async def insert_awards(self: OrderRepository[AsyncSession], rows: Sequence[AwardRow]) -> None:
         if rows:
             await _copy(self.session, "awards", AwardRow._fields, rows)
 
-    async def add_clawed_back(self, amounts: dict[tuple[str, str, str], int]) -> None:
+    async def add_clawed_back(self: OrderRepository[AsyncSession], amounts: dict[tuple[str, str, str], int]) -> None:
         """Adds clawed-back points to awards, by (tenant, customer, command id)."""
         for (tenant_id, customer_id, command_id), points in sorted(amounts.items()):
             await self.session.execute(
@@ -266,7 +267,7 @@ class OrderRepository(RepositoryBase):
         return (await self.session.execute(stmt)).scalars().all()
 
 
-class CampaignRepository(RepositoryBase):
+class CampaignRepository(RepositoryBase[SessionT]):
     async def spent(self, keys: Iterable[Key], *, for_update: bool = False) -> dict[Key, int]:
         wanted = sorted(set(keys))
         if not wanted:
@@ -281,7 +282,11 @@ class CampaignRepository(RepositoryBase):
         return {(r.tenant_id, r.campaign_id): int(r.points) for r in (await self.session.execute(stmt)).all()}
 
     async def add(
-        self, amounts: dict[Key, int], *, budgets: dict[Key, int] | None = None, read: dict[Key, int] | None = None
+        self: CampaignRepository[AsyncSession],
+        amounts: dict[Key, int],
+        *,
+        budgets: dict[Key, int] | None = None,
+        read: dict[Key, int] | None = None,
     ) -> list[Key]:
         """Adds a batch's campaign points. With `budgets`, the batch was evaluated against the figures in
         `read`, taken without a lock: a campaign is only added to while its total still equals what was
@@ -317,8 +322,8 @@ select array_agg(nextval('rules.outbox_id_seq') order by n) from generate_series
 """
 
 
-class OutboxRepository(RepositoryBase):
-    async def add(self, rows: Sequence[dict[str, Any]]) -> list[int]:
+class OutboxRepository(RepositoryBase[SessionT]):
+    async def add(self: OutboxRepository[AsyncSession], rows: Sequence[dict[str, Any]]) -> list[int]:
         if not rows:
             return []
         # The ids first (one statement), then the rows with COPY: COPY returns nothing.
@@ -333,7 +338,7 @@ class OutboxRepository(RepositoryBase):
         )
         return ids
 
-    async def delete(self, ids: Sequence[int]) -> None:
+    async def delete(self: OutboxRepository[AsyncSession], ids: Sequence[int]) -> None:
         if not ids:
             return
         # Ids come in runs (a block, or a sweep's sorted claim): a range scan per run, not a probe per id.
@@ -352,7 +357,7 @@ class OutboxRepository(RepositoryBase):
             ends,
         )
 
-    async def quarantine(self, rows: Sequence[Unpublishable]) -> None:
+    async def quarantine(self: OutboxRepository[AsyncSession], rows: Sequence[Unpublishable]) -> None:
         await insert_quarantined(self.session, outbox_quarantine, rows)
 
     async def oldest(self, namespace: str = "") -> datetime | None:
@@ -365,7 +370,7 @@ class OutboxRepository(RepositoryBase):
         return (await self.session.execute(stmt)).scalar_one_or_none()
 
     async def claim_stale(
-        self, older_than: timedelta, limit: int, now: datetime, namespace: str = ""
+        self: OutboxRepository[AsyncSession], older_than: timedelta, limit: int, now: datetime, namespace: str = ""
     ) -> Sequence[OutboxMessage]:
         # SKIP LOCKED: several relays (replicas) never publish the same rows at the same time. A relay
         # takes only its deployment's topics (the namespace prefix), never another's.

@@ -8,9 +8,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from asyncpg.exceptions import UniqueViolationError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from rules import ruleset as rs
+from rules import schemas
 from rules.batch import (
     BatchOutcome,
     BatchWork,
@@ -50,6 +50,7 @@ from rules.repository import (
 )
 from shared.consumer import Inbound, Rejection, RetryLater
 from shared.contract import Limits, violation
+from shared.db import AsyncReadSession, AsyncSession
 from shared.events import (
     TOPIC_EVENT_TYPES,
     CloudEvent,
@@ -123,14 +124,14 @@ class RulesService:
             )
         )
 
-    async def get_version(self, session: AsyncSession, *, tenant_id: str, ruleset_id: str, version: int) -> Ruleset:
+    async def get_version(self, session: AsyncReadSession, *, tenant_id: str, ruleset_id: str, version: int) -> Ruleset:
         row = await RulesetRepository.from_session(session).get(tenant_id, ruleset_id, version)
         if row is None:
             raise RulesetNotFound(ruleset_id, version)
         return row
 
     async def list_versions(
-        self, session: AsyncSession, *, tenant_id: str, ruleset_id: str | None = None
+        self, session: AsyncReadSession, *, tenant_id: str, ruleset_id: str | None = None
     ) -> Sequence[Ruleset]:
         return await RulesetRepository.from_session(session).list_versions(tenant_id, ruleset_id)
 
@@ -155,26 +156,32 @@ class RulesService:
             )
         )
 
-    async def activations(self, session: AsyncSession, *, tenant_id: str) -> Sequence[RulesetActivation]:
+    async def activations(self, session: AsyncReadSession, *, tenant_id: str) -> Sequence[RulesetActivation]:
         return await RulesetRepository.from_session(session).activations([tenant_id])
 
-    async def active_version(self, session: AsyncSession, *, tenant_id: str, at: datetime) -> tuple[str, int] | None:
+    async def active_version(
+        self, session: AsyncReadSession, *, tenant_id: str, at: datetime
+    ) -> tuple[str, int] | None:
         schedule = schedules(await RulesetRepository.from_session(session).activations([tenant_id])).get(tenant_id)
         return schedule.at(at) if schedule else None
 
-    async def require_active(self, session: AsyncSession, *, tenant_id: str, at: datetime) -> dict[str, Any]:
+    async def require_active(self, session: AsyncReadSession, *, tenant_id: str, at: datetime) -> schemas.ActiveVersion:
         active = await self.active_version(session, tenant_id=tenant_id, at=at)
         if active is None:
             raise NoActiveRuleset(tenant_id, at)
-        return {"ruleset_id": active[0], "version": active[1]}
+        return schemas.ActiveVersion(ruleset_id=active[0], version=active[1])
 
     # --- customers --------------------------------------------------------------------------------
 
-    async def get_state(self, session: AsyncSession, *, tenant_id: str, customer_id: str) -> CustomerSnapshot | None:
+    async def get_state(
+        self, session: AsyncReadSession, *, tenant_id: str, customer_id: str
+    ) -> CustomerSnapshot | None:
         states = await CustomerStateRepository.from_session(session).load([(tenant_id, customer_id)])
         return states.get((tenant_id, customer_id))
 
-    async def awards(self, session: AsyncSession, *, tenant_id: str, customer_id: str, limit: int) -> Sequence[Award]:
+    async def awards(
+        self, session: AsyncReadSession, *, tenant_id: str, customer_id: str, limit: int
+    ) -> Sequence[Award]:
         return await OrderRepository.from_session(session).awards_for_customer(tenant_id, customer_id, limit)
 
     async def review_tiers(
@@ -215,7 +222,7 @@ class RulesService:
 
     async def simulate(
         self,
-        session: AsyncSession,
+        session: AsyncReadSession,
         *,
         tenant_id: str,
         event: CloudEvent[Any],
@@ -447,7 +454,7 @@ class RulesOutbox:
     async def quarantine(self, session: AsyncSession, rows: Sequence[Unpublishable]) -> None:
         await OutboxRepository.from_session(session).quarantine(rows)
 
-    async def oldest(self, session: AsyncSession) -> datetime | None:
+    async def oldest(self, session: AsyncReadSession) -> datetime | None:
         return await OutboxRepository.from_session(session).oldest(self.namespace)
 
 

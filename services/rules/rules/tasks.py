@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from rules.config import Settings
 from rules.service import RulesOutbox
+from shared.db import AsyncSession
 from shared.kafka import EventProducer
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime
