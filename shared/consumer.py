@@ -180,10 +180,8 @@ class ConsumerRunner:
         self._stall_after_s = stall_after_s
         self._unready_after = unready_after_failures
         self._limits = limits
-        self._consumer: RecordFeed = (
-            feed
-            if feed is not None
-            else AIOKafkaConsumer(
+        if feed is None:
+            feed = AIOKafkaConsumer(
                 *self.topics,
                 bootstrap_servers=bootstrap_servers,
                 group_id=group_id,
@@ -193,7 +191,7 @@ class ConsumerRunner:
                 isolation_level=consumer_options.pop("isolation_level", "read_committed"),
                 **consumer_options,
             )
-        )
+        self._consumer = feed
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.processed = 0
@@ -405,7 +403,7 @@ class ConsumerRunner:
     async def _dead_letter(self, dead: Sequence[DeadRecord]) -> None:
         if not dead:
             return
-        producer: RecordSink = self._dlq_sink or self._dlq.raw
+        producer = self._dlq_sink if self._dlq_sink is not None else self._dlq.raw
         futures = []
         failed_at = datetime.now(UTC).isoformat().encode()
         for record, code, reason in dead:

@@ -61,7 +61,7 @@ async def running(
     runner = ConsumerRunner(
         service="test-memory",
         topics=[TOPIC],
-        group_id=f"memory-{uuid.uuid4().hex[:8]}",
+        group_id="memory",
         bootstrap_servers="unused:9092",
         handler=recorder,
         dlq_producer=cast(Any, None),  # the sink stands in for it
