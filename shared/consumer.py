@@ -19,6 +19,8 @@ Contract:
   other than an outage is settled record by record, so only the record that triggers it is set aside.
 - `health()` says when the consumer is stuck: `unready_after_failures` failed attempts in a row, or
   no progress for `stall_after_s` with a batch waiting. `/readyz` and two gauges show it.
+- The runner reads through a `RecordFeed` and dead-letters through a `RecordSink`: the aiokafka consumer and
+  the DLQ producer by default; tests give it an in-memory pair to run the same logic without a broker.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
@@ -99,6 +101,41 @@ class DeadRecord(NamedTuple):
     reason: str
 
 
+class RecordFeed(Protocol):
+    """What the runner uses of a Kafka consumer (`AIOKafkaConsumer` satisfies it)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]: ...
+
+    async def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None: ...
+
+    def seek(self, partition: TopicPartition, offset: int) -> None: ...
+
+    def assignment(self) -> set[TopicPartition]: ...
+
+    def highwater(self, partition: TopicPartition) -> int | None: ...
+
+
+class RecordSink(Protocol):
+    """What the runner uses of a Kafka producer to dead-letter (`AIOKafkaProducer` satisfies it): `send`
+    enqueues a record and returns an awaitable that resolves once the broker acknowledged it."""
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> Awaitable[Any]: ...
+
+
 class ConsumerRunner:
     def __init__(
         self,
@@ -121,6 +158,8 @@ class ConsumerRunner:
         stall_after_s: float = 120.0,
         unready_after_failures: int = 5,
         limits: Limits = Limits(),
+        feed: RecordFeed | None = None,
+        dlq_sink: RecordSink | None = None,
         **consumer_options: Any,
     ) -> None:
         self.service = service
@@ -128,6 +167,7 @@ class ConsumerRunner:
         self.group_id = group_id
         self._handler = handler
         self._dlq = dlq_producer
+        self._dlq_sink = dlq_sink
         self._dlq_topic = dlq_topic
         self._max_bytes = max_event_bytes
         self._batch_size = batch_size
@@ -140,16 +180,18 @@ class ConsumerRunner:
         self._stall_after_s = stall_after_s
         self._unready_after = unready_after_failures
         self._limits = limits
-        self._consumer = AIOKafkaConsumer(
-            *self.topics,
-            bootstrap_servers=bootstrap_servers,
-            group_id=group_id,
-            client_id=f"{service}-{group_id}",
-            enable_auto_commit=False,
-            auto_offset_reset=consumer_options.pop("auto_offset_reset", "earliest"),
-            isolation_level=consumer_options.pop("isolation_level", "read_committed"),
-            **consumer_options,
-        )
+        if feed is None:
+            feed = AIOKafkaConsumer(
+                *self.topics,
+                bootstrap_servers=bootstrap_servers,
+                group_id=group_id,
+                client_id=f"{service}-{group_id}",
+                enable_auto_commit=False,
+                auto_offset_reset=consumer_options.pop("auto_offset_reset", "earliest"),
+                isolation_level=consumer_options.pop("isolation_level", "read_committed"),
+                **consumer_options,
+            )
+        self._consumer = feed
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.processed = 0
@@ -361,7 +403,7 @@ class ConsumerRunner:
     async def _dead_letter(self, dead: Sequence[DeadRecord]) -> None:
         if not dead:
             return
-        producer = self._dlq.raw
+        producer = self._dlq_sink if self._dlq_sink is not None else self._dlq.raw
         futures = []
         failed_at = datetime.now(UTC).isoformat().encode()
         for record, code, reason in dead:
