@@ -282,7 +282,7 @@ class Book:
             raise CaptureExceedsHold(str(hold.hold_id), requested=points, held=hold.points)
         rest = hold.points - points
         # The allocations were taken earliest-expiry first; the capture keeps those, the rest goes back.
-        self._restore(hold.allocations, rest)
+        restored = self._restore(hold.allocations, rest)
         self._close(hold, "captured", captured=points)
         txn = self._transaction(
             meta,
@@ -294,15 +294,18 @@ class Book:
                 replace(meta, kind="release"),
                 [(hold.account_id, "held", -rest, None), (hold.account_id, "available", rest, None)],
             )
+            self._settle_restored_debt(hold.account_id, restored)
         return txn
 
     def release(self, hold: HoldState, meta: Meta, *, status: Literal["voided", "expired"]) -> uuid.UUID:
         hold.check_active()
-        self._restore(hold.allocations, hold.points)
+        restored = self._restore(hold.allocations, hold.points)
         self._close(hold, status, captured=0)
-        return self._transaction(
+        txn = self._transaction(
             meta, [(hold.account_id, "held", -hold.points, None), (hold.account_id, "available", hold.points, None)]
         )
+        self._settle_restored_debt(hold.account_id, restored)
+        return txn
 
     def transfer(self, source: str, target: str, points: int, meta: Meta) -> uuid.UUID:
         check_customer_account(source)
@@ -410,6 +413,19 @@ class Book:
         if lot.remaining > max(available, 0):
             lot.remaining = max(available, 0)
 
+    def _settle_restored_debt(self, account_id: str, restored: list[LotState]) -> None:
+        # A clawback into debt (negative_balance) may have come while the points were held: like any credit,
+        # the points a hold gives back pay the debt first, taken out of the lots they returned to.
+        excess = sum(lot.remaining for lot in self._lots_of(account_id, pending=False)) - max(
+            self.account(account_id).available, 0
+        )
+        for lot in restored:
+            if excess <= 0:
+                return
+            cut = min(lot.remaining, excess)
+            lot.remaining -= cut
+            excess -= cut
+
     def _lots_of(self, account_id: str, *, pending: bool) -> list[LotState]:
         lots = [lot for lot in self.lots.values() if lot.account_id == account_id and lot.pending == pending]
         far = datetime.max.replace(tzinfo=UTC)
@@ -437,15 +453,21 @@ class Book:
         assert left == 0, f"lots of {account_id} short by {left} points"
         return taken
 
-    def _restore(self, allocations: list[list[Any]], points: int) -> None:
+    def _restore(self, allocations: list[list[Any]], points: int) -> list[LotState]:
+        """Gives the lots back what a hold took of them; returns those lots, in the order the hold took them."""
         left = points
+        restored: list[LotState] = []
         for lot_id, amount in reversed(allocations):
             if left == 0:
                 break
             back = min(int(amount), left)
-            self.lots[str(lot_id)].remaining += back
-            self.dirty_lots.add(str(lot_id))
+            lot = self.lots[str(lot_id)]
+            lot.remaining += back
+            self.dirty_lots.add(lot.lot_id)
+            restored.append(lot)
             left -= back
+        restored.reverse()
+        return restored
 
     def _close(self, hold: HoldState, status: str, *, captured: int) -> None:
         hold.status = status
