@@ -280,14 +280,14 @@ def _envelope(draw: st.DrawFn, tenant: str, customer: str) -> bytes:
 
 
 @st.composite
-def _records(draw: st.DrawFn) -> tuple[str, list[bytes]]:
-    """Valid and hostile records under one key, a valid event last."""
+def hostile_batches(draw: st.DrawFn, max_size: int) -> tuple[str, list[bytes]]:
+    """Up to `max_size` valid and hostile records under one key, a valid event last."""
     tenant, customer = f"t-{uuid.uuid4().hex[:12]}", "c-fuzz"
     valid = st.builds(lambda: purchase(tenant, customer).to_bytes())
     one = st.one_of(
         st.binary(max_size=200), _JSON.map(lambda v: json.dumps(v).encode()), _envelope(tenant, customer), valid
     )
-    records = draw(st.lists(one, min_size=1, max_size=5))
+    records = draw(st.lists(one, min_size=1, max_size=max_size))
     return tenant, [*records, purchase(tenant, customer).to_bytes()]
 
 
@@ -298,7 +298,7 @@ class TestFuzz:
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     )
-    @given(batch=_records())
+    @given(batch=hostile_batches(max_size=5))
     async def test_every_record_ends_applied_or_dead_lettered_and_the_offset_reaches_the_end(
         self, rig: Rig, batch: tuple[str, list[bytes]]
     ) -> None:

@@ -12,7 +12,6 @@ from typing import Any, cast
 
 from aiokafka.errors import CommitFailedError, KafkaConnectionError, MessageSizeTooLargeError
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from shared.consumer import MAX_REASON_CHARS, ConsumerRunner, Inbound, Rejection, RetryLater
 from shared.events import TOPIC_EVENT_TYPES
@@ -20,7 +19,7 @@ from shared.topics import ENGAGEMENT, PURCHASES
 from tests.conftest import eventually
 from tests.factories import purchase
 from tests.shared.memory_feed import MemoryFeed, MemorySink
-from tests.shared.test_consumer_faults import _JSON, CONFLICT, REFUSE, RUNNER_CODES, TRIGGERS, _envelope
+from tests.shared.test_consumer_faults import CONFLICT, REFUSE, RUNNER_CODES, TRIGGERS, hostile_batches
 
 TOPIC = "memory.v1"
 DLQ_TOPIC = "memory.dlq"
@@ -242,18 +241,6 @@ class TestOffsets:
         assert recorder.applied == {(0, 0): first.id, (0, 1): second.id}
 
 
-@st.composite
-def _records(draw: st.DrawFn) -> tuple[str, list[bytes]]:
-    """Valid and hostile records under one key, a valid event last."""
-    tenant, customer = f"t-{uuid.uuid4().hex[:12]}", "c-fuzz"
-    valid = st.builds(lambda: purchase(tenant, customer).to_bytes())
-    one = st.one_of(
-        st.binary(max_size=200), _JSON.map(lambda v: json.dumps(v).encode()), _envelope(tenant, customer), valid
-    )
-    records = draw(st.lists(one, min_size=1, max_size=8))
-    return tenant, [*records, purchase(tenant, customer).to_bytes()]
-
-
 class TestFuzz:
     @settings(
         max_examples=200,
@@ -261,7 +248,7 @@ class TestFuzz:
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     )
-    @given(batch=_records())
+    @given(batch=hostile_batches(max_size=8))
     async def test_every_record_ends_applied_or_dead_lettered_and_the_offset_reaches_the_end(
         self, batch: tuple[str, list[bytes]]
     ) -> None:
