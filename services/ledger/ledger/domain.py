@@ -256,7 +256,9 @@ class Book:
             [(shard(ISSUANCE, account_id), "available", -points, None), (account_id, bucket, points, lot_id)],
             txn=txn,
         )
-        self._credit_lot(lot_id, account_id, points, self.policy.expires_at(self.now), matures_at=matures_at)
+        lot = self._credit_lot(lot_id, account_id, points, self.policy.expires_at(self.now), matures_at=matures_at)
+        if not lot.pending:
+            self._pay_debt(account_id, [lot], points)
         return txn
 
     def redeem(self, account_id: str, points: int, meta: Meta) -> uuid.UUID:
@@ -294,7 +296,7 @@ class Book:
                 replace(meta, kind="release"),
                 [(hold.account_id, "held", -rest, None), (hold.account_id, "available", rest, None)],
             )
-            self._settle_restored_debt(hold.account_id, restored)
+            self._pay_debt(hold.account_id, restored, rest)
         return txn
 
     def release(self, hold: HoldState, meta: Meta, *, status: Literal["voided", "expired"]) -> uuid.UUID:
@@ -304,7 +306,8 @@ class Book:
         txn = self._transaction(
             meta, [(hold.account_id, "held", -hold.points, None), (hold.account_id, "available", hold.points, None)]
         )
-        self._settle_restored_debt(hold.account_id, restored)
+        # A clawback into debt may have come while the points were held: they pay it first, like any credit.
+        self._pay_debt(hold.account_id, restored, hold.points)
         return txn
 
     def transfer(self, source: str, target: str, points: int, meta: Meta) -> uuid.UUID:
@@ -316,8 +319,11 @@ class Book:
         taken = self._consume(source, points)
         txn = self._transaction(meta, [(source, "available", -points, None), (target, "available", points, None)])
         # The points keep their expiry dates: a transfer must not be a way to extend them.
-        for index, (lot, amount) in enumerate(taken):
+        credited = [
             self._credit_lot(f"{txn}:{index}", target, amount, lot.expires_at)
+            for index, (lot, amount) in enumerate(taken)
+        ]
+        self._pay_debt(target, credited, points)
         return txn
 
     def adjust(self, account_id: str, points: int, meta: Meta) -> uuid.UUID:
@@ -330,7 +336,9 @@ class Book:
             [(account_id, "available", points, None), (shard(ADJUSTMENTS, account_id), "available", -points, None)],
         )
         if points > 0:
-            self._credit_lot(str(txn), account_id, points, self.policy.expires_at(self.now))
+            self._pay_debt(
+                account_id, [self._credit_lot(str(txn), account_id, points, self.policy.expires_at(self.now))], points
+            )
         return txn
 
     def clawback(self, account_id: str, points: int, meta: Meta, *, original_lot_id: str) -> uuid.UUID:
@@ -368,7 +376,7 @@ class Book:
                 (lot.account_id, "available", lot.remaining, lot.lot_id),
             ],
         )
-        self._settle_debt(lot)
+        self._pay_debt(lot.account_id, [lot], lot.remaining)
         return txn
 
     def expire(self, lot: LotState, meta: Meta) -> uuid.UUID | None:
@@ -398,33 +406,26 @@ class Book:
         expires_at: datetime | None,
         *,
         matures_at: datetime | None = None,
-    ) -> None:
+    ) -> LotState:
         pending = matures_at is not None and matures_at > self.now
         lot = LotState(lot_id, account_id, points, points, pending, matures_at, expires_at, self.now, is_new=True)
         self.lots[lot.lot_id] = lot
         self.dirty_lots.add(lot.lot_id)
-        if not pending:
-            self._settle_debt(lot)
+        return lot
 
-    def _settle_debt(self, lot: LotState) -> None:
-        # Under the negative_balance policy a credit first pays off the debt: only what the account
-        # holds above zero may sit in lots, so lots never promise points the account does not have.
-        available = self.account(lot.account_id).available
-        if lot.remaining > max(available, 0):
-            lot.remaining = max(available, 0)
-
-    def _settle_restored_debt(self, account_id: str, restored: list[LotState]) -> None:
-        # A clawback into debt (negative_balance) may have come while the points were held: like any credit,
-        # the points a hold gives back pay the debt first, taken out of the lots they returned to.
-        excess = sum(lot.remaining for lot in self._lots_of(account_id, pending=False)) - max(
-            self.account(account_id).available, 0
-        )
-        for lot in restored:
-            if excess <= 0:
+    def _pay_debt(self, account_id: str, lots: list[LotState], credited: int) -> None:
+        # Under the negative_balance policy a credit (already posted) first pays off the debt the account had
+        # before it, out of the lots it filled: only what the account holds above zero may sit in lots, so
+        # lots never promise points the account does not have. Without a debt (always, under receivable)
+        # nothing changes.
+        debt = credited - self.account(account_id).available
+        for lot in lots:
+            if debt <= 0:
                 return
-            cut = min(lot.remaining, excess)
+            cut = min(lot.remaining, debt)
             lot.remaining -= cut
-            excess -= cut
+            self.dirty_lots.add(lot.lot_id)
+            debt -= cut
 
     def _lots_of(self, account_id: str, *, pending: bool) -> list[LotState]:
         lots = [lot for lot in self.lots.values() if lot.account_id == account_id and lot.pending == pending]
