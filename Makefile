@@ -37,7 +37,7 @@ NATIVE_STAMPS := $(NATIVE_DIR)/engine.build $(NATIVE_DIR)/batch.build $(NATIVE_D
 ENGINE_IMPORTS := $(NATIVE_DIR)/ruleset.py shared/events.py
 ROWS_IMPORTS := $(NATIVE_DIR)/engine.py
 BATCH_IMPORTS := $(NATIVE_DIR)/engine.py $(NATIVE_DIR)/models.py $(NATIVE_DIR)/repository.py $(NATIVE_DIR)/ruleset.py \
-                 shared/consumer.py shared/events.py shared/topics.py
+                 shared/consumer.py shared/events.py shared/repository.py shared/topics.py
 
 $(NATIVE_DIR)/engine.build: $(ENGINE_IMPORTS)
 $(NATIVE_DIR)/batch.build: $(BATCH_IMPORTS)

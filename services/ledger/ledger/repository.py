@@ -9,15 +9,16 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, fields
 from datetime import datetime
-from typing import Any, Generic
+from typing import Any
 
 from sqlalchemy import Select, delete, func, select, true, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 
 from ledger.domain import AccountState, HoldState, LotState, Policy, is_system
 from ledger.models import Balance, Command, Entry, Hold, IdempotencyKey, Lot, Outbox, TenantPolicy, outbox_quarantine
-from shared.db import AsyncReadSession, AsyncSession, SessionT, driver_connection
+from shared.db import AsyncSession, SessionT
 from shared.outbox import Unpublishable, insert_quarantined
+from shared.repository import RepositoryBase
 
 _ACCOUNT_FIELDS = [f.name for f in fields(AccountState)]
 _LOT_FIELDS = [f.name for f in fields(LotState) if f.name != "is_new"]
@@ -43,8 +44,8 @@ class _Sql:
 
         self.sql = re.sub(r"(?<!:):([a-z_]+)", positional, sql)
 
-    async def fetch(self, session: AsyncReadSession, params: dict[str, Any], *, begin: bool = True) -> list[Any]:
-        driver = await driver_connection(session, begin=begin)
+    async def fetch(self, repo: RepositoryBase[Any], params: dict[str, Any], *, begin: bool = True) -> list[Any]:
+        driver = await repo.driver(begin=begin)
         rows: list[Any] = await driver.fetch(self.sql, *(params[name] for name in self.names))
         return rows
 
@@ -163,46 +164,39 @@ _SAVE_LOTS = _Sql(
 )
 
 
-class LedgerRepository(Generic[SessionT]):
-    """Reads on any session; the methods that write or lock ask for the write session (`self`'s type)."""
-
-    def __init__(self, session: SessionT) -> None:
-        self.session = session
-
-    @classmethod
-    def from_session(cls, session: SessionT) -> LedgerRepository[SessionT]:
-        return cls(session)
-
+class LedgerRepository(RepositoryBase[SessionT]):
     # --- accounts and balances --------------------------------------------------------------------
 
     async def create_accounts(self: LedgerRepository[AsyncSession], tenant_id: str, account_ids: Iterable[str]) -> None:
         ids = sorted(set(account_ids))
         if ids:
             kinds = ["system" if is_system(a) else "customer" for a in ids]
-            await _CREATE_ACCOUNTS.fetch(self.session, {"tenant": tenant_id, "ids": ids, "kinds": kinds})
+            await _CREATE_ACCOUNTS.fetch(self, {"tenant": tenant_id, "ids": ids, "kinds": kinds})
 
     async def lock_accounts(
         self: LedgerRepository[AsyncSession], tenant_id: str, account_ids: Iterable[str]
     ) -> dict[str, AccountState]:
         # Rows are locked in account id order: two transactions over overlapping accounts cannot deadlock.
-        rows = await _LOCK_ACCOUNTS.fetch(self.session, {"tenant": tenant_id, "ids": sorted(set(account_ids))})
+        rows = await _LOCK_ACCOUNTS.fetch(self, {"tenant": tenant_id, "ids": sorted(set(account_ids))})
         return {row["account_id"]: _account(row) for row in rows}
 
     async def balance_row(self, tenant_id: str, account_id: str) -> dict[str, Any] | None:
         # One row, one statement: no transaction needed (saves BEGIN and ROLLBACK on the hottest read).
-        rows = await _BALANCE.fetch(self.session, {"tenant": tenant_id, "account": account_id}, begin=False)
+        rows = await _BALANCE.fetch(self, {"tenant": tenant_id, "account": account_id}, begin=False)
         return dict(rows[0]) if rows else None
 
     async def get_balance(self, tenant_id: str, account_id: str) -> Balance | None:
         return await self.session.get(Balance, (tenant_id, account_id))
 
-    async def list_accounts(self, tenant_id: str, *, kind: str | None, after: str | None, limit: int) -> list[Balance]:
+    async def list_accounts(
+        self, tenant_id: str, *, kind: str | None, after: str | None, limit: int
+    ) -> Sequence[Balance]:
         stmt = select(Balance).where(Balance.tenant_id == tenant_id).order_by(Balance.account_id).limit(limit)
         if kind is not None:
             stmt = stmt.where(Balance.kind == kind)
         if after is not None:
             stmt = stmt.where(Balance.account_id > after)
-        return list((await self.session.execute(stmt)).scalars())
+        return await self.get_all(stmt)
 
     async def balance_as_of(self, tenant_id: str, account_ids: Sequence[str], as_of: datetime) -> list[Any]:
         stmt = (
@@ -212,9 +206,9 @@ class LedgerRepository(Generic[SessionT]):
         )
         return list((await self.session.execute(stmt)).all())
 
-    async def balance_rows(self, tenant_id: str, account_ids: Sequence[str]) -> list[Balance]:
+    async def balance_rows(self, tenant_id: str, account_ids: Sequence[str]) -> Sequence[Balance]:
         stmt = select(Balance).where(Balance.tenant_id == tenant_id, Balance.account_id.in_(account_ids))
-        return list((await self.session.execute(stmt)).scalars())
+        return await self.get_all(stmt)
 
     async def liability(self, tenant_id: str) -> Any:
         stmt = select(
@@ -252,9 +246,9 @@ class LedgerRepository(Generic[SessionT]):
         if not entries or len(entries) > _COPY_THRESHOLD:
             await self._save_changed_lots(tenant_id, lots)
             if entries:
-                await self._copy("entries", _ENTRY_COLUMNS, records)
-                await self._copy("outbox", ["entry_id"], [(e["entry_id"],) for e in entries])
-                await _SAVE_ACCOUNTS.fetch(self.session, balances)
+                await self.copy("entries", _ENTRY_COLUMNS, records, schema="ledger")
+                await self.copy("outbox", ["entry_id"], [(e["entry_id"],) for e in entries], schema="ledger")
+                await _SAVE_ACCOUNTS.fetch(self, balances)
             return False
         # A handful of entries (a REST write): one statement for everything (the lots it changed and the
         # stored response included), because the tenant's system accounts stay locked until the commit;
@@ -269,16 +263,8 @@ class LedgerRepository(Generic[SessionT]):
             "status": status,
             "response": body,
         }
-        await _INSERT_ENTRIES.fetch(self.session, {**columns, **balances, **extra})
+        await _INSERT_ENTRIES.fetch(self, {**columns, **balances, **extra})
         return response is not None
-
-    async def _copy(
-        self: LedgerRepository[AsyncSession], table: str, columns: Sequence[str], records: Sequence[tuple[Any, ...]]
-    ) -> None:
-        # COPY is the fastest way in (several times executemany); it runs on the session's own
-        # connection, so it is part of the same transaction as everything else.
-        driver = await driver_connection(self.session)
-        await driver.copy_records_to_table(table, schema_name="ledger", columns=list(columns), records=records)
 
     def _entries(self, tenant_id: str, account_id: str) -> Select[Entry]:
         return select(Entry).where(Entry.tenant_id == tenant_id, Entry.account_id == account_id)
@@ -293,7 +279,7 @@ class LedgerRepository(Generic[SessionT]):
         until: datetime | None,
         before_seq: int | None,
         limit: int,
-    ) -> list[Entry]:
+    ) -> Sequence[Entry]:
         stmt = self._entries(tenant_id, account_id).order_by(Entry.seq.desc()).limit(limit)
         if kinds:
             stmt = stmt.where(Entry.kind.in_(kinds))
@@ -303,7 +289,7 @@ class LedgerRepository(Generic[SessionT]):
             stmt = stmt.where(Entry.created_at < until)
         if before_seq is not None:
             stmt = stmt.where(Entry.seq < before_seq)
-        return list((await self.session.execute(stmt)).scalars())
+        return await self.get_all(stmt)
 
     async def all_entries(self, tenant_id: str, account_id: str) -> list[dict[str, Any]]:
         stmt = select(Entry.__table__).where(Entry.tenant_id == tenant_id, Entry.account_id == account_id)
@@ -312,7 +298,7 @@ class LedgerRepository(Generic[SessionT]):
 
     async def entries_of_kind(
         self, tenant_id: str, kind: str, *, account_id: str | None, before: datetime | None, limit: int
-    ) -> list[Entry]:
+    ) -> Sequence[Entry]:
         stmt = (
             select(Entry)
             .where(Entry.tenant_id == tenant_id, Entry.kind == kind, ~Entry.account_id.startswith("system:"))
@@ -323,16 +309,16 @@ class LedgerRepository(Generic[SessionT]):
             stmt = stmt.where(Entry.account_id == account_id)
         if before is not None:
             stmt = stmt.where(Entry.created_at < before)
-        return list((await self.session.execute(stmt)).scalars())
+        return await self.get_all(stmt)
 
-    async def account_ids(self, tenant_id: str) -> list[str]:
+    async def account_ids(self, tenant_id: str) -> Sequence[str]:
         stmt = select(Balance.account_id).where(Balance.tenant_id == tenant_id).order_by(Balance.account_id)
-        return list((await self.session.execute(stmt)).scalars())
+        return await self.get_all(stmt)
 
     async def outbox_batch(self: LedgerRepository[AsyncSession], limit: int) -> list[dict[str, Any]]:
         # SKIP LOCKED lets several relays (replicas) drain the outbox without waiting on each other. A row
         # whose entry is missing comes back with the entry's columns null (so it can be quarantined).
-        rows = await _OUTBOX_BATCH.fetch(self.session, {"limit": limit})
+        rows = await _OUTBOX_BATCH.fetch(self, {"limit": limit})
         out = []
         for row in rows:
             entry = dict(row)
@@ -343,10 +329,10 @@ class LedgerRepository(Generic[SessionT]):
 
     async def delete_outbox(self: LedgerRepository[AsyncSession], ids: Sequence[int]) -> None:
         # One fixed statement (an array parameter) instead of an IN list compiled per batch.
-        await _DELETE_OUTBOX.fetch(self.session, {"ids": list(ids)})
+        await _DELETE_OUTBOX.fetch(self, {"ids": list(ids)})
 
     async def oldest_outbox_row(self) -> datetime | None:
-        rows = await _OLDEST_OUTBOX.fetch(self.session, {})
+        rows = await _OLDEST_OUTBOX.fetch(self, {})
         return rows[0]["created_at"] if rows else None
 
     async def quarantine_outbox(self: LedgerRepository[AsyncSession], rows: Sequence[Unpublishable]) -> None:
@@ -361,7 +347,7 @@ class LedgerRepository(Generic[SessionT]):
         accounts, ids = sorted(set(open_in)), sorted(set(lot_ids))
         if not accounts and not ids:
             return []
-        rows = await _LOTS.fetch(self.session, {"tenant": tenant_id, "accounts": accounts, "ids": ids})
+        rows = await _LOTS.fetch(self, {"tenant": tenant_id, "accounts": accounts, "ids": ids})
         return [LotState(**dict(row)) for row in rows]
 
     async def save_lots(
@@ -376,7 +362,7 @@ class LedgerRepository(Generic[SessionT]):
             lot.is_new = False
         if new:
             records = [(tenant_id, *(getattr(lot, n) for n in _LOT_FIELDS)) for lot in new]
-            await self._copy("lots", ["tenant_id", *_LOT_FIELDS], records)
+            await self.copy("lots", ["tenant_id", *_LOT_FIELDS], records, schema="ledger")
         if defer_changed:
             return changed
         await self._save_changed_lots(tenant_id, changed)
@@ -392,7 +378,7 @@ class LedgerRepository(Generic[SessionT]):
                 "remaining": [lot.remaining for lot in changed],
                 "pending": [lot.pending for lot in changed],
             }
-            await _SAVE_LOTS.fetch(self.session, params)
+            await _SAVE_LOTS.fetch(self, params)
 
     async def expiring(self, tenant_id: str, account_id: str, until: datetime) -> list[Any]:
         stmt = (
@@ -466,7 +452,7 @@ class LedgerRepository(Generic[SessionT]):
         if not rows:
             return set()
         tenants, ids, kinds = (list(column) for column in zip(*rows, strict=True))
-        result = await _CLAIM_COMMANDS.fetch(self.session, {"tenants": tenants, "ids": ids, "kinds": kinds})
+        result = await _CLAIM_COMMANDS.fetch(self, {"tenants": tenants, "ids": ids, "kinds": kinds})
         return {(row["tenant_id"], row["command_id"]) for row in result}
 
     async def get_command(self, tenant_id: str, command_id: str) -> Command | None:
@@ -481,7 +467,7 @@ class LedgerRepository(Generic[SessionT]):
     ) -> bool:
         # A concurrent request with the same key waits here on the unique index until the first one
         # commits (then it finds the stored response) or rolls back (then it proceeds itself).
-        rows = await _CLAIM_KEY.fetch(self.session, {"tenant": tenant_id, "key": key, "hash": request_hash})
+        rows = await _CLAIM_KEY.fetch(self, {"tenant": tenant_id, "key": key, "hash": request_hash})
         return bool(rows)
 
     async def get_idempotency_key(self, tenant_id: str, key: str) -> IdempotencyKey | None:
@@ -491,7 +477,7 @@ class LedgerRepository(Generic[SessionT]):
         self: LedgerRepository[AsyncSession], tenant_id: str, key: str, status_code: int, response: str
     ) -> None:
         params = {"tenant": tenant_id, "key": key, "status": status_code, "response": response}
-        await _STORE_RESPONSE.fetch(self.session, params)
+        await _STORE_RESPONSE.fetch(self, params)
 
     # --- policies ---------------------------------------------------------------------------------
 

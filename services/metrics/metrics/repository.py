@@ -1,27 +1,20 @@
+"""All SQL of the metrics service."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date
 from decimal import Decimal
-from typing import Generic
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
 from metrics.models import DailyPurchases
 from shared.db import AsyncSession, SessionT
+from shared.repository import RepositoryBase
 
 
-class DailyPurchasesRepository(Generic[SessionT]):
-    """Reads on any session; `add` asks for the write session (`self`'s type)."""
-
-    def __init__(self, session: SessionT) -> None:
-        self.session = session
-
-    @classmethod
-    def from_session(cls, session: SessionT) -> DailyPurchasesRepository[SessionT]:
-        return cls(session)
-
+class DailyPurchasesRepository(RepositoryBase[SessionT]):
     async def add(
         self: DailyPurchasesRepository[AsyncSession],
         tenant_id: str,
@@ -46,4 +39,4 @@ class DailyPurchasesRepository(Generic[SessionT]):
             .where(DailyPurchases.tenant_id == tenant_id, DailyPurchases.day >= start, DailyPurchases.day <= end)
             .order_by(DailyPurchases.day, DailyPurchases.currency)
         )
-        return (await self.session.execute(stmt)).scalars().all()
+        return await self.get_all(stmt)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Generic, NamedTuple, Self
+from typing import Any, NamedTuple
 
 from sqlalchemy import func, select, tuple_, update
 
@@ -21,21 +21,11 @@ from rules.models import (
     outbox_quarantine,
 )
 from rules.rows import STATE_COLUMNS, snapshot, state_columns
-from shared.db import AsyncSession, SessionT, driver_connection
+from shared.db import AsyncSession, SessionT
 from shared.outbox import Unpublishable, insert_quarantined
+from shared.repository import RepositoryBase
 
 Key = tuple[str, str]
-
-
-class RepositoryBase(Generic[SessionT]):
-    """Reads on any session; the methods that write or lock ask for the write session (`self`'s type)."""
-
-    def __init__(self, session: SessionT) -> None:
-        self.session = session
-
-    @classmethod
-    def from_session(cls, session: SessionT) -> Self:
-        return cls(session)
 
 
 class RulesetRepository(RepositoryBase[SessionT]):
@@ -59,7 +49,7 @@ class RulesetRepository(RepositoryBase[SessionT]):
         stmt = select(Ruleset).where(Ruleset.tenant_id == tenant_id).order_by(Ruleset.ruleset_id, Ruleset.version)
         if ruleset_id is not None:
             stmt = stmt.where(Ruleset.ruleset_id == ruleset_id)
-        return (await self.session.execute(stmt)).scalars().all()
+        return await self.get_all(stmt)
 
     async def activate(self: RulesetRepository[AsyncSession], activation: RulesetActivation) -> RulesetActivation:
         self.session.add(activation)
@@ -72,14 +62,14 @@ class RulesetRepository(RepositoryBase[SessionT]):
             .where(RulesetActivation.tenant_id.in_(list(tenant_ids)))
             .order_by(RulesetActivation.tenant_id, RulesetActivation.effective_from, RulesetActivation.id)
         )
-        return (await self.session.execute(stmt)).scalars().all()
+        return await self.get_all(stmt)
 
     async def documents(self, keys: Iterable[tuple[str, str, int]]) -> Sequence[Ruleset]:
         wanted = list(keys)
         if not wanted:
             return []
         stmt = select(Ruleset).where(tuple_(Ruleset.tenant_id, Ruleset.ruleset_id, Ruleset.version).in_(wanted))
-        return (await self.session.execute(stmt)).scalars().all()
+        return await self.get_all(stmt)
 
 
 class OrderRecord(NamedTuple):
@@ -144,12 +134,12 @@ class CustomerStateRepository(RepositoryBase[SessionT]):
         tenants, customers = _keys(keys)
         if not tenants:
             return {}
-        rows = await (await driver_connection(self.session)).fetch(_LOAD_STATES, tenants, customers)
+        rows = await (await self.driver()).fetch(_LOAD_STATES, tenants, customers)
         return {(r["tenant_id"], r["customer_id"]): snapshot(r) for r in rows}
 
     async def load_tenant(self, tenant_id: str, *, after: str, limit: int) -> list[CustomerSnapshot]:
         """One page of a tenant's customers in id order, locked for a review."""
-        rows = await (await driver_connection(self.session)).fetch(
+        rows = await (await self.driver()).fetch(
             """select * from rules.customer_states where tenant_id = $1 and customer_id > $2
                order by customer_id limit $3 for update""",
             tenant_id,
@@ -164,7 +154,7 @@ class CustomerStateRepository(RepositoryBase[SessionT]):
         written = list(states)
         if not written:
             return
-        status = await (await driver_connection(self.session)).execute(_SAVE_STATES, *state_columns(written))
+        status = await (await self.driver()).execute(_SAVE_STATES, *state_columns(written))
         count = int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows inserted or updated>"
         if count != len(written):
             raise StateChanged(f"{len(written) - count} of {len(written)} customer states changed since read")
@@ -187,21 +177,16 @@ class AwardRow(NamedTuple):
     breakdown: str  # JSON
 
 
-async def _copy(session: AsyncSession, table: str, columns: Sequence[str], records: Iterable[Sequence[Any]]) -> None:
-    """Appends rows with COPY: half of PostgreSQL's cost of INSERT ... SELECT FROM unnest(arrays), on the
-    session's own connection (so in the same transaction). COPY has no ON CONFLICT: a batch writes rows
-    only for events it found unrecorded; a duplicate fails the batch (an order recorded concurrently is
-    retried as a whole, anything else message by message, dead-lettering the one at fault)."""
-    driver = await driver_connection(session)
-    await driver.copy_records_to_table(table, schema_name="rules", columns=list(columns), records=records)
-
-
 class OrderRepository(RepositoryBase[SessionT]):
+    # Orders and awards are appended with COPY (no ON CONFLICT): a batch writes rows only for events it found
+    # unrecorded; a duplicate fails the batch (an order recorded concurrently is retried as a whole, anything
+    # else message by message, dead-lettering the one at fault).
+
     async def load(self, keys: Iterable[Key]) -> dict[Key, OrderRecord]:
         tenants, orders = _keys(keys)
         if not tenants:
             return {}
-        rows = await (await driver_connection(self.session)).fetch(
+        rows = await (await self.driver()).fetch(
             """select o.* from unnest($1::text[], $2::text[]) as k(tenant_id, order_id)
                cross join lateral (
                  select * from rules.orders r where r.tenant_id = k.tenant_id and r.order_id = k.order_id for update
@@ -216,7 +201,7 @@ class OrderRepository(RepositoryBase[SessionT]):
         out: dict[Key, list[AwardRecord]] = {}
         if not tenants:
             return out
-        rows = await (await driver_connection(self.session)).fetch(
+        rows = await (await self.driver()).fetch(
             """select a.tenant_id, a.order_id, a.command_id, a.customer_id, a.points, a.clawed_back
                from unnest($1::text[], $2::text[]) as k(tenant_id, order_id)
                cross join lateral (
@@ -234,7 +219,7 @@ class OrderRepository(RepositoryBase[SessionT]):
 
     async def insert_orders(self: OrderRepository[AsyncSession], rows: Sequence[OrderRecord]) -> None:
         if rows:
-            await _copy(self.session, "orders", OrderRecord._fields, rows)
+            await self.copy("orders", OrderRecord._fields, rows, schema="rules")
 
     async def set_refunded(self: OrderRepository[AsyncSession], rows: Sequence[dict[str, Any]]) -> None:
         for row in rows:
@@ -246,7 +231,7 @@ class OrderRepository(RepositoryBase[SessionT]):
 
     async def insert_awards(self: OrderRepository[AsyncSession], rows: Sequence[AwardRow]) -> None:
         if rows:
-            await _copy(self.session, "awards", AwardRow._fields, rows)
+            await self.copy("awards", AwardRow._fields, rows, schema="rules")
 
     async def add_clawed_back(self: OrderRepository[AsyncSession], amounts: dict[tuple[str, str, str], int]) -> None:
         """Adds clawed-back points to awards, by (tenant, customer, command id)."""
@@ -264,7 +249,7 @@ class OrderRepository(RepositoryBase[SessionT]):
             .order_by(Award.created_at.desc(), Award.command_id)
             .limit(limit)
         )
-        return (await self.session.execute(stmt)).scalars().all()
+        return await self.get_all(stmt)
 
 
 class CampaignRepository(RepositoryBase[SessionT]):
@@ -294,7 +279,7 @@ class CampaignRepository(RepositoryBase[SessionT]):
         evaluation equals one made under the lock. Returns the campaigns where neither holds (nothing
         of the batch may be kept then)."""
         over: list[Key] = []
-        driver = await driver_connection(self.session)
+        driver = await self.driver()
         for key, points in sorted(amounts.items()):  # sorted: concurrent batches lock rows in one order
             if not points:
                 continue
@@ -327,14 +312,14 @@ class OutboxRepository(RepositoryBase[SessionT]):
         if not rows:
             return []
         # The ids first (one statement), then the rows with COPY: COPY returns nothing.
-        driver = await driver_connection(self.session)
+        driver = await self.driver()
         blocks: list[int] = await driver.fetchval(_OUTBOX_BLOCKS, -(-len(rows) // OUTBOX_ID_BLOCK))
         ids = [start + i for start in blocks for i in range(OUTBOX_ID_BLOCK)][: len(rows)]
-        await _copy(
-            self.session,
+        await self.copy(
             "outbox",
             ("id", "topic", "key", "value"),
             [(i, r["topic"], r["key"], r["value"]) for i, r in zip(ids, rows, strict=True)],
+            schema="rules",
         )
         return ids
 
@@ -350,7 +335,7 @@ class OutboxRepository(RepositoryBase[SessionT]):
             else:
                 starts.append(i)
                 ends.append(i)
-        await (await driver_connection(self.session)).execute(
+        await (await self.driver()).execute(
             """delete from rules.outbox o using unnest($1::bigint[], $2::bigint[]) as r(lo, hi)
                where o.id between r.lo and r.hi""",
             starts,
@@ -381,4 +366,4 @@ class OutboxRepository(RepositoryBase[SessionT]):
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        return (await self.session.execute(stmt)).scalars().all()
+        return await self.get_all(stmt)
