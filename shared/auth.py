@@ -22,7 +22,7 @@ from sqlalchemy import ARRAY, Column, DateTime, MetaData, String, Table, func, i
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 
-from shared.errors import Forbidden, Unauthorized
+from shared.errors import Forbidden, Unauthorized, raises
 
 SCOPES = {
     "points:read": "read balances, history and holds",
@@ -167,6 +167,7 @@ _api_key_header = APIKeyHeader(
 )
 
 
+@raises(Unauthorized)
 async def _principal(request: Request, header_key: Annotated[str | None, Security(_api_key_header)]) -> Principal:
     token = header_key
     if token is None:
@@ -187,6 +188,7 @@ def require(scope: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}")
 
+    @raises(Forbidden)
     async def dependency(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
         if not principal.allows(scope):
             raise Forbidden(f"this API key lacks the scope {scope!r}", required_scope=scope)

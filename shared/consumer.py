@@ -33,13 +33,13 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Generic, NamedTuple, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from shared.contract import Limits, violation
-from shared.events import TOPIC_EVENT_TYPES, CloudEvent, EventDecodeError, decode_event, utcnow
+from shared.events import TOPIC_EVENT_TYPES, CloudEvent, EventDecodeError, P, decode_event, utcnow
 from shared.faults import is_infrastructure_error
 from shared.kafka import EventProducer
 from shared.observability import (
@@ -59,10 +59,12 @@ DLQ_HEADER_PREFIX = "dlq."
 MAX_REASON_CHARS = 1000
 
 
-class Inbound(NamedTuple):
-    """A decoded message of a batch (a named tuple: one is built per message, and cheaply)."""
+class Inbound(NamedTuple, Generic[P]):
+    """A decoded message of a batch (a named tuple: one is built per message, and cheaply), of a topic
+    whose payloads are `P` (a union of shared.events, e.g. `Inbound[PointsCommand]`). Generic for the type
+    checker only: at run time it is the same plain tuple subclass."""
 
-    event: CloudEvent[Any]
+    event: CloudEvent[P]
     topic: str
     partition: int
     offset: int
@@ -74,12 +76,13 @@ class Rejection:
     """A message the handler refuses: `reason` says why (DLQ header, log), `code` is a fixed word for the
     metric label (never event data)."""
 
-    message: Inbound
+    message: Inbound[Any]
     reason: str
     code: str = "refused"
 
 
-BatchHandler = Callable[[Sequence[Inbound]], Awaitable[Sequence[Rejection]]]
+# A handler of the batches of topics whose payloads are `P`.
+BatchHandler = Callable[[Sequence[Inbound[P]]], Awaitable[Sequence[Rejection]]]
 
 
 class RetryLater(Exception):
@@ -144,7 +147,7 @@ class ConsumerRunner:
         topics: Sequence[str],
         group_id: str,
         bootstrap_servers: str,
-        handler: BatchHandler,
+        handler: BatchHandler[Any],
         dlq_producer: EventProducer,
         dlq_topic: str = DLQ,
         max_event_bytes: int = 256 * 1024,
@@ -165,6 +168,9 @@ class ConsumerRunner:
         self.service = service
         self.topics = list(topics)
         self.group_id = group_id
+        # Any: a topic's batch goes to a handler of that topic's payload union (`BatchHandler[PointsCommand]`,
+        # say), which holds because `process` admits only the event types `topic_event_types` lists for
+        # the topic; the types say so, at no cost per event (tests/shared/test_events.py checks the unions).
         self._handler = handler
         self._dlq = dlq_producer
         self._dlq_sink = dlq_sink
@@ -326,7 +332,7 @@ class ConsumerRunner:
 
     async def _process(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         started = time.perf_counter()
-        good: list[Inbound] = []
+        good: list[Inbound[Any]] = []
         dead: list[DeadRecord] = []
         now = utcnow()
         for record in records:
@@ -368,7 +374,7 @@ class ConsumerRunner:
         CONSUMER_BATCH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
         self._record_lag(next_offsets)
 
-    async def _handle(self, batch: Sequence[Inbound]) -> list[Rejection]:
+    async def _handle(self, batch: Sequence[Inbound[Any]]) -> list[Rejection]:
         try:
             return list(await self._call_until_settled(batch))
         except _PersistentFailure as failure:
@@ -381,7 +387,7 @@ class ConsumerRunner:
         middle = len(batch) // 2
         return [*await self._handle(batch[:middle]), *await self._handle(batch[middle:])]
 
-    async def _call_until_settled(self, batch: Sequence[Inbound]) -> Sequence[Rejection]:
+    async def _call_until_settled(self, batch: Sequence[Inbound[Any]]) -> Sequence[Rejection]:
         failures = conflicts = 0
         while True:
             try:

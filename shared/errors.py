@@ -1,17 +1,23 @@
 """RFC 9457 problem+json, rendered in one place for every service.
 
 Services raise `ServiceError` subclasses (a base per context, leaf errors per case); endpoints never
-build error responses themselves.
+build error responses themselves. An endpoint or a dependency names the errors it raises with `@raises`;
+a `DocumentedRoute` (each service's router's route class) documents them as the route's OpenAPI
+responses, one per status, each error by its class name and docstring.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI
+from fastapi.dependencies.models import Dependant
+from fastapi.dependencies.utils import get_flat_params
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -39,10 +45,14 @@ class ResourceNotFound(ServiceError):
 
 
 class Unauthorized(ServiceError):
+    """No API key, or one that is unknown or revoked."""
+
     status_code = 401
 
 
 class Forbidden(ServiceError):
+    """The API key lacks the scope the route requires."""
+
     status_code = 403
 
 
@@ -51,7 +61,67 @@ class Conflict(ServiceError):
 
 
 class UnprocessableEntity(ServiceError):
+    """A value in the request cannot be used."""
+
     status_code = 422
+
+
+# What a 422 says besides the errors a route raises, when the route validates parameters or a body.
+REQUEST_INVALID = "`ValidationError`: The request does not match its schema (`errors` lists each problem)."
+
+_RAISES = "__raises__"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def raises(*errors: type[ServiceError]) -> Callable[[F], F]:
+    """Marks an endpoint or a dependency with the errors it raises, for its route's documented responses."""
+
+    def mark(fn: F) -> F:
+        setattr(fn, _RAISES, errors)
+        return fn
+
+    return mark
+
+
+def responses(*errors: type[ServiceError], validates: bool = False) -> dict[str, dict[str, str]]:
+    """OpenAPI responses of a route that raises `errors`: one per status, a list naming each error (its
+    class name, the problem's `error` member) with the first line of its docstring, or else its title.
+    `validates`: the route validates its request too, so its 422 (if it has one) says so first."""
+    lines: dict[int, list[str]] = {}
+    for error in dict.fromkeys(errors):
+        doc = (error.__dict__.get("__doc__") or "").strip()
+        lines.setdefault(error.status_code, []).append(
+            f"`{error.__name__}`: {doc.splitlines()[0] if doc else _title(error)}"
+        )
+    if validates and 422 in lines:
+        lines[422].insert(0, REQUEST_INVALID)
+    return {str(status): {"description": "\n".join(f"- {line}" for line in lines[status])} for status in sorted(lines)}
+
+
+def declared_errors(dependant: Dependant) -> tuple[type[ServiceError], ...]:
+    """The errors an endpoint and its dependencies (all the way down) declare with `raises`, in order."""
+    found: dict[type[ServiceError], None] = {}
+    for dependency in dependant.dependencies:
+        found.update(dict.fromkeys(declared_errors(dependency)))
+    found.update(dict.fromkeys(getattr(dependant.call, _RAISES, ())))
+    return tuple(found)
+
+
+class DocumentedRoute(APIRoute):
+    """A route whose OpenAPI responses document the errors its endpoint and dependencies raise (`raises`).
+
+    They go in through `openapi_extra`, merged last: FastAPI's own 422 of a route that validates its
+    request keeps its schema, and its description lists the route's 422 errors as well."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        self.errors = declared_errors(self.dependant)
+        validates = bool(self.body_field or get_flat_params(self.dependant))
+        documented = responses(*self.errors, validates=validates)
+        if documented:
+            extra = dict(self.openapi_extra or {})
+            extra["responses"] = {**documented, **extra.get("responses", {})}
+            self.openapi_extra = extra
 
 
 def _slug(name: str) -> str:

@@ -19,7 +19,7 @@ import re
 import uuid
 from datetime import UTC, datetime
 from decimal import Context, Decimal, Inexact, InvalidOperation
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeAlias, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -494,6 +494,15 @@ def make_event(
     event: CloudEvent[Any] = envelope_class(type(data))(**fields)
     return event
 
+
+# The payloads each topic carries, as types: a handler of a topic's batches gets `Inbound[<its union>]`
+# (shared.consumer), which holds because the runner admits only `TOPIC_EVENT_TYPES` below (a test checks
+# that each union has exactly the payload models of its topic's types).
+PurchasesPayload: TypeAlias = PurchaseCompleted | PurchaseRefunded
+EngagementPayload: TypeAlias = ReviewPosted | ReferralConverted | SurveyAnswered | EventAttended | CustomEngagement
+PointsCommand: TypeAlias = EarnPoints | ClawbackPoints
+LedgerEntriesPayload: TypeAlias = LedgerEntryPosted
+CustomersPayload: TypeAlias = TierChanged | SegmentChanged
 
 # Which event types each topic carries; a consumer dead-letters anything else it finds there.
 TOPIC_EVENT_TYPES: dict[str, frozenset[str]] = {

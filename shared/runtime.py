@@ -26,7 +26,7 @@ from shared.auth import KeyStore
 from shared.consumer import BatchHandler, ConsumerRunner
 from shared.db import AsyncSession
 from shared.errors import install_error_handlers, problem
-from shared.events import TOPIC_EVENT_TYPES
+from shared.events import TOPIC_EVENT_TYPES, P
 from shared.kafka import EventProducer, ensure_topics
 from shared.observability import MetricsMiddleware, configure_logging, metrics_endpoint
 from shared.request_limit import RequestBodyLimit
@@ -137,7 +137,7 @@ class Runtime:
     ) -> None:
         await self._stack.aclose()
 
-    def make_consumer(self, *, group: str, topics: Sequence[str], handler: BatchHandler) -> ConsumerRunner:
+    def make_consumer(self, *, group: str, topics: Sequence[str], handler: BatchHandler[P]) -> ConsumerRunner:
         """A runner wired from the settings: namespaced topics, the service's DLQ, batch sizes."""
         s = self.settings
         return ConsumerRunner(

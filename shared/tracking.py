@@ -25,13 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic
 
 from sqlalchemy import Column, DateTime, MetaData, PrimaryKeyConstraint, String, Table, func
 
 from shared.consumer import Inbound, Rejection
 from shared.db import AsyncSession, driver_connection
-from shared.events import CloudEvent
+from shared.events import CloudEvent, P
 
 # (tracking name, tenant, source, id)
 Key = tuple[str, str, str, str]
@@ -98,12 +98,12 @@ async def release(session: AsyncSession, table: Table, keys: Iterable[Key]) -> N
 
 
 @dataclass
-class Admission:
+class Admission(Generic[P]):
     """What `admit` made of a batch: the messages to process (in batch order), the messages refused for a
     business id already taken, and the keys each admitted message claimed."""
 
     name: str
-    messages: list[Inbound] = field(default_factory=list)
+    messages: list[Inbound[P]] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     # Keys to give back whatever happens: a refused message's event key, and a business id claimed for
     # an event that turned out to be a redelivery.
@@ -120,7 +120,7 @@ class Admission:
 
 
 def keys_of(
-    name: str, batch: Sequence[Inbound], tracked: Tracked | None, business_id: BusinessId | None
+    name: str, batch: Sequence[Inbound[P]], tracked: Tracked | None, business_id: BusinessId | None
 ) -> list[tuple[Key, Key | None, bool]]:
     """Each message's event key, business key and whether the event is tracked (claimed) at all."""
     out: list[tuple[Key, Key | None, bool]] = []
@@ -136,10 +136,10 @@ def keys_of(
 
 
 def admit(
-    name: str, batch: Sequence[Inbound], keys: Sequence[tuple[Key, Key | None, bool]], claimed: set[Key]
-) -> Admission:
+    name: str, batch: Sequence[Inbound[P]], keys: Sequence[tuple[Key, Key | None, bool]], claimed: set[Key]
+) -> Admission[P]:
     """The pure decision of `claim_batch`, given each message's keys and what the claim inserted."""
-    out = Admission(name)
+    out: Admission[P] = Admission(name)
     seen: set[Key] = set()
     taken: set[Key] = set()
     for m, (ek, bk, tracked) in zip(batch, keys, strict=True):
@@ -172,11 +172,11 @@ async def claim_batch(
     session: AsyncSession,
     table: Table,
     name: str,
-    batch: Sequence[Inbound],
+    batch: Sequence[Inbound[P]],
     *,
     tracked: Tracked | None = None,
     business_id: BusinessId | None = None,
-) -> Admission:
+) -> Admission[P]:
     """Claims the batch's keys under the tracking name `name` in one statement and admits its messages.
 
     `tracked` says which events are claimed (default: all); an untracked event, business id and all, is

@@ -26,7 +26,7 @@ async def db() -> AsyncIterator[async_sessionmaker[AsyncSession]]:
     await engine.dispose()
 
 
-def inbound(event: CloudEvent[Any]) -> Inbound:
+def inbound(event: CloudEvent[Any]) -> Inbound[Any]:
     # The handler never reads the raw record (only the runner does, to dead-letter it).
     return Inbound(event, "points-commands", 0, 0, cast(Any, None))
 

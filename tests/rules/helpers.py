@@ -122,7 +122,7 @@ async def rules_database(tenant: str, document: dict[str, Any]) -> AsyncIterator
         await engine.dispose()
 
 
-def inbound(event: CloudEvent[Any]) -> Inbound:
+def inbound(event: CloudEvent[Any]) -> Inbound[Any]:
     """A consumed message as the consumer hands it to the service (no Kafka record needed there)."""
     return Inbound(event, "purchases", 0, 0, cast(Any, None))
 

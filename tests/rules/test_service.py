@@ -106,5 +106,5 @@ class TestOtherOutputRows:
         assert event.data.points * 2 == earned.data.points, "half the order refunded: half its points back"
 
 
-def _inbound(event: CloudEvent[Any]) -> Inbound:
+def _inbound(event: CloudEvent[Any]) -> Inbound[Any]:
     return Inbound(event, "purchases", 0, 0, cast(Any, None))

@@ -121,7 +121,7 @@ class TestRestart:
         group = f"restart-{tenant}"
         source = await fresh_topic(f"restart-{tenant}")
 
-        async def handler(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+        async def handler(batch: Sequence[Inbound[Any]]) -> Sequence[Rejection]:
             async with transaction(sessionmaker) as session:
                 return await rules_service.handle_batch(session, batch)
 
@@ -200,7 +200,7 @@ class TestPoisonMessage:
         seen: list[str] = []
         poison = purchase(tenant, "c-poison")
 
-        async def handler(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+        async def handler(batch: Sequence[Inbound[Any]]) -> Sequence[Rejection]:
             if any(m.event.id == poison.id for m in batch):
                 raise ValueError("cannot handle this one")
             seen.extend(m.event.id for m in batch)
@@ -241,7 +241,7 @@ class SlowHandler:
         self.started = asyncio.Event()
         self.finished: list[str] = []
 
-    async def __call__(self, batch: Sequence[Inbound]) -> Sequence[Rejection]:
+    async def __call__(self, batch: Sequence[Inbound[Any]]) -> Sequence[Rejection]:
         self.started.set()
         await asyncio.sleep(self.seconds)
         self.finished.extend(m.event.id for m in batch)
@@ -334,7 +334,7 @@ class _GcProbe(ConsumerRunner):
             raise RuntimeError("the batch failed")
 
 
-async def _no_rejections(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+async def _no_rejections(batch: Sequence[Inbound[Any]]) -> Sequence[Rejection]:
     return []
 
 
@@ -383,7 +383,7 @@ class TestBatchSettlement:
         service = f"settle-{uuid.uuid4().hex[:8]}"  # metric labels of this test alone
         refused = purchase("t1", "c-refused")
 
-        async def handler(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+        async def handler(batch: Sequence[Inbound[Any]]) -> Sequence[Rejection]:
             return [Rejection(m, "refused") for m in batch if m.event.id == refused.id]
 
         runner = _Settled(service, handler)
@@ -423,7 +423,7 @@ class TestBatchSettlement:
         # batch is settled record by record, and only that record goes to the DLQ.
         odd = purchase("t1", "c-odd")
 
-        async def handler(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+        async def handler(batch: Sequence[Inbound[Any]]) -> Sequence[Rejection]:
             return cast(Any, None) if any(m.event.id == odd.id for m in batch) else []
 
         runner = _Settled(f"settle-{uuid.uuid4().hex[:8]}", handler)

@@ -42,7 +42,7 @@ class Recorder:
     def __init__(self) -> None:
         self.applied: dict[Where, str] = {}
 
-    async def __call__(self, batch: Sequence[Inbound]) -> Sequence[Rejection]:
+    async def __call__(self, batch: Sequence[Inbound[Any]]) -> Sequence[Rejection]:
         if any(m.event.source == CONFLICT for m in batch):
             raise RetryLater("a conflict that never passes")
         rejections = []

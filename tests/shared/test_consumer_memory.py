@@ -35,7 +35,7 @@ class Recorder:
         self.outage: BaseException | None = None
         self.failing_on: set[str] = set()
 
-    async def __call__(self, batch: Sequence[Inbound]) -> Sequence[Rejection]:
+    async def __call__(self, batch: Sequence[Inbound[Any]]) -> Sequence[Rejection]:
         self.calls += 1
         if self.outage is not None:
             raise self.outage

@@ -42,7 +42,7 @@ class TestOutage:
         await ensure_topics(KAFKA, [TopicSpec(topic(name), 1)])
         applied: list[str] = []
 
-        async def handler(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+        async def handler(batch: Sequence[Inbound[Any]]) -> Sequence[Rejection]:
             async with engine.begin() as conn:
                 await conn.execute(text("select 1"))
             applied.extend(m.event.id for m in batch)
@@ -105,7 +105,7 @@ class HangingHandler:
         self.release = asyncio.Event()
         self.applied: list[str] = []
 
-    async def __call__(self, batch: Sequence[Inbound]) -> Sequence[Rejection]:
+    async def __call__(self, batch: Sequence[Inbound[Any]]) -> Sequence[Rejection]:
         await self.release.wait()
         self.applied.extend(m.event.id for m in batch)
         return []

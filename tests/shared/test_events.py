@@ -1,7 +1,7 @@
 import json
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, get_args
 from unittest.mock import patch
 
 import pytest
@@ -9,13 +9,53 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.events import (
+    CUSTOM_TYPE_PREFIX,
+    EVENT_TYPES,
+    TOPIC_EVENT_TYPES,
     CloudEvent,
+    CustomersPayload,
+    EngagementPayload,
     EventDecodeError,
+    LedgerEntriesPayload,
+    PointsCommand,
     PurchaseCompleted,
+    PurchasesPayload,
     decode_event,
+    payload_model,
 )
 from shared.schema_export import SCHEMA_DIR, exported_schemas
+from shared.topics import CUSTOMERS, ENGAGEMENT, LEDGER_ENTRIES, POINTS_COMMANDS, PURCHASES
 from tests.factories import purchase
+
+
+class TestTopicPayloads:
+    """A handler types its batch `Inbound[<the topic's union>]` on the strength of the runner admitting only
+    `TOPIC_EVENT_TYPES`: each union must hold exactly the payload models of its topic's event types."""
+
+    @pytest.mark.parametrize(
+        ("topic", "union"),
+        [
+            (PURCHASES, PurchasesPayload),
+            (ENGAGEMENT, EngagementPayload),
+            (POINTS_COMMANDS, PointsCommand),
+            (LEDGER_ENTRIES, LedgerEntriesPayload),
+            (CUSTOMERS, CustomersPayload),
+        ],
+    )
+    def test_union_is_the_topics_payload_models(self, topic: str, union: Any) -> None:
+        models = {
+            model
+            for event_type in TOPIC_EVENT_TYPES[topic]
+            for model in (
+                [payload_model(event_type + "x", 1)]
+                if event_type == CUSTOM_TYPE_PREFIX
+                else EVENT_TYPES[event_type].values()
+            )
+        }
+        assert models == set(get_args(union) or (union,))
+
+    def test_every_topic_has_a_union(self) -> None:
+        assert set(TOPIC_EVENT_TYPES) == {PURCHASES, ENGAGEMENT, POINTS_COMMANDS, LEDGER_ENTRIES, CUSTOMERS}
 
 
 class TestEnvelope:

@@ -22,11 +22,11 @@ def _review_id(event: CloudEvent[Any]) -> tuple[str, str] | None:
     return ("review_id", event.data.review_id) if isinstance(event.data, ReviewPosted) else None
 
 
-def _batch(*events: CloudEvent[Any]) -> list[Inbound]:
+def _batch(*events: CloudEvent[Any]) -> list[Inbound[Any]]:
     return [Inbound(e, "topic", 0, offset, cast(Any, None)) for offset, e in enumerate(events)]
 
 
-def _admit(batch: list[Inbound], claimed: set[Key] | None = None, **kw: Any) -> Any:
+def _admit(batch: list[Inbound[Any]], claimed: set[Key] | None = None, **kw: Any) -> Any:
     keys = keys_of(NAME, batch, kw.get("tracked"), kw.get("business_id"))
     # By default the claim inserted every key: nothing was processed before.
     wanted = {ek for ek, _, t in keys if t} | {bk for _, bk, _ in keys if bk is not None}

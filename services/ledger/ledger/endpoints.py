@@ -9,14 +9,24 @@ from starlette.responses import Response
 
 from ledger import schemas
 from ledger.domain import parse_duration
-from ledger.errors import AccountNotFound, CommandNotFound, HoldNotFound
+from ledger.errors import (
+    AccountNotFound,
+    CaptureExceedsHold,
+    CommandNotFound,
+    HoldNotActive,
+    HoldNotFound,
+    IdempotencyKeyReused,
+    InsufficientPoints,
+    InvalidAccount,
+    OriginalEarnNotFound,
+)
 from ledger.service import ledger_service
 from shared.auth import Principal, require
 from shared.db import ReadSessionDep, SessionDep
-from shared.errors import UnprocessableEntity
+from shared.errors import DocumentedRoute, UnprocessableEntity, raises
 from shared.events import MAX_IDENTIFIER, NO_NUL, UtcDatetime
 
-router = APIRouter(prefix="/v1", tags=["ledger"])
+router = APIRouter(prefix="/v1", tags=["ledger"], route_class=DocumentedRoute)
 T = TypeVar("T")
 
 PointsRead = Annotated[Principal, Depends(require("points:read"))]
@@ -38,11 +48,6 @@ AccountId = Annotated[str, Path(min_length=1, max_length=MAX_IDENTIFIER, pattern
 Limit = Annotated[int, Query(ge=1, le=500)]
 # Entry sequence numbers are 32-bit (their column): a larger cursor is a 422, not a database error.
 MAX_SEQ = 2**31 - 1
-
-WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    409: {"description": "Not enough available points, or the hold is no longer active"},
-    422: {"description": "Invalid request, or the Idempotency-Key was used for a different request"},
-}
 
 
 async def _once(
@@ -101,6 +106,7 @@ async def list_accounts(
 
 
 @router.get("/accounts/{account_id}", response_model=schemas.Balance)
+@raises(AccountNotFound)
 async def get_account(
     account_id: AccountId, principal: PointsRead, session: ReadSessionDep, as_of: UtcDatetime | None = None
 ) -> Response:
@@ -111,6 +117,7 @@ async def get_account(
 
 
 @router.get("/accounts/{account_id}/entries", response_model=schemas.Page[schemas.Entry])
+@raises(AccountNotFound)
 async def history(
     account_id: AccountId,
     principal: PointsRead,
@@ -129,6 +136,7 @@ async def history(
 
 
 @router.get("/accounts/{account_id}/expiring", response_model=schemas.Expiring)
+@raises(UnprocessableEntity, AccountNotFound)
 async def expiring(
     account_id: AccountId,
     principal: PointsRead,
@@ -146,18 +154,21 @@ async def expiring(
 
 
 @router.get("/accounts/{account_id}/verify", response_model=schemas.Verification)
+@raises(AccountNotFound)
 async def verify(account_id: AccountId, principal: PointsRead, session: ReadSessionDep) -> schemas.Verification:
     """Recompute the account's hash chain and balances from its entries and report every mismatch."""
     return _found(await ledger_service.verify(session, principal.tenant_id, account_id), AccountNotFound(account_id))
 
 
 @router.get("/holds/{hold_id}", response_model=schemas.Hold)
+@raises(HoldNotFound)
 async def get_hold(hold_id: uuid.UUID, principal: PointsRead, session: ReadSessionDep) -> schemas.Hold:
     """A hold and its status (active, captured, voided, expired)."""
     return _found(await ledger_service.get_hold(session, principal.tenant_id, hold_id), HoldNotFound(str(hold_id)))
 
 
 @router.get("/commands/{command_id}", response_model=schemas.AppliedCommand)
+@raises(CommandNotFound)
 async def get_command(
     command_id: Annotated[str, Path(min_length=1, max_length=MAX_IDENTIFIER, pattern=NO_NUL)],
     principal: PointsRead,
@@ -197,7 +208,8 @@ async def list_adjustments(
 # --- partner writes (points:write) ----------------------------------------------------------------
 
 
-@router.post("/accounts/{account_id}/redeem", response_model=schemas.Posted, status_code=201, responses=WRITE_RESPONSES)
+@router.post("/accounts/{account_id}/redeem", response_model=schemas.Posted, status_code=201)
+@raises(AccountNotFound, InsufficientPoints, IdempotencyKeyReused)
 async def redeem(
     account_id: AccountId,
     body: schemas.RedeemCreate,
@@ -210,9 +222,8 @@ async def redeem(
     return await _once(request, session, principal, key, body, ledger_service.redeem, account_id, body)
 
 
-@router.post(
-    "/accounts/{account_id}/holds", response_model=schemas.HoldPosted, status_code=201, responses=WRITE_RESPONSES
-)
+@router.post("/accounts/{account_id}/holds", response_model=schemas.HoldPosted, status_code=201)
+@raises(AccountNotFound, InsufficientPoints, IdempotencyKeyReused)
 async def reserve(
     account_id: AccountId,
     body: schemas.HoldCreate,
@@ -225,7 +236,8 @@ async def reserve(
     return await _once(request, session, principal, key, body, ledger_service.reserve, account_id, body)
 
 
-@router.post("/holds/{hold_id}/capture", response_model=schemas.HoldPosted, status_code=201, responses=WRITE_RESPONSES)
+@router.post("/holds/{hold_id}/capture", response_model=schemas.HoldPosted, status_code=201)
+@raises(HoldNotFound, HoldNotActive, CaptureExceedsHold, IdempotencyKeyReused)
 async def capture(
     hold_id: uuid.UUID,
     body: schemas.HoldCapture,
@@ -238,7 +250,8 @@ async def capture(
     return await _once(request, session, principal, key, body, ledger_service.capture, hold_id, body)
 
 
-@router.post("/holds/{hold_id}/void", response_model=schemas.HoldPosted, status_code=201, responses=WRITE_RESPONSES)
+@router.post("/holds/{hold_id}/void", response_model=schemas.HoldPosted, status_code=201)
+@raises(HoldNotFound, HoldNotActive, IdempotencyKeyReused)
 async def void(
     hold_id: uuid.UUID, request: Request, principal: PointsWrite, session: SessionDep, key: IdempotencyKey
 ) -> Response:
@@ -249,7 +262,8 @@ async def void(
 # --- back-office writes (admin) -------------------------------------------------------------------
 
 
-@router.post("/accounts/{account_id}/earn", response_model=schemas.Posted, status_code=201, responses=WRITE_RESPONSES)
+@router.post("/accounts/{account_id}/earn", response_model=schemas.Posted, status_code=201)
+@raises(InvalidAccount, IdempotencyKeyReused)
 async def earn(
     account_id: AccountId,
     body: schemas.EarnCreate,
@@ -262,9 +276,8 @@ async def earn(
     return await _once(request, session, principal, key, body, ledger_service.earn, account_id, body)
 
 
-@router.post(
-    "/accounts/{account_id}/clawback", response_model=schemas.Posted, status_code=201, responses=WRITE_RESPONSES
-)
+@router.post("/accounts/{account_id}/clawback", response_model=schemas.Posted, status_code=201)
+@raises(AccountNotFound, OriginalEarnNotFound, IdempotencyKeyReused)
 async def clawback(
     account_id: AccountId,
     body: schemas.ClawbackCreate,
@@ -277,9 +290,8 @@ async def clawback(
     return await _once(request, session, principal, key, body, ledger_service.clawback, account_id, body)
 
 
-@router.post(
-    "/accounts/{account_id}/transfers", response_model=schemas.Posted, status_code=201, responses=WRITE_RESPONSES
-)
+@router.post("/accounts/{account_id}/transfers", response_model=schemas.Posted, status_code=201)
+@raises(AccountNotFound, InvalidAccount, InsufficientPoints, IdempotencyKeyReused)
 async def transfer(
     account_id: AccountId,
     body: schemas.TransferCreate,
@@ -292,9 +304,8 @@ async def transfer(
     return await _once(request, session, principal, key, body, ledger_service.transfer, account_id, body)
 
 
-@router.post(
-    "/accounts/{account_id}/adjustments", response_model=schemas.Posted, status_code=201, responses=WRITE_RESPONSES
-)
+@router.post("/accounts/{account_id}/adjustments", response_model=schemas.Posted, status_code=201)
+@raises(InvalidAccount, InsufficientPoints, IdempotencyKeyReused)
 async def adjust(
     account_id: AccountId,
     body: schemas.AdjustmentCreate,

@@ -6,6 +6,8 @@ class LedgerError(ServiceError):
 
 
 class CommandNotFound(LedgerError):
+    """No points command with this id was applied."""
+
     status_code = 404
 
     def __init__(self, command_id: str) -> None:
@@ -13,6 +15,8 @@ class CommandNotFound(LedgerError):
 
 
 class AccountNotFound(LedgerError):
+    """The programme has no such account."""
+
     status_code = 404
 
     def __init__(self, account_id: str) -> None:
@@ -20,6 +24,8 @@ class AccountNotFound(LedgerError):
 
 
 class InvalidAccount(LedgerError):
+    """The account cannot take part: a system account, or the transfer's own source."""
+
     status_code = 422
 
     def __init__(self, account_id: str, why: str) -> None:
@@ -27,6 +33,8 @@ class InvalidAccount(LedgerError):
 
 
 class InsufficientPoints(LedgerError):
+    """The account has fewer available points than requested."""
+
     status_code = 409
 
     def __init__(self, account_id: str, *, requested: int, available: int) -> None:
@@ -39,6 +47,8 @@ class InsufficientPoints(LedgerError):
 
 
 class HoldNotFound(LedgerError):
+    """The programme has no such hold."""
+
     status_code = 404
 
     def __init__(self, hold_id: str) -> None:
@@ -46,6 +56,8 @@ class HoldNotFound(LedgerError):
 
 
 class HoldNotActive(LedgerError):
+    """The hold was captured, voided or expired already."""
+
     status_code = 409
 
     def __init__(self, hold_id: str, status: str) -> None:
@@ -53,6 +65,8 @@ class HoldNotActive(LedgerError):
 
 
 class CaptureExceedsHold(LedgerError):
+    """The capture asks for more points than the hold holds."""
+
     status_code = 409
 
     def __init__(self, hold_id: str, *, requested: int, held: int) -> None:
@@ -65,6 +79,8 @@ class CaptureExceedsHold(LedgerError):
 
 
 class OriginalEarnNotFound(LedgerError):
+    """The account has no such earn to claw back."""
+
     status_code = 404
 
     def __init__(self, command_id: str) -> None:
@@ -72,6 +88,8 @@ class OriginalEarnNotFound(LedgerError):
 
 
 class IdempotencyKeyReused(LedgerError):
+    """The Idempotency-Key was used before, for a different request."""
+
     status_code = 422
 
     def __init__(self, key: str) -> None:

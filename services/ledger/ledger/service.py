@@ -36,7 +36,15 @@ from ledger.errors import (
 from ledger.repository import LedgerRepository
 from shared.consumer import Inbound, Rejection
 from shared.db import AsyncReadSession, AsyncSession
-from shared.events import ClawbackPoints, CloudEvent, EarnPoints, LedgerEntryPosted, make_event, utcnow
+from shared.events import (
+    ClawbackPoints,
+    CloudEvent,
+    EarnPoints,
+    LedgerEntryPosted,
+    PointsCommand,
+    make_event,
+    utcnow,
+)
 from shared.outbox import Claimed, Unpublishable, describe_error
 
 log = logging.getLogger(__name__)
@@ -485,12 +493,12 @@ class LedgerService:
     # --- Kafka points commands --------------------------------------------------------------------
 
     async def handle_commands(
-        self, session: AsyncSession, batch: Sequence[Inbound], *, now: datetime | None = None
+        self, session: AsyncSession, batch: Sequence[Inbound[PointsCommand]], *, now: datetime | None = None
     ) -> list[Rejection]:
         """Applies a consumed batch in this one transaction: the command id makes each one post once."""
         repo = LedgerRepository.from_session(session)
         claimed = await repo.claim_commands([(m.event.tenantid, m.event.data.command_id, m.event.type) for m in batch])
-        by_tenant: dict[str, list[Inbound]] = defaultdict(list)
+        by_tenant: dict[str, list[Inbound[PointsCommand]]] = defaultdict(list)
         for message in batch:
             key = (message.event.tenantid, message.event.data.command_id)
             if key in claimed:
@@ -505,12 +513,12 @@ class LedgerService:
         return rejections
 
     async def _apply_commands(
-        self, session: AsyncSession, tenant_id: str, messages: list[Inbound], now: datetime
+        self, session: AsyncSession, tenant_id: str, messages: list[Inbound[PointsCommand]], now: datetime
     ) -> list[Rejection]:
         customers: set[str] = set()
         clawbacks: list[ClawbackPoints] = []
         rejections: list[Rejection] = []
-        valid: list[Inbound] = []
+        valid: list[Inbound[PointsCommand]] = []
         for message in messages:
             data = message.event.data
             if is_system(data.customer_id):
@@ -539,7 +547,7 @@ class LedgerService:
         await self._save(session, book)
         return rejections
 
-    def _apply_command(self, book: Book, message: Inbound) -> None:
+    def _apply_command(self, book: Book, message: Inbound[PointsCommand]) -> None:
         data = message.event.data
         if isinstance(data, EarnPoints):
             meta = Meta(
@@ -554,7 +562,6 @@ class LedgerService:
             )
             book.earn(data.customer_id, data.points, meta, lot_id=data.command_id, matures_at=data.matures_at)
             return
-        assert isinstance(data, ClawbackPoints)
         original = book.lots.get(data.original_command_id)
         if original is None or original.account_id != data.customer_id:
             raise OriginalEarnNotFound(data.original_command_id)

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from metrics.service import metrics_service
 from shared.consumer import ConsumerRunner, Inbound, Rejection
 from shared.db import transaction
+from shared.events import PurchasesPayload
 from shared.runtime import Runtime
 from shared.topics import PURCHASES
 
@@ -12,7 +13,7 @@ GROUP = "metrics"
 
 
 def purchases_consumer(runtime: Runtime) -> ConsumerRunner:
-    async def on_batch(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+    async def on_batch(batch: Sequence[Inbound[PurchasesPayload]]) -> Sequence[Rejection]:
         async with transaction(runtime.sessionmaker) as session:
             return await metrics_service.handle_batch(session, batch)
 

@@ -4,16 +4,19 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 
 from metrics import schemas
+from metrics.errors import InvalidPeriod
 from metrics.service import metrics_service
 from shared.auth import Principal, require
 from shared.db import ReadSessionDep
+from shared.errors import DocumentedRoute, raises
 
-router = APIRouter(prefix="/v1", tags=["kpis"])
+router = APIRouter(prefix="/v1", tags=["kpis"], route_class=DocumentedRoute)
 
 MetricsRead = Annotated[Principal, Depends(require("metrics:read"))]
 
 
 @router.get("/kpis/daily-purchases", response_model=schemas.DailyPurchasesList)
+@raises(InvalidPeriod)
 async def daily_purchases(
     principal: MetricsRead,
     session: ReadSessionDep,

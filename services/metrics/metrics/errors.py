@@ -6,6 +6,8 @@ class MetricsError(ServiceError):
 
 
 class InvalidPeriod(MetricsError):
+    """The period starts after it ends."""
+
     status_code = 422
 
     def __init__(self, start: object, end: object) -> None:

@@ -4,27 +4,26 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import date
 from decimal import Decimal
-from typing import Any
 
 from metrics.errors import InvalidPeriod
 from metrics.models import DailyPurchases, processed_events
 from metrics.repository import DailyPurchasesRepository
 from shared.consumer import Inbound, Rejection
 from shared.db import AsyncReadSession, AsyncSession
-from shared.events import CloudEvent, PurchaseCompleted
+from shared.events import CloudEvent, PurchaseCompleted, PurchasesPayload
 from shared.tracking import claim_batch, release
 
 # The tracking name (shared.tracking): the service's, not the consumer group's.
 TRACKING_NAME = "metrics"
 
 
-def _order_id(event: CloudEvent[Any]) -> tuple[str, str] | None:
+def _order_id(event: CloudEvent[PurchasesPayload]) -> tuple[str, str] | None:
     # An order counts once per tenant, whatever event ids it arrives under (as in the rules service).
     return ("order_id", event.data.order_id) if isinstance(event.data, PurchaseCompleted) else None
 
 
 class MetricsService:
-    async def handle_batch(self, session: AsyncSession, batch: Sequence[Inbound]) -> list[Rejection]:
+    async def handle_batch(self, session: AsyncSession, batch: Sequence[Inbound[PurchasesPayload]]) -> list[Rejection]:
         admission = await claim_batch(session, processed_events, TRACKING_NAME, batch, business_id=_order_id)
         # Aggregate in memory first: one upsert per (tenant, day, currency) instead of one per event.
         totals: dict[tuple[str, date, str], tuple[int, Decimal]] = defaultdict(lambda: (0, Decimal(0)))

@@ -48,8 +48,10 @@ from shared.db import AsyncReadSession, AsyncSession
 from shared.events import (
     CUSTOM_TYPE_PREFIX,
     CloudEvent,
+    EngagementPayload,
     PurchaseCompleted,
     PurchaseRefunded,
+    PurchasesPayload,
     ReferralConverted,
 )
 from shared.topics import CUSTOMERS, POINTS_COMMANDS
@@ -289,7 +291,7 @@ class BatchWork:
         active = schedule.at(event_time(event)) if schedule else None
         return self.compiled.get((event.tenantid, *active)) if active else None
 
-    async def load(self, messages: Sequence[Inbound]) -> None:
+    async def load(self, messages: Sequence[Inbound[PurchasesPayload | EngagementPayload]]) -> None:
         session = self.session
         tenants = {m.event.tenantid for m in messages}
         self.schedules = schedules(await RulesetRepository.from_session(session).activations(tenants))
@@ -346,7 +348,7 @@ class BatchWork:
             state = self.states[key] = CustomerSnapshot(customer_id)
         return state
 
-    def apply(self, message: Inbound) -> None:
+    def apply(self, message: Inbound[PurchasesPayload | EngagementPayload]) -> None:
         event = message.event
         if isinstance(event.data, PurchaseRefunded):
             self._refund(event, event.data)
@@ -357,7 +359,7 @@ class BatchWork:
         order_key = (tenant, data.order_id) if isinstance(data, PurchaseCompleted) else None
         if order_key is not None and order_key in self.orders:
             seen = self.orders[order_key]
-            raise EventRefused(f"order {data.order_id!r} was already processed (event {seen.event_id})")
+            raise EventRefused(f"order {order_key[1]!r} was already processed (event {seen.event_id})")
         referred: CustomerSnapshot | None = None
         if isinstance(data, ReferralConverted):
             check_referral(data)

@@ -13,6 +13,7 @@ from rules.service import rules_service
 from rules.tasks import outbox_relay
 from shared.consumer import BatchHandler, ConsumerRunner, Inbound, Rejection
 from shared.db import AsyncSession, transaction
+from shared.events import EngagementPayload, PurchasesPayload
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime
 from shared.topics import ENGAGEMENT, PURCHASES
@@ -34,8 +35,8 @@ def batch_handler(
     *,
     namespace: str,
     state_cache: StateCache | None = None,
-) -> BatchHandler:
-    async def on_batch(batch: Sequence[Inbound]) -> Sequence[Rejection]:
+) -> BatchHandler[PurchasesPayload | EngagementPayload]:
+    async def on_batch(batch: Sequence[Inbound[PurchasesPayload | EngagementPayload]]) -> Sequence[Rejection]:
         hits, misses = (state_cache.hits, state_cache.misses) if state_cache is not None else (0, 0)
         async with transaction(sessionmaker) as session:
             outcome = await rules_service.process_batch(session, batch, namespace=namespace, state_cache=state_cache)

@@ -5,14 +5,24 @@ from starlette.requests import Request
 
 from rules import schemas
 from rules.engine import CustomerSnapshot, Evaluation
-from rules.errors import CustomerNotFound
+from rules.errors import (
+    CustomerNotFound,
+    EventTooLarge,
+    InvalidEvent,
+    NoActiveRuleset,
+    RulesetNotFound,
+    RulesetValidationFailed,
+    SimulationNotSupported,
+    TiersNotDefined,
+)
 from rules.service import rules_service
 from shared.auth import Principal, require
 from shared.db import ReadSessionDep, SessionDep
+from shared.errors import DocumentedRoute, raises
 from shared.events import NO_NUL, UtcDatetime, utcnow
 from shared.runtime import Runtime
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=DocumentedRoute)
 
 PointsRead = Annotated[Principal, Depends(require("points:read"))]
 RulesAdmin = Annotated[Principal, Depends(require("rules:admin"))]
@@ -77,6 +87,7 @@ def _simulation(evaluation: Evaluation) -> schemas.Simulation:
 
 
 @router.get("/customers/{customer_id}/state", response_model=schemas.CustomerState, tags=["customers"])
+@raises(CustomerNotFound)
 async def get_customer_state(
     customer_id: CustomerId, principal: PointsRead, session: ReadSessionDep
 ) -> schemas.CustomerState:
@@ -88,6 +99,7 @@ async def get_customer_state(
 
 
 @router.get("/customers/{customer_id}/tier", response_model=schemas.Tier, tags=["customers"])
+@raises(CustomerNotFound)
 async def get_customer_tier(customer_id: CustomerId, principal: PointsRead, session: ReadSessionDep) -> schemas.Tier:
     """The customer's current tier."""
     state = await rules_service.get_state(session, tenant_id=principal.tenant_id, customer_id=customer_id)
@@ -121,6 +133,7 @@ async def validate_ruleset(body: schemas.RulesetSource, principal: RulesAdmin) -
 @router.post(
     "/rulesets/{ruleset_id}/versions", response_model=schemas.RulesetVersion, status_code=201, tags=["rulesets"]
 )
+@raises(RulesetValidationFailed)
 async def create_ruleset_version(
     ruleset_id: RulesetId,
     body: schemas.RulesetSource,
@@ -148,6 +161,7 @@ async def list_rulesets(principal: RulesAdmin, session: ReadSessionDep) -> schem
 
 
 @router.get("/rulesets/{ruleset_id}/versions/{version}", response_model=schemas.RulesetVersion, tags=["rulesets"])
+@raises(RulesetNotFound)
 async def get_ruleset_version(
     ruleset_id: RulesetId, version: Version, principal: RulesAdmin, session: ReadSessionDep
 ) -> schemas.RulesetVersion:
@@ -164,6 +178,7 @@ async def get_ruleset_version(
     status_code=201,
     tags=["rulesets"],
 )
+@raises(RulesetNotFound)
 async def activate_ruleset_version(
     ruleset_id: RulesetId, version: Version, body: schemas.ActivationCreate, principal: RulesAdmin, session: SessionDep
 ) -> schemas.Activation:
@@ -180,6 +195,7 @@ async def activate_ruleset_version(
 
 
 @router.get("/rulesets/active", response_model=schemas.ActiveVersion, tags=["rulesets"])
+@raises(NoActiveRuleset)
 async def get_active_ruleset(
     principal: RulesAdmin, session: ReadSessionDep, at: UtcDatetime | None = None
 ) -> schemas.ActiveVersion:
@@ -188,6 +204,7 @@ async def get_active_ruleset(
 
 
 @router.post("/tiers/review", response_model=schemas.TierReview, tags=["rulesets"])
+@raises(NoActiveRuleset, TiersNotDefined)
 async def review_tiers(
     body: schemas.TierReviewRequest, principal: RulesAdmin, session: SessionDep, runtime: RuntimeDep
 ) -> schemas.TierReview:
@@ -202,6 +219,7 @@ async def review_tiers(
 
 
 @router.post("/simulate", response_model=schemas.Simulation, tags=["rulesets"])
+@raises(InvalidEvent, SimulationNotSupported, NoActiveRuleset, RulesetNotFound)
 async def simulate(body: schemas.SimulateRequest, principal: RulesAdmin, session: ReadSessionDep) -> schemas.Simulation:
     """Evaluates one event against the stored customer state and returns the full breakdown; stores nothing."""
     _, event = rules_service.parse_event(body.event, tenant_id=principal.tenant_id)
@@ -211,13 +229,8 @@ async def simulate(body: schemas.SimulateRequest, principal: RulesAdmin, session
     return _simulation(evaluation)
 
 
-INGEST_RESPONSES: dict[int | str, dict[str, Any]] = {
-    413: {"description": "An event is larger than a message may be (`max_event_bytes`), or the body too large"},
-    422: {"description": "An event is invalid or breaks the input contract (see the README)"},
-}
-
-
-@router.post("/events", response_model=schemas.Accepted, status_code=202, tags=["ingest"], responses=INGEST_RESPONSES)
+@router.post("/events", response_model=schemas.Accepted, status_code=202, tags=["ingest"])
+@raises(InvalidEvent, EventTooLarge)
 async def ingest_event(body: dict[str, Any], principal: EventsWrite, runtime: RuntimeDep) -> schemas.Accepted:
     """Validates one purchase or engagement CloudEvent and produces it to its topic."""
     ids = await rules_service.ingest(
@@ -231,9 +244,8 @@ async def ingest_event(body: dict[str, Any], principal: EventsWrite, runtime: Ru
     return schemas.Accepted(event_ids=ids)
 
 
-@router.post(
-    "/events/batch", response_model=schemas.Accepted, status_code=202, tags=["ingest"], responses=INGEST_RESPONSES
-)
+@router.post("/events/batch", response_model=schemas.Accepted, status_code=202, tags=["ingest"])
+@raises(InvalidEvent, EventTooLarge)
 async def ingest_events(body: schemas.EventBatch, principal: EventsWrite, runtime: RuntimeDep) -> schemas.Accepted:
     """Validates up to 1000 events (all or none) and produces them to their topics."""
     ids = await rules_service.ingest(

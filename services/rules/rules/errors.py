@@ -9,6 +9,8 @@ class RulesError(ServiceError):
 
 
 class CustomerNotFound(RulesError):
+    """No events were seen for this customer."""
+
     status_code = 404
 
     def __init__(self, customer_id: str) -> None:
@@ -16,6 +18,8 @@ class CustomerNotFound(RulesError):
 
 
 class RulesetNotFound(RulesError):
+    """The tenant has no such ruleset, or no such version of it."""
+
     status_code = 404
 
     def __init__(self, ruleset_id: str, version: int | None = None) -> None:
@@ -24,6 +28,8 @@ class RulesetNotFound(RulesError):
 
 
 class RulesetValidationFailed(RulesError):
+    """The ruleset document is invalid (`errors` lists every problem)."""
+
     status_code = 422
 
     def __init__(self, problems: list[Problem]) -> None:
@@ -36,6 +42,8 @@ class RulesetValidationFailed(RulesError):
 
 
 class NoActiveRuleset(RulesError):
+    """The tenant has no ruleset active at that moment."""
+
     status_code = 409
 
     def __init__(self, tenant_id: str, at: datetime) -> None:
@@ -43,10 +51,14 @@ class NoActiveRuleset(RulesError):
 
 
 class SimulationNotSupported(RulesError):
+    """The event cannot be simulated (a refund, or one the engine cannot evaluate)."""
+
     status_code = 422
 
 
 class InvalidEvent(RulesError):
+    """An event is invalid or breaks the input contract (see the README)."""
+
     status_code = 422
 
     def __init__(self, message: str, index: int | None = None) -> None:
@@ -54,13 +66,15 @@ class InvalidEvent(RulesError):
 
 
 class EventTooLarge(InvalidEvent):
-    """Larger than a message the consumer takes (`max_event_bytes`)."""
+    """An event is larger than a message the consumer takes (`max_event_bytes`)."""
 
     status_code = 413
     title = "Content Too Large"
 
 
 class TiersNotDefined(RulesError):
+    """The active ruleset defines no tiers."""
+
     status_code = 409
 
     def __init__(self, ruleset_id: str, version: int) -> None:

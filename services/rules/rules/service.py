@@ -54,9 +54,11 @@ from shared.db import AsyncReadSession, AsyncSession
 from shared.events import (
     TOPIC_EVENT_TYPES,
     CloudEvent,
+    EngagementPayload,
     EventDecodeError,
     PurchaseCompleted,
     PurchaseRefunded,
+    PurchasesPayload,
     ReferralConverted,
     carries,
     decode_event,
@@ -345,13 +347,15 @@ class RulesService:
 
     # --- the pipeline -----------------------------------------------------------------------------
 
-    async def handle_batch(self, session: AsyncSession, batch: Sequence[Inbound]) -> list[Rejection]:
+    async def handle_batch(
+        self, session: AsyncSession, batch: Sequence[Inbound[PurchasesPayload | EngagementPayload]]
+    ) -> list[Rejection]:
         return (await self.process_batch(session, batch)).rejections
 
     async def process_batch(
         self,
         session: AsyncSession,
-        batch: Sequence[Inbound],
+        batch: Sequence[Inbound[PurchasesPayload | EngagementPayload]],
         *,
         namespace: str = "",
         state_cache: StateCache | None = None,
@@ -381,7 +385,7 @@ class RulesService:
     async def _process(
         self,
         session: AsyncSession,
-        batch: Sequence[Inbound],
+        batch: Sequence[Inbound[PurchasesPayload | EngagementPayload]],
         namespace: str,
         state_cache: StateCache | None,
         *,
