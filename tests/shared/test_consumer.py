@@ -34,6 +34,7 @@ from tests.conftest import (
     topic,
 )
 from tests.factories import purchase
+from tests.shared.memory_feed import MemoryFeed
 
 pytestmark = [pytest.mark.kafka, pytest.mark.db]
 
@@ -324,6 +325,7 @@ class _GcProbe(ConsumerRunner):
             bootstrap_servers=KAFKA,
             handler=_no_rejections,
             dlq_producer=cast(Any, None),
+            feed=MemoryFeed("unused"),  # never started: no client to leave open
         )
         self.fail = fail
         self.enabled_during: list[bool] = []
@@ -363,6 +365,7 @@ class _Settled(ConsumerRunner):
             bootstrap_servers=KAFKA,
             handler=handler,
             dlq_producer=cast(Any, None),
+            feed=MemoryFeed("unused"),
         )
         self.dead: list[DeadRecord] = []
         self.committed: list[dict[TopicPartition, int]] = []
