@@ -13,6 +13,7 @@ from ledger import schemas
 from ledger.config import Settings
 from ledger.service import LedgerOutbox, ledger_service
 from shared.db import AsyncSession, transaction
+from shared.faults import is_infrastructure_error
 from shared.kafka import EventProducer
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime
@@ -50,8 +51,11 @@ async def _tasks_loop(settings: Settings, sessionmaker: async_sessionmaker[Async
             result = await run_tasks(sessionmaker, now=None, limit=settings.tasks_batch_limit)
             if result.matured or result.expired or result.holds_released:
                 log.info("periodic tasks ran", extra=result.model_dump())
-        except Exception:
-            log.exception("periodic tasks failed; retrying at the next interval")
+        except Exception as exc:
+            if is_infrastructure_error(exc):  # an outage: no stack trace every interval while it lasts
+                log.warning("periodic tasks failed (outage); retrying at the next interval", extra={"error": repr(exc)})
+            else:
+                log.exception("periodic tasks failed; retrying at the next interval")
         await asyncio.sleep(settings.tasks_interval_s)
 
 
