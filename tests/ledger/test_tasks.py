@@ -12,12 +12,14 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka import ConsumerRecord
-from sqlalchemy import func, select
+from prometheus_client import REGISTRY
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from typer.testing import CliRunner
 
 from ledger.app import create_app
-from ledger.models import Entry, Outbox
+from ledger.models import Entry, Hold, Outbox
+from ledger.tasks import run_due_tasks
 from ops.cli import app as cli
 from shared.db import AsyncSession
 from shared.topics import LEDGER_ENTRIES
@@ -142,3 +144,49 @@ class TestCli:
         assert breakage == 30 + 20 + 5 - 15
         unknown = await asyncio.to_thread(runner.invoke, cli, ["ledger", "verify", "--tenant", f"none-{tenant}"])
         assert unknown.exit_code == 1
+
+
+class TestPeriodicTasks:
+    async def test_a_tenant_whose_item_keeps_failing_holds_back_no_other_tenant(
+        self, tenant: str, db: async_sessionmaker[AsyncSession]
+    ) -> None:
+        poisoned, hold_id = f"p-{tenant}", uuid.uuid4()
+        admin = await create_api_key("ledger", tenant, ["admin"])
+        async with running_app(create_app(settings(outbox_relay_enabled=False))) as client:
+            headers = {"X-API-Key": admin, "Idempotency-Key": str(uuid.uuid4())}
+            earned = await client.post("/v1/accounts/acme/earn", json={"points": 40}, headers=headers)
+            assert earned.status_code == 201, earned.text
+            headers["Idempotency-Key"] = str(uuid.uuid4())
+            held = await client.post(
+                "/v1/accounts/acme/holds", json={"points": 25, "timeout_seconds": 1}, headers=headers
+            )
+            assert held.status_code == 201, held.text
+        valid = uuid.UUID(held.json()["hold"]["hold_id"])
+        # Another tenant's due hold that can never be released: it names a lot that does not exist.
+        async with db() as session, session.begin():
+            await session.execute(
+                insert(Hold).values(
+                    tenant_id=poisoned,
+                    hold_id=hold_id,
+                    account_id="acme",
+                    points=5,
+                    status="active",
+                    allocations=[["no-such-lot", 5]],
+                    expires_at=datetime.now(UTC) - timedelta(hours=1),
+                    created_at=datetime.now(UTC) - timedelta(hours=2),
+                )
+            )
+        failures = REGISTRY.get_sample_value("ledger_task_failures_total") or 0
+        try:
+            done = await run_due_tasks(db, now=datetime.now(UTC) + timedelta(minutes=1), limit=1000)
+            assert done.holds_released >= 1
+            async with db() as session:
+                rows = await session.execute(
+                    select(Hold.hold_id, Hold.status).where(Hold.hold_id.in_([valid, hold_id]))
+                )
+                statuses = {hold: status for hold, status in rows}
+            assert statuses == {valid: "expired", hold_id: "active"}
+            assert (REGISTRY.get_sample_value("ledger_task_failures_total") or 0) >= failures + 1
+        finally:
+            async with db() as session, session.begin():
+                await session.execute(delete(Hold).where(Hold.tenant_id == poisoned))

@@ -11,7 +11,7 @@ from dataclasses import asdict, fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select, true, tuple_, update
+from sqlalchemy import Select, and_, delete, func, or_, select, true, tuple_, union, update
 from sqlalchemy.dialects.postgresql import insert
 
 from ledger.domain import AccountState, HoldState, LotState, Policy, is_system
@@ -406,6 +406,15 @@ class LedgerRepository(RepositoryBase[SessionT]):
             where.append(Lot.tenant_id == tenant_id)
         stmt = select(Lot.tenant_id, Lot.lot_id).where(*where).order_by(Lot.tenant_id, Lot.lot_id).limit(limit)
         return [(row.tenant_id, row.lot_id) for row in await self.session.execute(stmt)]
+
+    async def due_tenants(self, now: datetime) -> list[str]:
+        """The tenants with a lot to mature or expire, or a hold to release, at `now`."""
+        lots = select(Lot.tenant_id).where(
+            or_(and_(Lot.pending, Lot.matures_at <= now), and_(Lot.remaining > 0, ~Lot.pending, Lot.expires_at <= now))
+        )
+        holds = select(Hold.tenant_id).where(Hold.status == "active", Hold.expires_at <= now)
+        stmt = union(lots, holds).order_by("tenant_id")
+        return list((await self.session.execute(stmt)).scalars())
 
     async def get_hold(self, tenant_id: str, hold_id: uuid.UUID) -> HoldState | None:
         stmt = select(*(getattr(Hold, name) for name in _HOLD_FIELDS)).where(

@@ -601,6 +601,9 @@ class LedgerService:
                 released += 1
         return schemas.TaskRun(matured=matured, expired=expired, holds_released=released)
 
+    async def due_tenants(self, session: AsyncReadSession, *, now: datetime) -> list[str]:
+        return await LedgerRepository.from_session(session).due_tenants(now)
+
     async def _lot_task(self, session: AsyncSession, due: list[tuple[str, str]], now: datetime, kind: str) -> int:
         by_tenant: dict[str, list[str]] = defaultdict(list)
         for tenant_id, lot_id in due:
