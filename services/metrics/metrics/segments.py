@@ -26,11 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import pairwise
-from typing import Literal, get_args
+from typing import get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Segment = Literal["ambassador", "loyal_passive", "price_shopper", "at_risk", "leaver", "new"]
+from shared.events import SegmentName as Segment
+
 SEGMENTS: tuple[Segment, ...] = get_args(Segment)
 PROMOTER_MIN_NPS = 9
 DETRACTOR_MAX_NPS = 6
