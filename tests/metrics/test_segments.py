@@ -30,8 +30,8 @@ def regular(**changes: object) -> CustomerFacts:
         last_purchase_at=days_ago(10),
         orders=10,
         median_gap=timedelta(days=30),
-        lines=20,
-        discounted_lines=2,
+        priced_orders=8,
+        discounted_orders=1,
     )
     return replace(base, **changes)  # type: ignore[arg-type]
 
@@ -78,27 +78,36 @@ class TestEachSegment:
     ) -> None:
         assert segment(regular(**changes)) == "loyal_passive"
 
-    def test_mostly_discounted_lines_and_few_orders_is_a_price_shopper(self) -> None:
-        # 3 orders over 2 years = 1.5 a year < 4; 6 of 10 lines discounted = 60 % >= 50 %.
+    def test_mostly_discounted_orders_and_few_orders_is_a_price_shopper(self) -> None:
+        # 3 orders over 2 years = 1.5 a year < 4; 2 of the 3 orders discounted = 67 % >= 50 %.
         facts = regular(
-            orders=3, lines=10, discounted_lines=6, median_gap=timedelta(days=300), last_purchase_at=days_ago(30)
+            orders=3,
+            priced_orders=3,
+            discounted_orders=2,
+            median_gap=timedelta(days=300),
+            last_purchase_at=days_ago(30),
         )
         result = classify(facts, DEFAULTS, now=NOW)
-        assert (result.segment, result.reason) == ("price_shopper", "60% of lines discounted, 1.5 orders a year")
+        assert (result.segment, result.reason) == ("price_shopper", "67% of orders discounted, 1.5 orders a year")
 
     def test_price_shopper_boundaries(self) -> None:
+        # Of its orders, 2 had lines (the others were booked without).
         base = regular(
-            orders=3, lines=10, discounted_lines=5, median_gap=timedelta(days=300), last_purchase_at=days_ago(30)
+            orders=3,
+            priced_orders=2,
+            discounted_orders=1,
+            median_gap=timedelta(days=300),
+            last_purchase_at=days_ago(30),
         )
         assert segment(base) == "price_shopper"  # exactly 50 % counts
-        assert segment(replace(base, discounted_lines=4)) == "loyal_passive"  # 40 %
+        assert segment(replace(base, priced_orders=3)) == "loyal_passive"  # 1 of 3 = 33 %
         # 8 orders over 2 years = exactly 4 a year: not fewer than 4.
         assert segment(replace(base, orders=8)) == "loyal_passive"
         assert segment(replace(base, orders=7)) == "price_shopper"  # 3.5 a year
         # A tenure under a year counts as a year: 3 orders in 200 days are 3 a year, not 5.5.
         young = replace(base, first_purchase_at=days_ago(200))
         assert segment(young) == "price_shopper"
-        assert segment(replace(base, lines=0, discounted_lines=0)) == "loyal_passive"  # no lines known
+        assert segment(replace(base, priced_orders=0, discounted_orders=0)) == "loyal_passive"  # no lines known
 
     def test_buying_well_below_the_own_rhythm_is_at_risk(self) -> None:
         # Median gap 30 days, factor 2: 61 days since the last purchase is more than 60.
@@ -160,7 +169,11 @@ class TestPrecedence:
     def test_new_before_ambassador_and_ambassador_before_price_shopper(self) -> None:
         assert segment(regular(first_purchase_at=days_ago(10), last_review_at=days_ago(1))) == "new"
         shopper = regular(
-            orders=3, lines=10, discounted_lines=9, median_gap=timedelta(days=300), last_purchase_at=days_ago(30)
+            orders=3,
+            priced_orders=10,
+            discounted_orders=9,
+            median_gap=timedelta(days=300),
+            last_purchase_at=days_ago(30),
         )
         assert segment(replace(shopper, last_review_at=days_ago(5))) == "ambassador"
 
@@ -213,7 +226,7 @@ def facts_st(draw: st.DrawFn) -> CustomerFacts:
     first = draw(DAYS)
     last = draw(st.floats(min_value=0, max_value=first))
     orders = draw(st.integers(1, 200))
-    lines = draw(st.integers(0, 500))
+    priced = draw(st.integers(0, orders))
     optional_day = st.none() | DAYS
     nps_at = draw(optional_day)
     return CustomerFacts(
@@ -222,8 +235,8 @@ def facts_st(draw: st.DrawFn) -> CustomerFacts:
         last_purchase_at=days_ago(last),
         orders=orders,
         median_gap=None if orders < 2 else timedelta(days=draw(st.floats(0, 400))),
-        lines=lines,
-        discounted_lines=draw(st.integers(0, lines)),
+        priced_orders=priced,
+        discounted_orders=draw(st.integers(0, priced)),
         last_nps=None if nps_at is None else draw(st.integers(0, 10)),
         last_nps_at=None if nps_at is None else days_ago(nps_at),
         last_review_at=(lambda d: None if d is None else days_ago(d))(draw(optional_day)),
@@ -289,8 +302,8 @@ def test_the_segment_matches_a_reference_reading_of_the_rules(
     )
     years = max(1.0, (NOW - facts.first_purchase_at) / day / 365)
     shopper = (
-        facts.lines > 0
-        and facts.discounted_lines / facts.lines >= t.price_shopper_min_discounted_share
+        facts.priced_orders > 0
+        and facts.discounted_orders / facts.priced_orders >= t.price_shopper_min_discounted_share
         and facts.orders / years < t.price_shopper_max_orders_per_year
     )
     expected = next(

@@ -11,8 +11,8 @@ exactly one segment; the first rule that matches wins (the precedence):
    gap taken as at least one day), or P(alive) of the latest CLV prediction under `p_alive_min`.
 3. `new`: the first purchase lies within `new_days`.
 4. `ambassador`: a promoter (latest NPS answer 9-10), a referral or a review within `advocacy_days`.
-5. `price_shopper`: at least `price_shopper_min_discounted_share` of its purchase lines were discounted and
-   it buys fewer than `price_shopper_max_orders_per_year` orders a year (orders over its tenure, a tenure
+5. `price_shopper`: at least `price_shopper_min_discounted_share` of its orders with lines carried a
+   discount and it buys fewer than `price_shopper_max_orders_per_year` orders a year (orders over its tenure, a tenure
    under a year counted as one year).
 6. `loyal_passive`: everyone else who is active: buys regularly, no advocacy ("you ask, we deliver").
 
@@ -59,7 +59,7 @@ class SegmentThresholds(BaseModel):
         90, ge=1, le=MAX_DAYS, description="A detractor without a purchase this long after the answer is a `leaver`"
     )
     price_shopper_min_discounted_share: float = Field(
-        0.5, gt=0.0, le=1.0, description="Share of purchase lines discounted that makes a price shopper"
+        0.5, gt=0.0, le=1.0, description="Share of orders (with lines) carrying a discount that makes a price shopper"
     )
     price_shopper_max_orders_per_year: float = Field(
         4.0, ge=0.0, le=10_000.0, description="Price shoppers buy fewer orders a year than this"
@@ -75,8 +75,8 @@ class CustomerFacts:
     last_purchase_at: datetime
     orders: int
     median_gap: timedelta | None = None  # between consecutive purchases; None under two purchases
-    lines: int = 0
-    discounted_lines: int = 0
+    priced_orders: int = 0  # orders that had lines (whose discount is known)
+    discounted_orders: int = 0  # of those, orders with a discount on any line
     last_nps: int | None = None
     last_nps_at: datetime | None = None
     last_review_at: datetime | None = None
@@ -154,7 +154,7 @@ def classify(
         return Classification("ambassador", f"{', '.join(advocacy)} within {t.advocacy_days} days")
     tenure_years = max(1.0, (now - facts.first_purchase_at).total_seconds() / (365 * 86400))
     per_year = facts.orders / tenure_years
-    share = facts.discounted_lines / facts.lines if facts.lines else 0.0
+    share = facts.discounted_orders / facts.priced_orders if facts.priced_orders else 0.0
     if share >= t.price_shopper_min_discounted_share and per_year < t.price_shopper_max_orders_per_year:
-        return Classification("price_shopper", f"{share:.0%} of lines discounted, {per_year:.1f} orders a year")
+        return Classification("price_shopper", f"{share:.0%} of orders discounted, {per_year:.1f} orders a year")
     return Classification("loyal_passive", f"active buyer, {facts.orders} orders, no advocacy")
