@@ -9,7 +9,7 @@ from tests.conftest import create_api_key, running_app, service_settings
 
 pytestmark = [pytest.mark.db]
 
-DEFAULTS = {
+DEFAULTS: dict[str, object] = {
     "activity_window_days": 365,
     "reporting_currency": None,
     "conversion_factors": {},

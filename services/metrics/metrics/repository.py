@@ -51,10 +51,13 @@ class ConfigRepository(RepositoryBase[SessionT]):
         return await self.get_all(select(TenantConfig).where(TenantConfig.tenant_id.in_(tenant_ids)))
 
     async def put(self: ConfigRepository[AsyncSession], tenant_id: str, values: dict[str, Any]) -> TenantConfig:
-        stmt = insert(TenantConfig).values(tenant_id=tenant_id, **values, updated_at=func.now())
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[TenantConfig.tenant_id], set_={**values, "updated_at": func.now()}
-        ).returning(TenantConfig)
-        stmt = stmt.execution_options(populate_existing=True)
+        upsert = insert(TenantConfig).values(tenant_id=tenant_id, **values, updated_at=func.now())
+        stmt = (
+            upsert.on_conflict_do_update(
+                index_elements=[TenantConfig.tenant_id], set_={**values, "updated_at": func.now()}
+            )
+            .returning(TenantConfig)
+            .execution_options(populate_existing=True)
+        )
         row: TenantConfig = (await self.session.execute(stmt)).scalar_one()
         return row
