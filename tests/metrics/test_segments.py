@@ -286,8 +286,10 @@ def test_the_segment_matches_a_reference_reading_of_the_rules(
         and facts.last_purchase_at <= facts.last_nps_at
         and (NOW - facts.last_nps_at) / day > t.detractor_silence_days
     )
-    gap = None if facts.median_gap is None else max(facts.median_gap / day, 1.0)
-    at_risk = (facts.orders >= t.rhythm_min_orders and gap is not None and since_last > t.rhythm_factor * gap) or (
+    # The rhythm in seconds (a gap of at least a day), as the rule is stated.
+    gap = None if facts.median_gap is None else max(facts.median_gap.total_seconds(), 86400.0)
+    since_last_s = (NOW - facts.last_purchase_at).total_seconds()
+    at_risk = (facts.orders >= t.rhythm_min_orders and gap is not None and since_last_s > gap * t.rhythm_factor) or (
         facts.p_alive is not None and facts.p_alive < t.p_alive_min
     )
     new = (NOW - facts.first_purchase_at) / day <= t.new_days

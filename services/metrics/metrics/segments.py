@@ -26,11 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import pairwise
-from typing import get_args
+from typing import TypeAlias, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.events import SegmentName as Segment
+from shared.events import SegmentName
+
+Segment: TypeAlias = SegmentName
 
 SEGMENTS: tuple[Segment, ...] = get_args(Segment)
 PROMOTER_MIN_NPS = 9
@@ -129,7 +131,8 @@ def classify(
         )
     if facts.orders >= t.rhythm_min_orders and facts.median_gap is not None:
         gap = max(facts.median_gap, timedelta(days=1))
-        if since_last > gap * t.rhythm_factor:
+        # In seconds: a timedelta times a float rounds to microseconds, seconds compare exactly as documented.
+        if since_last.total_seconds() > gap.total_seconds() * t.rhythm_factor:
             return Classification(
                 "at_risk",
                 f"{_days(since_last)} days since the last purchase, more than {t.rhythm_factor:g} x "
