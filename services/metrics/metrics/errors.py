@@ -12,3 +12,9 @@ class InvalidPeriod(MetricsError):
 
     def __init__(self, start: object, end: object) -> None:
         super().__init__(f"the period start {start} is after its end {end}", start=str(start), end=str(end))
+
+
+class InvalidParameter(MetricsError):
+    """A query parameter is out of its range (a period kind, a range too long)."""
+
+    status_code = 422

@@ -137,6 +137,19 @@ class MemberDay(Base):
     day: Mapped[date] = mapped_column(Date, primary_key=True)
     customer_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
 
+    __table_args__ = (Index("ix_metrics_member_days_customer", "tenant_id", "customer_id", "day"),)
+
+
+class PeriodMembers(Base):
+    """Customers that earned or redeemed points in the period of kind `period` starting `start`."""
+
+    __tablename__ = "period_members"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)
+    start: Mapped[date] = mapped_column(Date, primary_key=True)
+    members: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+
 
 class Daily(Base):
     """Per tenant and day: additive counters a period's KPIs sum (deltas are summed from the beginning)."""
@@ -206,13 +219,3 @@ class Engagement(Base):
         Index("ix_metrics_engagements_time", "tenant_id", "kind", "occurred_at"),
         Index("ix_metrics_engagements_customer", "tenant_id", "customer_id"),
     )
-
-
-class DailyPurchases(Base):
-    __tablename__ = "daily_purchases"
-
-    tenant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
-    day: Mapped[date] = mapped_column(Date, primary_key=True)
-    currency: Mapped[str] = mapped_column(String(3), primary_key=True)
-    orders: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    net_revenue: Mapped[Decimal] = mapped_column(Numeric, nullable=False, default=Decimal(0))
