@@ -55,7 +55,7 @@ async def endpoint(read: AsyncReadSession, write: AsyncSession) -> None:
     await outbox.copy("outbox", ["id"], [], schema="rules")
     await OutboxRepository.from_session(read).oldest()
     await OutboxRepository.from_session(read).add([])  # line 20
-    await AggregatesRepository.from_session(read).add_cells({("t", "month", date(2026, 1, 1), date(2026, 1, 1)): 1})  # line 21
+    await AggregatesRepository.from_session(read).add_cells({})  # line 21
     await ledger.copy("entries", ["entry_id"], [], schema="ledger")  # line 22
 """
 
