@@ -56,7 +56,7 @@ def survey(tenant: str, customer: str, nps: int | None, effort: int | None, when
 
 
 def entry(
-    tenant: str, account: str, kind: str, points: int, when: datetime, bucket: str = "available"
+    tenant: str, account: str, kind: str, points: int, when: datetime, bucket: Any = "available"
 ) -> CloudEvent[Any]:
     customer = None if account.startswith("system:") else account
     data = LedgerEntryPosted(
@@ -68,7 +68,7 @@ def entry(
         points=points,
         balance_after=0,
         created_at=when,
-        bucket=bucket,  # type: ignore[arg-type]
+        bucket=bucket,
     )
     return make_event(
         "ledger.entry.posted", data, tenant_id=tenant, source="loyalty/ledger", subject=account, time=when
