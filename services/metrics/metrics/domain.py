@@ -2,8 +2,9 @@
 
 A customer's purchase days decide everything the KPIs count about them (`footprint`): the days they are
 active (a purchase in the W days up to and including the day, W the tenant's activity window), which
-makes activity spells [first day of a spell, last purchase of the spell + W - 1]; the day of their first
-purchase; the days and periods they bought in, by cohort (the period of their first purchase). The
+makes activity spells [first day of a spell, last purchase of the spell + W - 1], and the periods they are
+active in at least one day of; the day of their first purchase; the days and periods they bought in, by
+cohort (the period of their first purchase). The
 service keeps per tenant and day the sums of every customer's footprint; when a customer's days change,
 it adds the difference of their footprint after and before (`difference`). So the stored sums always
 equal a recomputation from the customers' days, whatever order the purchases arrive in.
@@ -29,8 +30,9 @@ PERIODS: tuple[Period, ...] = ("day", "week", "month", "quarter", "year")
 # The period kinds kept as cohort cells (a day's buyers are kept per day).
 CELL_PERIODS: tuple[Period, ...] = ("week", "month", "quarter", "year")
 
-# Footprint keys: ("active", day), ("starts", day), ("new", day), ("buyers", day), (kind, cohort, start).
-Key = tuple[str, date] | tuple[str, date, date]
+# Footprint keys: ("active", day), ("new", day), ("buyers", day) for the day's sums; ("period", kind, start)
+# for the periods a customer is active in; ("cell", kind, cohort, start) for the cohorts.
+Key = tuple[str, date] | tuple[str, str, date] | tuple[str, str, date, date]
 K = TypeVar("K")
 
 
@@ -77,21 +79,26 @@ def footprint(days: Sequence[date], window: int) -> dict[Key, int]:
     first = days[0]
     out[("new", first)] = 1
     cohorts = {kind: period_start(kind, first) for kind in CELL_PERIODS}
-    previous: date | None = None
+    spell_start = first
     for i, day in enumerate(days):
         out[("buyers", day)] = 1
-        # A spell starts at a purchase more than W days after the previous one; it ends W days after the
-        # last purchase before a gap of more than W days (adjacent coverage is one spell).
-        if previous is None or (day - previous).days > window:
-            out[("active", day)] = out.get(("active", day), 0) + 1
-            out[("starts", day)] = 1
+        for kind in CELL_PERIODS:
+            out[("cell", kind, cohorts[kind], period_start(kind, day))] = 1
+        # A spell ends W days after the last purchase before a gap of more than W days (a purchase exactly W
+        # days after the previous one continues its spell: the coverage is adjacent).
         following = days[i + 1] if i + 1 < len(days) else None
         if following is None or (following - day).days > window:
             end = day + timedelta(days=window)
+            out[("active", spell_start)] = out.get(("active", spell_start), 0) + 1
             out[("active", end)] = out.get(("active", end), 0) - 1
-        for kind in CELL_PERIODS:
-            out[(kind, cohorts[kind], period_start(kind, day))] = 1
-        previous = day
+            # The periods the customer is active in at least one day of (a day's are active(t) itself).
+            for kind in CELL_PERIODS:
+                current = period_start(kind, spell_start)
+                while current < end:
+                    out[("period", kind, current)] = 1
+                    current = next_start(kind, current)
+            if following is not None:
+                spell_start = following
     return out
 
 

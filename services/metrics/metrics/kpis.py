@@ -7,7 +7,7 @@ Per period [start, end), W the activity window:
   daily `active_delta` up to t.
 - S = active(start - 1), E = active(end - 1), N = first purchases in the period; CRR = (E - N) / S x 100,
   churn = 100 - CRR (both None when S = 0).
-- active customers: active on at least one day of the period = active(start) + spells starting after start.
+- active customers: active on at least one day of the period.
 - orders, net revenue (order amounts minus the refunds applied to them, in the orders' periods), average
   order value = net revenue / orders, buyers (customers with an order in the period), purchase frequency =
   orders / buyers.
@@ -55,7 +55,6 @@ class Day:
     buyers: int = 0
     new_customers: int = 0
     active_delta: int = 0
-    spell_starts: int = 0
     points_issued: int = 0
     points_redeemed: int = 0
     points_expired: int = 0
@@ -91,6 +90,7 @@ class PeriodInput:
     first_day: date  # the first day `days` covers (the day before the first period)
     buyers: Mapping[date, int] = field(default_factory=dict)  # by period start (kinds other than day)
     members: Mapping[date, int] = field(default_factory=dict)  # by period start
+    active: Mapping[date, int] = field(default_factory=dict)  # by period start (kinds other than day)
     surveys: Mapping[date, Survey] = field(default_factory=dict)
     wallets: Mapping[date, Wallet] = field(default_factory=dict)
 
@@ -137,7 +137,7 @@ def period_kpis(data: PeriodInput) -> list[dict[str, object]]:
                 "new_customers": n,
                 "crr": crr,
                 "churn_rate": None if crr is None else HUNDRED - crr,
-                "active_customers": active[start] + sum(d.spell_starts for d in span[1:]),
+                "active_customers": active[start] if data.kind == "day" else data.active.get(start, 0),
                 "buyers": buyers,
                 "orders": orders,
                 "net_revenue": net,

@@ -140,6 +140,17 @@ class MemberDay(Base):
     __table_args__ = (Index("ix_metrics_member_days_customer", "tenant_id", "customer_id", "day"),)
 
 
+class PeriodActive(Base):
+    """Customers active on at least one day of the period of kind `period` (week to year) starting `start`."""
+
+    __tablename__ = "period_active"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)
+    start: Mapped[date] = mapped_column(Date, primary_key=True)
+    customers: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+
+
 class PeriodMembers(Base):
     """Customers that earned or redeemed points in the period of kind `period` starting `start`."""
 
@@ -166,8 +177,6 @@ class Daily(Base):
     new_customers: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
     # Active customers on day t = the sum of active_delta over days <= t (activity spells start: +1, end: -1).
     active_delta: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
-    # Activity spells starting on this day (customers active on some day of [a, b] = active(a) + starts in (a, b]).
-    spell_starts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
     points_issued: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
     points_redeemed: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
     points_expired: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)

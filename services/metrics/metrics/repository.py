@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
@@ -26,7 +26,6 @@ DAILY_COLUMNS: tuple[str, ...] = (
     "buyers",
     "new_customers",
     "active_delta",
-    "spell_starts",
     "points_issued",
     "points_redeemed",
     "points_expired",
@@ -35,6 +34,9 @@ DAILY_COLUMNS: tuple[str, ...] = (
     "pending_delta",
     "held_delta",
 )
+# The per-period counts: table -> its count column.
+PeriodTable = Literal["period_members", "period_active"]
+PERIOD_TABLES: dict[str, str] = {"period_members": "members", "period_active": "customers"}
 _DAILY_TYPES = {"amount": "numeric", "refunded": "numeric"}
 
 
@@ -291,16 +293,18 @@ class AggregatesRepository(RepositoryBase[SessionT]):
             out[(r[0], r[1])].append(r[2])
         return out
 
-    async def add_period_members(
-        self: AggregatesRepository[AsyncSession], rows: Mapping[tuple[str, str, date], int]
+    async def add_period_counts(
+        self: AggregatesRepository[AsyncSession], table: PeriodTable, rows: Mapping[tuple[str, str, date], int]
     ) -> None:
+        """Adds per (tenant, period kind, period start) to period_members' or period_active's count."""
         keys = sorted(k for k, v in rows.items() if v)
         if not keys:
             return
+        column = PERIOD_TABLES[table]
         await (await self.driver()).execute(
-            """insert into metrics.period_members as p (tenant_id, period, start, members)
-               select * from unnest($1::text[], $2::text[], $3::date[], $4::int[])
-               on conflict (tenant_id, period, start) do update set members = p.members + excluded.members""",
+            f"""insert into metrics.{table} as p (tenant_id, period, start, {column})
+                select * from unnest($1::text[], $2::text[], $3::date[], $4::int[])
+                on conflict (tenant_id, period, start) do update set {column} = p.{column} + excluded.{column}""",
             [k[0] for k in keys],
             [k[1] for k in keys],
             [k[2] for k in keys],
@@ -374,7 +378,7 @@ class KpiRepository(RepositoryBase[SessionT]):
 
     async def days(self, tenant_id: str, start: date, end: date) -> list[Any]:
         rows: list[Any] = await (await self.driver()).fetch(
-            """select day, orders, amount, refunded, buyers, new_customers, active_delta, spell_starts,
+            """select day, orders, amount, refunded, buyers, new_customers, active_delta,
                   points_issued, points_redeemed, points_expired, points_clawed_back
                 from metrics.daily where tenant_id = $1 and day >= $2 and day < $3""",
             tenant_id,
@@ -414,10 +418,13 @@ class KpiRepository(RepositoryBase[SessionT]):
         )
         return {r[0]: int(r[1]) for r in rows}
 
-    async def members(self, tenant_id: str, kind: str, start: date, end: date) -> dict[date, int]:
+    async def period_counts(
+        self, table: PeriodTable, tenant_id: str, kind: str, start: date, end: date
+    ) -> dict[date, int]:
+        """period_members' or period_active's counts by period start."""
         rows = await (await self.driver()).fetch(
-            """select start, members from metrics.period_members
-               where tenant_id = $1 and period = $2 and start >= $3 and start < $4""",
+            f"""select start, {PERIOD_TABLES[table]} from metrics.{table}
+                where tenant_id = $1 and period = $2 and start >= $3 and start < $4""",
             tenant_id,
             kind,
             start,

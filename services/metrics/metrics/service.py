@@ -71,6 +71,7 @@ class Changes:
 
     daily: dict[tuple[str, date], list[Any]] = field(default_factory=dict)
     cells: dict[tuple[str, str, date, date], int] = field(default_factory=lambda: defaultdict(int))
+    active: dict[tuple[str, str, date], int] = field(default_factory=lambda: defaultdict(int))
 
     def add(self, tenant: str, day: date, column: str, value: Any) -> None:
         row = self.daily.get((tenant, day))
@@ -80,17 +81,20 @@ class Changes:
 
     def add_footprint(self, tenant: str, diff: dict[domain.Key, int]) -> None:
         for key, value in diff.items():
-            if len(key) == 3:
-                self.cells[(tenant, key[0], key[1], key[2])] += value
+            if len(key) == 4:
+                self.cells[(tenant, key[1], key[2], key[3])] += value
+            elif len(key) == 3:
+                self.active[(tenant, key[1], key[2])] += value
             else:
                 self.add(tenant, key[1], _FOOTPRINT_COLUMN[key[0]], value)
 
     async def save(self, repo: AggregatesRepository[AsyncSession]) -> None:
         await repo.add_daily(self.daily)
         await repo.add_cells(self.cells)
+        await repo.add_period_counts("period_active", self.active)
 
 
-_FOOTPRINT_COLUMN = {"active": "active_delta", "starts": "spell_starts", "new": "new_customers", "buyers": "buyers"}
+_FOOTPRINT_COLUMN = {"active": "active_delta", "new": "new_customers", "buyers": "buyers"}
 
 
 @dataclass
@@ -293,7 +297,7 @@ class MetricsService:
                 diff = domain.difference(domain.periods_of(days), domain.periods_of(before))
                 for (kind, start), value in diff.items():
                     counts[(tenant, kind, start)] += value
-            await repo.add_period_members(counts)
+            await repo.add_period_counts("period_members", counts)
         return await self._finish(session, admission, [])
 
     async def handle_engagement(
@@ -400,7 +404,10 @@ class MetricsService:
             active_before=before["active"],
             first_day=first_day,
             buyers={} if kind == "day" else await repo.buyers(tenant_id, kind, periods[0][0], range_end),
-            members=await repo.members(tenant_id, kind, periods[0][0], range_end),
+            members=await repo.period_counts("period_members", tenant_id, kind, periods[0][0], range_end),
+            active={}
+            if kind == "day"
+            else await repo.period_counts("period_active", tenant_id, kind, periods[0][0], range_end),
             surveys=surveys,
             wallets=wallets,
         )
