@@ -22,7 +22,6 @@ from rules.engine import (
     Evaluation,
     EventRefused,
     apply_event,
-    business_id,
     check_referral,
     check_refund,
     command_id,
@@ -34,7 +33,7 @@ from rules.engine import (
 from rules.engine.basics import fmt, months_back_from
 from rules.engine.conditions import fields_read
 from rules.engine.state import kept_from
-from shared.events import EventAttended, SurveyAnswered, make_event
+from shared.events import EventAttended, SurveyAnswered, business_id, make_event
 from tests.rules.helpers import interpreted
 from tests.rules.samples import (
     BASE,

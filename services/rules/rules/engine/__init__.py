@@ -22,7 +22,7 @@ avoids.
 from rules.engine.basics import EventRefused, command_id, event_time, month_key, period_key
 from rules.engine.compiled import CompiledRule, CompiledRuleset
 from rules.engine.conditions import INPUT_CHARACTERS, INPUT_ITEMS, Condition
-from rules.engine.evaluation import business_id, check_referral, evaluate
+from rules.engine.evaluation import check_referral, evaluate
 from rules.engine.outcomes import Evaluation, PlannedEarn, RuleOutcome
 from rules.engine.refunds import AwardRecord, PlannedClawback, check_refund, plan_clawbacks, refund_amount
 from rules.engine.state import CustomerSnapshot, TierChange, apply_event, apply_refund, review_tier
@@ -44,7 +44,6 @@ __all__ = [
     "TierChange",
     "apply_event",
     "apply_refund",
-    "business_id",
     "check_referral",
     "check_refund",
     "command_id",

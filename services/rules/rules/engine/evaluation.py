@@ -11,12 +11,11 @@ max_points, campaign budget, limit counter and stop follow. The caps trim the fi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Final
+from typing import Any
 
-from rules.engine.basics import EventRefused, cap_key, command_id, event_time
+from rules.engine.basics import EventRefused, cap_key, event_time
 from rules.engine.basket import Basket
 from rules.engine.caps import apply_caps, fired_totals
 from rules.engine.commands import plan_commands
@@ -29,12 +28,8 @@ from rules.ruleset import PURCHASE
 from shared.events import (
     CUSTOM_TYPE_PREFIX,
     CloudEvent,
-    EventAttended,
     PurchaseCompleted,
-    PurchaseRefunded,
     ReferralConverted,
-    ReviewPosted,
-    SurveyAnswered,
 )
 
 
@@ -214,30 +209,3 @@ def check_referral(referral: ReferralConverted) -> None:
     """A customer cannot refer itself: both sides' rewards would go to one customer."""
     if referral.referred_customer_id == referral.customer_id:
         raise EventRefused(f"self-referral: customer {referral.customer_id!r} cannot refer itself")
-
-
-# The longest business id the tracking rows hold (shared.tracking); a longer composite one is hashed.
-_BUSINESS_ID_LENGTH: Final = 200
-
-
-def business_id(event: CloudEvent[Any]) -> tuple[str, str] | None:
-    """The business id an event names, as (field, value): processed once per tenant, whatever the event's id
-    (shared.tracking refuses a second event naming it). None for a purchase (its order row records its
-    order id) and for custom engagement (no id to go by)."""
-    data = event.data
-    if isinstance(data, PurchaseRefunded):
-        return ("refund_id", data.refund_id)
-    if isinstance(data, ReviewPosted):
-        return ("review_id", data.review_id)
-    if isinstance(data, ReferralConverted):
-        return ("referral_id", data.referral_id)
-    if isinstance(data, EventAttended):
-        return ("attendance_id", data.attendance_id)
-    if isinstance(data, SurveyAnswered):
-        # A survey is answered by many: what counts once is one respondent's answer. JSON: ids may hold
-        # any character, and no two triples may read the same.
-        answer = json.dumps([data.survey_id, data.customer_id, data.member_id], separators=(",", ":"))
-        if len(answer) > _BUSINESS_ID_LENGTH:
-            answer = command_id("survey", answer)
-        return ("survey_answer", answer)
-    return None
