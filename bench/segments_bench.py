@@ -45,8 +45,14 @@ ORDERS = int(os.environ.get("BENCH_SEGMENT_ORDERS", "1000000"))
 REQUESTS = int(os.environ.get("BENCH_SEGMENT_REQUESTS", "200"))
 PORT = 8093
 NOW = datetime.now(UTC)
+# Where the CLV job's table is missing (its migration not in this tree): a stand-in of the columns read here.
 CLV_STAND_IN = """create table metrics.clv_predictions (tenant_id varchar(63) not null, customer_id varchar(200)
-  not null, p_alive double precision, clv_12m numeric, primary key (tenant_id, customer_id))"""
+  not null, fitted_at timestamptz not null, frequency int not null, recency int not null, t int not null,
+  currency varchar(3) not null, monetary_value numeric not null, expected_spend numeric not null,
+  p_alive numeric not null, purchases_90d numeric not null, purchases_365d numeric not null,
+  clv numeric not null, primary key (tenant_id, customer_id))"""
+PREDICTION_COLUMNS = ("tenant_id customer_id fitted_at frequency recency t currency monetary_value expected_spend "
+                      "p_alive purchases_90d purchases_365d clv").split()  # fmt: skip
 
 
 async def seed(conn: asyncpg.Connection, tenant: str) -> None:
@@ -82,7 +88,8 @@ async def seed(conn: asyncpg.Connection, tenant: str) -> None:
             )
         )
         if rng.random() < 0.7:
-            predictions.append((tenant, customer, rng.random(), Decimal(rng.randint(0, 50000))))
+            p_alive, clv = Decimal(f"{rng.random():.6f}"), Decimal(rng.randint(0, 50000))
+            predictions.append((tenant, customer, NOW, count - 1, 100, 200, "EUR", clv, clv, p_alive, 1, 3, clv))
     await conn.copy_records_to_table(
         "orders",
         schema_name="metrics",
@@ -118,7 +125,7 @@ async def seed(conn: asyncpg.Connection, tenant: str) -> None:
     await conn.copy_records_to_table(
         "clv_predictions",
         schema_name="metrics",
-        columns=["tenant_id", "customer_id", "p_alive", "clv_12m"],
+        columns=PREDICTION_COLUMNS,
         records=predictions,
     )
     await conn.execute("analyze metrics.customer_segments")

@@ -16,11 +16,17 @@ from tests.conftest import database_url
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
-# The CLV job's table (another change's migration): where it is missing, a stand-in with the columns segments
-# read lives while the tests need it and goes after them.
+# The CLV job's table (the clv branch's migration): where it is missing, a stand-in with its columns lives
+# while the tests need it and goes after them.
 CLV_TABLE = """create table metrics.clv_predictions (
-  tenant_id varchar(63) not null, customer_id varchar(200) not null, p_alive double precision,
-  clv_12m numeric, primary key (tenant_id, customer_id))"""
+  tenant_id varchar(63) not null, customer_id varchar(200) not null, fitted_at timestamptz not null,
+  frequency int not null, recency int not null, t int not null, currency varchar(3) not null,
+  monetary_value numeric not null, expected_spend numeric not null, p_alive numeric not null,
+  purchases_90d numeric not null, purchases_365d numeric not null, clv numeric not null,
+  primary key (tenant_id, customer_id))"""
+PREDICTION = """insert into metrics.clv_predictions (tenant_id, customer_id, fitted_at, frequency, recency, t, currency,
+  monetary_value, expected_spend, p_alive, purchases_90d, purchases_365d, clv)
+  values (:t, :c, now(), 1, 10, 100, 'EUR', 100, 100, :p, 0.5, 2, :v)"""
 
 
 @asynccontextmanager
@@ -93,9 +99,6 @@ async def add_customer(
         )
         if prediction is not None:
             await conn.execute(
-                text(
-                    "insert into metrics.clv_predictions (tenant_id, customer_id, p_alive, clv_12m) "
-                    "values (:t, :c, :p, :v)"
-                ),
-                {"t": tenant, "c": customer, "p": prediction[0], "v": Decimal(prediction[1])},
+                text(PREDICTION),
+                {"t": tenant, "c": customer, "p": Decimal(str(prediction[0])), "v": Decimal(prediction[1])},
             )

@@ -224,7 +224,7 @@ class TestCustomerList:
         first = next(i for i in items if i["customer_id"] == "c-00")
         assert Decimal(first["net_revenue"]) == Decimal(10)
         assert first["p_alive"] == 0.0
-        assert Decimal(first["clv_12m"]) == 0
+        assert Decimal(first["clv"]) == 0
         assert theirs.json() == {"items": [], "next_cursor": None}
 
     async def test_segment_filter_and_overview(
@@ -314,7 +314,7 @@ class TestCsvAndCustomerMetrics:
         assert Decimal(one["net_revenue"]) == Decimal("51.00")
         assert one["segment"]["segment"] == "new"  # first purchase 30 days ago
         assert one["clv_prediction"]["p_alive"] == 0.8
-        assert Decimal(str(one["clv_prediction"]["clv_12m"])) == Decimal("120.5")
+        assert Decimal(str(one["clv_prediction"]["clv"])) == Decimal("120.5")
         assert two["segment"] is None
         assert two["clv_prediction"] is None
         assert two["orders"] == 0

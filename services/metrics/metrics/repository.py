@@ -523,7 +523,7 @@ class KpiRepository(RepositoryBase[SessionT]):
 _FACTS = """
 select c.customer_id, c.first_purchase_at, c.last_purchase_at, c.orders, c.net_revenue, c.last_nps,
        c.last_nps_at, c.last_review_at, c.last_referral_at, g.median_gap_s, g.priced, g.discounted,
-       p.p_alive, p.clv_12m
+       p.p_alive, p.clv
 from metrics.customers c
 cross join lateral (
   select percentile_cont(0.5) within group (order by gap) as median_gap_s,
@@ -532,9 +532,15 @@ cross join lateral (
                extract(epoch from o.ordered_at - lag(o.ordered_at) over (order by o.ordered_at)) as gap
         from metrics.orders o where o.tenant_id = c.tenant_id and o.customer_id = c.customer_id) x
 ) g
-left join metrics.clv_predictions p on p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
+left join {predictions} p on p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
 where c.tenant_id = $1 and c.customer_id = any($2::text[]) and c.first_purchase_at is not null
 """
+# The CLV job's table comes with the predictive CLV's own migration; where it does not exist (yet), no customer
+# has a prediction and the queries read this empty stand-in.
+_NO_PREDICTIONS = (
+    "(select null::text as tenant_id, null::text as customer_id, null::numeric as p_alive, null::numeric as clv "
+    "where false)"
+)
 
 _SAVE_SEGMENTS = f"""
 insert into metrics.customer_segments as s ({", ".join(SEGMENT_COLUMNS)})
@@ -562,8 +568,13 @@ class SegmentRepository(RepositoryBase[SessionT]):
         )
         return [r["customer_id"] for r in rows]
 
+    async def _predictions(self) -> str:
+        exists = await (await self.driver()).fetchval("select to_regclass('metrics.clv_predictions') is not null")
+        return "metrics.clv_predictions" if exists else _NO_PREDICTIONS
+
     async def facts(self, tenant_id: str, customer_ids: Sequence[str]) -> list[Record]:
-        return list(await (await self.driver()).fetch(_FACTS, tenant_id, list(customer_ids)))
+        sql = _FACTS.format(predictions=await self._predictions())
+        return list(await (await self.driver()).fetch(sql, tenant_id, list(customer_ids)))
 
     async def lock_current(
         self: SegmentRepository[AsyncSession], tenant_id: str, customer_ids: Sequence[str]
@@ -619,10 +630,11 @@ class SegmentRepository(RepositoryBase[SessionT]):
 
     async def summary(self, tenant_id: str, customer_id: str) -> Record | None:
         """A customer's summary and latest CLV prediction, or None when metrics never saw the customer."""
+        predictions = await self._predictions()
         return await (await self.driver()).fetchrow(
-            """select c.*, to_jsonb(p) - 'tenant_id' - 'customer_id' as prediction, t.reporting_currency
+            f"""select c.*, to_jsonb(p) - 'tenant_id' - 'customer_id' as prediction, t.reporting_currency
                from metrics.customers c
-               left join metrics.clv_predictions p on p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
+               left join {predictions} p on p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
                left join metrics.tenant_config t on t.tenant_id = c.tenant_id
                where c.tenant_id = $1 and c.customer_id = $2""",
             tenant_id,
@@ -632,8 +644,8 @@ class SegmentRepository(RepositoryBase[SessionT]):
 
 # The SQL type of each list key (a cursor's values are cast to them).
 _KEY_TYPES = {
-    "(clv_12m is not null)": "boolean",
-    "coalesce(clv_12m, 0)": "numeric",
+    "(clv is not null)": "boolean",
+    "coalesce(clv, 0)": "numeric",
     "net_revenue": "numeric",
     "(p_alive is null)": "boolean",
     "coalesce(p_alive, 0)": "float8",
