@@ -6,6 +6,7 @@ before period_cells, in every handler)."""
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from decimal import Decimal
@@ -246,6 +247,25 @@ class AggregatesRepository(RepositoryBase[SessionT]):
             [k[3] for k in keys],
             [rows[k] for k in keys],
         )
+
+    async def tenant_days(self, tenant_id: str) -> dict[str, list[date]]:
+        """Every customer's purchase days, sorted."""
+        out: dict[str, list[date]] = defaultdict(list)
+        rows = await (await self.driver()).fetch(
+            "select customer_id, day from metrics.customer_days where tenant_id = $1 order by customer_id, day",
+            tenant_id,
+        )
+        for r in rows:
+            out[r[0]].append(r[1])
+        return out
+
+    async def reset_activity(self: AggregatesRepository[AsyncSession], tenant_id: str) -> None:
+        """Zeroes what depends on the activity window (before it is summed again under a new one)."""
+        driver = await self.driver()
+        await driver.execute(
+            "update metrics.daily set active_delta = 0 where tenant_id = $1 and active_delta <> 0", tenant_id
+        )
+        await driver.execute("delete from metrics.period_active where tenant_id = $1", tenant_id)
 
     # --- points -------------------------------------------------------------------------------------
 
