@@ -141,10 +141,10 @@ def test_incremental_aggregates_equal_a_recomputation(
     for j, (index, amount, known) in enumerate(refund_specs):
         # An unknown order never comes: its refund is kept and never applied.
         order_id = f"o{index % len(specs)}" if known else f"unknown-{index}"
-        customer = orders[order_id][0] if order_id in orders else "c0"
+        buyer = orders[order_id][0] if order_id in orders else "c0"
         refunds[f"r{j}"] = (order_id, Decimal(amount))
         data_r = PurchaseRefunded(
-            refund_id=f"r{j}", original_order_id=order_id, customer_id=customer, currency="EUR", amount=Decimal(amount)
+            refund_id=f"r{j}", original_order_id=order_id, customer_id=buyer, currency="EUR", amount=Decimal(amount)
         )
         events.append(make_event("purchase.refunded", data_r, tenant_id=tenant, source="tests"))
     events += rnd.sample(events, k=len(events) // 3)  # redeliveries
@@ -179,8 +179,8 @@ def test_incremental_aggregates_equal_a_recomputation(
     got = [{k: getattr(item, k) for k in expected[0]} | {"start": item.start} for item in kpis.items]
     assert got == expected
     per_customer: dict[str, int] = {}
-    for customer, _, _ in orders.values():
-        per_customer[customer] = per_customer.get(customer, 0) + 1
+    for owner, _, _ in orders.values():
+        per_customer[owner] = per_customer.get(owner, 0) + 1
     assert lifetime.customers == len(per_customer)
     assert lifetime.orders == len(orders)
     assert lifetime.repeat_purchase_rate == percent(sum(1 for n in per_customer.values() if n >= 2), len(per_customer))
