@@ -35,6 +35,19 @@ DAILY_COLUMNS: tuple[str, ...] = (
     "pending_delta",
     "held_delta",
 )
+# What `forget` deletes of a tenant: everything the topics rebuild.
+TENANT_TABLES = (
+    "orders",
+    "refunds",
+    "customers",
+    "customer_days",
+    "member_days",
+    "daily",
+    "period_cells",
+    "period_active",
+    "period_members",
+    "engagements",
+)
 # The per-period counts: table -> its count column.
 PeriodTable = Literal["period_members", "period_active"]
 PERIOD_TABLES: dict[str, str] = {"period_members": "members", "period_active": "customers"}
@@ -266,6 +279,17 @@ class AggregatesRepository(RepositoryBase[SessionT]):
             "update metrics.daily set active_delta = 0 where tenant_id = $1 and active_delta <> 0", tenant_id
         )
         await driver.execute("delete from metrics.period_active where tenant_id = $1", tenant_id)
+
+    async def forget(self: AggregatesRepository[AsyncSession], tenant_id: str) -> None:
+        """Deletes the tenant's aggregates, facts and tracking rows (not its configuration)."""
+        driver = await self.driver()
+        for table in TENANT_TABLES:
+            await driver.execute(f"delete from metrics.{table} where tenant_id = $1", tenant_id)
+        await driver.execute(
+            """delete from metrics.processed_events where tenant_id = $1
+               and (consumer_group = 'metrics' or consumer_group like 'metrics:%')""",
+            tenant_id,
+        )
 
     # --- points -------------------------------------------------------------------------------------
 
