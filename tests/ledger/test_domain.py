@@ -48,7 +48,15 @@ from ledger.domain import (
     Policy,
     replay,
 )
-from ledger.errors import CaptureExceedsHold, HoldNotActive, InsufficientPoints, InvalidAccount, LedgerError
+from ledger.errors import (
+    CaptureExceedsHold,
+    ClawbackExceedsEarn,
+    HoldExpired,
+    HoldNotActive,
+    InsufficientPoints,
+    InvalidAccount,
+    LedgerError,
+)
 
 CUSTOMERS = ("c-1", "c-2", "c-3")
 BUCKETS: tuple[Bucket, ...] = ("available", "pending", "held")
@@ -94,6 +102,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.model: dict[str, Counter[str]] = {c: Counter() for c in CUSTOMERS}
         self.system: Counter[str] = Counter()
         self.hold_points: dict[uuid.UUID, int] = {}  # the model's active holds
+        self.clawed_back: Counter[str] = Counter()  # what clawbacks took back of each earn, by its lot id
         # Ids from a counter, and the book's own (transactions, entries) too: a failing run replays exactly.
         self.ids = 0
         self._uuids = mock.patch.object(uuid, "uuid4", self._uuid)
@@ -153,6 +162,11 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(days=st.integers(1, 20))
     def advance_time(self, days: int) -> None:
         self.now += timedelta(days=days)
+
+    @rule(minutes=st.integers(1, 30))
+    def advance_minutes(self, minutes: int) -> None:
+        # Less than a day: holds (15 minutes) are captured or voided around their timeout.
+        self.now += timedelta(minutes=minutes)
 
     @rule(pick=PICK)
     def mature(self, pick: int) -> None:
@@ -247,6 +261,9 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         held = self.hold_points[hold.hold_id]
         points = max(held + extra, 1)
+        if hold.expires_at <= self.now:
+            self._refused(book, HoldExpired, lambda: book.capture(hold, points, meta))
+            return
         if points > held:
             self._refused(book, CaptureExceedsHold, lambda: book.capture(hold, points, meta))
             return
@@ -271,12 +288,16 @@ class LedgerMachine(RuleBasedStateMachine):
         if hold.hold_id not in self.hold_points:
             self._refused(book, HoldNotActive, lambda: book.release(hold, meta, status=status))
             return
+        expired = hold.expires_at <= self.now
         book.release(hold, meta, status=status)
         self._save(book)
         held = self.hold_points.pop(hold.hold_id)
         self.model[hold.account_id]["held"] -= held
         self.model[hold.account_id]["available"] += held
-        assert hold.status == status
+        # A void after the timeout releases the hold as expired, as the task would.
+        assert hold.status == ("expired" if expired else status)
+        if status == "voided":
+            assert {e["kind"] for e in book.entries} == {"hold_expired" if expired else "void"}
         again = self._book()
         self._refused(again, HoldNotActive, lambda: again.release(hold, meta, status=status))
 
@@ -319,11 +340,20 @@ class LedgerMachine(RuleBasedStateMachine):
         customer = original.account_id
         model = self.model[customer]
         points = _points(model["pending"] + max(model["available"], 0), share)
+        left = original.points - self.clawed_back[original.lot_id]
+        book = self._book()
+        meta = self._meta("clawback")
+        if points > left:
+            lot_id = original.lot_id
+            self._refused(
+                book, ClawbackExceedsEarn, lambda: book.clawback(customer, points, meta, original_lot_id=lot_id)
+            )
+            return
+        self.clawed_back[original.lot_id] += points
         from_pending = min(points, model["pending"])
         from_available = min(points - from_pending, max(model["available"], 0))
         shortfall = points - from_pending - from_available
-        book = self._book()
-        book.clawback(customer, points, self._meta("clawback"), original_lot_id=original.lot_id)
+        book.clawback(customer, points, meta, original_lot_id=original.lot_id)
         self._save(book)
         model["pending"] -= from_pending
         model["available"] -= from_available
@@ -458,3 +488,42 @@ def test_the_rest_of_a_partial_capture_after_a_clawback_into_debt_pays_the_debt_
     # 60 points come back against a debt of 70: the balance is -10 and no lot promises anything.
     assert accounts["c-1"].available == -10
     assert book.lots["cmd-1"].remaining == 0
+
+
+def _book(policy: Policy, now: datetime) -> tuple[Book, dict[str, AccountState]]:
+    accounts = {"c-1": AccountState("c-1")}
+    return Book("t-1", policy, now, accounts), accounts
+
+
+def test_a_clawback_takes_back_at_most_what_its_earn_gave() -> None:
+    # The finding: three clawbacks of 100 and one of 1,000,000 against a 100-point earn were all accepted.
+    book, accounts = _book(Policy(), datetime(2026, 1, 1, tzinfo=UTC))
+    book.earn("c-1", 100, Meta(kind="earn", source="tests"), lot_id="cmd-1")
+    book.earn("c-1", 500, Meta(kind="earn", source="tests"), lot_id="cmd-2")
+    book.clawback("c-1", 60, Meta(kind="clawback", source="tests"), original_lot_id="cmd-1")
+    book.clawback("c-1", 40, Meta(kind="clawback", source="tests"), original_lot_id="cmd-1")
+    for points in (1, 100, 1_000_000):
+        with pytest.raises(ClawbackExceedsEarn, match="it gave 100, 100 were clawed back already, 0 are left"):
+            book.clawback("c-1", points, Meta(kind="clawback", source="tests"), original_lot_id="cmd-1")
+    # The other earn's points are the customer's; the earn's own lot paid the clawbacks.
+    assert accounts["c-1"].available == 500
+    assert (book.lots["cmd-1"].remaining, book.lots["cmd-2"].remaining) == (0, 500)
+    assert book.lots["cmd-1"].clawed_back == 100
+    book.seal({a: AccountState(a) for a in book.unsealed_accounts()})
+    issuance = [e for e in book.entries if e["account_id"].startswith(ISSUANCE)]
+    assert sum(e["points"] for e in issuance) == -500  # never more taken back than issued
+
+
+def test_a_hold_cannot_be_captured_after_its_timeout_and_a_void_releases_it_as_expired() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    book, accounts = _book(Policy(), now)
+    book.earn("c-1", 100, Meta(kind="earn", source="tests"), lot_id="cmd-1")
+    hold = HoldState(uuid.uuid4(), "c-1", 60, 0, "active", [], None, None, now + timedelta(minutes=15), now)
+    book.reserve(hold, Meta(kind="hold", source="tests"))
+    late = Book("t-1", Policy(), now + timedelta(minutes=15), accounts, lots=book.lots, holds=book.holds)
+    with pytest.raises(HoldExpired):
+        late.capture(hold, 60, Meta(kind="capture", source="tests"))
+    assert (hold.status, accounts["c-1"].held, late.entries) == ("active", 60, [])
+    late.release(hold, Meta(kind="void", source="tests"), status="voided")
+    assert (hold.status, accounts["c-1"].available, accounts["c-1"].held) == ("expired", 100, 0)
+    assert {e["kind"] for e in late.entries} == {"hold_expired"}

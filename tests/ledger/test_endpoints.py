@@ -167,6 +167,37 @@ class TestHolds:
         unknown = await client.get(f"/v1/holds/{uuid.uuid4()}", headers={"X-API-Key": keys.read})
         assert unknown.status_code == 404
 
+    async def test_a_hold_past_its_timeout_is_not_captured(self, client: httpx.AsyncClient, keys: Keys) -> None:
+        await earn(client, keys, "acme", 20)
+        hold = await post(client, "/v1/accounts/acme/holds", keys.write, {"points": 20, "timeout_seconds": 1})
+        hold_id = hold["hold"]["hold_id"]
+        await asyncio.sleep(1.1)  # past expires_at; the periodic task is off in this app
+        late = await client.post(f"/v1/holds/{hold_id}/capture", json={}, headers=h(keys.write))
+        assert late.status_code == 409
+        assert late.headers["content-type"] == "application/problem+json"
+        assert (late.json()["error"], late.json()["hold_id"]) == ("HoldExpired", hold_id)
+        assert (await balance(client, keys, "acme"))["redeemed"] == 0
+        voided = await post(client, f"/v1/holds/{hold_id}/void", keys.write)
+        assert voided["hold"]["status"] == "expired"
+        assert (voided["balance"]["available"], voided["balance"]["held"]) == (20, 0)
+
+
+class TestClawback:
+    async def test_a_clawback_beyond_what_its_earn_gave_is_409(self, client: httpx.AsyncClient, keys: Keys) -> None:
+        first = await earn(client, keys, "acme", 100)
+        await earn(client, keys, "acme", 400)
+        body = {"original_earn": first["transaction_id"], "points": 100}
+        await post(client, "/v1/accounts/acme/clawback", keys.admin, body)
+        for points in (100, 1_000_000):
+            response = await client.post(
+                "/v1/accounts/acme/clawback", json={**body, "points": points}, headers=h(keys.admin)
+            )
+            assert response.status_code == 409
+            assert response.headers["content-type"] == "application/problem+json"
+            problem = response.json()
+            assert (problem["error"], problem["earned"], problem["left"]) == ("ClawbackExceedsEarn", 100, 0)
+        assert (await balance(client, keys, "acme"))["available"] == 400
+
 
 class TestAdmin:
     async def test_transfer_and_adjustment_audit_trail(self, client: httpx.AsyncClient, keys: Keys) -> None:

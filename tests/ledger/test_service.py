@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ledger import schemas
-from ledger.errors import LedgerError
+from ledger.errors import ClawbackExceedsEarn, HoldExpired, LedgerError
 from ledger.models import Entry
 from ledger.service import PendingResponse, ledger_service
 from shared.db import AsyncSession, transaction
@@ -60,6 +60,8 @@ class Scenario:
         self.holds: list[uuid.UUID] = []
         self.replayable: list[tuple[str, Any]] = []
         self.rejected = 0
+        self.clawed: dict[str, int] = {}  # what clawbacks took of each earn, by its command id
+        self.over_clawed = 0  # clawbacks that asked for more than was left of their earn
 
     async def kafka(self, *events: Any) -> None:
         async with transaction(self.db) as session:
@@ -95,6 +97,11 @@ class Scenario:
             self.replayable.append(("kafka", event))
         elif name == "clawback" and self.earns:
             original = self.earns[op[1] % len(self.earns)].data
+            clawed = self.clawed.get(original.command_id, 0)
+            refused = clawed + op[2] > original.points
+            self.over_clawed += refused
+            if not refused:
+                self.clawed[original.command_id] = clawed + op[2]
             data = ClawbackPoints(
                 command_id=f"cb-{key}",
                 customer_id=original.customer_id,
@@ -104,7 +111,8 @@ class Scenario:
             )
             event = make_event("points.clawback", data, tenant_id=t, source="tests")
             await self.kafka(event)
-            self.replayable.append(("kafka", event))
+            if not refused:  # a refused command is released: replaying it would be refused again
+                self.replayable.append(("kafka", event))
         elif name == "redeem":
             body = schemas.RedeemCreate(points=op[2])
             await self.rest(
@@ -181,7 +189,8 @@ class TestInvariants:
         scenario = Scenario(db, new_tenant())
         for op in ops:
             await scenario.apply(op)
-        assert scenario.rejected == 0  # earns and clawbacks of known earns are never refused
+        # Earns are never refused, clawbacks only when they ask for more than is left of their earn.
+        assert scenario.rejected == scenario.over_clawed
         await check_books(db, scenario.tenant)
 
 
@@ -281,6 +290,27 @@ class TestHolds:
         assert hold.status == "expired"
         await check_books(db, tenant)
 
+    async def test_a_hold_past_its_timeout_cannot_be_captured_before_the_task_runs(
+        self, db: async_sessionmaker[AsyncSession]
+    ) -> None:
+        tenant = new_tenant()
+        await _earn(db, tenant, "acme", 100, T0)
+        async with transaction(db) as session:
+            posted = await ledger_service.reserve(
+                session, tenant, "acme", schemas.HoldCreate(points=60, timeout_seconds=600), source="h", now=T0
+            )
+        hold_id = posted.hold.hold_id
+        late = T0 + timedelta(seconds=600)
+        with pytest.raises(HoldExpired):
+            async with transaction(db) as session:
+                await ledger_service.capture(session, tenant, hold_id, schemas.HoldCapture(), source="c", now=late)
+        assert (await _balance(db, tenant, "acme")).redeemed == 0
+        async with transaction(db) as session:
+            voided = await ledger_service.void(session, tenant, hold_id, source="v", now=late)
+        assert (voided.hold.status, voided.balance.available, voided.balance.held) == ("expired", 100, 0)
+        assert [e.kind for e in voided.entries] == ["hold_expired", "hold_expired"]
+        await check_books(db, tenant)
+
 
 async def _clawback(
     db: async_sessionmaker[AsyncSession], tenant: str, original: schemas.Posted, pts: int
@@ -316,6 +346,53 @@ class TestClawback:
         with pytest.raises(LedgerError):
             await _redeem(db, tenant, "acme", 1, T0)
         await check_books(db, tenant, negative_allowed=True)
+
+    async def test_clawbacks_take_back_at_most_what_the_earn_gave(self, db: async_sessionmaker[AsyncSession]) -> None:
+        # The finding: three clawbacks of 100 and one of 1,000,000 against a 100-point earn were all accepted.
+        tenant = new_tenant()
+        first = await _earn(db, tenant, "acme", 100, T0)
+        await _earn(db, tenant, "acme", 400, T0)
+        assert (await _clawback(db, tenant, first, 100)).balance.available == 400
+        for pts in (100, 100, 1_000_000):
+            with pytest.raises(ClawbackExceedsEarn):
+                await _clawback(db, tenant, first, pts)
+        assert (await _balance(db, tenant, "acme")).available == 400
+        assert (await _balance(db, tenant, "system:issuance")).available == -400
+        async with db() as session:  # nothing was ever owed
+            assert await ledger_service.get_balance(session, tenant, "system:receivable") is None
+        await check_books(db, tenant)
+
+    async def test_a_kafka_clawback_beyond_its_earn_is_refused_with_the_reason(
+        self, db: async_sessionmaker[AsyncSession]
+    ) -> None:
+        tenant = new_tenant()
+        command = earn(tenant, "acme", points=100)
+        async with transaction(db) as session:
+            assert await ledger_service.handle_commands(session, [inbound(command)], now=T0) == []
+
+        def back(pts: int) -> Any:
+            data = ClawbackPoints(
+                command_id=f"cb-{uuid.uuid4()}",
+                customer_id="acme",
+                original_command_id=command.data.command_id,
+                points=pts,
+                source_event_id=f"refund-{uuid.uuid4()}",
+            )
+            return make_event("points.clawback", data, tenant_id=tenant, source="tests")
+
+        # Two of 60 in one batch: the second asks for more than the first left.
+        batch = [back(60), back(60), back(40)]
+        async with transaction(db) as session:
+            rejected = await ledger_service.handle_commands(session, [inbound(e) for e in batch], now=T0)
+        assert [r.message.event.id for r in rejected] == [batch[1].id]
+        assert rejected[0].reason == (
+            f"ClawbackExceedsEarn: cannot claw back 60 points of earn {command.data.command_id!r}: "
+            "it gave 100, 60 were clawed back already, 40 are left"
+        )
+        assert (await _balance(db, tenant, "acme")).available == 0
+        async with db() as session:  # the refused command is released: a fixed replay could apply it
+            assert await ledger_service.get_command(session, tenant, batch[1].data.command_id) is None
+        await check_books(db, tenant)
 
 
 class TestAppendOnly:

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from ledger.errors import CaptureExceedsHold, HoldNotActive, InsufficientPoints, InvalidAccount
+from ledger.errors import (
+    CaptureExceedsHold,
+    ClawbackExceedsEarn,
+    HoldExpired,
+    HoldNotActive,
+    InsufficientPoints,
+    InvalidAccount,
+)
 
 Bucket = Literal["available", "pending", "held"]
 SYSTEM_PREFIX = "system:"
@@ -139,6 +146,8 @@ class LotState:
     matures_at: datetime | None
     expires_at: datetime | None
     created_at: datetime
+    # What clawbacks took back of the credit this lot records (an earn's): never more than `points`.
+    clawed_back: int = 0
     is_new: bool = False
 
 
@@ -280,6 +289,9 @@ class Book:
 
     def capture(self, hold: HoldState, points: int, meta: Meta) -> uuid.UUID:
         hold.check_active()
+        # The timeout is checked here, not only by the task that releases expired holds later.
+        if hold.expires_at <= self.now:
+            raise HoldExpired(str(hold.hold_id), hold.expires_at.isoformat())
         if points > hold.points:
             raise CaptureExceedsHold(str(hold.hold_id), requested=points, held=hold.points)
         rest = hold.points - points
@@ -300,7 +312,11 @@ class Book:
         return txn
 
     def release(self, hold: HoldState, meta: Meta, *, status: Literal["voided", "expired"]) -> uuid.UUID:
+        """Gives the held points back; a void after the hold's timeout releases it as expired, as the task
+        would have (the points come back either way)."""
         hold.check_active()
+        if status == "voided" and hold.expires_at <= self.now:
+            status, meta = "expired", replace(meta, kind="hold_expired")
         restored = self._restore(hold.allocations, hold.points)
         self._close(hold, status, captured=0)
         txn = self._transaction(
@@ -342,9 +358,14 @@ class Book:
         return txn
 
     def clawback(self, account_id: str, points: int, meta: Meta, *, original_lot_id: str) -> uuid.UUID:
-        """Takes back pending points first, then available ones, each time from the original earn's lot
-        first. What was already spent goes to the receivable account (the default policy), or drives
-        the customer's available balance below zero (`negative_balance`)."""
+        """Takes back at most what the original earn gave minus what clawbacks already took of it: pending
+        points first, then available ones, each time from the original earn's lot first. What was already
+        spent goes to the receivable account (the default policy), or drives the customer's available
+        balance below zero (`negative_balance`)."""
+        original = self.lots[original_lot_id]
+        left = original.points - original.clawed_back
+        if points > left:
+            raise ClawbackExceedsEarn(original_lot_id, requested=points, earned=original.points, left=left)
         account = self.account(account_id)
         from_pending = min(points, account.pending)
         from_available = min(points - from_pending, max(account.available, 0))
@@ -360,6 +381,8 @@ class Book:
         if shortfall:
             debtor = shard(RECEIVABLE, account_id) if self.policy.clawback_policy == "receivable" else account_id
             postings.append((debtor, "available", -shortfall, original_lot_id))
+        original.clawed_back += points
+        self.dirty_lots.add(original.lot_id)
         return self._transaction(meta, postings)
 
     def mature(self, lot: LotState, meta: Meta) -> uuid.UUID | None:

@@ -12,7 +12,9 @@ from ledger.domain import parse_duration
 from ledger.errors import (
     AccountNotFound,
     CaptureExceedsHold,
+    ClawbackExceedsEarn,
     CommandNotFound,
+    HoldExpired,
     HoldNotActive,
     HoldNotFound,
     IdempotencyKeyReused,
@@ -237,7 +239,7 @@ async def reserve(
 
 
 @router.post("/holds/{hold_id}/capture", response_model=schemas.HoldPosted, status_code=201)
-@raises(HoldNotFound, HoldNotActive, CaptureExceedsHold, IdempotencyKeyReused)
+@raises(HoldNotFound, HoldNotActive, HoldExpired, CaptureExceedsHold, IdempotencyKeyReused)
 async def capture(
     hold_id: uuid.UUID,
     body: schemas.HoldCapture,
@@ -246,7 +248,7 @@ async def capture(
     session: SessionDep,
     key: IdempotencyKey,
 ) -> Response:
-    """Capture a hold in full or in part; what is not captured goes back to available."""
+    """Capture a hold in full or in part before it expires; what is not captured goes back to available."""
     return await _once(request, session, principal, key, body, ledger_service.capture, hold_id, body)
 
 
@@ -255,7 +257,7 @@ async def capture(
 async def void(
     hold_id: uuid.UUID, request: Request, principal: PointsWrite, session: SessionDep, key: IdempotencyKey
 ) -> Response:
-    """Release a hold: its points go back to available."""
+    """Release a hold: its points go back to available (a hold past its timeout is released as expired)."""
     return await _once(request, session, principal, key, None, ledger_service.void, hold_id)
 
 
@@ -277,7 +279,7 @@ async def earn(
 
 
 @router.post("/accounts/{account_id}/clawback", response_model=schemas.Posted, status_code=201)
-@raises(AccountNotFound, OriginalEarnNotFound, IdempotencyKeyReused)
+@raises(AccountNotFound, OriginalEarnNotFound, ClawbackExceedsEarn, IdempotencyKeyReused)
 async def clawback(
     account_id: AccountId,
     body: schemas.ClawbackCreate,
@@ -286,7 +288,8 @@ async def clawback(
     session: SessionDep,
     key: IdempotencyKey,
 ) -> Response:
-    """Take back points of an earlier earn: pending first, then available; spent points per the policy."""
+    """Take back points of an earlier earn, at most what it gave less earlier clawbacks: pending first, then
+    available; spent points per the policy."""
     return await _once(request, session, principal, key, body, ledger_service.clawback, account_id, body)
 
 

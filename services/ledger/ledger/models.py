@@ -91,6 +91,8 @@ class Lot(Base):
     matures_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # What clawbacks took back of this earn so far: a clawback takes at most `points - clawed_back`.
+    clawed_back: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
 
 
 # The periodic tasks look for lots that are due; partial indexes keep that cheap as lots pile up.

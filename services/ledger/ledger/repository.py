@@ -111,9 +111,11 @@ _INSERT_ENTRIES = _Sql(
     ), outbox AS (
         INSERT INTO ledger.outbox (entry_id) SELECT unnest(CAST(:entry_id AS uuid[]))
     ), lots AS (
-        UPDATE ledger.lots AS l SET remaining = u.remaining, pending = u.pending
-        FROM unnest(CAST(:lot_ids AS text[]), CAST(:lot_remaining AS bigint[]), CAST(:lot_pending AS boolean[]))
-            AS u(lot_id, remaining, pending)
+        UPDATE ledger.lots AS l SET remaining = u.remaining, pending = u.pending, clawed_back = u.clawed_back
+        FROM unnest(
+            CAST(:lot_ids AS text[]), CAST(:lot_remaining AS bigint[]), CAST(:lot_pending AS boolean[]),
+            CAST(:lot_clawed_back AS bigint[])
+        ) AS u(lot_id, remaining, pending, clawed_back)
         WHERE l.tenant_id = :tenant AND l.lot_id = u.lot_id
     ), response AS (
         UPDATE ledger.idempotency_keys SET status_code = :status, response = CAST(:response AS text)::jsonb
@@ -124,7 +126,8 @@ _INSERT_ENTRIES = _Sql(
 )
 _LOTS = _Sql(
     """
-    SELECT lot_id, account_id, points, remaining, pending, matures_at, expires_at, created_at FROM ledger.lots
+    SELECT lot_id, account_id, points, remaining, pending, matures_at, expires_at, created_at, clawed_back
+    FROM ledger.lots
     WHERE tenant_id = :tenant
       AND ((account_id = ANY(CAST(:accounts AS text[])) AND remaining > 0) OR lot_id = ANY(CAST(:ids AS text[])))
     """
@@ -156,9 +159,10 @@ _DELETE_OUTBOX = _Sql("DELETE FROM ledger.outbox WHERE id = ANY(CAST(:ids AS big
 _OLDEST_OUTBOX = _Sql("SELECT created_at FROM ledger.outbox ORDER BY id LIMIT 1")
 _SAVE_LOTS = _Sql(
     """
-    UPDATE ledger.lots AS l SET remaining = u.remaining, pending = u.pending
-    FROM unnest(CAST(:ids AS text[]), CAST(:remaining AS bigint[]), CAST(:pending AS boolean[]))
-        AS u(lot_id, remaining, pending)
+    UPDATE ledger.lots AS l SET remaining = u.remaining, pending = u.pending, clawed_back = u.clawed_back
+    FROM unnest(
+        CAST(:ids AS text[]), CAST(:remaining AS bigint[]), CAST(:pending AS boolean[]), CAST(:clawed_back AS bigint[])
+    ) AS u(lot_id, remaining, pending, clawed_back)
     WHERE l.tenant_id = :tenant AND l.lot_id = u.lot_id
     """
 )
@@ -259,6 +263,7 @@ class LedgerRepository(RepositoryBase[SessionT]):
             "lot_ids": [lot.lot_id for lot in lots],
             "lot_remaining": [lot.remaining for lot in lots],
             "lot_pending": [lot.pending for lot in lots],
+            "lot_clawed_back": [lot.clawed_back for lot in lots],
             "idempotency_key": key,
             "status": status,
             "response": body,
@@ -377,6 +382,7 @@ class LedgerRepository(RepositoryBase[SessionT]):
                 "ids": [lot.lot_id for lot in changed],
                 "remaining": [lot.remaining for lot in changed],
                 "pending": [lot.pending for lot in changed],
+                "clawed_back": [lot.clawed_back for lot in changed],
             }
             await _SAVE_LOTS.fetch(self, params)
 
