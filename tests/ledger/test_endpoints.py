@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from ledger.app import create_app
+from ledger.domain import shard as shard_of
 from tests.conftest import create_api_key, running_app, service_settings
 
 pytestmark = [pytest.mark.db, pytest.mark.kafka]
@@ -273,3 +274,24 @@ class TestReads:
         assert verified == {"account_id": "acme", "entries": 4, "ok": True, "problems": []}
         missing = await client.get("/v1/accounts/nobody/entries", headers=headers)
         assert missing.status_code == 404
+
+    async def test_a_system_shard_has_history_verify_and_a_balance_over_rest(
+        self, client: httpx.AsyncClient, keys: Keys
+    ) -> None:
+        await earn(client, keys, "acme", 10)
+        await earn(client, keys, "acme", 20)
+        headers = {"X-API-Key": keys.read}
+        shard = shard_of("system:issuance", "acme")
+        # The id as it is, and with its `/` percent-encoded: both reach the shard.
+        for path in (shard, shard.replace("/", "%2F")):
+            entries = await client.get(f"/v1/accounts/{path}/entries", headers=headers)
+            assert entries.status_code == 200, entries.text
+            assert [(e["account_id"], e["points"]) for e in entries.json()["items"]] == [(shard, -20), (shard, -10)]
+            verified = (await client.get(f"/v1/accounts/{path}/verify", headers=headers)).json()
+            assert (verified["account_id"], verified["entries"], verified["ok"]) == (shard, 2, True)
+            assert (await balance(client, keys, path))["available"] == -30
+        # The suffixes still name their routes, and an unknown shard is a 404 problem.
+        assert (await client.get("/v1/accounts/acme/verify", headers=headers)).json()["account_id"] == "acme"
+        missing = await client.get("/v1/accounts/system:issuance/99/entries", headers=headers)
+        assert missing.status_code == 404
+        assert missing.json()["error"] == "AccountNotFound"

@@ -47,6 +47,9 @@ IdempotencyKey = Annotated[
     ),
 ]
 AccountId = Annotated[str, Path(min_length=1, max_length=MAX_IDENTIFIER, pattern=NO_NUL)]
+# The reads take an account id with slashes (a system account's shard, `system:redemption/07`, or
+# `system:redemption%2F07`, which arrives decoded): `{account_id:path}`. The balance route is declared
+# after `/entries`, `/expiring` and `/verify`, so those suffixes name the routes, not an account.
 Limit = Annotated[int, Query(ge=1, le=500)]
 # Entry sequence numbers are 32-bit (their column): a larger cursor is a 422, not a database error.
 MAX_SEQ = 2**31 - 1
@@ -107,18 +110,7 @@ async def list_accounts(
     return await ledger_service.list_accounts(session, principal.tenant_id, kind=kind, cursor=cursor, limit=limit)
 
 
-@router.get("/accounts/{account_id}", response_model=schemas.Balance)
-@raises(AccountNotFound)
-async def get_account(
-    account_id: AccountId, principal: PointsRead, session: ReadSessionDep, as_of: UtcDatetime | None = None
-) -> Response:
-    """An account's balances; with `as_of`, as they were at that moment (recomputed from the entries)."""
-    balance = await ledger_service.get_balance(session, principal.tenant_id, account_id, as_of=as_of)
-    # The hottest read: serialised once by its model, not validated a second time as the response model.
-    return _json(_found(balance, AccountNotFound(account_id)))
-
-
-@router.get("/accounts/{account_id}/entries", response_model=schemas.Page[schemas.Entry])
+@router.get("/accounts/{account_id:path}/entries", response_model=schemas.Page[schemas.Entry])
 @raises(AccountNotFound)
 async def history(
     account_id: AccountId,
@@ -137,7 +129,7 @@ async def history(
     return _found(page, AccountNotFound(account_id))
 
 
-@router.get("/accounts/{account_id}/expiring", response_model=schemas.Expiring)
+@router.get("/accounts/{account_id:path}/expiring", response_model=schemas.Expiring)
 @raises(UnprocessableEntity, AccountNotFound)
 async def expiring(
     account_id: AccountId,
@@ -155,11 +147,22 @@ async def expiring(
     return _found(result, AccountNotFound(account_id))
 
 
-@router.get("/accounts/{account_id}/verify", response_model=schemas.Verification)
+@router.get("/accounts/{account_id:path}/verify", response_model=schemas.Verification)
 @raises(AccountNotFound)
 async def verify(account_id: AccountId, principal: PointsRead, session: ReadSessionDep) -> schemas.Verification:
     """Recompute the account's hash chain and balances from its entries and report every mismatch."""
     return _found(await ledger_service.verify(session, principal.tenant_id, account_id), AccountNotFound(account_id))
+
+
+@router.get("/accounts/{account_id:path}", response_model=schemas.Balance)
+@raises(AccountNotFound)
+async def get_account(
+    account_id: AccountId, principal: PointsRead, session: ReadSessionDep, as_of: UtcDatetime | None = None
+) -> Response:
+    """An account's balances; with `as_of`, as they were at that moment (recomputed from the entries)."""
+    balance = await ledger_service.get_balance(session, principal.tenant_id, account_id, as_of=as_of)
+    # The hottest read: serialised once by its model, not validated a second time as the response model.
+    return _json(_found(balance, AccountNotFound(account_id)))
 
 
 @router.get("/holds/{hold_id}", response_model=schemas.Hold)
