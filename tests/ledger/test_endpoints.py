@@ -107,6 +107,24 @@ class TestRedeem:
         assert missing.status_code == 422
         assert missing.headers["content-type"] == "application/problem+json"
 
+    async def test_two_partner_apps_using_the_same_idempotency_key_each_get_their_own_write(
+        self, client: httpx.AsyncClient, keys: Keys
+    ) -> None:
+        # The finding: a second app sending the same key (an order number) got the first app's transaction.
+        portal = await create_api_key("ledger", keys.tenant, ["points:read", "points:write"])
+        await earn(client, keys, "acme", 100)
+        order = f"SO-{uuid.uuid4().hex[:8]}"
+        checkout = await post(client, "/v1/accounts/acme/redeem", keys.write, {"points": 10}, idem=order)
+        mine = await post(client, "/v1/accounts/acme/redeem", portal, {"points": 10}, idem=order)
+        assert mine["transaction_id"] != checkout["transaction_id"]
+        assert mine["balance"]["available"] == 80
+        # Each app's retry gets its own stored response, and a different body under its key is still refused.
+        assert await post(client, "/v1/accounts/acme/redeem", keys.write, {"points": 10}, idem=order) == checkout
+        assert await post(client, "/v1/accounts/acme/redeem", portal, {"points": 10}, idem=order) == mine
+        other = await client.post("/v1/accounts/acme/redeem", json={"points": 3}, headers=h(portal, order))
+        assert (other.status_code, other.json()["error"]) == (422, "IdempotencyKeyReused")
+        assert (await balance(client, keys, "acme"))["available"] == 80
+
     async def test_invalid_body_is_problem_json(self, client: httpx.AsyncClient, keys: Keys) -> None:
         response = await client.post("/v1/accounts/acme/redeem", json={"points": 0}, headers=h(keys.write))
         assert response.status_code == 422

@@ -73,6 +73,7 @@ class Scenario:
             await ledger_service.idempotent(
                 session,
                 tenant_id=self.tenant,
+                api_key_id="k",
                 key=key,
                 fingerprint=fingerprint,
                 status_code=201,

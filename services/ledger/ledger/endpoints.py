@@ -70,6 +70,7 @@ async def _once(
     status, content = await ledger_service.idempotent(
         session,
         tenant_id=principal.tenant_id,
+        api_key_id=principal.key_id,
         key=key,
         fingerprint=fingerprint,
         status_code=201,

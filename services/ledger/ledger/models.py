@@ -134,11 +134,13 @@ class Command(Base):
 
 
 class IdempotencyKey(Base):
-    """The stored response of a REST write, by (tenant, Idempotency-Key)."""
+    """The stored response of a REST write, by (tenant, API key, Idempotency-Key): each partner app's keys
+    are its own, so two apps that happen to use the same key (an order number) never share a response."""
 
     __tablename__ = "idempotency_keys"
 
     tenant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     request_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -119,7 +119,7 @@ _INSERT_ENTRIES = _Sql(
         WHERE l.tenant_id = :tenant AND l.lot_id = u.lot_id
     ), response AS (
         UPDATE ledger.idempotency_keys SET status_code = :status, response = CAST(:response AS text)::jsonb
-        WHERE tenant_id = :tenant AND key = :idempotency_key
+        WHERE tenant_id = :tenant AND api_key_id = :api_key_id AND key = :idempotency_key
     )
     """
     + _UPDATE_BALANCES
@@ -134,14 +134,15 @@ _LOTS = _Sql(
 )
 _CLAIM_KEY = _Sql(
     """
-    INSERT INTO ledger.idempotency_keys (tenant_id, key, request_hash) VALUES (:tenant, :key, :hash)
+    INSERT INTO ledger.idempotency_keys (tenant_id, api_key_id, key, request_hash)
+    VALUES (:tenant, :api_key_id, :key, :hash)
     ON CONFLICT DO NOTHING RETURNING key
     """
 )
 _STORE_RESPONSE = _Sql(
     """
     UPDATE ledger.idempotency_keys SET status_code = :status, response = CAST(:response AS text)::jsonb
-    WHERE tenant_id = :tenant AND key = :key
+    WHERE tenant_id = :tenant AND api_key_id = :api_key_id AND key = :key
     """
 )
 _BALANCE = _Sql("SELECT * FROM ledger.balances WHERE tenant_id = :tenant AND account_id = :account")
@@ -233,11 +234,11 @@ class LedgerRepository(RepositoryBase[SessionT]):
         now: datetime,
         *,
         lots: Sequence[LotState] = (),
-        response: tuple[str, int, str] | None = None,
+        response: tuple[str, str, int, str] | None = None,
     ) -> bool:
         """Writes the entries, their outbox rows and the accounts' new balances, plus the `lots` changed
-        (`save_lots(..., defer_changed=True)` left them) and the idempotency key's `response` (key, status,
-        body). Returns whether the response was stored (it is, with a handful of entries)."""
+        (`save_lots(..., defer_changed=True)` left them) and the idempotency key's `response` (API key id,
+        key, status, body). Returns whether the response was stored (it is, with a handful of entries)."""
         balances: dict[str, Any] = {"tenant": tenant_id, "now": now, **{f"a_{n}": [] for n in _ACCOUNT_FIELDS}}
         for account in accounts:
             for name in _ACCOUNT_FIELDS:
@@ -258,12 +259,13 @@ class LedgerRepository(RepositoryBase[SessionT]):
         # stored response included), because the tenant's system accounts stay locked until the commit;
         # COPY only pays off for big batches.
         columns = {name: [record[i] for record in records] for i, name in enumerate(_ENTRY_COLUMNS)}
-        key, status, body = response if response is not None else (None, None, None)
+        api_key_id, key, status, body = response if response is not None else (None, None, None, None)
         extra = {
             "lot_ids": [lot.lot_id for lot in lots],
             "lot_remaining": [lot.remaining for lot in lots],
             "lot_pending": [lot.pending for lot in lots],
             "lot_clawed_back": [lot.clawed_back for lot in lots],
+            "api_key_id": api_key_id,
             "idempotency_key": key,
             "status": status,
             "response": body,
@@ -478,20 +480,26 @@ class LedgerRepository(RepositoryBase[SessionT]):
             await self.session.execute(delete(Command).where(tuple_(Command.tenant_id, Command.command_id).in_(keys)))
 
     async def claim_idempotency_key(
-        self: LedgerRepository[AsyncSession], tenant_id: str, key: str, request_hash: str
+        self: LedgerRepository[AsyncSession], tenant_id: str, api_key_id: str, key: str, request_hash: str
     ) -> bool:
         # A concurrent request with the same key waits here on the unique index until the first one
         # commits (then it finds the stored response) or rolls back (then it proceeds itself).
-        rows = await _CLAIM_KEY.fetch(self, {"tenant": tenant_id, "key": key, "hash": request_hash})
-        return bool(rows)
+        params = {"tenant": tenant_id, "api_key_id": api_key_id, "key": key, "hash": request_hash}
+        return bool(await _CLAIM_KEY.fetch(self, params))
 
-    async def get_idempotency_key(self, tenant_id: str, key: str) -> IdempotencyKey | None:
-        return await self.session.get(IdempotencyKey, (tenant_id, key))
+    async def get_idempotency_key(self, tenant_id: str, api_key_id: str, key: str) -> IdempotencyKey | None:
+        return await self.session.get(IdempotencyKey, (tenant_id, api_key_id, key))
 
     async def store_response(
-        self: LedgerRepository[AsyncSession], tenant_id: str, key: str, status_code: int, response: str
+        self: LedgerRepository[AsyncSession], tenant_id: str, api_key_id: str, key: str, status_code: int, response: str
     ) -> None:
-        params = {"tenant": tenant_id, "key": key, "status": status_code, "response": response}
+        params = {
+            "tenant": tenant_id,
+            "api_key_id": api_key_id,
+            "key": key,
+            "status": status_code,
+            "response": response,
+        }
         await _STORE_RESPONSE.fetch(self, params)
 
     # --- policies ---------------------------------------------------------------------------------

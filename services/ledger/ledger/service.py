@@ -133,6 +133,7 @@ class PendingResponse:
     stores its response in the statement that writes its entries and sets `stored` to it, so that
     `idempotent` does not store it a second time."""
 
+    api_key_id: str
     key: str
     status_code: int
     stored: BaseModel | None = None
@@ -181,10 +182,10 @@ class LedgerService:
         return book
 
     async def _save(
-        self, session: AsyncSession, book: Book, respond: Callable[[], tuple[str, int, str]] | None = None
+        self, session: AsyncSession, book: Book, respond: Callable[[], tuple[str, str, int, str]] | None = None
     ) -> bool:
         """Writes the book. `respond`, called once the entries are sealed, gives the idempotency key's
-        response (key, status, body) to store with them; returns whether it was stored."""
+        response (API key id, key, status, body) to store with them; returns whether it was stored."""
         repo = LedgerRepository.from_session(session)
         changed = await repo.save_lots(
             book.tenant_id, (book.lots[i] for i in sorted(book.dirty_lots)), defer_changed=True
@@ -216,14 +217,14 @@ class LedgerService:
         posted = [e for e in book.entries if e["transaction_id"] == txn]
         result: list[schemas.Posted] = []
 
-        def respond() -> tuple[str, int, str]:
+        def respond() -> tuple[str, str, int, str]:
             # The entries are sealed now (seq and hash): the response is final before the statement runs.
             entries = [schemas.Entry.model_validate(e) for e in posted]
             result.append(
                 schemas.Posted(transaction_id=txn, balance=_balance(book.account(account_id)), entries=entries)
             )
             assert pending is not None
-            return pending.key, pending.status_code, result[0].model_dump_json()
+            return pending.api_key_id, pending.key, pending.status_code, result[0].model_dump_json()
 
         # `_save` seals the system postings in place: they get their seq and hash.
         if pending is None:
@@ -243,27 +244,30 @@ class LedgerService:
         session: AsyncSession,
         *,
         tenant_id: str,
+        api_key_id: str,
         key: str,
         fingerprint: str,
         status_code: int,
         operation: Callable[[PendingResponse], Awaitable[BaseModel]],
     ) -> tuple[int, bytes]:
-        """Runs a write once per Idempotency-Key: a repeat with the same request gets the stored response.
-        `operation` gets the key's pending response, to pass to the write as its `pending`.
+        """Runs a write once per Idempotency-Key of the calling API key (`api_key_id`): a repeat with the
+        same request gets the stored response; the same key sent by another API key of the tenant is a
+        request of its own. `operation` gets the key's pending response, to pass to the write as its
+        `pending`.
 
         Returns the status and the JSON body, serialised once for both the client and the store."""
         repo = LedgerRepository.from_session(session)
         request_hash = hashlib.sha256(fingerprint.encode()).hexdigest()
-        if await repo.claim_idempotency_key(tenant_id, key, request_hash):
+        if await repo.claim_idempotency_key(tenant_id, api_key_id, key, request_hash):
             # A plain posting stores its response in the statement that writes its entries (`_post`),
             # saving a round trip while the system accounts are locked; anything else is stored here.
-            pending = PendingResponse(key, status_code)
+            pending = PendingResponse(api_key_id, key, status_code)
             response = await operation(pending)
             body = response.model_dump_json()
             if pending.stored is not response:
-                await repo.store_response(tenant_id, key, status_code, body)
+                await repo.store_response(tenant_id, api_key_id, key, status_code, body)
             return status_code, body.encode()
-        stored = await repo.get_idempotency_key(tenant_id, key)
+        stored = await repo.get_idempotency_key(tenant_id, api_key_id, key)
         assert stored is not None, "the conflicting row exists, or the insert would have succeeded"
         assert stored.status_code is not None
         assert stored.response is not None
