@@ -64,6 +64,16 @@ class ServiceSettings(BaseSettings):
         default=5, ge=1, description="A consumer whose batch failed this many times in a row is not ready"
     )
     api_key_cache_seconds: float = Field(default=5.0, ge=0)
+    api_key_cache_size: int = Field(default=10_000, ge=1, description="Key ids (found or not) the cache keeps")
+    api_key_failure_burst: int = Field(
+        default=20, ge=1, description="Failed authentications a client (IP address) may make at once"
+    )
+    api_key_failures_per_minute: float = Field(
+        default=10.0, gt=0, description="How fast a client's budget of failed authentications refills"
+    )
+    api_key_failure_clients: int = Field(
+        default=10_000, ge=1, description="Clients whose failed authentications are tracked at once"
+    )
     outbox_max_age_seconds: float = Field(
         default=60.0, gt=0, description="/readyz fails while the oldest unpublished outbox row is older than this"
     )
