@@ -44,8 +44,10 @@ from ledger.domain import (
     ClawbackPolicy,
     HoldState,
     LotState,
+    LotTotals,
     Meta,
     Policy,
+    account_problems,
     replay,
 )
 from ledger.errors import (
@@ -431,6 +433,31 @@ class LedgerMachine(RuleBasedStateMachine):
             assert available_lots == max(account.available, 0)
 
     @invariant()
+    def system_shards_stay_in_their_range(self) -> None:
+        # Issuance only gives (a clawback returns at most what its earn took), redemption and breakage
+        # only receive, receivable only owes.
+        for account_id, account in self.accounts.items():
+            base = account_id.rsplit("/", 1)[0]
+            if base in (ISSUANCE, RECEIVABLE):
+                assert account.available <= 0, account_id
+            elif base in (REDEMPTION, BREAKAGE):
+                assert account.available >= 0, account_id
+        for lot_id, clawed in self.clawed_back.items():
+            assert clawed == self.lots[lot_id].clawed_back <= self.lots[lot_id].points
+
+    @invariant()
+    def verify_finds_nothing(self) -> None:
+        # What `verify` checks besides the chain, over the state the service would read.
+        for account_id, account in self.accounts.items():
+            lots = [lot for lot in self.lots.values() if lot.account_id == account_id]
+            totals = LotTotals(
+                available=sum(lot.remaining for lot in lots if not lot.pending),
+                pending=sum(lot.remaining for lot in lots if lot.pending),
+            )
+            held = sum(h.points for h in self.holds.values() if h.account_id == account_id and h.status == "active")
+            assert account_problems(account, totals, held) == [], account_id
+
+    @invariant()
     def holds_match_the_model(self) -> None:
         active = {h.hold_id: h.points for h in self.holds.values() if h.status == "active"}
         assert active == self.hold_points
@@ -527,3 +554,39 @@ def test_a_hold_cannot_be_captured_after_its_timeout_and_a_void_releases_it_as_e
     late.release(hold, Meta(kind="void", source="tests"), status="voided")
     assert (hold.status, accounts["c-1"].available, accounts["c-1"].held) == ("expired", 100, 0)
     assert {e["kind"] for e in late.entries} == {"hold_expired"}
+
+
+class TestAccountProblems:
+    """The checks `verify` adds to the chain, on states the Book never produces (tampered or legacy data)."""
+
+    def test_a_customer_whose_lots_or_holds_disagree_with_its_balances(self) -> None:
+        account = AccountState("c-1", available=100, pending=20, held=30)
+        assert account_problems(account, LotTotals(100, 20), 30) == []
+        assert account_problems(account, LotTotals(150, 20, ("cmd-9",)), 0) == [
+            "lots outside 0 <= remaining, clawed_back <= points: cmd-9",
+            "open lots hold 150 available points, the balance is 100",
+            "active holds hold 0 points, the balance is 30",
+        ]
+        # In debt (negative_balance), lots hold nothing: the finding's transfer left them above the balance.
+        debtor = AccountState("c-2", available=-40)
+        assert account_problems(debtor, LotTotals(0, 0), 0) == []
+        assert account_problems(debtor, LotTotals(25, 0), 0) == [
+            "open lots hold 25 available points, the balance is -40"
+        ]
+
+    def test_a_system_shard_outside_its_range(self) -> None:
+        # The finding: the receivable shard at -999,700 is in range, issuance above zero is not.
+        assert account_problems(AccountState(f"{RECEIVABLE}/03", available=-999_700), LotTotals(), 0) == []
+        assert account_problems(AccountState(f"{ISSUANCE}/03", available=300), LotTotals(), 0) == [
+            "available is 300; system:issuance is at most 0"
+        ]
+        assert account_problems(AccountState(f"{BREAKAGE}/15", available=-1), LotTotals(), 0) == [
+            "available is -1; system:breakage is at least 0"
+        ]
+        for bad in (f"{REDEMPTION}/16", f"{REDEMPTION}/7", "system:bonus/01", f"{REDEMPTION}"):
+            assert account_problems(AccountState(bad), LotTotals(), 0) == [
+                "not a shard of a system account (system:<name>/00 to /15)"
+            ], bad
+        assert account_problems(AccountState(f"{ADJUSTMENTS}/00", available=-5, held=5), LotTotals(), 0) == [
+            "a system account holds pending 0 and held 5, not 0"
+        ]

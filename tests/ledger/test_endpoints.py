@@ -313,3 +313,19 @@ class TestReads:
         missing = await client.get("/v1/accounts/system:issuance/99/entries", headers=headers)
         assert missing.status_code == 404
         assert missing.json()["error"] == "AccountNotFound"
+
+    async def test_the_whole_programme_is_verified_by_an_admin(self, client: httpx.AsyncClient, keys: Keys) -> None:
+        await earn(client, keys, "acme", 10)
+        await post(client, "/v1/accounts/acme/redeem", keys.write, {"points": 4})
+        verified = await client.get("/v1/verify", headers={"X-API-Key": keys.admin})
+        assert verified.status_code == 200, verified.text
+        # acme, its issuance shard and its redemption shard (one shard each: one customer).
+        assert verified.json() == {
+            "tenant_id": keys.tenant,
+            "accounts": 3,
+            "entries": 4,
+            "ok": True,
+            "problems": [],
+            "failed": [],
+        }
+        assert (await client.get("/v1/verify", headers={"X-API-Key": keys.read})).status_code == 403

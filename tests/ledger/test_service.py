@@ -396,6 +396,62 @@ class TestClawback:
         await check_books(db, tenant)
 
 
+class TestVerify:
+    """verify reports what the books contradict besides the hash chains (broken here as the superuser)."""
+
+    async def test_lots_and_holds_that_disagree_with_the_balances(self, db: async_sessionmaker[AsyncSession]) -> None:
+        tenant = new_tenant()
+        earned = await _earn(db, tenant, "acme", 100, T0)
+        async with transaction(db) as session:
+            posted = await ledger_service.reserve(session, tenant, "acme", schemas.HoldCreate(points=30), source="h")
+        await check_books(db, tenant)
+        await asyncio.to_thread(
+            as_superuser,
+            f"UPDATE ledger.lots SET remaining = remaining + 50 WHERE tenant_id = '{tenant}'"
+            f" AND lot_id = '{earned.transaction_id}';\n"
+            f"UPDATE ledger.holds SET status = 'voided' WHERE hold_id = '{posted.hold.hold_id}';\n",
+        )
+        async with db() as session:
+            result = await ledger_service.verify(session, tenant, "acme")
+            tenant_wide = await ledger_service.verify_tenant(session, tenant)
+        assert result is not None
+        assert result.problems == [
+            f"lots outside 0 <= remaining, clawed_back <= points: {earned.transaction_id}",
+            "open lots hold 120 available points, the balance is 70",
+            "active holds hold 0 points, the balance is 30",
+        ]
+        assert (tenant_wide.ok, [r.account_id for r in tenant_wide.failed]) == (False, ["acme"])
+
+    async def test_an_unbalanced_transaction_and_a_shard_out_of_range(
+        self, db: async_sessionmaker[AsyncSession]
+    ) -> None:
+        tenant = new_tenant()
+        earned = await _earn(db, tenant, "acme", 100, T0)
+        issuance = next(e for e in earned.entries if e.account_id.startswith("system:issuance/"))
+        await asyncio.to_thread(
+            as_superuser,
+            "SET session_replication_role = replica;\n"
+            f"UPDATE ledger.entries SET points = 150, balance_after = 150 WHERE entry_id = '{issuance.entry_id}';\n"
+            f"UPDATE ledger.balances SET available = 150 WHERE tenant_id = '{tenant}'"
+            f" AND account_id = '{issuance.account_id}';\n"
+            "INSERT INTO ledger.balances (tenant_id, account_id, kind)"
+            f" VALUES ('{tenant}', 'system:issuance/16', 'system');\n",
+        )
+        async with db() as session:
+            shard = await ledger_service.verify(session, tenant, issuance.account_id)
+            stray = await ledger_service.verify(session, tenant, "system:issuance/16")
+            tenant_wide = await ledger_service.verify_tenant(session, tenant)
+        assert shard is not None
+        assert stray is not None
+        unbalanced = f"transaction {earned.transaction_id} sums to 250, not 0"
+        assert unbalanced in shard.problems
+        assert "available is 150; system:issuance is at most 0" in shard.problems
+        assert stray.problems == ["not a shard of a system account (system:<name>/00 to /15)"]
+        assert unbalanced in tenant_wide.problems
+        assert "the balances sum to 250, not 0" in tenant_wide.problems
+        assert sorted(r.account_id for r in tenant_wide.failed) == [issuance.account_id, "system:issuance/16"]
+
+
 class TestAppendOnly:
     async def test_database_refuses_update_delete_and_truncate(self, db: async_sessionmaker[AsyncSession]) -> None:
         tenant = new_tenant()

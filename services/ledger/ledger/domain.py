@@ -562,6 +562,46 @@ class Book:
         self.unsealed = []
 
 
+# The side of zero each system account stays on: issuance only gives (clawbacks return at most what it
+# gave), redemption and breakage only receive, receivable only owes; adjustments go either way.
+SYSTEM_RANGE = {ISSUANCE: -1, REDEMPTION: 1, BREAKAGE: 1, RECEIVABLE: -1}
+
+
+@dataclass(frozen=True)
+class LotTotals:
+    """An account's lots as verify sees them: what the open ones hold, and the ids of impossible ones."""
+
+    available: int = 0
+    pending: int = 0
+    invalid: tuple[str, ...] = ()
+
+
+def account_problems(account: AccountState, lots: LotTotals, held_by_holds: int) -> list[str]:
+    """What an account's balances contradict besides its own entries: a customer's lots and holds, a
+    system shard's id and range."""
+    problems: list[str] = []
+    if is_system(account.account_id):
+        base, _, index = account.account_id.rpartition("/")
+        if base not in SYSTEM_ACCOUNTS or not (len(index) == 2 and index.isdigit() and int(index) < SYSTEM_SHARDS):
+            problems.append(f"not a shard of a system account (system:<name>/00 to /{SYSTEM_SHARDS - 1:02d})")
+        side = SYSTEM_RANGE.get(base, 0)
+        if account.available * side < 0:
+            bound = "at most 0" if side < 0 else "at least 0"
+            problems.append(f"available is {account.available}; {base} is {bound}")
+        if account.pending or account.held:
+            problems.append(f"a system account holds pending {account.pending} and held {account.held}, not 0")
+        return problems
+    if lots.invalid:
+        problems.append(f"lots outside 0 <= remaining, clawed_back <= points: {', '.join(lots.invalid)}")
+    if lots.available != max(account.available, 0):
+        problems.append(f"open lots hold {lots.available} available points, the balance is {account.available}")
+    if lots.pending != account.pending:
+        problems.append(f"pending lots hold {lots.pending} points, the balance is {account.pending}")
+    if held_by_holds != account.held:
+        problems.append(f"active holds hold {held_by_holds} points, the balance is {account.held}")
+    return problems
+
+
 def replay(account_id: str, entries: list[dict[str, Any]]) -> tuple[AccountState, list[str]]:
     """Recomputes an account's balances and hash chain from its entries; returns the mismatches found."""
     state = AccountState(account_id)

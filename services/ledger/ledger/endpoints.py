@@ -166,6 +166,12 @@ async def get_account(
     return _json(_found(balance, AccountNotFound(account_id)))
 
 
+@router.get("/verify", response_model=schemas.TenantVerification)
+async def verify_tenant(principal: Admin, session: ReadSessionDep) -> schemas.TenantVerification:
+    """Verify every account of the programme and its books as a whole; lists the accounts with problems."""
+    return await ledger_service.verify_tenant(session, principal.tenant_id)
+
+
 @router.get("/holds/{hold_id}", response_model=schemas.Hold)
 @raises(HoldNotFound)
 async def get_hold(hold_id: uuid.UUID, principal: PointsRead, session: ReadSessionDep) -> schemas.Hold:

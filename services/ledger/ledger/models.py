@@ -75,6 +75,7 @@ class Entry(Base):
 
 
 Index("ix_entries_tenant_kind", Entry.tenant_id, Entry.kind, Entry.created_at)
+Index("ix_entries_transaction", Entry.tenant_id, Entry.transaction_id)
 
 
 class Lot(Base):

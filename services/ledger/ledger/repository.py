@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Select, and_, delete, func, or_, select, true, tuple_, union, update
 from sqlalchemy.dialects.postgresql import insert
 
-from ledger.domain import AccountState, HoldState, LotState, Policy, is_system
+from ledger.domain import AccountState, HoldState, LotState, LotTotals, Policy, is_system
 from ledger.models import Balance, Command, Entry, Hold, IdempotencyKey, Lot, Outbox, TenantPolicy, outbox_quarantine
 from shared.db import AsyncSession, SessionT
 from shared.outbox import Unpublishable, insert_quarantined
@@ -318,9 +318,40 @@ class LedgerRepository(RepositoryBase[SessionT]):
             stmt = stmt.where(Entry.created_at < before)
         return await self.get_all(stmt)
 
-    async def account_ids(self, tenant_id: str) -> Sequence[str]:
-        stmt = select(Balance.account_id).where(Balance.tenant_id == tenant_id).order_by(Balance.account_id)
-        return await self.get_all(stmt)
+    # --- verification ---------------------------------------------------------------------------
+
+    async def unbalanced_transactions(self, tenant_id: str, account_id: str | None) -> list[tuple[uuid.UUID, int]]:
+        """The transactions (of the tenant, or those touching one account) whose postings do not sum to 0."""
+        stmt = select(Entry.transaction_id, func.sum(Entry.points)).where(Entry.tenant_id == tenant_id)
+        if account_id is not None:
+            touching = select(Entry.transaction_id).where(Entry.tenant_id == tenant_id, Entry.account_id == account_id)
+            stmt = stmt.where(Entry.transaction_id.in_(touching))
+        stmt = stmt.group_by(Entry.transaction_id).having(func.sum(Entry.points) != 0)
+        return [(row[0], int(row[1])) for row in await self.session.execute(stmt)]
+
+    async def lot_totals(self, tenant_id: str, account_id: str | None) -> dict[str, LotTotals]:
+        invalid = or_(Lot.remaining < 0, Lot.remaining > Lot.points, Lot.clawed_back < 0, Lot.clawed_back > Lot.points)
+        stmt = select(
+            Lot.account_id,
+            func.coalesce(func.sum(Lot.remaining).filter(~Lot.pending), 0),
+            func.coalesce(func.sum(Lot.remaining).filter(Lot.pending), 0),
+            func.array_remove(func.array_agg(Lot.lot_id).filter(invalid), None),
+        ).where(Lot.tenant_id == tenant_id)
+        if account_id is not None:
+            stmt = stmt.where(Lot.account_id == account_id)
+        rows = await self.session.execute(stmt.group_by(Lot.account_id))
+        return {row[0]: LotTotals(int(row[1]), int(row[2]), tuple(sorted(row[3] or ()))) for row in rows}
+
+    async def active_held(self, tenant_id: str, account_id: str | None) -> dict[str, int]:
+        stmt = select(Hold.account_id, func.sum(Hold.points)).where(
+            Hold.tenant_id == tenant_id, Hold.status == "active"
+        )
+        if account_id is not None:
+            stmt = stmt.where(Hold.account_id == account_id)
+        return {row[0]: int(row[1]) for row in await self.session.execute(stmt.group_by(Hold.account_id))}
+
+    async def tenant_balances(self, tenant_id: str) -> Sequence[Balance]:
+        return await self.get_all(select(Balance).where(Balance.tenant_id == tenant_id).order_by(Balance.account_id))
 
     async def outbox_batch(self: LedgerRepository[AsyncSession], limit: int) -> list[dict[str, Any]]:
         # SKIP LOCKED lets several relays (replicas) drain the outbox without waiting on each other. A row

@@ -181,6 +181,15 @@ class Verification(BaseModel):
     problems: list[str]
 
 
+class TenantVerification(BaseModel):
+    tenant_id: str
+    accounts: int = Field(description="accounts checked")
+    entries: int = Field(description="entries replayed")
+    ok: bool
+    problems: list[str] = Field(description="what the tenant's books contradict as a whole")
+    failed: list[Verification] = Field(description="the accounts with problems")
+
+
 class AppliedCommand(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

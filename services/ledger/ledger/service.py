@@ -20,8 +20,10 @@ from ledger.domain import (
     Book,
     HoldState,
     LotState,
+    LotTotals,
     Meta,
     Policy,
+    account_problems,
     check_customer_account,
     is_system,
     replay,
@@ -33,6 +35,7 @@ from ledger.errors import (
     LedgerError,
     OriginalEarnNotFound,
 )
+from ledger.models import Balance
 from ledger.repository import LedgerRepository
 from shared.consumer import Inbound, Rejection
 from shared.db import AsyncReadSession, AsyncSession
@@ -752,25 +755,70 @@ class LedgerService:
         return schemas.Policy(**asdict(await LedgerRepository.from_session(session).policy(tenant_id)))
 
     async def verify(self, session: AsyncReadSession, tenant_id: str, account_id: str) -> schemas.Verification | None:
+        """Replays the account's hash chain and balances from its entries, and checks them against its
+        lots and holds (a customer), its id and range (a system shard) and the transactions it took part
+        in (each sums to zero)."""
         repo = LedgerRepository.from_session(session)
         row = await repo.get_balance(tenant_id, account_id)
         if row is None:
             return None
-        entries = await repo.all_entries(tenant_id, account_id)
-        state, problems = replay(account_id, entries)
+        lots = (await repo.lot_totals(tenant_id, account_id)).get(account_id, LotTotals())
+        held = (await repo.active_held(tenant_id, account_id)).get(account_id, 0)
+        unbalanced = _unbalanced(await repo.unbalanced_transactions(tenant_id, account_id))
+        return await self._verify_account(session, tenant_id, row, lots, held, unbalanced)
+
+    async def _verify_account(
+        self,
+        session: AsyncReadSession,
+        tenant_id: str,
+        row: Balance,
+        lots: LotTotals,
+        held: int,
+        problems: list[str],
+    ) -> schemas.Verification:
+        account_id = row.account_id
+        entries = await LedgerRepository.from_session(session).all_entries(tenant_id, account_id)
+        state, replayed = replay(account_id, entries)
+        problems = [*replayed, *problems]
         stored = AccountState(**{f: getattr(row, f) for f in asdict(state)})
         for name, value in asdict(state).items():
             if getattr(stored, name) != value:
                 problems.append(f"balances row: {name} is {getattr(stored, name)!r}, the entries give {value!r}")
+        problems.extend(account_problems(stored, lots, held))
         return schemas.Verification(account_id=account_id, entries=len(entries), ok=not problems, problems=problems)
 
-    async def verify_tenant(self, session: AsyncReadSession, tenant_id: str) -> list[schemas.Verification]:
-        out = []
-        for account_id in await LedgerRepository.from_session(session).account_ids(tenant_id):
-            result = await self.verify(session, tenant_id, account_id)
-            assert result is not None
-            out.append(result)
-        return out
+    async def verify_tenant(self, session: AsyncReadSession, tenant_id: str) -> schemas.TenantVerification:
+        """Verifies every account of the tenant, and the books as a whole: every transaction sums to zero,
+        so do all balances, and no lot or hold belongs to an account without a balances row."""
+        repo = LedgerRepository.from_session(session)
+        rows = await repo.tenant_balances(tenant_id)
+        lots = await repo.lot_totals(tenant_id, None)
+        held = await repo.active_held(tenant_id, None)
+        results = [
+            await self._verify_account(
+                session, tenant_id, row, lots.pop(row.account_id, LotTotals()), held.pop(row.account_id, 0), []
+            )
+            for row in rows
+        ]
+        problems = _unbalanced(await repo.unbalanced_transactions(tenant_id, None))
+        total = sum(row.available + row.pending + row.held for row in rows)
+        if total:
+            problems.append(f"the balances sum to {total}, not 0")
+        for account_id in sorted({*lots, *held}):
+            problems.append(f"lots or holds of {account_id!r}, which has no balances row")
+        failed = [r for r in results if not r.ok]
+        return schemas.TenantVerification(
+            tenant_id=tenant_id,
+            accounts=len(results),
+            entries=sum(r.entries for r in results),
+            ok=not problems and not failed,
+            problems=problems,
+            failed=failed,
+        )
+
+
+def _unbalanced(transactions: list[tuple[uuid.UUID, int]]) -> list[str]:
+    return [f"transaction {txn} sums to {total}, not 0" for txn, total in sorted(transactions)]
 
 
 ledger_service = LedgerService()
