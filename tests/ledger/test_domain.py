@@ -590,3 +590,22 @@ class TestAccountProblems:
         assert account_problems(AccountState(f"{ADJUSTMENTS}/00", available=-5, held=5), LotTotals(), 0) == [
             "a system account holds pending 0 and held 5, not 0"
         ]
+
+
+def test_a_two_lot_transfer_into_an_account_in_debt_pays_the_debt_once_over_both_lots() -> None:
+    # The finding: each lot was capped against the whole new balance, so the lots held more than the balance.
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    accounts = {"c-1": AccountState("c-1"), "c-2": AccountState("c-2")}
+    book = Book("t-1", Policy(clawback_policy="negative_balance"), now, accounts)
+    book.earn("c-1", 100, Meta(kind="earn", source="tests"), lot_id="cmd-1")
+    book.redeem("c-1", 100, Meta(kind="redeem", source="tests"))
+    book.clawback("c-1", 100, Meta(kind="clawback", source="tests"), original_lot_id="cmd-1")  # c-1 owes 100
+    book.earn("c-2", 80, Meta(kind="earn", source="tests"), lot_id="cmd-2")
+    later = Book("t-1", book.policy, now + timedelta(days=40), accounts, lots=book.lots)
+    later.earn("c-2", 70, Meta(kind="earn", source="tests"), lot_id="cmd-3")
+    later.transfer("c-2", "c-1", 150, Meta(kind="transfer", source="tests"))
+    assert accounts["c-1"].available == 50
+    into = [lot for lot in later.lots.values() if lot.account_id == "c-1" and lot.lot_id != "cmd-1"]
+    assert sorted(lot.points for lot in into) == [70, 80]
+    assert sum(lot.remaining for lot in into) == 50  # not 80 + 50: the debt of 100 is paid once
+    assert account_problems(accounts["c-1"], LotTotals(available=50), 0) == []
