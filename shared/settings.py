@@ -5,10 +5,14 @@ from typing import Literal, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 from shared.contract import Limits
 
 _DEV_PASSWORD = "loyalty"
+# The role that owns the schemas and runs the migrations (deploy/postgres/db-up.sh creates it); the service
+# role of `database_url` only reads and writes rows, and may not change what it does not own.
+DEV_OWNER = "loyalty_owner"
 
 
 class ServiceSettings(BaseSettings):
@@ -22,6 +26,11 @@ class ServiceSettings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     database_url: str = "postgresql+asyncpg://loyalty:loyalty@127.0.0.1:5432/loyalty"
+    database_owner_url: str | None = Field(
+        default=None,
+        description="The database as the role that owns the schema and runs the migrations; default: "
+        f"database_url with the user and password {DEV_OWNER}",
+    )
     database_pool_size: int = 10
     database_pool_pre_ping: bool = Field(
         default=True, description="Test each pooled connection on checkout (costs a round trip per checkout)"
@@ -85,6 +94,18 @@ class ServiceSettings(BaseSettings):
     )
 
     @property
+    def migration_url(self) -> str:
+        if self.database_owner_url:
+            return self.database_owner_url
+        url = make_url(self.database_url).set(username=DEV_OWNER, password=DEV_OWNER)
+        return url.render_as_string(hide_password=False)
+
+    @property
+    def service_role(self) -> str | None:
+        """The role the service connects as: the migrations grant it what it needs, nothing more."""
+        return make_url(self.database_url).username
+
+    @property
     def input_limits(self) -> Limits:
         return Limits(max_future_skew=timedelta(seconds=self.max_future_skew_seconds))
 
@@ -98,4 +119,6 @@ class ServiceSettings(BaseSettings):
     def _no_dev_secrets_in_prod(self) -> Self:
         if self.environment == "prod" and f":{_DEV_PASSWORD}@" in self.database_url:
             raise ValueError("the development database password must not be used in prod")
+        if self.environment == "prod" and f":{DEV_OWNER}@" in self.migration_url:
+            raise ValueError("set *_DATABASE_OWNER_URL in prod: the development owner password must not be used")
         return self

@@ -19,8 +19,9 @@ from ledger import schemas
 from ledger.errors import ClawbackExceedsEarn, HoldExpired, LedgerError
 from ledger.models import Entry
 from ledger.service import PendingResponse, ledger_service
-from shared.db import AsyncSession, transaction
+from shared.db import AsyncSession, create_engine, transaction
 from shared.events import ClawbackPoints, make_event
+from tests.conftest import owner_url
 from tests.factories import earn
 from tests.ledger.conftest import as_superuser, balances, check_books, inbound, new_tenant
 
@@ -453,18 +454,38 @@ class TestVerify:
 
 
 class TestAppendOnly:
-    async def test_database_refuses_update_delete_and_truncate(self, db: async_sessionmaker[AsyncSession]) -> None:
+    async def test_the_service_role_cannot_change_entries_or_their_trigger(
+        self, db: async_sessionmaker[AsyncSession]
+    ) -> None:
         tenant = new_tenant()
         posted = await _earn(db, tenant, "acme", 10, T0)
         entry_id = posted.entries[0].entry_id
-        for statement in (
-            "UPDATE ledger.entries SET points = 1000 WHERE entry_id = :id",
-            "DELETE FROM ledger.entries WHERE entry_id = :id",
-            "TRUNCATE ledger.entries CASCADE",
+        # The service role (the tests' connection) may insert and read entries, nothing more: no UPDATE,
+        # DELETE or TRUNCATE, and no DDL on the table that would switch its append-only trigger off.
+        for statement, refused in (
+            ("UPDATE ledger.entries SET points = 1000 WHERE entry_id = :id", "permission denied"),
+            ("DELETE FROM ledger.entries WHERE entry_id = :id", "permission denied"),
+            ("TRUNCATE ledger.entries CASCADE", "permission denied"),
+            ("DROP TRIGGER entries_append_only ON ledger.entries", "must be owner"),
+            ("ALTER TABLE ledger.entries DISABLE TRIGGER entries_append_only", "must be owner"),
+            ("DROP FUNCTION ledger.refuse_entry_change() CASCADE", "must be owner"),
+            ("CREATE TABLE ledger.shadow (id int)", "permission denied"),
         ):
-            with pytest.raises(DBAPIError, match="append-only"):
+            with pytest.raises(DBAPIError, match=refused):
                 async with transaction(db) as session:
-                    await session.execute(text(statement), {"id": entry_id})
+                    await session.execute(text(statement), {"id": entry_id} if ":id" in statement else {})
+        # The owner role, which runs the migrations, still meets the trigger.
+        owner = create_engine(owner_url("ledger"), pool_size=1)
+        try:
+            for statement in (
+                "UPDATE ledger.entries SET points = 1000 WHERE entry_id = :id",
+                "DELETE FROM ledger.entries WHERE entry_id = :id",
+            ):
+                with pytest.raises(DBAPIError, match="append-only"):
+                    async with owner.begin() as conn:
+                        await conn.execute(text(statement), {"id": entry_id})
+        finally:
+            await owner.dispose()
         async with db() as session:
             stored = await session.get(Entry, entry_id)
         assert stored is not None
