@@ -289,7 +289,7 @@ class TestReads:
         accounts = (await client.get("/v1/accounts", params={"kind": "customer"}, headers=headers)).json()
         assert [a["account_id"] for a in accounts["items"]] == ["acme"]
         verified = (await client.get("/v1/accounts/acme/verify", headers=headers)).json()
-        assert verified == {"account_id": "acme", "entries": 4, "ok": True, "problems": []}
+        assert verified == {"account_id": "acme", "entries": 4, "ok": True, "problems": [], "anchored_seq": None}
         missing = await client.get("/v1/accounts/nobody/entries", headers=headers)
         assert missing.status_code == 404
 

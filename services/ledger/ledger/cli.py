@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ledger import schemas
+from ledger.anchors import read_anchors
 from ledger.config import settings
 from ledger.service import ledger_service
 from ledger.tasks import run_tasks
@@ -32,9 +33,10 @@ def verify(
         engine = create_engine(settings.database_url, pool_size=1)
         try:
             async with create_sessionmaker(engine)() as session:
+                anchors = await read_anchors(settings, tenant, account)
                 if account is None:
-                    return await ledger_service.verify_tenant(session, tenant)
-                return await ledger_service.verify(session, tenant, account)
+                    return await ledger_service.verify_tenant(session, tenant, anchors=anchors)
+                return await ledger_service.verify(session, tenant, account, anchors=anchors)
         finally:
             await engine.dispose()
 

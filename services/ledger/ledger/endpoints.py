@@ -8,6 +8,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ledger import schemas
+from ledger.anchors import Anchors, read_anchors
+from ledger.config import Settings
 from ledger.domain import parse_duration
 from ledger.errors import (
     AccountNotFound,
@@ -148,11 +150,32 @@ async def expiring(
     return _found(result, AccountNotFound(account_id))
 
 
+def _settings(request: Request) -> Settings:
+    settings = request.state.runtime.settings
+    assert isinstance(settings, Settings)
+    return settings
+
+
+async def _account_anchors(request: Request, account_id: AccountId, principal: PointsRead) -> Anchors:
+    return await read_anchors(_settings(request), principal.tenant_id, account_id)
+
+
+async def _tenant_anchors(request: Request, principal: Admin) -> Anchors:
+    return await read_anchors(_settings(request), principal.tenant_id)
+
+
 @router.get("/accounts/{account_id:path}/verify", response_model=schemas.Verification)
 @raises(AccountNotFound)
-async def verify(account_id: AccountId, principal: PointsRead, session: ReadSessionDep) -> schemas.Verification:
-    """Recompute the account's hash chain and balances from its entries and report every mismatch."""
-    return _found(await ledger_service.verify(session, principal.tenant_id, account_id), AccountNotFound(account_id))
+async def verify(
+    account_id: AccountId,
+    principal: PointsRead,
+    session: ReadSessionDep,
+    anchors: Annotated[Anchors, Depends(_account_anchors)],
+) -> schemas.Verification:
+    """Recompute the account's hash chain and balances from its entries, check them against its lots, holds
+    and last anchored chain head, and report every mismatch."""
+    result = await ledger_service.verify(session, principal.tenant_id, account_id, anchors=anchors)
+    return _found(result, AccountNotFound(account_id))
 
 
 @router.get("/accounts/{account_id:path}", response_model=schemas.Balance)
@@ -167,9 +190,11 @@ async def get_account(
 
 
 @router.get("/verify", response_model=schemas.TenantVerification)
-async def verify_tenant(principal: Admin, session: ReadSessionDep) -> schemas.TenantVerification:
+async def verify_tenant(
+    principal: Admin, session: ReadSessionDep, anchors: Annotated[Anchors, Depends(_tenant_anchors)]
+) -> schemas.TenantVerification:
     """Verify every account of the programme and its books as a whole; lists the accounts with problems."""
-    return await ledger_service.verify_tenant(session, principal.tenant_id)
+    return await ledger_service.verify_tenant(session, principal.tenant_id, anchors=anchors)
 
 
 @router.get("/holds/{hold_id}", response_model=schemas.Hold)

@@ -350,6 +350,21 @@ class LedgerRepository(RepositoryBase[SessionT]):
             stmt = stmt.where(Hold.account_id == account_id)
         return {row[0]: int(row[1]) for row in await self.session.execute(stmt.group_by(Hold.account_id))}
 
+    async def chain_heads(
+        self, *, since: datetime | None, after: tuple[str, str] | None, limit: int
+    ) -> list[tuple[str, str, int, str]]:
+        """(tenant, account, last seq, last hash) of the chains changed since `since`, by tenant and account,
+        after `after`. No index on updated_at: one would cost every balance update its HOT update."""
+        stmt = select(Balance.tenant_id, Balance.account_id, Balance.last_seq, Balance.last_hash).where(
+            Balance.last_seq > 0
+        )
+        if since is not None:
+            stmt = stmt.where(Balance.updated_at >= since)
+        if after is not None:
+            stmt = stmt.where(tuple_(Balance.tenant_id, Balance.account_id) > after)
+        stmt = stmt.order_by(Balance.tenant_id, Balance.account_id).limit(limit)
+        return [(r[0], r[1], int(r[2]), str(r[3])) for r in await self.session.execute(stmt)]
+
     async def tenant_balances(self, tenant_id: str) -> Sequence[Balance]:
         return await self.get_all(select(Balance).where(Balance.tenant_id == tenant_id).order_by(Balance.account_id))
 

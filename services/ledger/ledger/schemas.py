@@ -179,6 +179,11 @@ class Verification(BaseModel):
     entries: int
     ok: bool
     problems: list[str]
+    anchored_seq: int | None = Field(
+        default=None,
+        description="The seq of the chain head last anchored outside the database and found intact; entries "
+        "after it are covered by the hash chain alone (null: not anchored yet)",
+    )
 
 
 class TenantVerification(BaseModel):

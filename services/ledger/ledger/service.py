@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from ledger import schemas
+from ledger.anchors import Anchors
 from ledger.domain import (
     SYSTEM_ACCOUNTS,
     SYSTEM_SHARDS,
@@ -754,10 +755,12 @@ class LedgerService:
     async def get_policy(self, session: AsyncReadSession, tenant_id: str) -> schemas.Policy:
         return schemas.Policy(**asdict(await LedgerRepository.from_session(session).policy(tenant_id)))
 
-    async def verify(self, session: AsyncReadSession, tenant_id: str, account_id: str) -> schemas.Verification | None:
+    async def verify(
+        self, session: AsyncReadSession, tenant_id: str, account_id: str, *, anchors: Anchors | None = None
+    ) -> schemas.Verification | None:
         """Replays the account's hash chain and balances from its entries, and checks them against its
-        lots and holds (a customer), its id and range (a system shard) and the transactions it took part
-        in (each sums to zero)."""
+        lots and holds (a customer), its id and range (a system shard), the transactions it took part
+        in (each sums to zero) and, given `anchors`, the chain head last anchored outside the database."""
         repo = LedgerRepository.from_session(session)
         row = await repo.get_balance(tenant_id, account_id)
         if row is None:
@@ -765,7 +768,7 @@ class LedgerService:
         lots = (await repo.lot_totals(tenant_id, account_id)).get(account_id, LotTotals())
         held = (await repo.active_held(tenant_id, account_id)).get(account_id, 0)
         unbalanced = _unbalanced(await repo.unbalanced_transactions(tenant_id, account_id))
-        return await self._verify_account(session, tenant_id, row, lots, held, unbalanced)
+        return await self._verify_account(session, tenant_id, row, lots, held, unbalanced, anchors)
 
     async def _verify_account(
         self,
@@ -775,19 +778,29 @@ class LedgerService:
         lots: LotTotals,
         held: int,
         problems: list[str],
+        anchors: Anchors | None,
     ) -> schemas.Verification:
         account_id = row.account_id
         entries = await LedgerRepository.from_session(session).all_entries(tenant_id, account_id)
         state, replayed = replay(account_id, entries)
-        problems = [*replayed, *problems]
+        anchored, against_anchor = (None, []) if anchors is None else anchors.check(account_id, entries)
+        problems = [*replayed, *against_anchor, *problems]
         stored = AccountState(**{f: getattr(row, f) for f in asdict(state)})
         for name, value in asdict(state).items():
             if getattr(stored, name) != value:
                 problems.append(f"balances row: {name} is {getattr(stored, name)!r}, the entries give {value!r}")
         problems.extend(account_problems(stored, lots, held))
-        return schemas.Verification(account_id=account_id, entries=len(entries), ok=not problems, problems=problems)
+        return schemas.Verification(
+            account_id=account_id,
+            entries=len(entries),
+            ok=not problems,
+            problems=problems,
+            anchored_seq=None if against_anchor else anchored,
+        )
 
-    async def verify_tenant(self, session: AsyncReadSession, tenant_id: str) -> schemas.TenantVerification:
+    async def verify_tenant(
+        self, session: AsyncReadSession, tenant_id: str, *, anchors: Anchors | None = None
+    ) -> schemas.TenantVerification:
         """Verifies every account of the tenant, and the books as a whole: every transaction sums to zero,
         so do all balances, and no lot or hold belongs to an account without a balances row."""
         repo = LedgerRepository.from_session(session)
@@ -796,7 +809,7 @@ class LedgerService:
         held = await repo.active_held(tenant_id, None)
         results = [
             await self._verify_account(
-                session, tenant_id, row, lots.pop(row.account_id, LotTotals()), held.pop(row.account_id, 0), []
+                session, tenant_id, row, lots.pop(row.account_id, LotTotals()), held.pop(row.account_id, 0), [], anchors
             )
             for row in rows
         ]
