@@ -40,7 +40,9 @@ class Settings(ServiceSettings):
     anchor_key: SecretStr = Field(
         default=SecretStr(DEV_ANCHOR_KEY), description="HMAC key signing the chain heads published on the anchors topic"
     )
-    anchors_enabled: bool = Field(default=True, description="Publish the signed chain heads periodically")
+    anchors_enabled: bool = Field(
+        default=True, description="Publish the signed chain heads periodically (in a process that runs the tasks)"
+    )
     anchor_interval_s: float = Field(default=60.0, gt=0, description="How often changed chain heads are anchored")
     anchor_read_timeout_s: float = Field(
         default=30.0, gt=0, description="How long verify may take to read the anchors topic"

@@ -108,5 +108,6 @@ def start(settings: Settings, runtime: Runtime) -> None:
         runtime.spawn("ledger:outbox-relay", relay.run(idle_s=settings.outbox_poll_interval_s))
     if settings.tasks_enabled:
         runtime.spawn("ledger:tasks", _tasks_loop(settings, runtime.sessionmaker))
-    if settings.anchors_enabled:
+    # Anchoring is periodic work like the tasks: a process that runs no tasks (a REST replica) anchors nothing.
+    if settings.tasks_enabled and settings.anchors_enabled:
         runtime.spawn("ledger:anchors", anchor_loop(runtime.sessionmaker, runtime.producer, settings))
