@@ -9,6 +9,7 @@ import hmac
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -24,7 +25,7 @@ from ledger.service import ledger_service
 from shared.db import AsyncSession, transaction
 from shared.events import ChainAnchored
 from shared.kafka import EventProducer
-from tests.conftest import KAFKA, create_api_key, running_app, service_settings
+from tests.conftest import KAFKA, create_api_key, eventually, running_app, service_settings
 from tests.ledger.conftest import as_superuser, new_tenant
 
 KEY = b"test-anchor-key"
@@ -165,3 +166,27 @@ class TestAgainstTheDatabase:
         assert response.status_code == 200
         assert response.json()["ok"] is False
         assert response.json()["problems"][0].startswith("entry 2: its hash differs from the chain head")
+
+    async def test_the_service_anchors_changed_heads_periodically(self, kafka_topics: list[str]) -> None:
+        tenant = new_tenant()
+        admin = await create_api_key("ledger", tenant, ["admin"])
+        app_settings: Settings = service_settings(
+            "ledger", consumers_enabled=False, anchors_enabled=True, anchor_interval_s=0.3, anchor_key=KEY.decode()
+        )
+
+        async def anchored(seq: int) -> bool:
+            anchors = await read_anchors(app_settings, tenant, "acme")
+            return "acme" in anchors.latest and anchors.latest["acme"].sequence == seq
+
+        async with running_app(create_app(app_settings)) as client:
+            for points, seq in ((10, 1), (20, 2)):
+                response = await client.post(
+                    "/v1/accounts/acme/earn",
+                    json={"points": points},
+                    headers={"X-API-Key": admin, "Idempotency-Key": str(uuid.uuid4())},
+                )
+                assert response.status_code == 201, response.text
+                # The first run anchors every head; later runs the heads changed since (the second earn).
+                await eventually(partial(anchored, seq), timeout_s=30)
+            verified = (await client.get("/v1/accounts/acme/verify", headers={"X-API-Key": admin})).json()
+        assert (verified["ok"], verified["anchored_seq"]) == (True, 2)
