@@ -185,11 +185,12 @@ def topics(service: Annotated[str, typer.Option(help="Whose settings to read")] 
 
 @app.command("migrate")
 def migrate(service: ServiceOpt = None) -> None:
-    """Apply each service's alembic migrations to its database."""
+    """Apply each service's alembic migrations to its database, as its owner role (*_DATABASE_OWNER_URL)."""
     from shared.migrations import upgrade
 
     for svc in _services(service):
-        upgrade(str(ROOT / "services" / svc / "alembic.ini"), service_settings(svc).database_url)
+        s = service_settings(svc)
+        upgrade(str(ROOT / "services" / svc / "alembic.ini"), s.migration_url, service_role=s.service_role)
         err.print(f"{svc}: at head")
 
 

@@ -38,6 +38,7 @@ class ServiceError(Exception):
         if status_code is not None:
             self.status_code = status_code
         self.extra = extra
+        self.headers: dict[str, str] = {}  # response headers the error sets (e.g. Retry-After)
 
 
 class ResourceNotFound(ServiceError):
@@ -152,7 +153,7 @@ def _title(cls: type[ServiceError]) -> str:
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return problem(
+    response = problem(
         exc.status_code,
         _title(type(exc)),
         exc.message,
@@ -160,6 +161,8 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
         error=type(exc).__name__,
         **exc.extra,
     )
+    response.headers.update(exc.headers)
+    return response
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

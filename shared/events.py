@@ -304,6 +304,21 @@ class LedgerEntryPosted(Payload):
     reference_id: Identifier | None = Field(default=None, description="The original earn, hold reference, lot")
 
 
+# --- chain anchors (loyalty.ledger-anchors.v1) ----------------------------------------------------
+
+Sha256Hex = Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+
+
+class ChainAnchored(Payload):
+    """The head of one ledger account's hash chain, signed with a key the ledger's database does not hold."""
+
+    account_id: Identifier
+    sequence: int = Field(ge=1, le=2**31 - 1, description="The seq of the account's last entry when anchored")
+    entry_hash: Sha256Hex = Field(description="That entry's hash (which covers every entry before it)")
+    signed_at: UtcDatetime
+    signature: Sha256Hex = Field(description="HMAC-SHA256 over tenant, account, sequence, hash and signed_at")
+
+
 # --- customers (loyalty.customers.v1) -------------------------------------------------------------
 
 
@@ -340,6 +355,7 @@ EVENT_TYPES: dict[str, dict[int, type[Payload]]] = {
     "points.earn": {1: EarnPoints},
     "points.clawback": {1: ClawbackPoints},
     "ledger.entry.posted": {1: LedgerEntryPosted},
+    "ledger.chain.anchored": {1: ChainAnchored},
     "tier.changed": {1: TierChanged},
     "segment.changed": {1: SegmentChanged},
 }

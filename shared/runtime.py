@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from starlette.requests import Request
 
 from shared import db
-from shared.auth import KeyStore
+from shared.auth import FailureBudget, KeyStore
 from shared.consumer import BatchHandler, ConsumerRunner
 from shared.db import AsyncSession
 from shared.errors import install_error_handlers, problem
@@ -104,7 +104,13 @@ class Runtime:
             if opened < s.database_pool_size:
                 log.warning("database pool not fully opened", extra={"opened": opened, "size": s.database_pool_size})
         self.sessionmaker = db.create_sessionmaker(self.engine)
-        self.key_store = KeyStore(self.engine, self._api_keys, cache_seconds=s.api_key_cache_seconds)
+        self.key_store = KeyStore(
+            self.engine,
+            self._api_keys,
+            cache_seconds=s.api_key_cache_seconds,
+            cache_size=s.api_key_cache_size,
+            failures=FailureBudget(s.api_key_failure_burst, s.api_key_failures_per_minute, s.api_key_failure_clients),
+        )
         if s.create_topics:
             specs = [replace(t, name=s.topic(t.name)) for t in ALL_TOPICS]
             await ensure_topics(

@@ -5,10 +5,14 @@ from typing import Literal, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 from shared.contract import Limits
 
 _DEV_PASSWORD = "loyalty"
+# The role that owns the schemas and runs the migrations (deploy/postgres/db-up.sh creates it); the service
+# role of `database_url` only reads and writes rows, and may not change what it does not own.
+DEV_OWNER = "loyalty_owner"
 
 
 class ServiceSettings(BaseSettings):
@@ -22,6 +26,11 @@ class ServiceSettings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     database_url: str = "postgresql+asyncpg://loyalty:loyalty@127.0.0.1:5432/loyalty"
+    database_owner_url: str | None = Field(
+        default=None,
+        description="The database as the role that owns the schema and runs the migrations; default: "
+        f"database_url with the user and password {DEV_OWNER}",
+    )
     database_pool_size: int = 10
     database_pool_pre_ping: bool = Field(
         default=True, description="Test each pooled connection on checkout (costs a round trip per checkout)"
@@ -64,6 +73,16 @@ class ServiceSettings(BaseSettings):
         default=5, ge=1, description="A consumer whose batch failed this many times in a row is not ready"
     )
     api_key_cache_seconds: float = Field(default=5.0, ge=0)
+    api_key_cache_size: int = Field(default=10_000, ge=1, description="Key ids (found or not) the cache keeps")
+    api_key_failure_burst: int = Field(
+        default=20, ge=1, description="Failed authentications a client (IP address) may make at once"
+    )
+    api_key_failures_per_minute: float = Field(
+        default=10.0, gt=0, description="How fast a client's budget of failed authentications refills"
+    )
+    api_key_failure_clients: int = Field(
+        default=10_000, ge=1, description="Clients whose failed authentications are tracked at once"
+    )
     outbox_max_age_seconds: float = Field(
         default=60.0, gt=0, description="/readyz fails while the oldest unpublished outbox row is older than this"
     )
@@ -73,6 +92,18 @@ class ServiceSettings(BaseSettings):
         description="Outbox rows whose record (key and value) is larger are quarantined, not sent; keep it below "
         "the topics' max.message.bytes",
     )
+
+    @property
+    def migration_url(self) -> str:
+        if self.database_owner_url:
+            return self.database_owner_url
+        url = make_url(self.database_url).set(username=DEV_OWNER, password=DEV_OWNER)
+        return url.render_as_string(hide_password=False)
+
+    @property
+    def service_role(self) -> str | None:
+        """The role the service connects as: the migrations grant it what it needs, nothing more."""
+        return make_url(self.database_url).username
 
     @property
     def input_limits(self) -> Limits:
@@ -88,4 +119,6 @@ class ServiceSettings(BaseSettings):
     def _no_dev_secrets_in_prod(self) -> Self:
         if self.environment == "prod" and f":{_DEV_PASSWORD}@" in self.database_url:
             raise ValueError("the development database password must not be used in prod")
+        if self.environment == "prod" and f":{DEV_OWNER}@" in self.migration_url:
+            raise ValueError("set *_DATABASE_OWNER_URL in prod: the development owner password must not be used")
         return self

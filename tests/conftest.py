@@ -20,6 +20,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
+from sqlalchemy.engine import make_url
 
 from shared.auth import generate_key, store_key
 from shared.consumer import DeadLetter
@@ -31,6 +32,8 @@ from shared.topics import ALL_TOPICS, DLQ
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA = os.environ.get("LOYALTY_TEST_KAFKA", "127.0.0.1:9092")
 PG = os.environ.get("LOYALTY_TEST_PG", "postgresql+asyncpg://loyalty:loyalty@127.0.0.1:5432")
+# Migrations run as the owner role (deploy/postgres/db-up.sh creates it); the tests connect as the service role.
+PG_OWNER = os.environ.get("LOYALTY_TEST_PG_OWNER", "postgresql+asyncpg://loyalty_owner:loyalty_owner@127.0.0.1:5432")
 DB_SUFFIX = os.environ.get("LOYALTY_TEST_DB_SUFFIX", "_test")
 NAMESPACE = f"t{uuid.uuid4().hex[:8]}."
 
@@ -44,6 +47,10 @@ def database_url(service: str) -> str:
     return f"{PG}/loyalty_{service}{DB_SUFFIX}"
 
 
+def owner_url(service: str) -> str:
+    return f"{PG_OWNER}/loyalty_{service}{DB_SUFFIX}"
+
+
 def service_settings(service: str, **overrides: Any) -> Any:
     module = __import__(f"{service}.config", fromlist=["Settings"])
     values: dict[str, Any] = {
@@ -54,6 +61,8 @@ def service_settings(service: str, **overrides: Any) -> Any:
         "topic_partitions": 3,
         "consumer_batch_timeout_ms": 50,
         "api_key_cache_seconds": 0,
+        # The ledger's anchoring signs every chain head of the test database at start-up: only where tested.
+        "anchors_enabled": False,
         "log_level": "WARNING",
     }
     values.update(overrides)
@@ -67,7 +76,8 @@ def topic(name: str) -> str:
 @pytest.fixture(scope="session", autouse=True)
 def _migrated() -> None:
     for service in ("ledger", "rules", "metrics"):
-        upgrade(str(ROOT / "services" / service / "alembic.ini"), database_url(service))
+        role = make_url(database_url(service)).username
+        upgrade(str(ROOT / "services" / service / "alembic.ini"), owner_url(service), service_role=role)
 
 
 @pytest.fixture(scope="session")

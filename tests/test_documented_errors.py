@@ -33,14 +33,15 @@ from shared.errors import (
 def test_every_route_documents_the_statuses_of_its_errors(create_app: Callable[[], FastAPI], router: APIRouter) -> None:
     paths: dict[str, Any] = create_app().openapi()["paths"]
     routes = [r for r in router.routes if isinstance(r, APIRoute)]
-    assert {r.path for r in routes} == {p for p in paths if p.startswith("/v1")}
+    # `path_format` is the path as OpenAPI shows it (a `{account_id:path}` parameter as `{account_id}`).
+    assert {r.path_format for r in routes} == {p for p in paths if p.startswith("/v1")}
     for route in routes:
         assert isinstance(route, DocumentedRoute), route.path
         # Every /v1 route authenticates: its errors come from the `require` dependency too.
         assert {Unauthorized, Forbidden} <= set(route.errors), route.path
         assert route.methods
         for method in route.methods:
-            documented = paths[route.path][method.lower()]["responses"]
+            documented = paths[route.path_format][method.lower()]["responses"]
             for error in route.errors:
                 status = str(error.status_code)
                 assert status in documented, (method, route.path, error.__name__)
@@ -56,8 +57,10 @@ def test_ledger_routes_name_their_own_errors() -> None:
     assert redeem["422"]["content"]
     assert "`IdempotencyKeyReused`" in redeem["422"]["description"]
     assert REQUEST_INVALID in redeem["422"]["description"]
-    # Nothing a clawback raises is a 409.
-    assert "409" not in paths["/v1/accounts/{account_id}/clawback"]["post"]["responses"]
+    # A clawback's only 409: asking for more than its earn has left.
+    clawback = paths["/v1/accounts/{account_id}/clawback"]["post"]["responses"]
+    assert clawback["409"]["description"].startswith("- `ClawbackExceedsEarn`")
+    assert "`InsufficientPoints`" not in clawback["409"]["description"]
 
 
 class Documented(ServiceError):

@@ -6,6 +6,10 @@ version=${PG_VERSION:-15}
 cluster=${PG_CLUSTER:-main}
 role=${LOYALTY_DB_USER:-loyalty}
 password=${LOYALTY_DB_PASSWORD:-loyalty}
+# The owner of the databases and schemas, which runs the migrations; the services connect as $role, which
+# may read and write rows but change no schema object (so it cannot drop the ledger's append-only trigger).
+owner=${LOYALTY_DB_OWNER:-loyalty_owner}
+owner_password=${LOYALTY_DB_OWNER_PASSWORD:-loyalty_owner}
 databases=${LOYALTY_DATABASES:-"loyalty_ledger loyalty_rules loyalty_metrics loyalty_ledger_test loyalty_rules_test loyalty_metrics_test"}
 
 log() { printf 'postgres: %s\n' "$*" >&2; }
@@ -27,6 +31,16 @@ psql_admin() {
   if [ "$(id -u)" = 0 ]; then su postgres -c "psql -v ON_ERROR_STOP=1 -qAtX $*"; else sudo -u postgres psql -v ON_ERROR_STOP=1 -qAtX "$@"; fi
 }
 
+# A script on stdin, run in database $1.
+psql_script() {
+  if [ "$(id -u)" = 0 ]; then su postgres -c "psql -v ON_ERROR_STOP=1 -qAtX -d $1"; else sudo -u postgres psql -v ON_ERROR_STOP=1 -qAtX -d "$1"; fi
+}
+
+for name in "$role" "$owner"; do
+  case "$name" in *[!a-z0-9_]*|'') log "role names must be lower-case identifiers: '$name'"; exit 1;; esac
+done
+[ "$role" != "$owner" ] || { log "the owner role must not be the service role ($role)"; exit 1; }
+
 for _ in $(seq 1 30); do psql_admin "-c 'select 1'" >/dev/null 2>&1 && break; sleep 1; done
 
 # Server settings for this write-heavy workload (every consumer batch writes thousands of rows). The defaults
@@ -47,7 +61,17 @@ if [ "${LOYALTY_PG_TUNE:-1}" = 1 ]; then
      && command -v pg_ctlcluster >/dev/null; then
     log "restarting cluster $version/$cluster to apply the settings"
     pg_ctlcluster "$version" "$cluster" restart
-    for _ in $(seq 1 30); do psql_admin "-c 'select 1'" >/dev/null 2>&1 && break; sleep 1; done
+    # A script on stdin, run in database $1.
+psql_script() {
+  if [ "$(id -u)" = 0 ]; then su postgres -c "psql -v ON_ERROR_STOP=1 -qAtX -d $1"; else sudo -u postgres psql -v ON_ERROR_STOP=1 -qAtX -d "$1"; fi
+}
+
+for name in "$role" "$owner"; do
+  case "$name" in *[!a-z0-9_]*|'') log "role names must be lower-case identifiers: '$name'"; exit 1;; esac
+done
+[ "$role" != "$owner" ] || { log "the owner role must not be the service role ($role)"; exit 1; }
+
+for _ in $(seq 1 30); do psql_admin "-c 'select 1'" >/dev/null 2>&1 && break; sleep 1; done
   fi
 fi
 
@@ -55,10 +79,49 @@ if [ "$(psql_admin "-c \"select 1 from pg_roles where rolname = '$role'\"")" != 
   log "creating role $role"
   psql_admin "-c \"create role $role login password '$password' createdb\""
 fi
+if [ "$(psql_admin "-c \"select 1 from pg_roles where rolname = '$owner'\"")" != 1 ]; then
+  log "creating role $owner (owns the schemas, runs the migrations)"
+  psql_admin "-c \"create role $owner login password '$owner_password'\""
+fi
 for db in $databases; do
   if [ "$(psql_admin "-c \"select 1 from pg_database where datname = '$db'\"")" != 1 ]; then
     log "creating database $db"
-    psql_admin "-c \"create database $db owner $role\""
+    psql_admin "-c \"create database $db owner $owner\""
   fi
 done
-log "ready on 127.0.0.1:5432 (role $role; databases: $databases)"
+
+# Databases made before the owner role existed (every loyalty_* database the service role owns, or those
+# named in LOYALTY_DB_ADOPT) are handed to the owner with everything in them the service role owns; the
+# next migration grants the service role its rows again.
+adopt=${LOYALTY_DB_ADOPT:-$(psql_admin "-c \"select string_agg(datname, ' ') from pg_database where datname like 'loyalty%' and datdba = '$role'::regrole\"")}
+for db in $adopt; do
+  log "handing database $db and its schemas from $role to $owner"
+  psql_script "$db" <<SQL
+ALTER DATABASE "$db" OWNER TO $owner;
+DO \$\$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT nspname FROM pg_namespace WHERE nspowner = '$role'::regrole LOOP
+    EXECUTE format('ALTER SCHEMA %I OWNER TO $owner', r.nspname);
+  END LOOP;
+  -- Tables take their indexes and serial sequences along; free-standing sequences go by themselves.
+  FOR r IN SELECT c.oid::regclass AS rel, c.relkind FROM pg_class c
+           WHERE c.relowner = '$role'::regrole AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+             AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                             AND d.objid = c.oid AND d.deptype IN ('a', 'i') AND c.relkind = 'S') LOOP
+    EXECUTE format('ALTER %s %s OWNER TO $owner',
+      CASE r.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                     WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END, r.rel);
+  END LOOP;
+  FOR r IN SELECT p.oid::regprocedure AS fn FROM pg_proc p WHERE p.proowner = '$role'::regrole LOOP
+    EXECUTE format('ALTER ROUTINE %s OWNER TO $owner', r.fn);
+  END LOOP;
+  FOR r IN SELECT t.oid::regtype AS typ FROM pg_type t
+           WHERE t.typowner = '$role'::regrole AND t.typtype IN ('e', 'd', 'r', 'm') LOOP
+    EXECUTE format('ALTER TYPE %s OWNER TO $owner', r.typ);
+  END LOOP;
+END
+\$\$;
+SQL
+done
+log "ready on 127.0.0.1:5432 (service role $role, owner $owner; databases: $databases)"

@@ -1,5 +1,8 @@
 -- Run once by the postgres image on an empty data volume (/docker-entrypoint-initdb.d).
+-- loyalty_owner owns the databases and runs the migrations; the services connect as loyalty, which the
+-- migrations grant row access only (INSERT and SELECT on ledger.entries).
 CREATE ROLE loyalty LOGIN PASSWORD 'loyalty';
-CREATE DATABASE loyalty_ledger OWNER loyalty;
-CREATE DATABASE loyalty_rules OWNER loyalty;
-CREATE DATABASE loyalty_metrics OWNER loyalty;
+CREATE ROLE loyalty_owner LOGIN PASSWORD 'loyalty_owner';
+CREATE DATABASE loyalty_ledger OWNER loyalty_owner;
+CREATE DATABASE loyalty_rules OWNER loyalty_owner;
+CREATE DATABASE loyalty_metrics OWNER loyalty_owner;

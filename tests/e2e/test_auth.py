@@ -51,6 +51,31 @@ class TestAuthentication:
             response = await client.get(path, headers={"X-API-Key": forged})
         assert response.status_code == 401
 
+    async def test_a_malformed_key_is_401_before_any_lookup(self, service: str) -> None:
+        path, _, factory = PROTECTED[service]
+        async with running_app(factory(service_settings(service, consumers_enabled=False))) as client:
+            response = await client.get(path, headers={"X-API-Key": "lk_" + "f" * 5000 + "_x"})
+        assert response.status_code == 401
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["detail"].startswith("the API key is malformed")
+
+    async def test_a_client_that_keeps_failing_gets_429_with_retry_after(self, service: str, tenant: str) -> None:
+        path, scope, factory = PROTECTED[service]
+        key = await create_api_key(service, tenant, [scope])
+        settings = service_settings(
+            service, consumers_enabled=False, api_key_failure_burst=3, api_key_failures_per_minute=1
+        )
+        async with running_app(factory(settings)) as client:
+            statuses = [
+                (await client.get(path, headers={"X-API-Key": f"lk_{i:016x}_guess"})).status_code for i in range(4)
+            ]
+            refused = await client.get(path, headers={"X-API-Key": key})  # even a good key, from this client
+        assert statuses == [401, 401, 401, 429]
+        assert refused.status_code == 429
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["error"] == "TooManyFailedAuthentications"
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+
     async def test_wrong_scope_is_403(self, service: str, tenant: str) -> None:
         path, scope, factory = PROTECTED[service]
         other = "rules:admin" if scope != "rules:admin" else "points:read"

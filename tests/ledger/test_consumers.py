@@ -95,13 +95,20 @@ class TestCommandsConsumer:
         orphan = clawback(tenant, earn(tenant, "c-2", command_id=f"never-{marker}"), 5, reason=f"orphan {marker}")
         system = earn(tenant, "system:issuance", points=5, reason=f"system {marker}")
         good = earn(tenant, "c-2", points=7)
+        # More than the earn gave: refused whole, not clamped (the earn's 7 points stay).
+        over = clawback(tenant, good, 8, reason=f"over {marker}")
         async with running_app(app_for(tenant)) as client:
-            await send(raw_producer, orphan, system, good)
+            await send(raw_producer, orphan, system, good, over)
             await wait_for_balance(client, key, "c-2", lambda b: b["available"] == 7)
-            letters = await dead_letters_for(marker.encode(), count=2)
+            letters = await dead_letters_for(marker.encode(), count=3)
         reasons = sorted(letter.reason for letter in letters)
-        assert reasons[0].startswith("OriginalEarnNotFound")
-        assert "system account" in reasons[1]
+        assert reasons[0] == (
+            f"ClawbackExceedsEarn: cannot claw back 8 points of earn {good.data.command_id!r}: it gave 7, "
+            "0 were clawed back already, 7 are left"
+        )
+        assert reasons[1].startswith("OriginalEarnNotFound")
+        assert "system account" in reasons[2]
+        assert {letter.code for letter in letters} == {"refused"}
 
     async def test_redelivery_after_commit_before_offset_does_not_post_twice(
         self, raw_producer: AIOKafkaProducer, tenant: str, db: async_sessionmaker[AsyncSession]

@@ -44,11 +44,21 @@ from ledger.domain import (
     ClawbackPolicy,
     HoldState,
     LotState,
+    LotTotals,
     Meta,
     Policy,
+    account_problems,
     replay,
 )
-from ledger.errors import CaptureExceedsHold, HoldNotActive, InsufficientPoints, InvalidAccount, LedgerError
+from ledger.errors import (
+    CaptureExceedsHold,
+    ClawbackExceedsEarn,
+    HoldExpired,
+    HoldNotActive,
+    InsufficientPoints,
+    InvalidAccount,
+    LedgerError,
+)
 
 CUSTOMERS = ("c-1", "c-2", "c-3")
 BUCKETS: tuple[Bucket, ...] = ("available", "pending", "held")
@@ -94,6 +104,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.model: dict[str, Counter[str]] = {c: Counter() for c in CUSTOMERS}
         self.system: Counter[str] = Counter()
         self.hold_points: dict[uuid.UUID, int] = {}  # the model's active holds
+        self.clawed_back: Counter[str] = Counter()  # what clawbacks took back of each earn, by its lot id
         # Ids from a counter, and the book's own (transactions, entries) too: a failing run replays exactly.
         self.ids = 0
         self._uuids = mock.patch.object(uuid, "uuid4", self._uuid)
@@ -153,6 +164,11 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(days=st.integers(1, 20))
     def advance_time(self, days: int) -> None:
         self.now += timedelta(days=days)
+
+    @rule(minutes=st.integers(1, 30))
+    def advance_minutes(self, minutes: int) -> None:
+        # Less than a day: holds (15 minutes) are captured or voided around their timeout.
+        self.now += timedelta(minutes=minutes)
 
     @rule(pick=PICK)
     def mature(self, pick: int) -> None:
@@ -247,6 +263,9 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         held = self.hold_points[hold.hold_id]
         points = max(held + extra, 1)
+        if hold.expires_at <= self.now:
+            self._refused(book, HoldExpired, lambda: book.capture(hold, points, meta))
+            return
         if points > held:
             self._refused(book, CaptureExceedsHold, lambda: book.capture(hold, points, meta))
             return
@@ -271,12 +290,16 @@ class LedgerMachine(RuleBasedStateMachine):
         if hold.hold_id not in self.hold_points:
             self._refused(book, HoldNotActive, lambda: book.release(hold, meta, status=status))
             return
+        expired = hold.expires_at <= self.now
         book.release(hold, meta, status=status)
         self._save(book)
         held = self.hold_points.pop(hold.hold_id)
         self.model[hold.account_id]["held"] -= held
         self.model[hold.account_id]["available"] += held
-        assert hold.status == status
+        # A void after the timeout releases the hold as expired, as the task would.
+        assert hold.status == ("expired" if expired else status)
+        if status == "voided":
+            assert {e["kind"] for e in book.entries} == {"hold_expired" if expired else "void"}
         again = self._book()
         self._refused(again, HoldNotActive, lambda: again.release(hold, meta, status=status))
 
@@ -319,11 +342,20 @@ class LedgerMachine(RuleBasedStateMachine):
         customer = original.account_id
         model = self.model[customer]
         points = _points(model["pending"] + max(model["available"], 0), share)
+        left = original.points - self.clawed_back[original.lot_id]
+        book = self._book()
+        meta = self._meta("clawback")
+        if points > left:
+            lot_id = original.lot_id
+            self._refused(
+                book, ClawbackExceedsEarn, lambda: book.clawback(customer, points, meta, original_lot_id=lot_id)
+            )
+            return
+        self.clawed_back[original.lot_id] += points
         from_pending = min(points, model["pending"])
         from_available = min(points - from_pending, max(model["available"], 0))
         shortfall = points - from_pending - from_available
-        book = self._book()
-        book.clawback(customer, points, self._meta("clawback"), original_lot_id=original.lot_id)
+        book.clawback(customer, points, meta, original_lot_id=original.lot_id)
         self._save(book)
         model["pending"] -= from_pending
         model["available"] -= from_available
@@ -401,6 +433,31 @@ class LedgerMachine(RuleBasedStateMachine):
             assert available_lots == max(account.available, 0)
 
     @invariant()
+    def system_shards_stay_in_their_range(self) -> None:
+        # Issuance only gives (a clawback returns at most what its earn took), redemption and breakage
+        # only receive, receivable only owes.
+        for account_id, account in self.accounts.items():
+            base = account_id.rsplit("/", 1)[0]
+            if base in (ISSUANCE, RECEIVABLE):
+                assert account.available <= 0, account_id
+            elif base in (REDEMPTION, BREAKAGE):
+                assert account.available >= 0, account_id
+        for lot_id, clawed in self.clawed_back.items():
+            assert clawed == self.lots[lot_id].clawed_back <= self.lots[lot_id].points
+
+    @invariant()
+    def verify_finds_nothing(self) -> None:
+        # What `verify` checks besides the chain, over the state the service would read.
+        for account_id, account in self.accounts.items():
+            lots = [lot for lot in self.lots.values() if lot.account_id == account_id]
+            totals = LotTotals(
+                available=sum(lot.remaining for lot in lots if not lot.pending),
+                pending=sum(lot.remaining for lot in lots if lot.pending),
+            )
+            held = sum(h.points for h in self.holds.values() if h.account_id == account_id and h.status == "active")
+            assert account_problems(account, totals, held) == [], account_id
+
+    @invariant()
     def holds_match_the_model(self) -> None:
         active = {h.hold_id: h.points for h in self.holds.values() if h.status == "active"}
         assert active == self.hold_points
@@ -458,3 +515,97 @@ def test_the_rest_of_a_partial_capture_after_a_clawback_into_debt_pays_the_debt_
     # 60 points come back against a debt of 70: the balance is -10 and no lot promises anything.
     assert accounts["c-1"].available == -10
     assert book.lots["cmd-1"].remaining == 0
+
+
+def _book(policy: Policy, now: datetime) -> tuple[Book, dict[str, AccountState]]:
+    accounts = {"c-1": AccountState("c-1")}
+    return Book("t-1", policy, now, accounts), accounts
+
+
+def test_a_clawback_takes_back_at_most_what_its_earn_gave() -> None:
+    # The finding: three clawbacks of 100 and one of 1,000,000 against a 100-point earn were all accepted.
+    book, accounts = _book(Policy(), datetime(2026, 1, 1, tzinfo=UTC))
+    book.earn("c-1", 100, Meta(kind="earn", source="tests"), lot_id="cmd-1")
+    book.earn("c-1", 500, Meta(kind="earn", source="tests"), lot_id="cmd-2")
+    book.clawback("c-1", 60, Meta(kind="clawback", source="tests"), original_lot_id="cmd-1")
+    book.clawback("c-1", 40, Meta(kind="clawback", source="tests"), original_lot_id="cmd-1")
+    for points in (1, 100, 1_000_000):
+        with pytest.raises(ClawbackExceedsEarn, match="it gave 100, 100 were clawed back already, 0 are left"):
+            book.clawback("c-1", points, Meta(kind="clawback", source="tests"), original_lot_id="cmd-1")
+    # The other earn's points are the customer's; the earn's own lot paid the clawbacks.
+    assert accounts["c-1"].available == 500
+    assert (book.lots["cmd-1"].remaining, book.lots["cmd-2"].remaining) == (0, 500)
+    assert book.lots["cmd-1"].clawed_back == 100
+    book.seal({a: AccountState(a) for a in book.unsealed_accounts()})
+    issuance = [e for e in book.entries if e["account_id"].startswith(ISSUANCE)]
+    assert sum(e["points"] for e in issuance) == -500  # never more taken back than issued
+
+
+def test_a_hold_cannot_be_captured_after_its_timeout_and_a_void_releases_it_as_expired() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    book, accounts = _book(Policy(), now)
+    book.earn("c-1", 100, Meta(kind="earn", source="tests"), lot_id="cmd-1")
+    hold = HoldState(uuid.uuid4(), "c-1", 60, 0, "active", [], None, None, now + timedelta(minutes=15), now)
+    book.reserve(hold, Meta(kind="hold", source="tests"))
+    late = Book("t-1", Policy(), now + timedelta(minutes=15), accounts, lots=book.lots, holds=book.holds)
+    with pytest.raises(HoldExpired):
+        late.capture(hold, 60, Meta(kind="capture", source="tests"))
+    assert (hold.status, accounts["c-1"].held, late.entries) == ("active", 60, [])
+    late.release(hold, Meta(kind="void", source="tests"), status="voided")
+    assert (hold.status, accounts["c-1"].available, accounts["c-1"].held) == ("expired", 100, 0)
+    assert {e["kind"] for e in late.entries} == {"hold_expired"}
+
+
+class TestAccountProblems:
+    """The checks `verify` adds to the chain, on states the Book never produces (tampered or legacy data)."""
+
+    def test_a_customer_whose_lots_or_holds_disagree_with_its_balances(self) -> None:
+        account = AccountState("c-1", available=100, pending=20, held=30)
+        assert account_problems(account, LotTotals(100, 20), 30) == []
+        assert account_problems(account, LotTotals(150, 20, ("cmd-9",)), 0) == [
+            "lots outside 0 <= remaining, clawed_back <= points: cmd-9",
+            "open lots hold 150 available points, the balance is 100",
+            "active holds hold 0 points, the balance is 30",
+        ]
+        # In debt (negative_balance), lots hold nothing: the finding's transfer left them above the balance.
+        debtor = AccountState("c-2", available=-40)
+        assert account_problems(debtor, LotTotals(0, 0), 0) == []
+        assert account_problems(debtor, LotTotals(25, 0), 0) == [
+            "open lots hold 25 available points, the balance is -40"
+        ]
+
+    def test_a_system_shard_outside_its_range(self) -> None:
+        # The finding: the receivable shard at -999,700 is in range, issuance above zero is not.
+        assert account_problems(AccountState(f"{RECEIVABLE}/03", available=-999_700), LotTotals(), 0) == []
+        assert account_problems(AccountState(f"{ISSUANCE}/03", available=300), LotTotals(), 0) == [
+            "available is 300; system:issuance is at most 0"
+        ]
+        assert account_problems(AccountState(f"{BREAKAGE}/15", available=-1), LotTotals(), 0) == [
+            "available is -1; system:breakage is at least 0"
+        ]
+        for bad in (f"{REDEMPTION}/16", f"{REDEMPTION}/7", "system:bonus/01", f"{REDEMPTION}"):
+            assert account_problems(AccountState(bad), LotTotals(), 0) == [
+                "not a shard of a system account (system:<name>/00 to /15)"
+            ], bad
+        assert account_problems(AccountState(f"{ADJUSTMENTS}/00", available=-5, held=5), LotTotals(), 0) == [
+            "a system account holds pending 0 and held 5, not 0"
+        ]
+
+
+def test_a_two_lot_transfer_into_an_account_in_debt_pays_the_debt_once_over_both_lots() -> None:
+    # The finding: each lot was capped against the whole new balance, so the lots held more than the balance.
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    accounts = {"c-1": AccountState("c-1"), "c-2": AccountState("c-2")}
+    book = Book("t-1", Policy(clawback_policy="negative_balance"), now, accounts)
+    book.earn("c-1", 100, Meta(kind="earn", source="tests"), lot_id="cmd-1")
+    book.redeem("c-1", 100, Meta(kind="redeem", source="tests"))
+    book.clawback("c-1", 100, Meta(kind="clawback", source="tests"), original_lot_id="cmd-1")  # c-1 owes 100
+    book.earn("c-2", 80, Meta(kind="earn", source="tests"), lot_id="cmd-2")
+    later = Book("t-1", book.policy, now + timedelta(days=40), accounts, lots=book.lots)
+    later.earn("c-2", 70, Meta(kind="earn", source="tests"), lot_id="cmd-3")
+    later.transfer("c-2", "c-1", 150, Meta(kind="transfer", source="tests"))
+    assert accounts["c-1"].available == 50
+    into = [lot for lot in later.lots.values() if lot.account_id == "c-1" and lot.lot_id != "cmd-1"]
+    assert sorted(lot.points for lot in into) == [70, 80]
+    assert sum(lot.remaining for lot in into) == 50  # not 80 + 50: the debt of 100 is paid once
+    assert account_problems(accounts["c-1"], LotTotals(available=50), 0) == []

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from ledger.app import create_app
+from ledger.domain import shard as shard_of
 from tests.conftest import create_api_key, running_app, service_settings
 
 pytestmark = [pytest.mark.db, pytest.mark.kafka]
@@ -106,6 +107,24 @@ class TestRedeem:
         assert missing.status_code == 422
         assert missing.headers["content-type"] == "application/problem+json"
 
+    async def test_two_partner_apps_using_the_same_idempotency_key_each_get_their_own_write(
+        self, client: httpx.AsyncClient, keys: Keys
+    ) -> None:
+        # The finding: a second app sending the same key (an order number) got the first app's transaction.
+        portal = await create_api_key("ledger", keys.tenant, ["points:read", "points:write"])
+        await earn(client, keys, "acme", 100)
+        order = f"SO-{uuid.uuid4().hex[:8]}"
+        checkout = await post(client, "/v1/accounts/acme/redeem", keys.write, {"points": 10}, idem=order)
+        mine = await post(client, "/v1/accounts/acme/redeem", portal, {"points": 10}, idem=order)
+        assert mine["transaction_id"] != checkout["transaction_id"]
+        assert mine["balance"]["available"] == 80
+        # Each app's retry gets its own stored response, and a different body under its key is still refused.
+        assert await post(client, "/v1/accounts/acme/redeem", keys.write, {"points": 10}, idem=order) == checkout
+        assert await post(client, "/v1/accounts/acme/redeem", portal, {"points": 10}, idem=order) == mine
+        other = await client.post("/v1/accounts/acme/redeem", json={"points": 3}, headers=h(portal, order))
+        assert (other.status_code, other.json()["error"]) == (422, "IdempotencyKeyReused")
+        assert (await balance(client, keys, "acme"))["available"] == 80
+
     async def test_invalid_body_is_problem_json(self, client: httpx.AsyncClient, keys: Keys) -> None:
         response = await client.post("/v1/accounts/acme/redeem", json={"points": 0}, headers=h(keys.write))
         assert response.status_code == 422
@@ -166,6 +185,37 @@ class TestHolds:
         assert shown.json()["status"] == "voided"
         unknown = await client.get(f"/v1/holds/{uuid.uuid4()}", headers={"X-API-Key": keys.read})
         assert unknown.status_code == 404
+
+    async def test_a_hold_past_its_timeout_is_not_captured(self, client: httpx.AsyncClient, keys: Keys) -> None:
+        await earn(client, keys, "acme", 20)
+        hold = await post(client, "/v1/accounts/acme/holds", keys.write, {"points": 20, "timeout_seconds": 1})
+        hold_id = hold["hold"]["hold_id"]
+        await asyncio.sleep(1.1)  # past expires_at; the periodic task is off in this app
+        late = await client.post(f"/v1/holds/{hold_id}/capture", json={}, headers=h(keys.write))
+        assert late.status_code == 409
+        assert late.headers["content-type"] == "application/problem+json"
+        assert (late.json()["error"], late.json()["hold_id"]) == ("HoldExpired", hold_id)
+        assert (await balance(client, keys, "acme"))["redeemed"] == 0
+        voided = await post(client, f"/v1/holds/{hold_id}/void", keys.write)
+        assert voided["hold"]["status"] == "expired"
+        assert (voided["balance"]["available"], voided["balance"]["held"]) == (20, 0)
+
+
+class TestClawback:
+    async def test_a_clawback_beyond_what_its_earn_gave_is_409(self, client: httpx.AsyncClient, keys: Keys) -> None:
+        first = await earn(client, keys, "acme", 100)
+        await earn(client, keys, "acme", 400)
+        body = {"original_earn": first["transaction_id"], "points": 100}
+        await post(client, "/v1/accounts/acme/clawback", keys.admin, body)
+        for points in (100, 1_000_000):
+            response = await client.post(
+                "/v1/accounts/acme/clawback", json={**body, "points": points}, headers=h(keys.admin)
+            )
+            assert response.status_code == 409
+            assert response.headers["content-type"] == "application/problem+json"
+            problem = response.json()
+            assert (problem["error"], problem["earned"], problem["left"]) == ("ClawbackExceedsEarn", 100, 0)
+        assert (await balance(client, keys, "acme"))["available"] == 400
 
 
 class TestAdmin:
@@ -239,6 +289,43 @@ class TestReads:
         accounts = (await client.get("/v1/accounts", params={"kind": "customer"}, headers=headers)).json()
         assert [a["account_id"] for a in accounts["items"]] == ["acme"]
         verified = (await client.get("/v1/accounts/acme/verify", headers=headers)).json()
-        assert verified == {"account_id": "acme", "entries": 4, "ok": True, "problems": []}
+        assert verified == {"account_id": "acme", "entries": 4, "ok": True, "problems": [], "anchored_seq": None}
         missing = await client.get("/v1/accounts/nobody/entries", headers=headers)
         assert missing.status_code == 404
+
+    async def test_a_system_shard_has_history_verify_and_a_balance_over_rest(
+        self, client: httpx.AsyncClient, keys: Keys
+    ) -> None:
+        await earn(client, keys, "acme", 10)
+        await earn(client, keys, "acme", 20)
+        headers = {"X-API-Key": keys.read}
+        shard = shard_of("system:issuance", "acme")
+        # The id as it is, and with its `/` percent-encoded: both reach the shard.
+        for path in (shard, shard.replace("/", "%2F")):
+            entries = await client.get(f"/v1/accounts/{path}/entries", headers=headers)
+            assert entries.status_code == 200, entries.text
+            assert [(e["account_id"], e["points"]) for e in entries.json()["items"]] == [(shard, -20), (shard, -10)]
+            verified = (await client.get(f"/v1/accounts/{path}/verify", headers=headers)).json()
+            assert (verified["account_id"], verified["entries"], verified["ok"]) == (shard, 2, True)
+            assert (await balance(client, keys, path))["available"] == -30
+        # The suffixes still name their routes, and an unknown shard is a 404 problem.
+        assert (await client.get("/v1/accounts/acme/verify", headers=headers)).json()["account_id"] == "acme"
+        missing = await client.get("/v1/accounts/system:issuance/99/entries", headers=headers)
+        assert missing.status_code == 404
+        assert missing.json()["error"] == "AccountNotFound"
+
+    async def test_the_whole_programme_is_verified_by_an_admin(self, client: httpx.AsyncClient, keys: Keys) -> None:
+        await earn(client, keys, "acme", 10)
+        await post(client, "/v1/accounts/acme/redeem", keys.write, {"points": 4})
+        verified = await client.get("/v1/verify", headers={"X-API-Key": keys.admin})
+        assert verified.status_code == 200, verified.text
+        # acme, its issuance shard and its redemption shard (one shard each: one customer).
+        assert verified.json() == {
+            "tenant_id": keys.tenant,
+            "accounts": 3,
+            "entries": 4,
+            "ok": True,
+            "problems": [],
+            "failed": [],
+        }
+        assert (await client.get("/v1/verify", headers={"X-API-Key": keys.read})).status_code == 403

@@ -16,11 +16,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ledger import schemas
-from ledger.errors import LedgerError
+from ledger.errors import ClawbackExceedsEarn, HoldExpired, LedgerError
 from ledger.models import Entry
 from ledger.service import PendingResponse, ledger_service
-from shared.db import AsyncSession, transaction
+from shared.db import AsyncSession, create_engine, transaction
 from shared.events import ClawbackPoints, make_event
+from tests.conftest import owner_url
 from tests.factories import earn
 from tests.ledger.conftest import as_superuser, balances, check_books, inbound, new_tenant
 
@@ -60,6 +61,8 @@ class Scenario:
         self.holds: list[uuid.UUID] = []
         self.replayable: list[tuple[str, Any]] = []
         self.rejected = 0
+        self.clawed: dict[str, int] = {}  # what clawbacks took of each earn, by its command id
+        self.over_clawed = 0  # clawbacks that asked for more than was left of their earn
 
     async def kafka(self, *events: Any) -> None:
         async with transaction(self.db) as session:
@@ -71,6 +74,7 @@ class Scenario:
             await ledger_service.idempotent(
                 session,
                 tenant_id=self.tenant,
+                api_key_id="k",
                 key=key,
                 fingerprint=fingerprint,
                 status_code=201,
@@ -95,6 +99,11 @@ class Scenario:
             self.replayable.append(("kafka", event))
         elif name == "clawback" and self.earns:
             original = self.earns[op[1] % len(self.earns)].data
+            clawed = self.clawed.get(original.command_id, 0)
+            refused = clawed + op[2] > original.points
+            self.over_clawed += refused
+            if not refused:
+                self.clawed[original.command_id] = clawed + op[2]
             data = ClawbackPoints(
                 command_id=f"cb-{key}",
                 customer_id=original.customer_id,
@@ -104,7 +113,8 @@ class Scenario:
             )
             event = make_event("points.clawback", data, tenant_id=t, source="tests")
             await self.kafka(event)
-            self.replayable.append(("kafka", event))
+            if not refused:  # a refused command is released: replaying it would be refused again
+                self.replayable.append(("kafka", event))
         elif name == "redeem":
             body = schemas.RedeemCreate(points=op[2])
             await self.rest(
@@ -181,7 +191,8 @@ class TestInvariants:
         scenario = Scenario(db, new_tenant())
         for op in ops:
             await scenario.apply(op)
-        assert scenario.rejected == 0  # earns and clawbacks of known earns are never refused
+        # Earns are never refused, clawbacks only when they ask for more than is left of their earn.
+        assert scenario.rejected == scenario.over_clawed
         await check_books(db, scenario.tenant)
 
 
@@ -281,6 +292,27 @@ class TestHolds:
         assert hold.status == "expired"
         await check_books(db, tenant)
 
+    async def test_a_hold_past_its_timeout_cannot_be_captured_before_the_task_runs(
+        self, db: async_sessionmaker[AsyncSession]
+    ) -> None:
+        tenant = new_tenant()
+        await _earn(db, tenant, "acme", 100, T0)
+        async with transaction(db) as session:
+            posted = await ledger_service.reserve(
+                session, tenant, "acme", schemas.HoldCreate(points=60, timeout_seconds=600), source="h", now=T0
+            )
+        hold_id = posted.hold.hold_id
+        late = T0 + timedelta(seconds=600)
+        with pytest.raises(HoldExpired):
+            async with transaction(db) as session:
+                await ledger_service.capture(session, tenant, hold_id, schemas.HoldCapture(), source="c", now=late)
+        assert (await _balance(db, tenant, "acme")).redeemed == 0
+        async with transaction(db) as session:
+            voided = await ledger_service.void(session, tenant, hold_id, source="v", now=late)
+        assert (voided.hold.status, voided.balance.available, voided.balance.held) == ("expired", 100, 0)
+        assert [e.kind for e in voided.entries] == ["hold_expired", "hold_expired"]
+        await check_books(db, tenant)
+
 
 async def _clawback(
     db: async_sessionmaker[AsyncSession], tenant: str, original: schemas.Posted, pts: int
@@ -317,20 +349,143 @@ class TestClawback:
             await _redeem(db, tenant, "acme", 1, T0)
         await check_books(db, tenant, negative_allowed=True)
 
+    async def test_clawbacks_take_back_at_most_what_the_earn_gave(self, db: async_sessionmaker[AsyncSession]) -> None:
+        # The finding: three clawbacks of 100 and one of 1,000,000 against a 100-point earn were all accepted.
+        tenant = new_tenant()
+        first = await _earn(db, tenant, "acme", 100, T0)
+        await _earn(db, tenant, "acme", 400, T0)
+        assert (await _clawback(db, tenant, first, 100)).balance.available == 400
+        for pts in (100, 100, 1_000_000):
+            with pytest.raises(ClawbackExceedsEarn):
+                await _clawback(db, tenant, first, pts)
+        assert (await _balance(db, tenant, "acme")).available == 400
+        assert (await _balance(db, tenant, "system:issuance")).available == -400
+        async with db() as session:  # nothing was ever owed
+            assert await ledger_service.get_balance(session, tenant, "system:receivable") is None
+        await check_books(db, tenant)
+
+    async def test_a_kafka_clawback_beyond_its_earn_is_refused_with_the_reason(
+        self, db: async_sessionmaker[AsyncSession]
+    ) -> None:
+        tenant = new_tenant()
+        command = earn(tenant, "acme", points=100)
+        async with transaction(db) as session:
+            assert await ledger_service.handle_commands(session, [inbound(command)], now=T0) == []
+
+        def back(pts: int) -> Any:
+            data = ClawbackPoints(
+                command_id=f"cb-{uuid.uuid4()}",
+                customer_id="acme",
+                original_command_id=command.data.command_id,
+                points=pts,
+                source_event_id=f"refund-{uuid.uuid4()}",
+            )
+            return make_event("points.clawback", data, tenant_id=tenant, source="tests")
+
+        # Two of 60 in one batch: the second asks for more than the first left.
+        batch = [back(60), back(60), back(40)]
+        async with transaction(db) as session:
+            rejected = await ledger_service.handle_commands(session, [inbound(e) for e in batch], now=T0)
+        assert [r.message.event.id for r in rejected] == [batch[1].id]
+        assert rejected[0].reason == (
+            f"ClawbackExceedsEarn: cannot claw back 60 points of earn {command.data.command_id!r}: "
+            "it gave 100, 60 were clawed back already, 40 are left"
+        )
+        assert (await _balance(db, tenant, "acme")).available == 0
+        async with db() as session:  # the refused command is released: a fixed replay could apply it
+            assert await ledger_service.get_command(session, tenant, batch[1].data.command_id) is None
+        await check_books(db, tenant)
+
+
+class TestVerify:
+    """verify reports what the books contradict besides the hash chains (broken here as the superuser)."""
+
+    async def test_lots_and_holds_that_disagree_with_the_balances(self, db: async_sessionmaker[AsyncSession]) -> None:
+        tenant = new_tenant()
+        earned = await _earn(db, tenant, "acme", 100, T0)
+        async with transaction(db) as session:
+            posted = await ledger_service.reserve(session, tenant, "acme", schemas.HoldCreate(points=30), source="h")
+        await check_books(db, tenant)
+        await asyncio.to_thread(
+            as_superuser,
+            f"UPDATE ledger.lots SET remaining = remaining + 50 WHERE tenant_id = '{tenant}'"
+            f" AND lot_id = '{earned.transaction_id}';\n"
+            f"UPDATE ledger.holds SET status = 'voided' WHERE hold_id = '{posted.hold.hold_id}';\n",
+        )
+        async with db() as session:
+            result = await ledger_service.verify(session, tenant, "acme")
+            tenant_wide = await ledger_service.verify_tenant(session, tenant)
+        assert result is not None
+        assert result.problems == [
+            f"lots outside 0 <= remaining, clawed_back <= points: {earned.transaction_id}",
+            "open lots hold 120 available points, the balance is 70",
+            "active holds hold 0 points, the balance is 30",
+        ]
+        assert (tenant_wide.ok, [r.account_id for r in tenant_wide.failed]) == (False, ["acme"])
+
+    async def test_an_unbalanced_transaction_and_a_shard_out_of_range(
+        self, db: async_sessionmaker[AsyncSession]
+    ) -> None:
+        tenant = new_tenant()
+        earned = await _earn(db, tenant, "acme", 100, T0)
+        issuance = next(e for e in earned.entries if e.account_id.startswith("system:issuance/"))
+        await asyncio.to_thread(
+            as_superuser,
+            "SET session_replication_role = replica;\n"
+            f"UPDATE ledger.entries SET points = 150, balance_after = 150 WHERE entry_id = '{issuance.entry_id}';\n"
+            f"UPDATE ledger.balances SET available = 150 WHERE tenant_id = '{tenant}'"
+            f" AND account_id = '{issuance.account_id}';\n"
+            "INSERT INTO ledger.balances (tenant_id, account_id, kind)"
+            f" VALUES ('{tenant}', 'system:issuance/16', 'system');\n",
+        )
+        async with db() as session:
+            shard = await ledger_service.verify(session, tenant, issuance.account_id)
+            stray = await ledger_service.verify(session, tenant, "system:issuance/16")
+            tenant_wide = await ledger_service.verify_tenant(session, tenant)
+        assert shard is not None
+        assert stray is not None
+        unbalanced = f"transaction {earned.transaction_id} sums to 250, not 0"
+        assert unbalanced in shard.problems
+        assert "available is 150; system:issuance is at most 0" in shard.problems
+        assert stray.problems == ["not a shard of a system account (system:<name>/00 to /15)"]
+        assert unbalanced in tenant_wide.problems
+        assert "the balances sum to 250, not 0" in tenant_wide.problems
+        assert sorted(r.account_id for r in tenant_wide.failed) == [issuance.account_id, "system:issuance/16"]
+
 
 class TestAppendOnly:
-    async def test_database_refuses_update_delete_and_truncate(self, db: async_sessionmaker[AsyncSession]) -> None:
+    async def test_the_service_role_cannot_change_entries_or_their_trigger(
+        self, db: async_sessionmaker[AsyncSession]
+    ) -> None:
         tenant = new_tenant()
         posted = await _earn(db, tenant, "acme", 10, T0)
         entry_id = posted.entries[0].entry_id
-        for statement in (
-            "UPDATE ledger.entries SET points = 1000 WHERE entry_id = :id",
-            "DELETE FROM ledger.entries WHERE entry_id = :id",
-            "TRUNCATE ledger.entries CASCADE",
+        # The service role (the tests' connection) may insert and read entries, nothing more: no UPDATE,
+        # DELETE or TRUNCATE, and no DDL on the table that would switch its append-only trigger off.
+        for statement, refused in (
+            ("UPDATE ledger.entries SET points = 1000 WHERE entry_id = :id", "permission denied"),
+            ("DELETE FROM ledger.entries WHERE entry_id = :id", "permission denied"),
+            ("TRUNCATE ledger.entries CASCADE", "permission denied"),
+            ("DROP TRIGGER entries_append_only ON ledger.entries", "must be owner"),
+            ("ALTER TABLE ledger.entries DISABLE TRIGGER entries_append_only", "must be owner"),
+            ("DROP FUNCTION ledger.refuse_entry_change() CASCADE", "must be owner"),
+            ("CREATE TABLE ledger.shadow (id int)", "permission denied"),
         ):
-            with pytest.raises(DBAPIError, match="append-only"):
+            with pytest.raises(DBAPIError, match=refused):
                 async with transaction(db) as session:
-                    await session.execute(text(statement), {"id": entry_id})
+                    await session.execute(text(statement), {"id": entry_id} if ":id" in statement else {})
+        # The owner role, which runs the migrations, still meets the trigger.
+        owner = create_engine(owner_url("ledger"), pool_size=1)
+        try:
+            for statement in (
+                "UPDATE ledger.entries SET points = 1000 WHERE entry_id = :id",
+                "DELETE FROM ledger.entries WHERE entry_id = :id",
+            ):
+                with pytest.raises(DBAPIError, match="append-only"):
+                    async with owner.begin() as conn:
+                        await conn.execute(text(statement), {"id": entry_id})
+        finally:
+            await owner.dispose()
         async with db() as session:
             stored = await session.get(Entry, entry_id)
         assert stored is not None

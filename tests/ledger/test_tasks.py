@@ -127,8 +127,11 @@ class TestCli:
         # The CLI runs its own event loop, so it is invoked from a worker thread here.
         ok = await asyncio.to_thread(runner.invoke, cli, ["ledger", "verify", "--tenant", tenant])
         assert ok.exit_code == 0, ok.output
-        assert "acme" in ok.output
+        assert "0 with problems: ok" in ok.output
         assert "MISMATCH" not in ok.output
+        one = await asyncio.to_thread(runner.invoke, cli, ["ledger", "verify", "--tenant", tenant, "--account", "acme"])
+        assert one.exit_code == 0, one.output
+        assert "acme" in one.output
         later = (datetime.now(UTC) + timedelta(days=400)).isoformat()
         ran = await asyncio.to_thread(runner.invoke, cli, ["ledger", "run-tasks", "--tenant", tenant, "--now", later])
         assert ran.exit_code == 0, ran.output

@@ -28,9 +28,9 @@ async def endpoint(read: AsyncReadSession, write: AsyncSession) -> None:
     await reads(write)
     await writes(write)
     await LedgerRepository.from_session(read).policy("t")
-    await LedgerRepository.from_session(write).store_response("t", "k", 201, "{}")
+    await LedgerRepository.from_session(write).store_response("t", "a", "k", 201, "{}")
     await writes(read)  # line 20
-    await LedgerRepository.from_session(read).store_response("t", "k", 201, "{}")  # line 21
+    await LedgerRepository.from_session(read).store_response("t", "a", "k", 201, "{}")  # line 21
 """
 
 # Every service's repositories derive from shared.repository.RepositoryBase: `from_session` gives the

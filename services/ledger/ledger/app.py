@@ -13,11 +13,13 @@ from shared.runtime import Runtime, State, base_app
 DESCRIPTION = """The append-only, double-entry points ledger: balances, history, redemptions, holds, transfers,
 adjustments, expiry and verification.
 
-Every write needs an `Idempotency-Key` header: the same key with the same request returns the stored
-response, the same key with a different request is refused with 422.
+Every write needs an `Idempotency-Key` header, scoped to the calling API key: the same key with the same
+request returns the stored response, the same key with a different request is refused with 422; another
+API key's requests never share it.
 
-**Clawback policy.** A clawback takes back pending points first, then available ones (from the
-original earn's lot first). Points the customer already spent cannot be taken back; by default
+**Clawback policy.** A clawback takes back at most what its earn gave, less earlier clawbacks of it (409
+`ClawbackExceedsEarn` beyond that): pending points first, then available ones (from the original earn's
+lot first). Points the customer already spent cannot be taken back; by default
 (`clawback_policy=receivable`) the customer's balance never goes below zero and the shortfall is booked
 on the programme's `system:receivable` account, where finance can see and settle it. A programme can
 choose `negative_balance` instead: the customer's available balance goes negative and future credits

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ledger import schemas
+from ledger.anchors import read_anchors
 from ledger.config import settings
 from ledger.service import ledger_service
 from ledger.tasks import run_tasks
@@ -25,28 +26,38 @@ def verify(
     tenant: Annotated[str, typer.Option(help="The programme to check")],
     account: Annotated[str | None, typer.Option(help="One account (default: every account of the tenant)")] = None,
 ) -> None:
-    """Recompute hash chains and balances from the entries; exit 1 when anything does not match."""
+    """Recompute hash chains and balances from the entries and check them against lots, holds, the system
+    shards' ranges and the transactions' sums; exit 1 when anything does not match."""
 
-    async def run() -> list[schemas.Verification]:
+    async def run() -> schemas.TenantVerification | schemas.Verification | None:
         engine = create_engine(settings.database_url, pool_size=1)
         try:
             async with create_sessionmaker(engine)() as session:
+                anchors = await read_anchors(settings, tenant, account)
                 if account is None:
-                    return await ledger_service.verify_tenant(session, tenant)
-                result = await ledger_service.verify(session, tenant, account)
-                return [] if result is None else [result]
+                    return await ledger_service.verify_tenant(session, tenant, anchors=anchors)
+                return await ledger_service.verify(session, tenant, account, anchors=anchors)
         finally:
             await engine.dispose()
 
-    results = asyncio.run(run())
-    if not results:
+    result = asyncio.run(run())
+    if result is None or (isinstance(result, schemas.TenantVerification) and result.accounts == 0):
         console.print(f"[red]no accounts found for tenant {tenant}[/]")
         raise typer.Exit(1)
+    if isinstance(result, schemas.Verification):
+        rows, problems, summary = [result], [], f"{result.entries} entries"
+    else:
+        rows, problems = result.failed, result.problems
+        summary = f"{result.accounts} accounts, {result.entries} entries, {len(result.failed)} with problems"
     table = Table("account", "entries", "status", "problems")
-    for r in results:
+    for r in rows:
         table.add_row(r.account_id, str(r.entries), "ok" if r.ok else "[red]MISMATCH[/]", "\n".join(r.problems))
-    console.print(table)
-    if not all(r.ok for r in results):
+    if rows:
+        console.print(table)
+    for problem in problems:
+        console.print(f"[red]tenant: {problem}[/]")
+    console.print(f"{tenant}: {summary}: {'ok' if result.ok else '[red]MISMATCH[/]'}")
+    if not result.ok:
         raise typer.Exit(1)
 
 

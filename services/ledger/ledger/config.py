@@ -1,9 +1,11 @@
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import ServiceSettings
+
+DEV_ANCHOR_KEY = "dev-anchor-key-not-secret"
 
 
 class Settings(ServiceSettings):
@@ -33,6 +35,24 @@ class Settings(ServiceSettings):
     tasks_enabled: bool = Field(default=True, description="Mature, expire and release holds in the background")
     tasks_interval_s: float = Field(default=30.0, gt=0)
     tasks_batch_limit: int = Field(default=1000, ge=1, description="Due lots or holds handled per task run")
+    # The chain heads are signed with this key and published outside the database; keep it out of the
+    # database and away from its administrators, or a rewritten chain can be re-anchored.
+    anchor_key: SecretStr = Field(
+        default=SecretStr(DEV_ANCHOR_KEY), description="HMAC key signing the chain heads published on the anchors topic"
+    )
+    anchors_enabled: bool = Field(
+        default=True, description="Publish the signed chain heads periodically (in a process that runs the tasks)"
+    )
+    anchor_interval_s: float = Field(default=60.0, gt=0, description="How often changed chain heads are anchored")
+    anchor_read_timeout_s: float = Field(
+        default=30.0, gt=0, description="How long verify may take to read the anchors topic"
+    )
+
+    @model_validator(mode="after")
+    def _no_dev_anchor_key_in_prod(self) -> Self:
+        if self.environment == "prod" and self.anchor_key.get_secret_value() == DEV_ANCHOR_KEY:
+            raise ValueError("set LEDGER_ANCHOR_KEY in prod: the development anchor key is public")
+        return self
 
 
 settings = Settings()

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from ledger.errors import CaptureExceedsHold, HoldNotActive, InsufficientPoints, InvalidAccount
+from ledger.errors import (
+    CaptureExceedsHold,
+    ClawbackExceedsEarn,
+    HoldExpired,
+    HoldNotActive,
+    InsufficientPoints,
+    InvalidAccount,
+)
 
 Bucket = Literal["available", "pending", "held"]
 SYSTEM_PREFIX = "system:"
@@ -139,6 +146,8 @@ class LotState:
     matures_at: datetime | None
     expires_at: datetime | None
     created_at: datetime
+    # What clawbacks took back of the credit this lot records (an earn's): never more than `points`.
+    clawed_back: int = 0
     is_new: bool = False
 
 
@@ -280,6 +289,9 @@ class Book:
 
     def capture(self, hold: HoldState, points: int, meta: Meta) -> uuid.UUID:
         hold.check_active()
+        # The timeout is checked here, not only by the task that releases expired holds later.
+        if hold.expires_at <= self.now:
+            raise HoldExpired(str(hold.hold_id), hold.expires_at.isoformat())
         if points > hold.points:
             raise CaptureExceedsHold(str(hold.hold_id), requested=points, held=hold.points)
         rest = hold.points - points
@@ -300,7 +312,11 @@ class Book:
         return txn
 
     def release(self, hold: HoldState, meta: Meta, *, status: Literal["voided", "expired"]) -> uuid.UUID:
+        """Gives the held points back; a void after the hold's timeout releases it as expired, as the task
+        would have (the points come back either way)."""
         hold.check_active()
+        if status == "voided" and hold.expires_at <= self.now:
+            status, meta = "expired", replace(meta, kind="hold_expired")
         restored = self._restore(hold.allocations, hold.points)
         self._close(hold, status, captured=0)
         txn = self._transaction(
@@ -342,9 +358,14 @@ class Book:
         return txn
 
     def clawback(self, account_id: str, points: int, meta: Meta, *, original_lot_id: str) -> uuid.UUID:
-        """Takes back pending points first, then available ones, each time from the original earn's lot
-        first. What was already spent goes to the receivable account (the default policy), or drives
-        the customer's available balance below zero (`negative_balance`)."""
+        """Takes back at most what the original earn gave minus what clawbacks already took of it: pending
+        points first, then available ones, each time from the original earn's lot first. What was already
+        spent goes to the receivable account (the default policy), or drives the customer's available
+        balance below zero (`negative_balance`)."""
+        original = self.lots[original_lot_id]
+        left = original.points - original.clawed_back
+        if points > left:
+            raise ClawbackExceedsEarn(original_lot_id, requested=points, earned=original.points, left=left)
         account = self.account(account_id)
         from_pending = min(points, account.pending)
         from_available = min(points - from_pending, max(account.available, 0))
@@ -360,6 +381,8 @@ class Book:
         if shortfall:
             debtor = shard(RECEIVABLE, account_id) if self.policy.clawback_policy == "receivable" else account_id
             postings.append((debtor, "available", -shortfall, original_lot_id))
+        original.clawed_back += points
+        self.dirty_lots.add(original.lot_id)
         return self._transaction(meta, postings)
 
     def mature(self, lot: LotState, meta: Meta) -> uuid.UUID | None:
@@ -537,6 +560,46 @@ class Book:
         for entry in self.unsealed:
             self._chain(entry)
         self.unsealed = []
+
+
+# The side of zero each system account stays on: issuance only gives (clawbacks return at most what it
+# gave), redemption and breakage only receive, receivable only owes; adjustments go either way.
+SYSTEM_RANGE = {ISSUANCE: -1, REDEMPTION: 1, BREAKAGE: 1, RECEIVABLE: -1}
+
+
+@dataclass(frozen=True)
+class LotTotals:
+    """An account's lots as verify sees them: what the open ones hold, and the ids of impossible ones."""
+
+    available: int = 0
+    pending: int = 0
+    invalid: tuple[str, ...] = ()
+
+
+def account_problems(account: AccountState, lots: LotTotals, held_by_holds: int) -> list[str]:
+    """What an account's balances contradict besides its own entries: a customer's lots and holds, a
+    system shard's id and range."""
+    problems: list[str] = []
+    if is_system(account.account_id):
+        base, _, index = account.account_id.rpartition("/")
+        if base not in SYSTEM_ACCOUNTS or not (len(index) == 2 and index.isdigit() and int(index) < SYSTEM_SHARDS):
+            problems.append(f"not a shard of a system account (system:<name>/00 to /{SYSTEM_SHARDS - 1:02d})")
+        side = SYSTEM_RANGE.get(base, 0)
+        if account.available * side < 0:
+            bound = "at most 0" if side < 0 else "at least 0"
+            problems.append(f"available is {account.available}; {base} is {bound}")
+        if account.pending or account.held:
+            problems.append(f"a system account holds pending {account.pending} and held {account.held}, not 0")
+        return problems
+    if lots.invalid:
+        problems.append(f"lots outside 0 <= remaining, clawed_back <= points: {', '.join(lots.invalid)}")
+    if lots.available != max(account.available, 0):
+        problems.append(f"open lots hold {lots.available} available points, the balance is {account.available}")
+    if lots.pending != account.pending:
+        problems.append(f"pending lots hold {lots.pending} points, the balance is {account.pending}")
+    if held_by_holds != account.held:
+        problems.append(f"active holds hold {held_by_holds} points, the balance is {account.held}")
+    return problems
 
 
 def replay(account_id: str, entries: list[dict[str, Any]]) -> tuple[AccountState, list[str]]:

@@ -8,11 +8,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ledger import schemas
+from ledger.anchors import Anchors, read_anchors
+from ledger.config import Settings
 from ledger.domain import parse_duration
 from ledger.errors import (
     AccountNotFound,
     CaptureExceedsHold,
+    ClawbackExceedsEarn,
     CommandNotFound,
+    HoldExpired,
     HoldNotActive,
     HoldNotFound,
     IdempotencyKeyReused,
@@ -45,6 +49,9 @@ IdempotencyKey = Annotated[
     ),
 ]
 AccountId = Annotated[str, Path(min_length=1, max_length=MAX_IDENTIFIER, pattern=NO_NUL)]
+# The reads take an account id with slashes (a system account's shard, `system:redemption/07`, or
+# `system:redemption%2F07`, which arrives decoded): `{account_id:path}`. The balance route is declared
+# after `/entries`, `/expiring` and `/verify`, so those suffixes name the routes, not an account.
 Limit = Annotated[int, Query(ge=1, le=500)]
 # Entry sequence numbers are 32-bit (their column): a larger cursor is a 422, not a database error.
 MAX_SEQ = 2**31 - 1
@@ -65,6 +72,7 @@ async def _once(
     status, content = await ledger_service.idempotent(
         session,
         tenant_id=principal.tenant_id,
+        api_key_id=principal.key_id,
         key=key,
         fingerprint=fingerprint,
         status_code=201,
@@ -105,18 +113,7 @@ async def list_accounts(
     return await ledger_service.list_accounts(session, principal.tenant_id, kind=kind, cursor=cursor, limit=limit)
 
 
-@router.get("/accounts/{account_id}", response_model=schemas.Balance)
-@raises(AccountNotFound)
-async def get_account(
-    account_id: AccountId, principal: PointsRead, session: ReadSessionDep, as_of: UtcDatetime | None = None
-) -> Response:
-    """An account's balances; with `as_of`, as they were at that moment (recomputed from the entries)."""
-    balance = await ledger_service.get_balance(session, principal.tenant_id, account_id, as_of=as_of)
-    # The hottest read: serialised once by its model, not validated a second time as the response model.
-    return _json(_found(balance, AccountNotFound(account_id)))
-
-
-@router.get("/accounts/{account_id}/entries", response_model=schemas.Page[schemas.Entry])
+@router.get("/accounts/{account_id:path}/entries", response_model=schemas.Page[schemas.Entry])
 @raises(AccountNotFound)
 async def history(
     account_id: AccountId,
@@ -135,7 +132,7 @@ async def history(
     return _found(page, AccountNotFound(account_id))
 
 
-@router.get("/accounts/{account_id}/expiring", response_model=schemas.Expiring)
+@router.get("/accounts/{account_id:path}/expiring", response_model=schemas.Expiring)
 @raises(UnprocessableEntity, AccountNotFound)
 async def expiring(
     account_id: AccountId,
@@ -153,11 +150,51 @@ async def expiring(
     return _found(result, AccountNotFound(account_id))
 
 
-@router.get("/accounts/{account_id}/verify", response_model=schemas.Verification)
+def _settings(request: Request) -> Settings:
+    settings = request.state.runtime.settings
+    assert isinstance(settings, Settings)
+    return settings
+
+
+async def _account_anchors(request: Request, account_id: AccountId, principal: PointsRead) -> Anchors:
+    return await read_anchors(_settings(request), principal.tenant_id, account_id)
+
+
+async def _tenant_anchors(request: Request, principal: Admin) -> Anchors:
+    return await read_anchors(_settings(request), principal.tenant_id)
+
+
+@router.get("/accounts/{account_id:path}/verify", response_model=schemas.Verification)
 @raises(AccountNotFound)
-async def verify(account_id: AccountId, principal: PointsRead, session: ReadSessionDep) -> schemas.Verification:
-    """Recompute the account's hash chain and balances from its entries and report every mismatch."""
-    return _found(await ledger_service.verify(session, principal.tenant_id, account_id), AccountNotFound(account_id))
+async def verify(
+    account_id: AccountId,
+    principal: PointsRead,
+    session: ReadSessionDep,
+    anchors: Annotated[Anchors, Depends(_account_anchors)],
+) -> schemas.Verification:
+    """Recompute the account's hash chain and balances from its entries, check them against its lots, holds
+    and last anchored chain head, and report every mismatch."""
+    result = await ledger_service.verify(session, principal.tenant_id, account_id, anchors=anchors)
+    return _found(result, AccountNotFound(account_id))
+
+
+@router.get("/accounts/{account_id:path}", response_model=schemas.Balance)
+@raises(AccountNotFound)
+async def get_account(
+    account_id: AccountId, principal: PointsRead, session: ReadSessionDep, as_of: UtcDatetime | None = None
+) -> Response:
+    """An account's balances; with `as_of`, as they were at that moment (recomputed from the entries)."""
+    balance = await ledger_service.get_balance(session, principal.tenant_id, account_id, as_of=as_of)
+    # The hottest read: serialised once by its model, not validated a second time as the response model.
+    return _json(_found(balance, AccountNotFound(account_id)))
+
+
+@router.get("/verify", response_model=schemas.TenantVerification)
+async def verify_tenant(
+    principal: Admin, session: ReadSessionDep, anchors: Annotated[Anchors, Depends(_tenant_anchors)]
+) -> schemas.TenantVerification:
+    """Verify every account of the programme and its books as a whole; lists the accounts with problems."""
+    return await ledger_service.verify_tenant(session, principal.tenant_id, anchors=anchors)
 
 
 @router.get("/holds/{hold_id}", response_model=schemas.Hold)
@@ -237,7 +274,7 @@ async def reserve(
 
 
 @router.post("/holds/{hold_id}/capture", response_model=schemas.HoldPosted, status_code=201)
-@raises(HoldNotFound, HoldNotActive, CaptureExceedsHold, IdempotencyKeyReused)
+@raises(HoldNotFound, HoldNotActive, HoldExpired, CaptureExceedsHold, IdempotencyKeyReused)
 async def capture(
     hold_id: uuid.UUID,
     body: schemas.HoldCapture,
@@ -246,7 +283,7 @@ async def capture(
     session: SessionDep,
     key: IdempotencyKey,
 ) -> Response:
-    """Capture a hold in full or in part; what is not captured goes back to available."""
+    """Capture a hold in full or in part before it expires; what is not captured goes back to available."""
     return await _once(request, session, principal, key, body, ledger_service.capture, hold_id, body)
 
 
@@ -255,7 +292,7 @@ async def capture(
 async def void(
     hold_id: uuid.UUID, request: Request, principal: PointsWrite, session: SessionDep, key: IdempotencyKey
 ) -> Response:
-    """Release a hold: its points go back to available."""
+    """Release a hold: its points go back to available (a hold past its timeout is released as expired)."""
     return await _once(request, session, principal, key, None, ledger_service.void, hold_id)
 
 
@@ -277,7 +314,7 @@ async def earn(
 
 
 @router.post("/accounts/{account_id}/clawback", response_model=schemas.Posted, status_code=201)
-@raises(AccountNotFound, OriginalEarnNotFound, IdempotencyKeyReused)
+@raises(AccountNotFound, OriginalEarnNotFound, ClawbackExceedsEarn, IdempotencyKeyReused)
 async def clawback(
     account_id: AccountId,
     body: schemas.ClawbackCreate,
@@ -286,7 +323,8 @@ async def clawback(
     session: SessionDep,
     key: IdempotencyKey,
 ) -> Response:
-    """Take back points of an earlier earn: pending first, then available; spent points per the policy."""
+    """Take back points of an earlier earn, at most what it gave less earlier clawbacks: pending first, then
+    available; spent points per the policy."""
     return await _once(request, session, principal, key, body, ledger_service.clawback, account_id, body)
 
 

@@ -87,6 +87,31 @@ class OriginalEarnNotFound(LedgerError):
         super().__init__(f"no earn {command_id!r} to claw back", original_command_id=command_id)
 
 
+class ClawbackExceedsEarn(LedgerError):
+    """The clawback asks for more than the earn gave, minus what was already clawed back of it."""
+
+    status_code = 409
+
+    def __init__(self, command_id: str, *, requested: int, earned: int, left: int) -> None:
+        super().__init__(
+            f"cannot claw back {requested} points of earn {command_id!r}: it gave {earned}, "
+            f"{earned - left} were clawed back already, {left} are left",
+            original_command_id=command_id,
+            requested=requested,
+            earned=earned,
+            left=left,
+        )
+
+
+class HoldExpired(LedgerError):
+    """The hold's time ran out: it can no longer be captured."""
+
+    status_code = 409
+
+    def __init__(self, hold_id: str, expires_at: str) -> None:
+        super().__init__(f"hold {hold_id!r} expired at {expires_at}", hold_id=hold_id, expires_at=expires_at)
+
+
 class IdempotencyKeyReused(LedgerError):
     """The Idempotency-Key was used before, for a different request."""
 

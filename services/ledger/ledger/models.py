@@ -75,6 +75,7 @@ class Entry(Base):
 
 
 Index("ix_entries_tenant_kind", Entry.tenant_id, Entry.kind, Entry.created_at)
+Index("ix_entries_transaction", Entry.tenant_id, Entry.transaction_id)
 
 
 class Lot(Base):
@@ -91,6 +92,8 @@ class Lot(Base):
     matures_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # What clawbacks took back of this earn so far: a clawback takes at most `points - clawed_back`.
+    clawed_back: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
 
 
 # The periodic tasks look for lots that are due; partial indexes keep that cheap as lots pile up.
@@ -132,11 +135,13 @@ class Command(Base):
 
 
 class IdempotencyKey(Base):
-    """The stored response of a REST write, by (tenant, Idempotency-Key)."""
+    """The stored response of a REST write, by (tenant, API key, Idempotency-Key): each partner app's keys
+    are its own, so two apps that happen to use the same key (an order number) never share a response."""
 
     __tablename__ = "idempotency_keys"
 
     tenant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     request_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Select, and_, delete, func, or_, select, true, tuple_, union, update
 from sqlalchemy.dialects.postgresql import insert
 
-from ledger.domain import AccountState, HoldState, LotState, Policy, is_system
+from ledger.domain import AccountState, HoldState, LotState, LotTotals, Policy, is_system
 from ledger.models import Balance, Command, Entry, Hold, IdempotencyKey, Lot, Outbox, TenantPolicy, outbox_quarantine
 from shared.db import AsyncSession, SessionT
 from shared.outbox import Unpublishable, insert_quarantined
@@ -111,34 +111,38 @@ _INSERT_ENTRIES = _Sql(
     ), outbox AS (
         INSERT INTO ledger.outbox (entry_id) SELECT unnest(CAST(:entry_id AS uuid[]))
     ), lots AS (
-        UPDATE ledger.lots AS l SET remaining = u.remaining, pending = u.pending
-        FROM unnest(CAST(:lot_ids AS text[]), CAST(:lot_remaining AS bigint[]), CAST(:lot_pending AS boolean[]))
-            AS u(lot_id, remaining, pending)
+        UPDATE ledger.lots AS l SET remaining = u.remaining, pending = u.pending, clawed_back = u.clawed_back
+        FROM unnest(
+            CAST(:lot_ids AS text[]), CAST(:lot_remaining AS bigint[]), CAST(:lot_pending AS boolean[]),
+            CAST(:lot_clawed_back AS bigint[])
+        ) AS u(lot_id, remaining, pending, clawed_back)
         WHERE l.tenant_id = :tenant AND l.lot_id = u.lot_id
     ), response AS (
         UPDATE ledger.idempotency_keys SET status_code = :status, response = CAST(:response AS text)::jsonb
-        WHERE tenant_id = :tenant AND key = :idempotency_key
+        WHERE tenant_id = :tenant AND api_key_id = :api_key_id AND key = :idempotency_key
     )
     """
     + _UPDATE_BALANCES
 )
 _LOTS = _Sql(
     """
-    SELECT lot_id, account_id, points, remaining, pending, matures_at, expires_at, created_at FROM ledger.lots
+    SELECT lot_id, account_id, points, remaining, pending, matures_at, expires_at, created_at, clawed_back
+    FROM ledger.lots
     WHERE tenant_id = :tenant
       AND ((account_id = ANY(CAST(:accounts AS text[])) AND remaining > 0) OR lot_id = ANY(CAST(:ids AS text[])))
     """
 )
 _CLAIM_KEY = _Sql(
     """
-    INSERT INTO ledger.idempotency_keys (tenant_id, key, request_hash) VALUES (:tenant, :key, :hash)
+    INSERT INTO ledger.idempotency_keys (tenant_id, api_key_id, key, request_hash)
+    VALUES (:tenant, :api_key_id, :key, :hash)
     ON CONFLICT DO NOTHING RETURNING key
     """
 )
 _STORE_RESPONSE = _Sql(
     """
     UPDATE ledger.idempotency_keys SET status_code = :status, response = CAST(:response AS text)::jsonb
-    WHERE tenant_id = :tenant AND key = :key
+    WHERE tenant_id = :tenant AND api_key_id = :api_key_id AND key = :key
     """
 )
 _BALANCE = _Sql("SELECT * FROM ledger.balances WHERE tenant_id = :tenant AND account_id = :account")
@@ -156,9 +160,10 @@ _DELETE_OUTBOX = _Sql("DELETE FROM ledger.outbox WHERE id = ANY(CAST(:ids AS big
 _OLDEST_OUTBOX = _Sql("SELECT created_at FROM ledger.outbox ORDER BY id LIMIT 1")
 _SAVE_LOTS = _Sql(
     """
-    UPDATE ledger.lots AS l SET remaining = u.remaining, pending = u.pending
-    FROM unnest(CAST(:ids AS text[]), CAST(:remaining AS bigint[]), CAST(:pending AS boolean[]))
-        AS u(lot_id, remaining, pending)
+    UPDATE ledger.lots AS l SET remaining = u.remaining, pending = u.pending, clawed_back = u.clawed_back
+    FROM unnest(
+        CAST(:ids AS text[]), CAST(:remaining AS bigint[]), CAST(:pending AS boolean[]), CAST(:clawed_back AS bigint[])
+    ) AS u(lot_id, remaining, pending, clawed_back)
     WHERE l.tenant_id = :tenant AND l.lot_id = u.lot_id
     """
 )
@@ -229,11 +234,11 @@ class LedgerRepository(RepositoryBase[SessionT]):
         now: datetime,
         *,
         lots: Sequence[LotState] = (),
-        response: tuple[str, int, str] | None = None,
+        response: tuple[str, str, int, str] | None = None,
     ) -> bool:
         """Writes the entries, their outbox rows and the accounts' new balances, plus the `lots` changed
-        (`save_lots(..., defer_changed=True)` left them) and the idempotency key's `response` (key, status,
-        body). Returns whether the response was stored (it is, with a handful of entries)."""
+        (`save_lots(..., defer_changed=True)` left them) and the idempotency key's `response` (API key id,
+        key, status, body). Returns whether the response was stored (it is, with a handful of entries)."""
         balances: dict[str, Any] = {"tenant": tenant_id, "now": now, **{f"a_{n}": [] for n in _ACCOUNT_FIELDS}}
         for account in accounts:
             for name in _ACCOUNT_FIELDS:
@@ -254,11 +259,13 @@ class LedgerRepository(RepositoryBase[SessionT]):
         # stored response included), because the tenant's system accounts stay locked until the commit;
         # COPY only pays off for big batches.
         columns = {name: [record[i] for record in records] for i, name in enumerate(_ENTRY_COLUMNS)}
-        key, status, body = response if response is not None else (None, None, None)
+        api_key_id, key, status, body = response if response is not None else (None, None, None, None)
         extra = {
             "lot_ids": [lot.lot_id for lot in lots],
             "lot_remaining": [lot.remaining for lot in lots],
             "lot_pending": [lot.pending for lot in lots],
+            "lot_clawed_back": [lot.clawed_back for lot in lots],
+            "api_key_id": api_key_id,
             "idempotency_key": key,
             "status": status,
             "response": body,
@@ -311,9 +318,55 @@ class LedgerRepository(RepositoryBase[SessionT]):
             stmt = stmt.where(Entry.created_at < before)
         return await self.get_all(stmt)
 
-    async def account_ids(self, tenant_id: str) -> Sequence[str]:
-        stmt = select(Balance.account_id).where(Balance.tenant_id == tenant_id).order_by(Balance.account_id)
-        return await self.get_all(stmt)
+    # --- verification ---------------------------------------------------------------------------
+
+    async def unbalanced_transactions(self, tenant_id: str, account_id: str | None) -> list[tuple[uuid.UUID, int]]:
+        """The transactions (of the tenant, or those touching one account) whose postings do not sum to 0."""
+        stmt = select(Entry.transaction_id, func.sum(Entry.points)).where(Entry.tenant_id == tenant_id)
+        if account_id is not None:
+            touching = select(Entry.transaction_id).where(Entry.tenant_id == tenant_id, Entry.account_id == account_id)
+            stmt = stmt.where(Entry.transaction_id.in_(touching))
+        stmt = stmt.group_by(Entry.transaction_id).having(func.sum(Entry.points) != 0)
+        return [(row[0], int(row[1])) for row in await self.session.execute(stmt)]
+
+    async def lot_totals(self, tenant_id: str, account_id: str | None) -> dict[str, LotTotals]:
+        invalid = or_(Lot.remaining < 0, Lot.remaining > Lot.points, Lot.clawed_back < 0, Lot.clawed_back > Lot.points)
+        stmt = select(
+            Lot.account_id,
+            func.coalesce(func.sum(Lot.remaining).filter(~Lot.pending), 0),
+            func.coalesce(func.sum(Lot.remaining).filter(Lot.pending), 0),
+            func.array_remove(func.array_agg(Lot.lot_id).filter(invalid), None),
+        ).where(Lot.tenant_id == tenant_id)
+        if account_id is not None:
+            stmt = stmt.where(Lot.account_id == account_id)
+        rows = await self.session.execute(stmt.group_by(Lot.account_id))
+        return {row[0]: LotTotals(int(row[1]), int(row[2]), tuple(sorted(row[3] or ()))) for row in rows}
+
+    async def active_held(self, tenant_id: str, account_id: str | None) -> dict[str, int]:
+        stmt = select(Hold.account_id, func.sum(Hold.points)).where(
+            Hold.tenant_id == tenant_id, Hold.status == "active"
+        )
+        if account_id is not None:
+            stmt = stmt.where(Hold.account_id == account_id)
+        return {row[0]: int(row[1]) for row in await self.session.execute(stmt.group_by(Hold.account_id))}
+
+    async def chain_heads(
+        self, *, since: datetime | None, after: tuple[str, str] | None, limit: int
+    ) -> list[tuple[str, str, int, str]]:
+        """(tenant, account, last seq, last hash) of the chains changed since `since`, by tenant and account,
+        after `after`. No index on updated_at: one would cost every balance update its HOT update."""
+        stmt = select(Balance.tenant_id, Balance.account_id, Balance.last_seq, Balance.last_hash).where(
+            Balance.last_seq > 0
+        )
+        if since is not None:
+            stmt = stmt.where(Balance.updated_at >= since)
+        if after is not None:
+            stmt = stmt.where(tuple_(Balance.tenant_id, Balance.account_id) > after)
+        stmt = stmt.order_by(Balance.tenant_id, Balance.account_id).limit(limit)
+        return [(r[0], r[1], int(r[2]), str(r[3])) for r in await self.session.execute(stmt)]
+
+    async def tenant_balances(self, tenant_id: str) -> Sequence[Balance]:
+        return await self.get_all(select(Balance).where(Balance.tenant_id == tenant_id).order_by(Balance.account_id))
 
     async def outbox_batch(self: LedgerRepository[AsyncSession], limit: int) -> list[dict[str, Any]]:
         # SKIP LOCKED lets several relays (replicas) drain the outbox without waiting on each other. A row
@@ -377,6 +430,7 @@ class LedgerRepository(RepositoryBase[SessionT]):
                 "ids": [lot.lot_id for lot in changed],
                 "remaining": [lot.remaining for lot in changed],
                 "pending": [lot.pending for lot in changed],
+                "clawed_back": [lot.clawed_back for lot in changed],
             }
             await _SAVE_LOTS.fetch(self, params)
 
@@ -472,20 +526,26 @@ class LedgerRepository(RepositoryBase[SessionT]):
             await self.session.execute(delete(Command).where(tuple_(Command.tenant_id, Command.command_id).in_(keys)))
 
     async def claim_idempotency_key(
-        self: LedgerRepository[AsyncSession], tenant_id: str, key: str, request_hash: str
+        self: LedgerRepository[AsyncSession], tenant_id: str, api_key_id: str, key: str, request_hash: str
     ) -> bool:
         # A concurrent request with the same key waits here on the unique index until the first one
         # commits (then it finds the stored response) or rolls back (then it proceeds itself).
-        rows = await _CLAIM_KEY.fetch(self, {"tenant": tenant_id, "key": key, "hash": request_hash})
-        return bool(rows)
+        params = {"tenant": tenant_id, "api_key_id": api_key_id, "key": key, "hash": request_hash}
+        return bool(await _CLAIM_KEY.fetch(self, params))
 
-    async def get_idempotency_key(self, tenant_id: str, key: str) -> IdempotencyKey | None:
-        return await self.session.get(IdempotencyKey, (tenant_id, key))
+    async def get_idempotency_key(self, tenant_id: str, api_key_id: str, key: str) -> IdempotencyKey | None:
+        return await self.session.get(IdempotencyKey, (tenant_id, api_key_id, key))
 
     async def store_response(
-        self: LedgerRepository[AsyncSession], tenant_id: str, key: str, status_code: int, response: str
+        self: LedgerRepository[AsyncSession], tenant_id: str, api_key_id: str, key: str, status_code: int, response: str
     ) -> None:
-        params = {"tenant": tenant_id, "key": key, "status": status_code, "response": response}
+        params = {
+            "tenant": tenant_id,
+            "api_key_id": api_key_id,
+            "key": key,
+            "status": status_code,
+            "response": response,
+        }
         await _STORE_RESPONSE.fetch(self, params)
 
     # --- policies ---------------------------------------------------------------------------------

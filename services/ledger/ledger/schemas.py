@@ -179,6 +179,20 @@ class Verification(BaseModel):
     entries: int
     ok: bool
     problems: list[str]
+    anchored_seq: int | None = Field(
+        default=None,
+        description="The seq of the chain head last anchored outside the database and found intact; entries "
+        "after it are covered by the hash chain alone (null: not anchored yet)",
+    )
+
+
+class TenantVerification(BaseModel):
+    tenant_id: str
+    accounts: int = Field(description="accounts checked")
+    entries: int = Field(description="entries replayed")
+    ok: bool
+    problems: list[str] = Field(description="what the tenant's books contradict as a whole")
+    failed: list[Verification] = Field(description="the accounts with problems")
 
 
 class AppliedCommand(BaseModel):

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from ledger import schemas
+from ledger.anchors import Anchors
 from ledger.domain import (
     SYSTEM_ACCOUNTS,
     SYSTEM_SHARDS,
@@ -20,8 +21,10 @@ from ledger.domain import (
     Book,
     HoldState,
     LotState,
+    LotTotals,
     Meta,
     Policy,
+    account_problems,
     check_customer_account,
     is_system,
     replay,
@@ -33,6 +36,7 @@ from ledger.errors import (
     LedgerError,
     OriginalEarnNotFound,
 )
+from ledger.models import Balance
 from ledger.repository import LedgerRepository
 from shared.consumer import Inbound, Rejection
 from shared.db import AsyncReadSession, AsyncSession
@@ -133,6 +137,7 @@ class PendingResponse:
     stores its response in the statement that writes its entries and sets `stored` to it, so that
     `idempotent` does not store it a second time."""
 
+    api_key_id: str
     key: str
     status_code: int
     stored: BaseModel | None = None
@@ -181,10 +186,10 @@ class LedgerService:
         return book
 
     async def _save(
-        self, session: AsyncSession, book: Book, respond: Callable[[], tuple[str, int, str]] | None = None
+        self, session: AsyncSession, book: Book, respond: Callable[[], tuple[str, str, int, str]] | None = None
     ) -> bool:
         """Writes the book. `respond`, called once the entries are sealed, gives the idempotency key's
-        response (key, status, body) to store with them; returns whether it was stored."""
+        response (API key id, key, status, body) to store with them; returns whether it was stored."""
         repo = LedgerRepository.from_session(session)
         changed = await repo.save_lots(
             book.tenant_id, (book.lots[i] for i in sorted(book.dirty_lots)), defer_changed=True
@@ -216,14 +221,14 @@ class LedgerService:
         posted = [e for e in book.entries if e["transaction_id"] == txn]
         result: list[schemas.Posted] = []
 
-        def respond() -> tuple[str, int, str]:
+        def respond() -> tuple[str, str, int, str]:
             # The entries are sealed now (seq and hash): the response is final before the statement runs.
             entries = [schemas.Entry.model_validate(e) for e in posted]
             result.append(
                 schemas.Posted(transaction_id=txn, balance=_balance(book.account(account_id)), entries=entries)
             )
             assert pending is not None
-            return pending.key, pending.status_code, result[0].model_dump_json()
+            return pending.api_key_id, pending.key, pending.status_code, result[0].model_dump_json()
 
         # `_save` seals the system postings in place: they get their seq and hash.
         if pending is None:
@@ -243,27 +248,30 @@ class LedgerService:
         session: AsyncSession,
         *,
         tenant_id: str,
+        api_key_id: str,
         key: str,
         fingerprint: str,
         status_code: int,
         operation: Callable[[PendingResponse], Awaitable[BaseModel]],
     ) -> tuple[int, bytes]:
-        """Runs a write once per Idempotency-Key: a repeat with the same request gets the stored response.
-        `operation` gets the key's pending response, to pass to the write as its `pending`.
+        """Runs a write once per Idempotency-Key of the calling API key (`api_key_id`): a repeat with the
+        same request gets the stored response; the same key sent by another API key of the tenant is a
+        request of its own. `operation` gets the key's pending response, to pass to the write as its
+        `pending`.
 
         Returns the status and the JSON body, serialised once for both the client and the store."""
         repo = LedgerRepository.from_session(session)
         request_hash = hashlib.sha256(fingerprint.encode()).hexdigest()
-        if await repo.claim_idempotency_key(tenant_id, key, request_hash):
+        if await repo.claim_idempotency_key(tenant_id, api_key_id, key, request_hash):
             # A plain posting stores its response in the statement that writes its entries (`_post`),
             # saving a round trip while the system accounts are locked; anything else is stored here.
-            pending = PendingResponse(key, status_code)
+            pending = PendingResponse(api_key_id, key, status_code)
             response = await operation(pending)
             body = response.model_dump_json()
             if pending.stored is not response:
-                await repo.store_response(tenant_id, key, status_code, body)
+                await repo.store_response(tenant_id, api_key_id, key, status_code, body)
             return status_code, body.encode()
-        stored = await repo.get_idempotency_key(tenant_id, key)
+        stored = await repo.get_idempotency_key(tenant_id, api_key_id, key)
         assert stored is not None, "the conflicting row exists, or the insert would have succeeded"
         assert stored.status_code is not None
         assert stored.response is not None
@@ -747,26 +755,83 @@ class LedgerService:
     async def get_policy(self, session: AsyncReadSession, tenant_id: str) -> schemas.Policy:
         return schemas.Policy(**asdict(await LedgerRepository.from_session(session).policy(tenant_id)))
 
-    async def verify(self, session: AsyncReadSession, tenant_id: str, account_id: str) -> schemas.Verification | None:
+    async def verify(
+        self, session: AsyncReadSession, tenant_id: str, account_id: str, *, anchors: Anchors | None = None
+    ) -> schemas.Verification | None:
+        """Replays the account's hash chain and balances from its entries, and checks them against its
+        lots and holds (a customer), its id and range (a system shard), the transactions it took part
+        in (each sums to zero) and, given `anchors`, the chain head last anchored outside the database."""
         repo = LedgerRepository.from_session(session)
         row = await repo.get_balance(tenant_id, account_id)
         if row is None:
             return None
-        entries = await repo.all_entries(tenant_id, account_id)
-        state, problems = replay(account_id, entries)
+        lots = (await repo.lot_totals(tenant_id, account_id)).get(account_id, LotTotals())
+        held = (await repo.active_held(tenant_id, account_id)).get(account_id, 0)
+        unbalanced = _unbalanced(await repo.unbalanced_transactions(tenant_id, account_id))
+        return await self._verify_account(session, tenant_id, row, lots, held, unbalanced, anchors)
+
+    async def _verify_account(
+        self,
+        session: AsyncReadSession,
+        tenant_id: str,
+        row: Balance,
+        lots: LotTotals,
+        held: int,
+        problems: list[str],
+        anchors: Anchors | None,
+    ) -> schemas.Verification:
+        account_id = row.account_id
+        entries = await LedgerRepository.from_session(session).all_entries(tenant_id, account_id)
+        state, replayed = replay(account_id, entries)
+        anchored, against_anchor = (None, []) if anchors is None else anchors.check(account_id, entries)
+        problems = [*replayed, *against_anchor, *problems]
         stored = AccountState(**{f: getattr(row, f) for f in asdict(state)})
         for name, value in asdict(state).items():
             if getattr(stored, name) != value:
                 problems.append(f"balances row: {name} is {getattr(stored, name)!r}, the entries give {value!r}")
-        return schemas.Verification(account_id=account_id, entries=len(entries), ok=not problems, problems=problems)
+        problems.extend(account_problems(stored, lots, held))
+        return schemas.Verification(
+            account_id=account_id,
+            entries=len(entries),
+            ok=not problems,
+            problems=problems,
+            anchored_seq=None if against_anchor else anchored,
+        )
 
-    async def verify_tenant(self, session: AsyncReadSession, tenant_id: str) -> list[schemas.Verification]:
-        out = []
-        for account_id in await LedgerRepository.from_session(session).account_ids(tenant_id):
-            result = await self.verify(session, tenant_id, account_id)
-            assert result is not None
-            out.append(result)
-        return out
+    async def verify_tenant(
+        self, session: AsyncReadSession, tenant_id: str, *, anchors: Anchors | None = None
+    ) -> schemas.TenantVerification:
+        """Verifies every account of the tenant, and the books as a whole: every transaction sums to zero,
+        so do all balances, and no lot or hold belongs to an account without a balances row."""
+        repo = LedgerRepository.from_session(session)
+        rows = await repo.tenant_balances(tenant_id)
+        lots = await repo.lot_totals(tenant_id, None)
+        held = await repo.active_held(tenant_id, None)
+        results = [
+            await self._verify_account(
+                session, tenant_id, row, lots.pop(row.account_id, LotTotals()), held.pop(row.account_id, 0), [], anchors
+            )
+            for row in rows
+        ]
+        problems = _unbalanced(await repo.unbalanced_transactions(tenant_id, None))
+        total = sum(row.available + row.pending + row.held for row in rows)
+        if total:
+            problems.append(f"the balances sum to {total}, not 0")
+        for account_id in sorted({*lots, *held}):
+            problems.append(f"lots or holds of {account_id!r}, which has no balances row")
+        failed = [r for r in results if not r.ok]
+        return schemas.TenantVerification(
+            tenant_id=tenant_id,
+            accounts=len(results),
+            entries=sum(r.entries for r in results),
+            ok=not problems and not failed,
+            problems=problems,
+            failed=failed,
+        )
+
+
+def _unbalanced(transactions: list[tuple[uuid.UUID, int]]) -> list[str]:
+    return [f"transaction {txn} sums to {total}, not 0" for txn, total in sorted(transactions)]
 
 
 ledger_service = LedgerService()

@@ -11,6 +11,7 @@ from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ledger import schemas
+from ledger.anchors import anchor_loop
 from ledger.config import Settings
 from ledger.service import LedgerOutbox, ledger_service
 from shared.db import AsyncSession, transaction
@@ -107,3 +108,6 @@ def start(settings: Settings, runtime: Runtime) -> None:
         runtime.spawn("ledger:outbox-relay", relay.run(idle_s=settings.outbox_poll_interval_s))
     if settings.tasks_enabled:
         runtime.spawn("ledger:tasks", _tasks_loop(settings, runtime.sessionmaker))
+    # Anchoring is periodic work like the tasks: a process that runs no tasks (a REST replica) anchors nothing.
+    if settings.tasks_enabled and settings.anchors_enabled:
+        runtime.spawn("ledger:anchors", anchor_loop(runtime.sessionmaker, runtime.producer, settings))
