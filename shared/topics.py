@@ -5,6 +5,7 @@ ENGAGEMENT = "loyalty.engagement.v1"
 POINTS_COMMANDS = "loyalty.points-commands.v1"
 LEDGER_ENTRIES = "loyalty.ledger-entries.v1"
 CUSTOMERS = "loyalty.customers.v1"
+REWARDS = "loyalty.rewards.v1"
 DLQ = "loyalty.dlq.v1"
 DLQ_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -24,6 +25,8 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(POINTS_COMMANDS, 12),
     TopicSpec(LEDGER_ENTRIES, 12),
     TopicSpec(CUSTOMERS, 6),
+    # Redemption orders change far less often than entries are posted.
+    TopicSpec(REWARDS, 6),
     # The DLQ keeps the original bytes plus headers, so it accepts larger messages than the inputs.
     TopicSpec(DLQ, 3, {"max.message.bytes": str(DLQ_MAX_MESSAGE_BYTES)}),
 )
