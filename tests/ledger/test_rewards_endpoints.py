@@ -452,7 +452,11 @@ class TestDiscountsAndRefunds:
         after = await balance(client, keys, "acme")
         assert (after["available"], after["redeemed"]) == (500 + 125, 500 - 125)
         state = await call(client, "GET", f"/v1/redemptions/{order['order_id']}", keys.read, status=200)
-        assert (state["state"], state["points_returned"], Decimal(state["refunded_amount"])) == ("confirmed", 125, Decimal(50))
+        assert (state["state"], state["points_returned"], Decimal(state["refunded_amount"])) == (
+            "confirmed",
+            125,
+            Decimal(50),
+        )
         # The rest of the order: every point comes back, and the order is refunded.
         async with transaction(db) as session:
             assert (
