@@ -180,7 +180,7 @@ class TestOrders:
             late.confirm(NOW + timedelta(minutes=15))
         assert late.state == "reserved"
         late.expire(NOW + timedelta(minutes=15))
-        assert late.state == "expired"
+        assert late.state in ("expired",)
         early = order()
         with pytest.raises(RedemptionStateConflict):
             early.expire(NOW)
