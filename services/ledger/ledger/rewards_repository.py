@@ -6,6 +6,7 @@ account, then the reward (pooled coupons with SKIP LOCKED, so never waiting on o
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -25,17 +26,46 @@ from ledger.models import (
     RewardsOutbox,
     outbox_quarantine,
 )
-from ledger.rewards import Redeemer, RewardsConfig
+from ledger.repository import _Sql
+from ledger.rewards import CustomerContext, Redeemer, RewardsConfig
 from ledger.rewards import Reward as RewardTerms
 from shared.db import AsyncSession, SessionT
 from shared.outbox import Unpublishable, insert_quarantined
 from shared.repository import RepositoryBase
 
-_TERMS = [name for name in RewardTerms.__dataclass_fields__]
+TERMS = [name for name in RewardTerms.__dataclass_fields__]
+_REWARD_COLUMNS = [c.name for c in Reward.__table__.columns if c.name != "tenant_id"]
+_COUNTED = "('reserved', 'confirmed', 'refunded')"
+# The listing for one customer is the hottest rewards read: two fixed statements straight on the driver,
+# the customer's whole context (balance, tier, redeemers, the programme's settings, redemptions per reward
+# and day) in the first.
+_CUSTOMER_CONTEXT = _Sql(
+    f"""
+    SELECT b.available,
+        (SELECT t.tier FROM ledger.customer_tiers t WHERE t.tenant_id = :tenant AND t.customer_id = :customer) AS tier,
+        (SELECT r.members::text FROM ledger.customer_redeemers r
+         WHERE r.tenant_id = :tenant AND r.customer_id = :customer) AS members,
+        s.tiers::text AS tiers, s.point_value, s.currency,
+        (SELECT json_agg(json_build_array(d.reward_id, d.day, d.n))::text FROM (
+            SELECT o.reward_id, date_trunc('day', o.created_at, 'UTC') AS day, count(*) AS n
+            FROM ledger.redemption_orders o
+            WHERE o.tenant_id = :tenant AND o.customer_id = :customer AND o.state IN {_COUNTED}
+            GROUP BY 1, 2) AS d) AS redeemed
+    FROM ledger.balances b LEFT JOIN ledger.reward_settings s ON s.tenant_id = b.tenant_id
+    WHERE b.tenant_id = :tenant AND b.account_id = :customer AND b.kind = 'customer'
+    """
+)
+_ACTIVE_REWARDS = _Sql(
+    f"""
+    SELECT {", ".join(_REWARD_COLUMNS)} FROM ledger.rewards
+    WHERE tenant_id = :tenant AND status = 'active' AND reward_id > :after
+    ORDER BY reward_id LIMIT :limit
+    """
+)
 
 
 def terms(row: Reward) -> RewardTerms:
-    return RewardTerms(**{name: getattr(row, name) for name in _TERMS})
+    return RewardTerms(**{name: getattr(row, name) for name in TERMS})
 
 
 class RewardsRepository(RepositoryBase[SessionT]):
@@ -98,12 +128,55 @@ class RewardsRepository(RepositoryBase[SessionT]):
     async def delete_reward(self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str) -> None:
         await self.session.execute(delete(Reward).where(Reward.tenant_id == tenant_id, Reward.reward_id == reward_id))
 
-    async def take_stock(self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str, units: int) -> None:
-        await self.session.execute(
+    async def take_unit(self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str) -> bool:
+        """Takes a unit of the reward's stock when one is left (a stocked reward); False when none is."""
+        stmt = (
+            update(Reward)
+            .where(Reward.tenant_id == tenant_id, Reward.reward_id == reward_id, Reward.stock > 0)
+            .values(stock=Reward.stock - 1)
+            .returning(Reward.stock)
+            .execution_options(synchronize_session=False)
+        )
+        return (await self.session.execute(stmt)).first() is not None
+
+    async def return_unit(self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str) -> None:
+        stmt = (
             update(Reward)
             .where(Reward.tenant_id == tenant_id, Reward.reward_id == reward_id, Reward.stock.is_not(None))
-            .values(stock=Reward.stock - units)
+            .values(stock=Reward.stock + 1)
+            .execution_options(synchronize_session=False)
         )
+        await self.session.execute(stmt)
+
+    async def customer_view(
+        self, tenant_id: str, customer_id: str, *, after: str | None, limit: int
+    ) -> tuple[RewardsConfig, CustomerContext, list[dict[str, Any]]] | None:
+        """The programme's settings, the customer's context and a page of the active catalogue; None when
+        the customer has no account."""
+        params = {"tenant": tenant_id, "customer": customer_id}
+        found = await _CUSTOMER_CONTEXT.fetch(self, params, begin=False)
+        if not found:
+            return None
+        row = found[0]
+        config = RewardsConfig(
+            tuple(json.loads(row["tiers"]) if row["tiers"] else ()), row["point_value"], row["currency"]
+        )
+        redeemed: dict[str, list[tuple[datetime, int]]] = {}
+        for reward_id, day, count in json.loads(row["redeemed"] or "[]"):
+            redeemed.setdefault(reward_id, []).append((datetime.fromisoformat(day), int(count)))
+        members = json.loads(row["members"]) if row["members"] is not None else None
+        customer = CustomerContext(
+            available=row["available"],
+            tier=row["tier"],
+            redeemers=None
+            if members is None
+            else tuple(Redeemer(m["member_id"], m.get("max_points")) for m in members),
+            redeemed=redeemed,
+        )
+        rewards = await _ACTIVE_REWARDS.fetch(
+            self, {"tenant": tenant_id, "after": after or "", "limit": limit}, begin=False
+        )
+        return config, customer, [dict(r) for r in rewards]
 
     # --- customers: tiers and redeemers -----------------------------------------------------------
 

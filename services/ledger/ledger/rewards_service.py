@@ -28,7 +28,6 @@ from ledger.errors import (
     RewardNotFound,
 )
 from ledger.models import RedemptionOrder, processed_events
-from ledger.repository import LedgerRepository
 from ledger.rewards import (
     CustomerContext,
     Order,
@@ -40,7 +39,7 @@ from ledger.rewards import (
 )
 from ledger.rewards import Reward as RewardTerms
 from ledger.rewards import unavailable as unavailable_reasons
-from ledger.rewards_repository import RewardsRepository, terms
+from ledger.rewards_repository import TERMS, RewardsRepository, terms
 from ledger.service import LedgerService, PendingResponse
 from shared.consumer import Inbound, Rejection
 from shared.db import AsyncReadSession, AsyncSession
@@ -237,16 +236,15 @@ class RewardsService(LedgerService):
         now: datetime | None = None,
     ) -> rs.CustomerCatalogue:
         now = now or utcnow()
-        balance = await LedgerRepository.from_session(session).balance_row(tenant_id, customer_id)
-        if balance is None or balance["kind"] != "customer":
+        view = await RewardsRepository.from_session(session).customer_view(
+            tenant_id, customer_id, after=cursor, limit=limit + 1
+        )
+        if view is None:
             raise AccountNotFound(customer_id)
-        repo = RewardsRepository.from_session(session)
-        config = await repo.config(tenant_id)
-        rows = await repo.list_rewards(tenant_id, active_only=True, after=cursor, limit=limit + 1)
-        customer = await self._context(session, tenant_id, customer_id, balance["available"], None)
+        config, customer, rows = view
         items = []
         for row in rows[:limit]:
-            reward = terms(row)
+            reward = RewardTerms(**{name: row[name] for name in TERMS})
             reasons = unavailable_reasons(reward, config, customer, now=now, member_id=member_id)
             used = None
             if reward.limit_period is not None:
@@ -262,10 +260,10 @@ class RewardsService(LedgerService):
         return rs.CustomerCatalogue(
             customer_id=customer_id,
             member_id=member_id,
-            available=balance["available"],
+            available=customer.available,
             tier=customer.tier,
             items=items,
-            next_cursor=rows[limit - 1].reward_id if len(rows) > limit else None,
+            next_cursor=rows[limit - 1]["reward_id"] if len(rows) > limit else None,
         )
 
     # --- customers' redeemers and entitlements ----------------------------------------------------
@@ -313,10 +311,11 @@ class RewardsService(LedgerService):
         customer_id = body.customer_id
         check_customer_account(customer_id)
         repo = RewardsRepository.from_session(session)
-        # The account first (the ledger's lock order), then the reward row: concurrent redemptions of one
-        # reward queue on its row, so its stock is read and taken by one at a time.
+        # The account's lock makes the balance and the customer's limits exact. The reward's stock is taken
+        # by the transaction's last statement (a conditional decrement): its row is locked only from there
+        # to the commit, so redemptions of one reward queue on it as briefly as possible.
         book = await self._open(session, tenant_id, [customer_id], now=now, lots_of=[customer_id])
-        row = await repo.get_reward(tenant_id, body.reward_id, lock=True)
+        row = await repo.get_reward(tenant_id, body.reward_id)
         if row is None:
             raise RewardNotFound(body.reward_id)
         reward = terms(row)
@@ -336,8 +335,6 @@ class RewardsService(LedgerService):
         )
         order_id = uuid.uuid4()
         code = await self._issue_coupon(session, tenant_id, reward, order_id) if reward.kind == "coupon" else None
-        if row.stock is not None:
-            await repo.take_stock(tenant_id, reward.reward_id, 1)
         timeout = reward.reserve_seconds or book.policy.hold_timeout_seconds
         hold = HoldState(
             hold_id=uuid.uuid4(),
@@ -386,6 +383,8 @@ class RewardsService(LedgerService):
         values = {c.name: getattr(order, c.name) for c in RedemptionOrder.__table__.columns if c.name != "tenant_id"}
         await repo.insert_order(tenant_id, values)
         await repo.add_outbox([_changed(order, "reserved", book.now)])
+        if row.stock is not None and not await repo.take_unit(tenant_id, reward.reward_id):
+            raise OutOfStock(reward.reward_id)  # taken meanwhile: everything above rolls back
         return rs.Redemption.model_validate(order)
 
     async def _issue_coupon(
@@ -497,16 +496,18 @@ class RewardsService(LedgerService):
         book.release(
             hold, Meta(kind="void", source=source, actor_key_id=actor_key_id, hold_id=hold.hold_id), status="voided"
         )
+        cancelled = await self._settle(session, book, row, order, "cancelled")
         await self._give_back(session, row)
-        return await self._settle(session, book, row, order, "cancelled")
+        return cancelled
 
     async def _give_back(self, session: AsyncSession, row: RedemptionOrder) -> None:
+        """Voids the order's coupon and gives its unit of stock back: the reward row last, as every rewards
+        writer does, so it stays locked only until the commit."""
         repo = RewardsRepository.from_session(session)
-        # The reward row after the order's: the lock order every rewards writer keeps.
-        await repo.take_stock(row.tenant_id, row.reward_id, -1)
         if row.coupon_code is not None:
             # A code once shown to a customer is never issued again.
             await repo.update_coupon(row.tenant_id, row.coupon_code, {"status": "void"})
+        await repo.return_unit(row.tenant_id, row.reward_id)
 
     async def due_orders(
         self, session: AsyncReadSession, *, now: datetime, limit: int = 1000
@@ -524,8 +525,8 @@ class RewardsService(LedgerService):
         if hold.status == "active":
             meta = Meta(kind="hold_expired", source="task:redemptions", hold_id=hold.hold_id)
             book.release(hold, meta, status="expired")
-        await self._give_back(session, row)
         await self._settle(session, book, row, order, "expired")
+        await self._give_back(session, row)
         return True
 
     # --- coupons at the checkout ------------------------------------------------------------------
