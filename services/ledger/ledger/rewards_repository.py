@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, tuple_, update
+from sqlalchemy import delete, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 
 from ledger.models import (
@@ -148,43 +148,28 @@ class RewardsRepository(RepositoryBase[SessionT]):
         )
         await self.session.execute(stmt)
 
-    async def customer_view(
-        self, tenant_id: str, customer_id: str, *, after: str | None, limit: int
-    ) -> tuple[RewardsConfig, CustomerContext, list[dict[str, Any]]] | None:
-        """The programme's settings, the customer's context and a page of the active catalogue; None when
-        the customer has no account."""
+    async def customer_context(self, tenant_id: str, customer_id: str) -> tuple[RewardsConfig, CustomerContext] | None:
+        """The programme's settings and the customer's context in one statement; None without an account."""
         params = {"tenant": tenant_id, "customer": customer_id}
         found = await _CUSTOMER_CONTEXT.fetch(self, params, begin=False)
         if not found:
             return None
         row = found[0]
-        config = RewardsConfig(
-            tuple(json.loads(row["tiers"]) if row["tiers"] else ()), row["point_value"], row["currency"]
-        )
+        tiers = tuple(json.loads(row["tiers"])) if row["tiers"] else ()
+        config = RewardsConfig(tiers, row["point_value"], row["currency"])
         redeemed: dict[str, list[tuple[datetime, int]]] = {}
         for reward_id, day, count in json.loads(row["redeemed"] or "[]"):
             redeemed.setdefault(reward_id, []).append((datetime.fromisoformat(day), int(count)))
         members = json.loads(row["members"]) if row["members"] is not None else None
-        customer = CustomerContext(
-            available=row["available"],
-            tier=row["tier"],
-            redeemers=None
-            if members is None
-            else tuple(Redeemer(m["member_id"], m.get("max_points")) for m in members),
-            redeemed=redeemed,
-        )
-        rewards = await _ACTIVE_REWARDS.fetch(
-            self, {"tenant": tenant_id, "after": after or "", "limit": limit}, begin=False
-        )
-        return config, customer, [dict(r) for r in rewards]
+        redeemers = None if members is None else tuple(Redeemer(m["member_id"], m.get("max_points")) for m in members)
+        customer = CustomerContext(row["available"], row["tier"], redeemers, redeemed)
+        return config, customer
+
+    async def active_rewards(self, tenant_id: str, *, after: str | None, limit: int) -> list[dict[str, Any]]:
+        params = {"tenant": tenant_id, "after": after or "", "limit": limit}
+        return [dict(r) for r in await _ACTIVE_REWARDS.fetch(self, params, begin=False)]
 
     # --- customers: tiers and redeemers -----------------------------------------------------------
-
-    async def tier(self, tenant_id: str, customer_id: str) -> str | None:
-        stmt = select(CustomerTier.tier).where(
-            CustomerTier.tenant_id == tenant_id, CustomerTier.customer_id == customer_id
-        )
-        return (await self.session.execute(stmt)).scalar_one_or_none()
 
     async def save_tiers(
         self: RewardsRepository[AsyncSession], rows: Sequence[tuple[str, str, str, datetime, str]]
@@ -246,29 +231,6 @@ class RewardsRepository(RepositoryBase[SessionT]):
                 set_={"members": members, "updated_at": now},
             )
         )
-
-    async def redeemed_days(
-        self, tenant_id: str, customer_id: str, reward_ids: Iterable[str] | None = None
-    ) -> dict[str, list[tuple[datetime, int]]]:
-        """The customer's counted orders per reward and UTC day (what limits are checked against)."""
-        day = func.date_trunc("day", RedemptionOrder.created_at, "UTC").label("day")
-        stmt = (
-            select(RedemptionOrder.reward_id, day, func.count())
-            .where(
-                RedemptionOrder.tenant_id == tenant_id,
-                RedemptionOrder.customer_id == customer_id,
-                RedemptionOrder.state.in_(("reserved", "confirmed", "refunded")),
-            )
-            .group_by(RedemptionOrder.reward_id, day)
-        )
-        if reward_ids is not None:
-            stmt = stmt.where(RedemptionOrder.reward_id.in_(list(reward_ids)))
-        out: dict[str, list[tuple[datetime, int]]] = {}
-        for reward_id, at, count in await self.session.execute(stmt):
-            out.setdefault(reward_id, []).append((at, int(count)))
-        return out
-
-    # --- orders -----------------------------------------------------------------------------------
 
     async def insert_order(self: RewardsRepository[AsyncSession], tenant_id: str, values: dict[str, Any]) -> None:
         await self.session.execute(insert(RedemptionOrder).values(tenant_id=tenant_id, **values))

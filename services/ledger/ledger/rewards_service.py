@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -29,7 +30,6 @@ from ledger.errors import (
 )
 from ledger.models import RedemptionOrder, processed_events
 from ledger.rewards import (
-    CustomerContext,
     Order,
     RewardsConfig,
     check_redeemable,
@@ -213,17 +213,6 @@ class RewardsService(LedgerService):
 
     # --- what one customer can redeem -------------------------------------------------------------
 
-    async def _context(
-        self, session: AsyncReadSession, tenant_id: str, customer_id: str, available: int, reward_ids: list[str] | None
-    ) -> CustomerContext:
-        repo = RewardsRepository.from_session(session)
-        return CustomerContext(
-            available=available,
-            tier=await repo.tier(tenant_id, customer_id),
-            redeemers=await repo.redeemers(tenant_id, customer_id),
-            redeemed=await repo.redeemed_days(tenant_id, customer_id, reward_ids),
-        )
-
     async def catalogue_for(
         self,
         session: AsyncReadSession,
@@ -236,12 +225,12 @@ class RewardsService(LedgerService):
         now: datetime | None = None,
     ) -> rs.CustomerCatalogue:
         now = now or utcnow()
-        view = await RewardsRepository.from_session(session).customer_view(
-            tenant_id, customer_id, after=cursor, limit=limit + 1
-        )
-        if view is None:
+        repo = RewardsRepository.from_session(session)
+        context = await repo.customer_context(tenant_id, customer_id)
+        if context is None:
             raise AccountNotFound(customer_id)
-        config, customer, rows = view
+        config, customer = context
+        rows = await repo.active_rewards(tenant_id, after=cursor, limit=limit + 1)
         items = []
         for row in rows[:limit]:
             reward = RewardTerms(**{name: row[name] for name in TERMS})
@@ -321,9 +310,11 @@ class RewardsService(LedgerService):
         reward = terms(row)
         if reward.kind == "discount" and (body.purchase_order_id is None or body.order_amount is None):
             raise UnprocessableEntity("a discount redemption names its purchase_order_id and order_amount")
-        config = await repo.config(tenant_id)
-        limited = [reward.reward_id] if reward.limit_count is not None else []
-        customer = await self._context(session, tenant_id, customer_id, book.account(customer_id).available, limited)
+        context = await repo.customer_context(tenant_id, customer_id)
+        assert context is not None, "the account is locked"
+        config, unlocked = context
+        # The balance that counts is the locked account's, not the context's (read without the lock).
+        customer = replace(unlocked, available=book.account(customer_id).available)
         check_redeemable(
             reward,
             config,
