@@ -4,9 +4,10 @@
    database transaction) with the outbox relay running, in this process.
 2. REST redeem latency at a fixed arrival rate, against the service run by uvicorn in a subprocess.
 3. Balance reads per second with concurrent keep-alive connections against the same server.
-4. Rewards: POST /v1/redemptions latency at a fixed arrival rate (a stocked reward: every redemption locks
-   its row and takes a unit), and the catalogue listing for one customer (GET /v1/customers/{id}/rewards,
-   20 rewards with tiers, limits and windows to evaluate) per second.
+4. Rewards: POST /v1/redemptions latency at a fixed arrival rate, of a reward without a stock and of a
+   stocked one (every redemption takes a unit: they queue on its row from that statement to the commit),
+   and the catalogue listing for one customer (GET /v1/customers/{id}/rewards, 20 rewards with tiers,
+   limits and windows to evaluate) per second.
 
 Runs against the dev database (`loyalty_ledger`, migrated by `make db-migrate`) and the local broker,
 on a fresh tenant and a fresh topic namespace, so it leaves the real topics alone.
@@ -266,16 +267,19 @@ async def balance_reads(token: str, servers: list[int]) -> None:
 
 
 async def setup_rewards(admin: str) -> None:
-    """A catalogue of `CATALOGUE_REWARDS` rewards with the terms a listing evaluates; "bench-gift" (1 point,
-    a stock of a billion) is the one redeemed."""
+    """A catalogue of `CATALOGUE_REWARDS` rewards with the terms a listing evaluates; "bench-voucher" (1 point,
+    no stock) and "bench-gift" (1 point, a stock of a billion) are the ones redeemed."""
     conn = await Connection.open(PORTS[0])
     headers = {"X-API-Key": admin, "Content-Type": "application/json"}
     try:
         body = json.dumps({"tiers": ["silver", "gold", "platinum"], "point_value": "0.01", "currency": "EUR"})
         status, text = await conn.request("PUT", "/v1/reward-settings", headers, body.encode())
         assert status == 200, text
-        rewards = [{"reward_id": "bench-gift", "name": "Gift", "kind": "gift", "points": 1, "stock": 10**9}]
-        for i in range(CATALOGUE_REWARDS - 1):
+        rewards = [
+            {"reward_id": "bench-gift", "name": "Gift", "kind": "gift", "points": 1, "stock": 10**9},
+            {"reward_id": "bench-voucher", "name": "Voucher", "kind": "gift", "points": 1},
+        ]
+        for i in range(CATALOGUE_REWARDS - 2):
             reward: dict[str, object] = {"reward_id": f"r-{i:02d}", "name": f"Reward {i}", "points": 50 + 25 * i}
             reward["kind"] = ("gift", "privilege", "discount", "coupon")[i % 4]
             if reward["kind"] == "privilege":
@@ -294,7 +298,9 @@ async def setup_rewards(admin: str) -> None:
         conn.close()
 
 
-async def redemption_latency(token: str, rate: int, servers: list[int], *, report: bool = True) -> None:
+async def redemption_latency(
+    token: str, rate: int, servers: list[int], *, reward: str = "bench-voucher", report: bool = True
+) -> None:
     pool: asyncio.Queue[Connection] = asyncio.Queue()
     for i in range(64):
         pool.put_nowait(await Connection.open(PORTS[i % len(PORTS)]))
@@ -304,7 +310,7 @@ async def redemption_latency(token: str, rate: int, servers: list[int], *, repor
 
     async def one() -> None:
         conn = await pool.get()
-        body = json.dumps({"customer_id": f"cust-{rng.randrange(CUSTOMERS):05d}", "reward_id": "bench-gift"}).encode()
+        body = json.dumps({"customer_id": f"cust-{rng.randrange(CUSTOMERS):05d}", "reward_id": reward}).encode()
         headers = {"X-API-Key": token, "Idempotency-Key": f"bench-{uuid.uuid4()}", "Content-Type": "application/json"}
         sent = time.perf_counter()
         status, _ = await conn.request("POST", "/v1/redemptions", headers, body)
@@ -327,7 +333,8 @@ async def redemption_latency(token: str, rate: int, servers: list[int], *, repor
         pool.get_nowait().close()
     if not report:
         return
-    print(f"  {total} redemptions at {rate} req/s offered ({total / elapsed:.0f} req/s achieved), statuses {statuses}")
+    print(f"  {reward}: {total} redemptions at {rate} req/s offered ({total / elapsed:.0f} req/s achieved)")
+    print(f"  statuses {statuses}")
     print(
         f"  latency p50 {statistics.median(latencies):.1f} ms, p90 {pct(latencies, 0.90):.1f} ms, "
         f"p99 {pct(latencies, 0.99):.1f} ms, max {max(latencies):.1f} ms"
@@ -422,6 +429,7 @@ async def main() -> None:
         await setup_rewards(admin.token)
         await redemption_latency(key.token, REDEMPTION_RATE, pids, report=False)
         await redemption_latency(key.token, REDEMPTION_RATE, pids)
+        await redemption_latency(key.token, REDEMPTION_RATE, pids, reward="bench-gift")
         await catalogue_reads(key.token, pids)
     finally:
         for server in servers:

@@ -29,6 +29,7 @@ from ledger.errors import (
     RewardNotFound,
 )
 from ledger.models import RedemptionOrder, processed_events
+from ledger.repository import LedgerRepository
 from ledger.rewards import (
     Order,
     RewardsConfig,
@@ -374,9 +375,17 @@ class RewardsService(LedgerService):
         values = {c.name: getattr(order, c.name) for c in RedemptionOrder.__table__.columns if c.name != "tenant_id"}
         await repo.insert_order(tenant_id, values)
         await repo.add_outbox([_changed(order, "reserved", book.now)])
+        response = rs.Redemption.model_validate(order)
+        if pending is not None:
+            # Stored before the stock is taken, so that nothing but the commit follows the row's lock.
+            stored = response.model_dump_json()
+            await LedgerRepository.from_session(session).store_response(
+                tenant_id, pending.key, pending.status_code, stored
+            )
+            pending.stored = response
         if row.stock is not None and not await repo.take_unit(tenant_id, reward.reward_id):
             raise OutOfStock(reward.reward_id)  # taken meanwhile: everything above rolls back
-        return rs.Redemption.model_validate(order)
+        return response
 
     async def _issue_coupon(
         self, session: AsyncSession, tenant_id: str, reward: RewardTerms, order_id: uuid.UUID
