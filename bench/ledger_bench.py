@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -191,36 +192,31 @@ async def wait_ready(port: int, timeout_s: float = 60) -> None:
     raise RuntimeError("the ledger server did not become ready")
 
 
-async def redeem_latency(token: str, rate: int, servers: list[int], *, report: bool = True) -> None:
+async def open_loop(
+    rate: int, seconds: int, servers: list[int], send: Callable[[Connection, int], Awaitable[int]]
+) -> tuple[list[float], dict[int, int], float, CpuMeter]:
+    """Sends `rate` requests a second for `seconds` over 64 keep-alive connections, open loop: they go out
+    on schedule whether or not earlier ones have returned. Returns latencies (ms), statuses, the elapsed
+    time and the CPU meter."""
     pool: asyncio.Queue[Connection] = asyncio.Queue()
     for i in range(64):
         pool.put_nowait(await Connection.open(PORTS[i % len(PORTS)]))
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    rng = random.Random(11)
 
     async def one(i: int) -> None:
         conn = await pool.get()
-        body = json.dumps({"points": 1, "reference": f"order-{i}"}).encode()
-        headers = {
-            "X-API-Key": token,
-            "Idempotency-Key": f"bench-redeem-{uuid.uuid4()}",
-            "Content-Type": "application/json",
-        }
         sent = time.perf_counter()
-        status, _ = await conn.request(
-            "POST", f"/v1/accounts/cust-{rng.randrange(CUSTOMERS):05d}/redeem", headers, body
-        )
+        status = await send(conn, i)
         latencies.append((time.perf_counter() - sent) * 1000)
         statuses[status] = statuses.get(status, 0) + 1
         pool.put_nowait(conn)
 
-    total = rate * (REDEEM_SECONDS if report else WARMUP_SECONDS)
+    total = rate * seconds
     tasks = []
     with CpuMeter(servers) as cpu:
         start = time.perf_counter()
         for i in range(total):
-            # Open loop: requests go out on schedule whether or not earlier ones have returned.
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -229,13 +225,38 @@ async def redeem_latency(token: str, rate: int, servers: list[int], *, report: b
         elapsed = time.perf_counter() - start
     while not pool.empty():
         pool.get_nowait().close()
-    if not report:
-        return
-    print(f"  {total} redeems at {rate} req/s offered ({total / elapsed:.0f} req/s achieved), statuses {statuses}")
+    return latencies, statuses, elapsed, cpu
+
+
+def print_latencies(latencies: list[float]) -> None:
     print(
         f"  latency p50 {statistics.median(latencies):.1f} ms, p90 {pct(latencies, 0.90):.1f} ms, "
         f"p99 {pct(latencies, 0.99):.1f} ms, max {max(latencies):.1f} ms"
     )
+
+
+async def redeem_latency(token: str, rate: int, servers: list[int], *, report: bool = True) -> None:
+    rng = random.Random(11)
+
+    async def send(conn: Connection, i: int) -> int:
+        body = json.dumps({"points": 1, "reference": f"order-{i}"}).encode()
+        headers = {
+            "X-API-Key": token,
+            "Idempotency-Key": f"bench-redeem-{uuid.uuid4()}",
+            "Content-Type": "application/json",
+        }
+        status, _ = await conn.request(
+            "POST", f"/v1/accounts/cust-{rng.randrange(CUSTOMERS):05d}/redeem", headers, body
+        )
+        return status
+
+    seconds = REDEEM_SECONDS if report else WARMUP_SECONDS
+    latencies, statuses, elapsed, cpu = await open_loop(rate, seconds, servers, send)
+    if not report:
+        return
+    total = rate * seconds
+    print(f"  {total} redeems at {rate} req/s offered ({total / elapsed:.0f} req/s achieved), statuses {statuses}")
+    print_latencies(latencies)
     cpu.report(total, "redeem")
 
 
@@ -301,44 +322,22 @@ async def setup_rewards(admin: str) -> None:
 async def redemption_latency(
     token: str, rate: int, servers: list[int], *, reward: str = "bench-voucher", report: bool = True
 ) -> None:
-    pool: asyncio.Queue[Connection] = asyncio.Queue()
-    for i in range(64):
-        pool.put_nowait(await Connection.open(PORTS[i % len(PORTS)]))
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
     rng = random.Random(13)
 
-    async def one() -> None:
-        conn = await pool.get()
+    async def send(conn: Connection, i: int) -> int:
         body = json.dumps({"customer_id": f"cust-{rng.randrange(CUSTOMERS):05d}", "reward_id": reward}).encode()
         headers = {"X-API-Key": token, "Idempotency-Key": f"bench-{uuid.uuid4()}", "Content-Type": "application/json"}
-        sent = time.perf_counter()
         status, _ = await conn.request("POST", "/v1/redemptions", headers, body)
-        latencies.append((time.perf_counter() - sent) * 1000)
-        statuses[status] = statuses.get(status, 0) + 1
-        pool.put_nowait(conn)
+        return status
 
-    total = rate * (REDEEM_SECONDS if report else WARMUP_SECONDS)
-    tasks = []
-    with CpuMeter(servers) as cpu:
-        start = time.perf_counter()
-        for i in range(total):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
-    while not pool.empty():
-        pool.get_nowait().close()
+    seconds = REDEEM_SECONDS if report else WARMUP_SECONDS
+    latencies, statuses, elapsed, cpu = await open_loop(rate, seconds, servers, send)
     if not report:
         return
+    total = rate * seconds
     print(f"  {reward}: {total} redemptions at {rate} req/s offered ({total / elapsed:.0f} req/s achieved)")
     print(f"  statuses {statuses}")
-    print(
-        f"  latency p50 {statistics.median(latencies):.1f} ms, p90 {pct(latencies, 0.90):.1f} ms, "
-        f"p99 {pct(latencies, 0.99):.1f} ms, max {max(latencies):.1f} ms"
-    )
+    print_latencies(latencies)
     cpu.report(total, "redemption")
 
 

@@ -55,6 +55,22 @@ _CUSTOMER_CONTEXT = _Sql(
     WHERE b.tenant_id = :tenant AND b.account_id = :customer AND b.kind = 'customer'
     """
 )
+_ORDER_COLUMNS = [c.name for c in RedemptionOrder.__table__.columns]
+_REWARD = _Sql(
+    f"SELECT {', '.join(_REWARD_COLUMNS)} FROM ledger.rewards WHERE tenant_id = :tenant AND reward_id = :reward"
+)
+_INSERT_ORDER = _Sql(
+    f"INSERT INTO ledger.redemption_orders ({', '.join(_ORDER_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + c for c in _ORDER_COLUMNS)})"
+)
+_ADD_OUTBOX = _Sql(
+    "INSERT INTO ledger.rewards_outbox (key, value) "
+    "SELECT * FROM unnest(CAST(:keys AS bytea[]), CAST(:values AS bytea[]))"
+)
+_TAKE_UNIT = _Sql(
+    """UPDATE ledger.rewards SET stock = stock - 1
+    WHERE tenant_id = :tenant AND reward_id = :reward AND stock > 0 RETURNING stock"""
+)
 _ACTIVE_REWARDS = _Sql(
     f"""
     SELECT {", ".join(_REWARD_COLUMNS)} FROM ledger.rewards
@@ -64,7 +80,10 @@ _ACTIVE_REWARDS = _Sql(
 )
 
 
-def terms(row: Reward) -> RewardTerms:
+def terms(row: Reward | dict[str, Any]) -> RewardTerms:
+    """The pure rules' view of a reward row (an ORM row or a fetched record's dict)."""
+    if isinstance(row, dict):
+        return RewardTerms(**{name: row[name] for name in TERMS})
     return RewardTerms(**{name: getattr(row, name) for name in TERMS})
 
 
@@ -128,16 +147,14 @@ class RewardsRepository(RepositoryBase[SessionT]):
     async def delete_reward(self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str) -> None:
         await self.session.execute(delete(Reward).where(Reward.tenant_id == tenant_id, Reward.reward_id == reward_id))
 
+    async def reward_terms(self, tenant_id: str, reward_id: str) -> dict[str, Any] | None:
+        """A reward's row as a dict, in one fixed statement (the redemption's hot path)."""
+        rows = await _REWARD.fetch(self, {"tenant": tenant_id, "reward": reward_id})
+        return dict(rows[0]) if rows else None
+
     async def take_unit(self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str) -> bool:
         """Takes a unit of the reward's stock when one is left (a stocked reward); False when none is."""
-        stmt = (
-            update(Reward)
-            .where(Reward.tenant_id == tenant_id, Reward.reward_id == reward_id, Reward.stock > 0)
-            .values(stock=Reward.stock - 1)
-            .returning(Reward.stock)
-            .execution_options(synchronize_session=False)
-        )
-        return (await self.session.execute(stmt)).first() is not None
+        return bool(await _TAKE_UNIT.fetch(self, {"tenant": tenant_id, "reward": reward_id}))
 
     async def return_unit(self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str) -> None:
         stmt = (
@@ -232,8 +249,8 @@ class RewardsRepository(RepositoryBase[SessionT]):
             )
         )
 
-    async def insert_order(self: RewardsRepository[AsyncSession], tenant_id: str, values: dict[str, Any]) -> None:
-        await self.session.execute(insert(RedemptionOrder).values(tenant_id=tenant_id, **values))
+    async def insert_order(self: RewardsRepository[AsyncSession], values: dict[str, Any]) -> None:
+        await _INSERT_ORDER.fetch(self, values)
 
     async def get_order(self, tenant_id: str, order_id: uuid.UUID, *, lock: bool = False) -> RedemptionOrder | None:
         stmt = select(RedemptionOrder).where(
@@ -344,7 +361,7 @@ class RewardsRepository(RepositoryBase[SessionT]):
 
     async def add_outbox(self: RewardsRepository[AsyncSession], rows: Sequence[tuple[bytes, bytes]]) -> None:
         if rows:
-            await self.session.execute(insert(RewardsOutbox).values([{"key": k, "value": v} for k, v in rows]))
+            await _ADD_OUTBOX.fetch(self, {"keys": [k for k, _ in rows], "values": [v for _, v in rows]})
 
     async def claim_outbox(self: RewardsRepository[AsyncSession], limit: int) -> Sequence[RewardsOutbox]:
         stmt = select(RewardsOutbox).order_by(RewardsOutbox.id).limit(limit).with_for_update(skip_locked=True)

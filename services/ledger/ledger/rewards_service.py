@@ -40,7 +40,7 @@ from ledger.rewards import (
 )
 from ledger.rewards import Reward as RewardTerms
 from ledger.rewards import unavailable as unavailable_reasons
-from ledger.rewards_repository import TERMS, RewardsRepository, terms
+from ledger.rewards_repository import RewardsRepository, terms
 from ledger.service import LedgerService, PendingResponse
 from shared.consumer import Inbound, Rejection
 from shared.db import AsyncReadSession, AsyncSession
@@ -234,7 +234,7 @@ class RewardsService(LedgerService):
         rows = await repo.active_rewards(tenant_id, after=cursor, limit=limit + 1)
         items = []
         for row in rows[:limit]:
-            reward = RewardTerms(**{name: row[name] for name in TERMS})
+            reward = terms(row)
             reasons = unavailable_reasons(reward, config, customer, now=now, member_id=member_id)
             used = None
             if reward.limit_period is not None:
@@ -305,7 +305,7 @@ class RewardsService(LedgerService):
         # by the transaction's last statement (a conditional decrement): its row is locked only from there
         # to the commit, so redemptions of one reward queue on it as briefly as possible.
         book = await self._open(session, tenant_id, [customer_id], now=now, lots_of=[customer_id])
-        row = await repo.get_reward(tenant_id, body.reward_id)
+        row = await repo.reward_terms(tenant_id, body.reward_id)
         if row is None:
             raise RewardNotFound(body.reward_id)
         reward = terms(row)
@@ -322,7 +322,7 @@ class RewardsService(LedgerService):
             customer,
             now=book.now,
             member_id=body.member_id,
-            stock_left=row.stock,
+            stock_left=row["stock"],
             account_id=customer_id,
         )
         order_id = uuid.uuid4()
@@ -372,8 +372,7 @@ class RewardsService(LedgerService):
             expires_at=hold.expires_at,
             updated_at=book.now,
         )
-        values = {c.name: getattr(order, c.name) for c in RedemptionOrder.__table__.columns if c.name != "tenant_id"}
-        await repo.insert_order(tenant_id, values)
+        await repo.insert_order({c.name: getattr(order, c.name) for c in RedemptionOrder.__table__.columns})
         await repo.add_outbox([_changed(order, "reserved", book.now)])
         response = rs.Redemption.model_validate(order)
         if pending is not None:
@@ -383,7 +382,7 @@ class RewardsService(LedgerService):
                 tenant_id, pending.key, pending.status_code, stored
             )
             pending.stored = response
-        if row.stock is not None and not await repo.take_unit(tenant_id, reward.reward_id):
+        if row["stock"] is not None and not await repo.take_unit(tenant_id, reward.reward_id):
             raise OutOfStock(reward.reward_id)  # taken meanwhile: everything above rolls back
         return response
 
@@ -433,8 +432,24 @@ class RewardsService(LedgerService):
         return rs.Redemption.model_validate(row)
 
     async def _capture(
-        self, session: AsyncSession, book: Book, hold: HoldState, row: RedemptionOrder, meta: Meta
+        self,
+        session: AsyncSession,
+        book: Book,
+        hold: HoldState,
+        row: RedemptionOrder,
+        *,
+        source: str,
+        actor_key_id: str | None,
     ) -> None:
+        """Captures the order's hold; a privilege becomes an entitlement from now for its duration."""
+        meta = Meta(
+            kind="capture",
+            source=source,
+            member_id=row.member_id,
+            reference_id=hold.reference,
+            actor_key_id=actor_key_id,
+            hold_id=hold.hold_id,
+        )
         book.capture(hold, hold.points, meta)
         if row.kind == "privilege":
             reward = await RewardsRepository.from_session(session).get_reward(row.tenant_id, row.reward_id)
@@ -467,15 +482,7 @@ class RewardsService(LedgerService):
         book, hold, row = await self._locked_order(session, tenant_id, order_id, now=now)
         order = _order(row)
         order.confirm(book.now)
-        meta = Meta(
-            kind="capture",
-            source=source,
-            member_id=row.member_id,
-            reference_id=hold.reference,
-            actor_key_id=actor_key_id,
-            hold_id=hold.hold_id,
-        )
-        await self._capture(session, book, hold, row, meta)
+        await self._capture(session, book, hold, row, source=source, actor_key_id=actor_key_id)
         return await self._settle(session, book, row, order, "confirmed")
 
     async def cancel_redemption(
@@ -580,15 +587,7 @@ class RewardsService(LedgerService):
         assert coupon is not None
         order = _order(row)
         if order.consume_coupon(coupon.status, book.now):  # type: ignore[arg-type]
-            meta = Meta(
-                kind="capture",
-                source=source,
-                member_id=row.member_id,
-                reference_id=hold.reference,
-                actor_key_id=actor_key_id,
-                hold_id=hold.hold_id,
-            )
-            await self._capture(session, book, hold, row, meta)
+            await self._capture(session, book, hold, row, source=source, actor_key_id=actor_key_id)
         await repo.update_coupon(
             tenant_id, code, {"status": "consumed", "consumed_by": body.purchase_order_id, "consumed_at": book.now}
         )
