@@ -495,6 +495,7 @@ class TestPrivileges:
 
 class TestTenantIsolation:
     async def test_another_tenants_key_sees_and_changes_nothing(self, client: httpx.AsyncClient, keys: Keys) -> None:
+        await call(client, "PUT", "/v1/reward-settings", keys.admin, {"tiers": ["gold"]}, status=200)
         await reward(client, keys, "mug", points=10, stock=3)
         await earn(client, keys, "acme", 100)
         order = await redeem(client, keys, "acme", "mug")
@@ -514,6 +515,13 @@ class TestTenantIsolation:
         await call(client, "GET", "/v1/customers/acme/rewards", other.write, status=404)
         assert (await call(client, "GET", "/v1/rewards", other.write, status=200))["items"] == []
         assert (await redeem(client, other, "acme", "mug", status=404))["error"] == "AccountNotFound"
+        codes = {"codes": ["CODE-1234"]}
+        await call(client, "POST", "/v1/rewards/mug/coupons", other.admin, codes, status=404)
+        members = {"all_members": False, "members": [{"member_id": "x"}]}
+        await call(client, "PUT", "/v1/customers/acme/redeemers", other.admin, members, status=200)
+        assert (await call(client, "GET", "/v1/customers/acme/redeemers", keys.read, status=200))["all_members"] is True
+        assert (await call(client, "GET", "/v1/customers/acme/entitlements", other.write, status=200))["items"] == []
+        assert (await call(client, "GET", "/v1/reward-settings", other.write, status=200))["tiers"] == []
         assert (await call(client, "GET", f"/v1/redemptions/{oid}", keys.read, status=200))["state"] == "reserved"
         assert (await call(client, "GET", "/v1/rewards/mug", keys.read, status=200))["stock"] == 2
 
