@@ -284,6 +284,24 @@ class TestRedemptionOrders:
         assert (await redeem(client, keys, "nobody", "daily", status=404))["error"] == "AccountNotFound"
         assert (await balance(client, keys, "acme"))["available"] == 80
 
+    async def test_an_order_is_reserved_for_the_programmes_hold_timeout_or_the_rewards_own(
+        self, client: httpx.AsyncClient, keys: Keys
+    ) -> None:
+        policy = {
+            "expiry_rule": "never",
+            "expiry_months": 12,
+            "clawback_policy": "receivable",
+            "hold_timeout_seconds": 120,
+        }
+        await call(client, "PUT", "/v1/policy", keys.admin, policy, status=200)
+        await reward(client, keys, "default", points=10)
+        await reward(client, keys, "own", points=10, reserve_seconds=3600)
+        await earn(client, keys, "acme", 100)
+        for reward_id, seconds in (("default", 120), ("own", 3600)):
+            order = await redeem(client, keys, "acme", reward_id)
+            reserved = datetime.fromisoformat(order["expires_at"]) - datetime.fromisoformat(order["created_at"])
+            assert reserved == timedelta(seconds=seconds)
+
     async def test_window_is_enforced(self, client: httpx.AsyncClient, keys: Keys) -> None:
         past = datetime.now(UTC) - timedelta(days=1)
         await reward(client, keys, "old", points=10, available_until=past.isoformat())

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
 from typing import Literal
 
+from ledger.domain import Policy
 from ledger.errors import (
     CouponNotUsable,
     InsufficientPoints,
@@ -63,6 +64,8 @@ class RewardsConfig:
     tiers: tuple[str, ...] = ()
     point_value: Decimal | None = None
     currency: str | None = None
+    # The programme's hold timeout (its ledger policy): how long an order stays reserved by default.
+    hold_timeout_seconds: int = Policy.hold_timeout_seconds
 
     def rank(self, tier: str | None) -> int | None:
         return self.tiers.index(tier) if tier is not None and tier in self.tiers else None

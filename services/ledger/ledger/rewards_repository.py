@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -46,6 +47,7 @@ _CUSTOMER_CONTEXT = _Sql(
         (SELECT r.members::text FROM ledger.customer_redeemers r
          WHERE r.tenant_id = :tenant AND r.customer_id = :customer) AS members,
         s.tiers::text AS tiers, s.point_value, s.currency,
+        (SELECT p.hold_timeout_seconds FROM ledger.tenant_policies p WHERE p.tenant_id = :tenant) AS hold_timeout,
         (SELECT json_agg(json_build_array(d.reward_id, d.day, d.n))::text FROM (
             SELECT o.reward_id, date_trunc('day', o.created_at, 'UTC') AS day, count(*) AS n
             FROM ledger.redemption_orders o
@@ -174,6 +176,8 @@ class RewardsRepository(RepositoryBase[SessionT]):
         row = found[0]
         tiers = tuple(json.loads(row["tiers"])) if row["tiers"] else ()
         config = RewardsConfig(tiers, row["point_value"], row["currency"])
+        if row["hold_timeout"] is not None:
+            config = replace(config, hold_timeout_seconds=row["hold_timeout"])
         redeemed: dict[str, list[tuple[datetime, int]]] = {}
         for reward_id, day, count in json.loads(row["redeemed"] or "[]"):
             redeemed.setdefault(reward_id, []).append((datetime.fromisoformat(day), int(count)))

@@ -304,7 +304,8 @@ class RewardsService(LedgerService):
         # The account's lock makes the balance and the customer's limits exact. The reward's stock is taken
         # by the transaction's last statement (a conditional decrement): its row is locked only from there
         # to the commit, so redemptions of one reward queue on it as briefly as possible.
-        book = await self._open(session, tenant_id, [customer_id], now=now, lots_of=[customer_id])
+        # The policy's hold timeout comes with the customer's context (one statement fewer).
+        book = await self._open(session, tenant_id, [customer_id], now=now, lots_of=[customer_id], policy=False)
         row = await repo.reward_terms(tenant_id, body.reward_id)
         if row is None:
             raise RewardNotFound(body.reward_id)
@@ -327,7 +328,7 @@ class RewardsService(LedgerService):
         )
         order_id = uuid.uuid4()
         code = await self._issue_coupon(session, tenant_id, reward, order_id) if reward.kind == "coupon" else None
-        timeout = reward.reserve_seconds or book.policy.hold_timeout_seconds
+        timeout = reward.reserve_seconds or config.hold_timeout_seconds
         hold = HoldState(
             hold_id=uuid.uuid4(),
             account_id=customer_id,
