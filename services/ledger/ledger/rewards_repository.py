@@ -268,17 +268,21 @@ class RewardsRepository(RepositoryBase[SessionT]):
         """Writes the changes made to loaded orders (their state, refunds)."""
         await self.session.flush()
 
-    async def orders_for_purchase(self, tenant_id: str, customer_id: str, purchase_order_id: str) -> list[uuid.UUID]:
+    async def discounts_for_purchase(
+        self, tenant_id: str, customer_id: str, purchase_order_id: str
+    ) -> list[tuple[uuid.UUID, str | None]]:
+        """The (order id, currency) of the customer's discount redemptions for a webshop order."""
         stmt = (
-            select(RedemptionOrder.order_id)
+            select(RedemptionOrder.order_id, RedemptionOrder.currency)
             .where(
                 RedemptionOrder.tenant_id == tenant_id,
                 RedemptionOrder.purchase_order_id == purchase_order_id,
                 RedemptionOrder.customer_id == customer_id,
+                RedemptionOrder.kind == "discount",
             )
             .order_by(RedemptionOrder.created_at, RedemptionOrder.order_id)
         )
-        return list((await self.session.execute(stmt)).scalars())
+        return [(row.order_id, row.currency) for row in await self.session.execute(stmt)]
 
     async def due_orders(self, now: datetime, limit: int) -> list[tuple[str, uuid.UUID]]:
         stmt = (

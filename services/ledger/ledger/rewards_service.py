@@ -649,12 +649,15 @@ class RewardsService(LedgerService):
     ) -> None:
         amount = data.amount if data.amount is not None else sum((line.amount for line in data.lines), Decimal(0))
         repo = RewardsRepository.from_session(session)
-        for order_id in await repo.orders_for_purchase(tenant_id, data.customer_id, data.original_order_id):
+        discounts = await repo.discounts_for_purchase(tenant_id, data.customer_id, data.original_order_id)
+        # Every order is checked before any is changed: a refused event must have changed nothing.
+        for _, currency in discounts:
+            if currency != data.currency:
+                raise RefundCurrencyMismatch(data.refund_id, data.currency, currency)
+        for order_id, _ in discounts:
             book, hold, row = await self._locked_order(session, tenant_id, order_id, now=now)
-            if row.kind != "discount" or row.state != "confirmed":
+            if row.state != "confirmed":
                 continue  # only captured discounts paid for the order; a reservation gives back on its own
-            if row.currency != data.currency:
-                raise RefundCurrencyMismatch(data.refund_id, data.currency, row.currency)
             order = _order(row)
             back = order.refund(amount)
             if back:
