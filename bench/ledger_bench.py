@@ -260,7 +260,8 @@ async def redeem_latency(token: str, rate: int, servers: list[int], *, report: b
     cpu.report(total, "redeem")
 
 
-async def balance_reads(token: str, servers: list[int]) -> None:
+async def closed_reads(token: str, servers: list[int], path: Callable[[random.Random], str], what: str) -> None:
+    """GETs `path(rng)` over `READ_CONNECTIONS` keep-alive connections for `READ_SECONDS`, closed loop."""
     count = 0
     stop = time.perf_counter() + READ_SECONDS
     errors = 0
@@ -271,9 +272,7 @@ async def balance_reads(token: str, servers: list[int]) -> None:
         conn = await Connection.open(PORTS[seed % len(PORTS)])
         try:
             while time.perf_counter() < stop:
-                status, _ = await conn.request(
-                    "GET", f"/v1/accounts/cust-{rng.randrange(CUSTOMERS):05d}", {"X-API-Key": token}
-                )
+                status, _ = await conn.request("GET", path(rng), {"X-API-Key": token})
                 count += 1
                 errors += status != 200
         finally:
@@ -283,8 +282,12 @@ async def balance_reads(token: str, servers: list[int]) -> None:
         started = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(READ_CONNECTIONS)))
         elapsed = time.perf_counter() - started
-    print(f"  {count / elapsed:,.0f} balance reads/s with {READ_CONNECTIONS} connections ({errors} errors)")
-    cpu.report(count, "read")
+    print(f"  {count / elapsed:,.0f} {what}s/s with {READ_CONNECTIONS} connections ({errors} errors)")
+    cpu.report(count, what)
+
+
+async def balance_reads(token: str, servers: list[int]) -> None:
+    await closed_reads(token, servers, lambda rng: f"/v1/accounts/cust-{rng.randrange(CUSTOMERS):05d}", "balance read")
 
 
 async def setup_rewards(admin: str) -> None:
@@ -342,29 +345,9 @@ async def redemption_latency(
 
 
 async def catalogue_reads(token: str, servers: list[int]) -> None:
-    count = 0
-    errors = 0
-    stop = time.perf_counter() + READ_SECONDS
-
-    async def worker(seed: int) -> None:
-        nonlocal count, errors
-        rng = random.Random(seed)
-        conn = await Connection.open(PORTS[seed % len(PORTS)])
-        try:
-            while time.perf_counter() < stop:
-                path = f"/v1/customers/cust-{rng.randrange(CUSTOMERS):05d}/rewards"
-                status, _ = await conn.request("GET", path, {"X-API-Key": token})
-                count += 1
-                errors += status != 200
-        finally:
-            conn.close()
-
-    with CpuMeter(servers) as cpu:
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(i) for i in range(READ_CONNECTIONS)))
-        elapsed = time.perf_counter() - started
-    print(f"  {count / elapsed:,.0f} catalogue listings/s with {READ_CONNECTIONS} connections ({errors} errors)")
-    cpu.report(count, "listing")
+    await closed_reads(
+        token, servers, lambda rng: f"/v1/customers/cust-{rng.randrange(CUSTOMERS):05d}/rewards", "catalogue listing"
+    )
 
 
 async def main() -> None:
