@@ -159,6 +159,13 @@ class TestEligibility:
             "EUR",
         )
         assert money_value(gift(value=Decimal("12.5"), currency="USD"), TIERS) == (Decimal("12.5"), "USD")
+        # A value the events could not carry (money is bounded by 10^12) makes the discount unavailable.
+        dear = RewardsConfig((), Decimal("1000"), "EUR")
+        assert [
+            r for r, _ in unavailable(gift(kind="discount", points=10**9), dear, CustomerContext(10**12), now=NOW)
+        ] == []
+        too_dear = unavailable(gift(kind="discount", points=10**9 + 1), dear, CustomerContext(10**12), now=NOW)
+        assert [r for r, _ in too_dear] == ["not_configured"]
 
 
 class TestCouponCodes:

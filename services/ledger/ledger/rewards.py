@@ -29,6 +29,7 @@ from ledger.errors import (
     OutOfStock,
     RedemptionStateConflict,
 )
+from shared.events import MAX_MONEY
 
 Kind = Literal["gift", "privilege", "discount", "coupon"]
 Period = Literal["day", "week", "month", "year", "ever"]
@@ -157,6 +158,8 @@ def unavailable(
             reasons.append(("tier", f"needs tier {reward.min_tier!r} or higher; the customer has {shown}"))
     if reward.kind == "discount" and (config.point_value is None or config.currency is None):
         reasons.append(("not_configured", "the programme has no point value for discounts"))
+    elif reward.kind == "discount" and reward.points * (config.point_value or 0) > MAX_MONEY:
+        reasons.append(("not_configured", f"the discount would be worth more than {MAX_MONEY} at the point value"))
     member = member_reason(reward, customer.redeemers, member_id)
     if member is not None:
         reasons.append(("member", member))
