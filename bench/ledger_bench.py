@@ -4,6 +4,10 @@
    database transaction) with the outbox relay running, in this process.
 2. REST redeem latency at a fixed arrival rate, against the service run by uvicorn in a subprocess.
 3. Balance reads per second with concurrent keep-alive connections against the same server.
+4. Rewards: POST /v1/redemptions latency at a fixed arrival rate, of a reward without a stock and of a
+   stocked one (every redemption takes a unit: they queue on its row from that statement to the commit),
+   and the catalogue listing for one customer (GET /v1/customers/{id}/rewards, 20 rewards with tiers,
+   limits and windows to evaluate) per second.
 
 Runs against the dev database (`loyalty_ledger`, migrated by `make db-migrate`) and the local broker,
 on a fresh tenant and a fresh topic namespace, so it leaves the real topics alone.
@@ -20,6 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,12 +47,14 @@ ROOT = Path(__file__).resolve().parent.parent
 EARN_COMMANDS = int(os.environ.get("BENCH_EARN_COMMANDS", "60000"))
 CUSTOMERS = 5000
 BATCH = int(os.environ.get("BENCH_BATCH", "2000"))
-REDEEM_RATES = tuple(int(r) for r in os.environ.get("BENCH_REDEEM_RATES", "300,150").split(","))
+REDEEM_RATES = tuple(int(r) for r in os.environ.get("BENCH_REDEEM_RATES", "300,150").split(",") if r)
 REDEEM_SECONDS = 10
 WARMUP_SECONDS = 3
 READ_SECONDS = 10
 READ_CONNECTIONS = 32
 PORTS = (8091, 8092)
+REDEMPTION_RATE = int(os.environ.get("BENCH_REDEMPTION_RATE", "200"))
+CATALOGUE_REWARDS = 20
 
 
 class Connection:
@@ -185,36 +192,31 @@ async def wait_ready(port: int, timeout_s: float = 60) -> None:
     raise RuntimeError("the ledger server did not become ready")
 
 
-async def redeem_latency(token: str, rate: int, servers: list[int], *, report: bool = True) -> None:
+async def open_loop(
+    rate: int, seconds: int, servers: list[int], send: Callable[[Connection, int], Awaitable[int]]
+) -> tuple[list[float], dict[int, int], float, CpuMeter]:
+    """Sends `rate` requests a second for `seconds` over 64 keep-alive connections, open loop: they go out
+    on schedule whether or not earlier ones have returned. Returns latencies (ms), statuses, the elapsed
+    time and the CPU meter."""
     pool: asyncio.Queue[Connection] = asyncio.Queue()
     for i in range(64):
         pool.put_nowait(await Connection.open(PORTS[i % len(PORTS)]))
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    rng = random.Random(11)
 
     async def one(i: int) -> None:
         conn = await pool.get()
-        body = json.dumps({"points": 1, "reference": f"order-{i}"}).encode()
-        headers = {
-            "X-API-Key": token,
-            "Idempotency-Key": f"bench-redeem-{uuid.uuid4()}",
-            "Content-Type": "application/json",
-        }
         sent = time.perf_counter()
-        status, _ = await conn.request(
-            "POST", f"/v1/accounts/cust-{rng.randrange(CUSTOMERS):05d}/redeem", headers, body
-        )
+        status = await send(conn, i)
         latencies.append((time.perf_counter() - sent) * 1000)
         statuses[status] = statuses.get(status, 0) + 1
         pool.put_nowait(conn)
 
-    total = rate * (REDEEM_SECONDS if report else WARMUP_SECONDS)
+    total = rate * seconds
     tasks = []
     with CpuMeter(servers) as cpu:
         start = time.perf_counter()
         for i in range(total):
-            # Open loop: requests go out on schedule whether or not earlier ones have returned.
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -223,17 +225,43 @@ async def redeem_latency(token: str, rate: int, servers: list[int], *, report: b
         elapsed = time.perf_counter() - start
     while not pool.empty():
         pool.get_nowait().close()
-    if not report:
-        return
-    print(f"  {total} redeems at {rate} req/s offered ({total / elapsed:.0f} req/s achieved), statuses {statuses}")
+    return latencies, statuses, elapsed, cpu
+
+
+def print_latencies(latencies: list[float]) -> None:
     print(
         f"  latency p50 {statistics.median(latencies):.1f} ms, p90 {pct(latencies, 0.90):.1f} ms, "
         f"p99 {pct(latencies, 0.99):.1f} ms, max {max(latencies):.1f} ms"
     )
+
+
+async def redeem_latency(token: str, rate: int, servers: list[int], *, report: bool = True) -> None:
+    rng = random.Random(11)
+
+    async def send(conn: Connection, i: int) -> int:
+        body = json.dumps({"points": 1, "reference": f"order-{i}"}).encode()
+        headers = {
+            "X-API-Key": token,
+            "Idempotency-Key": f"bench-redeem-{uuid.uuid4()}",
+            "Content-Type": "application/json",
+        }
+        status, _ = await conn.request(
+            "POST", f"/v1/accounts/cust-{rng.randrange(CUSTOMERS):05d}/redeem", headers, body
+        )
+        return status
+
+    seconds = REDEEM_SECONDS if report else WARMUP_SECONDS
+    latencies, statuses, elapsed, cpu = await open_loop(rate, seconds, servers, send)
+    if not report:
+        return
+    total = rate * seconds
+    print(f"  {total} redeems at {rate} req/s offered ({total / elapsed:.0f} req/s achieved), statuses {statuses}")
+    print_latencies(latencies)
     cpu.report(total, "redeem")
 
 
-async def balance_reads(token: str, servers: list[int]) -> None:
+async def closed_reads(token: str, servers: list[int], path: Callable[[random.Random], str], what: str) -> None:
+    """GETs `path(rng)` over `READ_CONNECTIONS` keep-alive connections for `READ_SECONDS`, closed loop."""
     count = 0
     stop = time.perf_counter() + READ_SECONDS
     errors = 0
@@ -244,9 +272,7 @@ async def balance_reads(token: str, servers: list[int]) -> None:
         conn = await Connection.open(PORTS[seed % len(PORTS)])
         try:
             while time.perf_counter() < stop:
-                status, _ = await conn.request(
-                    "GET", f"/v1/accounts/cust-{rng.randrange(CUSTOMERS):05d}", {"X-API-Key": token}
-                )
+                status, _ = await conn.request("GET", path(rng), {"X-API-Key": token})
                 count += 1
                 errors += status != 200
         finally:
@@ -256,8 +282,72 @@ async def balance_reads(token: str, servers: list[int]) -> None:
         started = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(READ_CONNECTIONS)))
         elapsed = time.perf_counter() - started
-    print(f"  {count / elapsed:,.0f} balance reads/s with {READ_CONNECTIONS} connections ({errors} errors)")
-    cpu.report(count, "read")
+    print(f"  {count / elapsed:,.0f} {what}s/s with {READ_CONNECTIONS} connections ({errors} errors)")
+    cpu.report(count, what)
+
+
+async def balance_reads(token: str, servers: list[int]) -> None:
+    await closed_reads(token, servers, lambda rng: f"/v1/accounts/cust-{rng.randrange(CUSTOMERS):05d}", "balance read")
+
+
+async def setup_rewards(admin: str) -> None:
+    """A catalogue of `CATALOGUE_REWARDS` rewards with the terms a listing evaluates; "bench-voucher" (1 point,
+    no stock) and "bench-gift" (1 point, a stock of a billion) are the ones redeemed."""
+    conn = await Connection.open(PORTS[0])
+    headers = {"X-API-Key": admin, "Content-Type": "application/json"}
+    try:
+        body = json.dumps({"tiers": ["silver", "gold", "platinum"], "point_value": "0.01", "currency": "EUR"})
+        status, text = await conn.request("PUT", "/v1/reward-settings", headers, body.encode())
+        assert status == 200, text
+        rewards = [
+            {"reward_id": "bench-gift", "name": "Gift", "kind": "gift", "points": 1, "stock": 10**9},
+            {"reward_id": "bench-voucher", "name": "Voucher", "kind": "gift", "points": 1},
+        ]
+        for i in range(CATALOGUE_REWARDS - 2):
+            reward: dict[str, object] = {"reward_id": f"r-{i:02d}", "name": f"Reward {i}", "points": 50 + 25 * i}
+            reward["kind"] = ("gift", "privilege", "discount", "coupon")[i % 4]
+            if reward["kind"] == "privilege":
+                reward["duration_days"] = 90
+            if i % 3 == 0:
+                reward["min_tier"] = "gold"
+            if i % 5 == 0:
+                reward.update(limit_count=2, limit_period="month")
+            if i % 7 == 0:
+                reward["stock"] = 100
+            rewards.append(reward)
+        for reward in rewards:
+            status, text = await conn.request("POST", "/v1/rewards", headers, json.dumps(reward).encode())
+            assert status == 201, text
+    finally:
+        conn.close()
+
+
+async def redemption_latency(
+    token: str, rate: int, servers: list[int], *, reward: str = "bench-voucher", report: bool = True
+) -> None:
+    rng = random.Random(13)
+
+    async def send(conn: Connection, i: int) -> int:
+        body = json.dumps({"customer_id": f"cust-{rng.randrange(CUSTOMERS):05d}", "reward_id": reward}).encode()
+        headers = {"X-API-Key": token, "Idempotency-Key": f"bench-{uuid.uuid4()}", "Content-Type": "application/json"}
+        status, _ = await conn.request("POST", "/v1/redemptions", headers, body)
+        return status
+
+    seconds = REDEEM_SECONDS if report else WARMUP_SECONDS
+    latencies, statuses, elapsed, cpu = await open_loop(rate, seconds, servers, send)
+    if not report:
+        return
+    total = rate * seconds
+    print(f"  {reward}: {total} redemptions at {rate} req/s offered ({total / elapsed:.0f} req/s achieved)")
+    print(f"  statuses {statuses}")
+    print_latencies(latencies)
+    cpu.report(total, "redemption")
+
+
+async def catalogue_reads(token: str, servers: list[int]) -> None:
+    await closed_reads(
+        token, servers, lambda rng: f"/v1/customers/cust-{rng.randrange(CUSTOMERS):05d}/rewards", "catalogue listing"
+    )
 
 
 async def main() -> None:
@@ -295,6 +385,8 @@ async def main() -> None:
             await autocommit.execute(text("VACUUM (ANALYZE) ledger.outbox, ledger.balances, ledger.lots"))
         key = generate_key()
         await store_key(engine, api_keys, key, tenant_id=tenant, name="bench", scopes=["points:read", "points:write"])
+        admin = generate_key()
+        await store_key(engine, api_keys, admin, tenant_id=tenant, name="bench-admin", scopes=["admin"])
         await engine.dispose()
 
         # Two single-worker replicas (what a load balancer would spread over), one per core; the client
@@ -307,12 +399,20 @@ async def main() -> None:
         # Warm-up at the highest rate measured: every pooled connection prepares its statements (asyncpg
         # caches them per connection) and PostgreSQL settles after the bulk load, so the figures are the
         # steady state rather than the first seconds after a start.
-        await redeem_latency(key.token, max(REDEEM_RATES), pids, report=False)
+        if REDEEM_RATES:
+            await redeem_latency(key.token, max(REDEEM_RATES), pids, report=False)
         for rate in REDEEM_RATES:
             await redeem_latency(key.token, rate, pids)
 
         print(f"[3] balance reads, {READ_SECONDS} s closed loop")
         await balance_reads(key.token, pids)
+
+        print(f"[4] rewards: POST redemption at {REDEMPTION_RATE} req/s, then the catalogue for one customer")
+        await setup_rewards(admin.token)
+        await redemption_latency(key.token, REDEMPTION_RATE, pids, report=False)
+        await redemption_latency(key.token, REDEMPTION_RATE, pids)
+        await redemption_latency(key.token, REDEMPTION_RATE, pids, reward="bench-gift")
+        await catalogue_reads(key.token, pids)
     finally:
         for server in servers:
             server.terminate()

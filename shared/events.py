@@ -343,6 +343,30 @@ class SegmentChanged(Payload):
     reason: Text
 
 
+# --- rewards (loyalty.rewards.v1) -----------------------------------------------------------------
+
+
+class RedemptionChanged(Payload):
+    """A redemption order changed: reserved, confirmed, cancelled, expired, refunded (points given back for
+    a refunded order) or its coupon consumed. `state` is the order's state after the change."""
+
+    order_id: Identifier = Field(description="The redemption order")
+    customer_id: Identifier
+    member_id: Identifier | None = None
+    reward_id: Identifier
+    reward_kind: Literal["gift", "privilege", "discount", "coupon"]
+    change: Literal["reserved", "confirmed", "cancelled", "expired", "refunded", "coupon_consumed"]
+    state: Literal["reserved", "confirmed", "cancelled", "expired", "refunded"]
+    points: PositivePoints = Field(description="The points the order costs")
+    points_returned: Annotated[int, Field(ge=0, le=MAX_POINTS)] = Field(
+        default=0, description="Points given back so far (refunds of the order the discount was used on)"
+    )
+    value: Money | None = Field(default=None, description="Money value of the reward (a discount's money off)")
+    currency: Currency | None = None
+    purchase_order_id: Identifier | None = Field(default=None, description="The webshop order a discount is for")
+    occurred_at: UtcDatetime
+
+
 # type -> {dataversion -> payload model}
 EVENT_TYPES: dict[str, dict[int, type[Payload]]] = {
     "purchase.completed": {1: PurchaseCompleted},
@@ -358,6 +382,7 @@ EVENT_TYPES: dict[str, dict[int, type[Payload]]] = {
     "ledger.chain.anchored": {1: ChainAnchored},
     "tier.changed": {1: TierChanged},
     "segment.changed": {1: SegmentChanged},
+    "redemption.changed": {1: RedemptionChanged},
 }
 CUSTOM_TYPE_PREFIX = "custom."
 
@@ -551,6 +576,7 @@ EngagementPayload: TypeAlias = (
 PointsCommand: TypeAlias = EarnPoints | ClawbackPoints
 LedgerEntriesPayload: TypeAlias = LedgerEntryPosted
 CustomersPayload: TypeAlias = TierChanged | SegmentChanged
+RewardsPayload: TypeAlias = RedemptionChanged
 
 # Which event types each topic carries; a consumer dead-letters anything else it finds there.
 TOPIC_EVENT_TYPES: dict[str, frozenset[str]] = {
@@ -568,6 +594,7 @@ TOPIC_EVENT_TYPES: dict[str, frozenset[str]] = {
     "loyalty.points-commands.v1": frozenset({"points.earn", "points.clawback"}),
     "loyalty.ledger-entries.v1": frozenset({"ledger.entry.posted"}),
     "loyalty.customers.v1": frozenset({"tier.changed", "segment.changed"}),
+    "loyalty.rewards.v1": frozenset({"redemption.changed"}),
 }
 
 

@@ -6,6 +6,7 @@ POINTS_COMMANDS = "loyalty.points-commands.v1"
 LEDGER_ENTRIES = "loyalty.ledger-entries.v1"
 LEDGER_ANCHORS = "loyalty.ledger-anchors.v1"
 CUSTOMERS = "loyalty.customers.v1"
+REWARDS = "loyalty.rewards.v1"
 DLQ = "loyalty.dlq.v1"
 DLQ_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -27,6 +28,8 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(CUSTOMERS, 6),
     # The signed chain head of each ledger account (keyed tenant:account): compaction keeps the latest.
     TopicSpec(LEDGER_ANCHORS, 3, {"cleanup.policy": "compact"}),
+    # Redemption orders change far less often than entries are posted.
+    TopicSpec(REWARDS, 6),
     # The DLQ keeps the original bytes plus headers, so it accepts larger messages than the inputs.
     TopicSpec(DLQ, 3, {"max.message.bytes": str(DLQ_MAX_MESSAGE_BYTES)}),
 )

@@ -10,6 +10,7 @@ from fastapi.routing import APIRoute
 
 from ledger.app import create_app as ledger_app
 from ledger.endpoints import router as ledger_router
+from ledger.rewards_endpoints import router as rewards_router
 from metrics.app import create_app as metrics_app
 from metrics.endpoints import router as metrics_router
 from rules.app import create_app as rules_app
@@ -26,13 +27,15 @@ from shared.errors import (
 
 
 @pytest.mark.parametrize(
-    ("create_app", "router"),
-    [(ledger_app, ledger_router), (rules_app, rules_router), (metrics_app, metrics_router)],
+    ("create_app", "routers"),
+    [(ledger_app, [ledger_router, rewards_router]), (rules_app, [rules_router]), (metrics_app, [metrics_router])],
     ids=["ledger", "rules", "metrics"],
 )
-def test_every_route_documents_the_statuses_of_its_errors(create_app: Callable[[], FastAPI], router: APIRouter) -> None:
+def test_every_route_documents_the_statuses_of_its_errors(
+    create_app: Callable[[], FastAPI], routers: list[APIRouter]
+) -> None:
     paths: dict[str, Any] = create_app().openapi()["paths"]
-    routes = [r for r in router.routes if isinstance(r, APIRoute)]
+    routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
     # `path_format` is the path as OpenAPI shows it (a `{account_id:path}` parameter as `{account_id}`).
     assert {r.path_format for r in routes} == {p for p in paths if p.startswith("/v1")}
     for route in routes:

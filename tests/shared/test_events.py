@@ -20,11 +20,12 @@ from shared.events import (
     PointsCommand,
     PurchaseCompleted,
     PurchasesPayload,
+    RewardsPayload,
     decode_event,
     payload_model,
 )
 from shared.schema_export import SCHEMA_DIR, exported_schemas
-from shared.topics import CUSTOMERS, ENGAGEMENT, LEDGER_ENTRIES, POINTS_COMMANDS, PURCHASES
+from shared.topics import CUSTOMERS, ENGAGEMENT, LEDGER_ENTRIES, POINTS_COMMANDS, PURCHASES, REWARDS
 from tests.factories import purchase
 
 
@@ -40,6 +41,7 @@ class TestTopicPayloads:
             (POINTS_COMMANDS, PointsCommand),
             (LEDGER_ENTRIES, LedgerEntriesPayload),
             (CUSTOMERS, CustomersPayload),
+            (REWARDS, RewardsPayload),
         ],
     )
     def test_union_is_the_topics_payload_models(self, topic: str, union: Any) -> None:
@@ -55,7 +57,14 @@ class TestTopicPayloads:
         assert models == set(get_args(union) or (union,))
 
     def test_every_topic_has_a_union(self) -> None:
-        assert set(TOPIC_EVENT_TYPES) == {PURCHASES, ENGAGEMENT, POINTS_COMMANDS, LEDGER_ENTRIES, CUSTOMERS}
+        assert set(TOPIC_EVENT_TYPES) == {
+            PURCHASES,
+            ENGAGEMENT,
+            POINTS_COMMANDS,
+            LEDGER_ENTRIES,
+            CUSTOMERS,
+            REWARDS,
+        }
 
 
 class TestEnvelope:

@@ -4,9 +4,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from ledger.config import Settings, settings
-from ledger.consumers import commands_consumer
+from ledger.consumers import commands_consumer, refunds_consumer, tiers_consumer
 from ledger.endpoints import router
 from ledger.models import api_keys
+from ledger.rewards_endpoints import router as rewards_router
 from ledger.tasks import start as start_background
 from shared.runtime import Runtime, State, base_app
 
@@ -30,7 +31,9 @@ pay it off first.
 def create_app(app_settings: Settings = settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        async with Runtime(app_settings, api_keys=api_keys, consumers=[commands_consumer]) as runtime:
+        async with Runtime(
+            app_settings, api_keys=api_keys, consumers=[commands_consumer, tiers_consumer, refunds_consumer]
+        ) as runtime:
             start_background(app_settings, runtime)
             yield runtime.state()
 
@@ -42,4 +45,5 @@ def create_app(app_settings: Settings = settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(rewards_router)
     return app

@@ -36,8 +36,9 @@ ADJUSTMENTS = "system:adjustments"
 RECEIVABLE = "system:receivable"
 SYSTEM_ACCOUNTS = (ISSUANCE, REDEMPTION, BREAKAGE, ADJUSTMENTS, RECEIVABLE)
 GENESIS_HASH = "0" * 64
-# Kinds whose customer postings count as redeemed (their customer postings are always debits).
-REDEEMING_KINDS = frozenset({"redeem", "capture"})
+# Kinds whose customer postings count as redeemed: debits, and the credits of points a refunded
+# redemption gives back (`redeem_return`), which count it down again.
+REDEEMING_KINDS = frozenset({"redeem", "capture", "redeem_return"})
 
 ExpiryRule = Literal["months_after_earn", "end_of_next_year", "never"]
 ClawbackPolicy = Literal["receivable", "negative_balance"]
@@ -415,6 +416,32 @@ class Book:
                 (shard(BREAKAGE, lot.account_id), "available", points, lot.lot_id),
             ],
         )
+
+    def return_captured(self, hold: HoldState, points: int, meta: Meta, *, lot_prefix: str) -> uuid.UUID:
+        """Gives back `points` of a captured hold (the order they paid part of was refunded): from the
+        redemption account to available, in new lots that keep the expiry dates of the lots the hold took,
+        the last taken first (a refund must not be a way to extend points)."""
+        if hold.status != "captured":
+            raise HoldNotActive(str(hold.hold_id), hold.status)
+        txn = self._transaction(
+            meta,
+            [
+                (shard(REDEMPTION, hold.account_id), "available", -points, None),
+                (hold.account_id, "available", points, None),
+            ],
+        )
+        credited: list[LotState] = []
+        left = points
+        for index, (lot_id, amount) in enumerate(reversed(hold.allocations)):
+            if left == 0:
+                break
+            back = min(int(amount), left)
+            left -= back
+            expires_at = self.lots[str(lot_id)].expires_at
+            credited.append(self._credit_lot(f"{lot_prefix}:{index}", hold.account_id, back, expires_at))
+        assert left == 0, f"hold {hold.hold_id} gives back {left} points more than it took"
+        self._pay_debt(hold.account_id, credited, points)
+        return txn
 
     # --- helpers ----------------------------------------------------------------------------------
 

@@ -119,3 +119,115 @@ class IdempotencyKeyReused(LedgerError):
 
     def __init__(self, key: str) -> None:
         super().__init__(f"Idempotency-Key {key!r} was already used with a different request", idempotency_key=key)
+
+
+# --- rewards (docs/rewards.md) ---------------------------------------------------------------------
+
+
+class RewardNotFound(LedgerError):
+    """The programme's catalogue has no such reward."""
+
+    status_code = 404
+
+    def __init__(self, reward_id: str) -> None:
+        super().__init__(f"no reward {reward_id!r} in this programme", reward_id=reward_id)
+
+
+class RewardExists(LedgerError):
+    """A reward with this id is already in the catalogue."""
+
+    status_code = 409
+
+    def __init__(self, reward_id: str) -> None:
+        super().__init__(f"reward {reward_id!r} already exists", reward_id=reward_id)
+
+
+class InvalidReward(LedgerError):
+    """The reward's definition does not hold together (a tier the programme does not have, say)."""
+
+    status_code = 422
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class NotEligible(LedgerError):
+    """The customer (or the member asking) may not redeem this reward now; `reason` says why."""
+
+    status_code = 409
+
+    def __init__(self, reward_id: str, reason: str, detail: str) -> None:
+        super().__init__(f"reward {reward_id!r}: {detail}", reward_id=reward_id, reason=reason)
+
+
+class OutOfStock(LedgerError):
+    """The reward has no stock left (or its coupon pool is empty)."""
+
+    status_code = 409
+
+    def __init__(self, reward_id: str) -> None:
+        super().__init__(f"reward {reward_id!r} is out of stock", reward_id=reward_id)
+
+
+class LimitReached(LedgerError):
+    """The customer redeemed this reward as often as its limit allows in the current period."""
+
+    status_code = 409
+
+    def __init__(self, reward_id: str, *, limit: int, period: str) -> None:
+        super().__init__(
+            f"reward {reward_id!r} may be redeemed {limit} time(s) per {period}; the limit is reached",
+            reward_id=reward_id,
+            limit=limit,
+            period=period,
+        )
+
+
+class RedemptionNotFound(LedgerError):
+    """The programme has no such redemption order."""
+
+    status_code = 404
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__(f"no redemption order {order_id!r}", order_id=order_id)
+
+
+class RedemptionStateConflict(LedgerError):
+    """The redemption order's state does not allow this change (it was confirmed, cancelled or expired)."""
+
+    status_code = 409
+
+    def __init__(self, order_id: str, state: str, change: str) -> None:
+        super().__init__(
+            f"redemption order {order_id!r} is {state}; it cannot be {change}", order_id=order_id, state=state
+        )
+
+
+class CouponNotFound(LedgerError):
+    """No such coupon code in this programme."""
+
+    status_code = 404
+
+    def __init__(self) -> None:
+        # The code itself is not echoed: it is a bearer secret.
+        super().__init__("unknown coupon code")
+
+
+class CouponNotUsable(LedgerError):
+    """The coupon was consumed already, or its order was cancelled or expired."""
+
+    status_code = 409
+
+    def __init__(self, status: str) -> None:
+        super().__init__(f"the coupon is {status}", coupon_status=status)
+
+
+class RefundCurrencyMismatch(LedgerError):
+    """A refund's currency is not the currency of the discount redeemed on its order."""
+
+    status_code = 422
+
+    def __init__(self, refund_id: str, currency: str, expected: str | None) -> None:
+        super().__init__(
+            f"refund {refund_id!r} is in {currency}; the order's points discount is in {expected}", refund_id=refund_id
+        )

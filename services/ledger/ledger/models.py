@@ -3,9 +3,24 @@ everything else is bookkeeping kept in step with them inside the same transactio
 
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text, UniqueConstraint, Uuid, func, text
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    Numeric,
+    Sequence,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    func,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -13,6 +28,7 @@ from shared.auth import api_keys_table
 from shared.db import make_metadata
 from shared.events import MAX_SOURCE
 from shared.outbox import outbox_quarantine_table
+from shared.tracking import processed_events_table
 
 
 class Base(DeclarativeBase):
@@ -169,3 +185,158 @@ class TenantPolicy(Base):
     clawback_policy: Mapped[str] = mapped_column(String(30), nullable=False)
     hold_timeout_seconds: Mapped[int] = mapped_column(Integer, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+# --- rewards (docs/rewards.md) ---------------------------------------------------------------------
+
+processed_events = processed_events_table(Base.metadata)
+
+
+class RewardSettings(Base):
+    """A programme's rewards configuration: its tiers in ascending order and what a point is worth."""
+
+    __tablename__ = "reward_settings"
+
+    tenant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    tiers: Mapped[list[str]] = mapped_column(JSONB, nullable=False)
+    point_value: Mapped[Decimal | None] = mapped_column(Numeric(20, 6), nullable=True)
+    currency: Mapped[str | None] = mapped_column(String(3), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+class Reward(Base):
+    """One reward of a programme's catalogue; `stock` is what is left (null: unlimited)."""
+
+    __tablename__ = "rewards"
+
+    tenant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    reward_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    description: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+    kind: Mapped[str] = mapped_column(String(10), nullable=False)
+    points: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    value: Mapped[Decimal | None] = mapped_column(Numeric(20, 4), nullable=True)
+    currency: Mapped[str | None] = mapped_column(String(3), nullable=True)
+    stock: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    available_from: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    available_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    min_tier: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    limit_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    limit_period: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    duration_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    coupon_source: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    reserve_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    status: Mapped[str] = mapped_column(String(10), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class CustomerTier(Base):
+    """A customer's tier as the last `tier.changed` (by event time) said; an older event never overwrites it."""
+
+    __tablename__ = "customer_tiers"
+
+    tenant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    tier: Mapped[str] = mapped_column(Text, nullable=False)
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    event_id: Mapped[str] = mapped_column(String(200), nullable=False)
+
+
+class CustomerRedeemers(Base):
+    """Which members (buyers) of a customer may redeem: no row means all of them."""
+
+    __tablename__ = "customer_redeemers"
+
+    tenant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # [{"member_id": ..., "max_points": int | null}, ...]
+    members: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class RedemptionOrder(Base):
+    """A redemption order: a reward reserved with a hold, then confirmed, cancelled, expired or refunded."""
+
+    __tablename__ = "redemption_orders"
+
+    tenant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    order_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    reward_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    kind: Mapped[str] = mapped_column(String(10), nullable=False)
+    customer_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    member_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    points: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    hold_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+    state: Mapped[str] = mapped_column(String(10), nullable=False)
+    value: Mapped[Decimal | None] = mapped_column(Numeric(20, 4), nullable=True)
+    currency: Mapped[str | None] = mapped_column(String(3), nullable=True)
+    purchase_order_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    order_amount: Mapped[Decimal | None] = mapped_column(Numeric(20, 4), nullable=True)
+    refunded_amount: Mapped[Decimal] = mapped_column(Numeric(20, 4), nullable=False, server_default="0")
+    points_returned: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    coupon_code: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+# Limits count a customer's orders of a reward; refunds find the orders of a webshop order; expiry the due ones.
+Index(
+    "ix_redemption_orders_customer", RedemptionOrder.tenant_id, RedemptionOrder.customer_id, RedemptionOrder.reward_id
+)
+Index(
+    "ix_redemption_orders_purchase",
+    RedemptionOrder.tenant_id,
+    RedemptionOrder.purchase_order_id,
+    postgresql_where=text("purchase_order_id IS NOT NULL"),
+)
+Index("ix_redemption_orders_due", RedemptionOrder.expires_at, postgresql_where=text("state = 'reserved'"))
+
+
+class Coupon(Base):
+    """A coupon code: pooled (imported, not yet issued), issued to an order, consumed, or void."""
+
+    __tablename__ = "coupons"
+
+    tenant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    code: Mapped[str] = mapped_column(String(200), primary_key=True)
+    reward_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    status: Mapped[str] = mapped_column(String(10), nullable=False)
+    order_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    consumed_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    consumed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+Index("ix_coupons_pool", Coupon.tenant_id, Coupon.reward_id, postgresql_where=text("status = 'pooled'"))
+
+
+class Entitlement(Base):
+    """What a confirmed privilege grants a customer, from `starts_at` until `ends_at`."""
+
+    __tablename__ = "entitlements"
+
+    tenant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    order_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    reward_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    starts_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    ends_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+Index("ix_entitlements_customer", Entitlement.tenant_id, Entitlement.customer_id, Entitlement.ends_at)
+
+
+class RewardsOutbox(Base):
+    """`redemption.changed` events written with the order's change, relayed to loyalty.rewards.v1."""
+
+    __tablename__ = "rewards_outbox"
+
+    # The entries' outbox sequence: both relays quarantine into one outbox_quarantine table keyed by row id.
+    id: Mapped[int] = mapped_column(
+        BigInteger, Sequence("outbox_id_seq", schema="ledger", metadata=Base.metadata), primary_key=True
+    )
+    key: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    value: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())

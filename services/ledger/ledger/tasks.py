@@ -1,5 +1,5 @@
-"""Background jobs of the ledger: the outbox relay (shared/outbox.py) and the periodic maturing/expiry/hold-release
-run."""
+"""Background jobs of the ledger: the outbox relays (shared/outbox.py: entries, rewards events) and the periodic
+run (redemption order expiry, then maturing/expiry/hold release)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from ledger import schemas
 from ledger.anchors import anchor_loop
 from ledger.config import Settings
+from ledger.rewards_service import RewardsOutbox, rewards_service
 from ledger.service import LedgerOutbox, ledger_service
 from shared.db import AsyncSession, transaction
 from shared.events import utcnow
@@ -20,7 +21,7 @@ from shared.faults import is_infrastructure_error
 from shared.kafka import EventProducer
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime
-from shared.topics import LEDGER_ENTRIES
+from shared.topics import LEDGER_ENTRIES, REWARDS
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +31,21 @@ TASK_FAILURES = Counter(
 
 
 def outbox_relay(
-    settings: Settings, sessionmaker: async_sessionmaker[AsyncSession], producer: EventProducer
+    settings: Settings,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    producer: EventProducer,
+    *,
+    rewards: bool = False,
 ) -> OutboxRelay:
     # The rows stay locked until the broker acked every event; a crash before the delete commits
     # relays them again, and the duplicates carry the same event id (the entry id).
     return OutboxRelay(
-        service=settings.service_name,
+        # The rewards relay has a label of its own: the backlog gauge is one per relay.
+        service=f"{settings.service_name}-rewards" if rewards else settings.service_name,
         sessionmaker=sessionmaker,
         producer=producer.raw,
         bootstrap_servers=settings.kafka_bootstrap_servers,
-        source=LedgerOutbox(settings.topic(LEDGER_ENTRIES)),
+        source=RewardsOutbox(settings.topic(REWARDS)) if rewards else LedgerOutbox(settings.topic(LEDGER_ENTRIES)),
         batch_size=settings.outbox_batch_size,
         max_record_bytes=settings.outbox_max_record_bytes,
     )
@@ -85,9 +91,35 @@ async def run_due_tasks(
     return total
 
 
+async def expire_redemptions(
+    sessionmaker: async_sessionmaker[AsyncSession], *, now: datetime | None, limit: int
+) -> int:
+    """Expires the due redemption orders, each in a transaction of its own: an order's locks (its account,
+    hold, order, then the reward row last) are never held while another order's are taken, the order every
+    redemption keeps, and an order that keeps failing holds back no other (`ledger_task_failures_total`)."""
+    now = now or utcnow()
+    async with sessionmaker() as session:
+        due = await rewards_service.due_orders(session, now=now, limit=limit)
+    done = 0
+    for tenant, order_id in due:
+        try:
+            async with transaction(sessionmaker) as session:
+                done += await rewards_service.expire(session, tenant, order_id, now=now)
+        except Exception as exc:
+            if is_infrastructure_error(exc):
+                raise
+            TASK_FAILURES.inc()
+            log.error("redemption expiry failed", extra={"tenant": tenant, "order_id": str(order_id)}, exc_info=exc)
+    return done
+
+
 async def _tasks_loop(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
     while True:
         try:
+            # Orders first: an order's expiry releases its own hold, before the ledger's hold task would.
+            expired = await expire_redemptions(sessionmaker, now=None, limit=settings.tasks_batch_limit)
+            if expired:
+                log.info("redemption orders expired", extra={"orders": expired})
             result = await run_due_tasks(sessionmaker, now=None, limit=settings.tasks_batch_limit)
             if result.matured or result.expired or result.holds_released:
                 log.info("periodic tasks ran", extra=result.model_dump())
@@ -104,8 +136,11 @@ def start(settings: Settings, runtime: Runtime) -> None:
     relay = outbox_relay(settings, runtime.sessionmaker, runtime.producer)
     # Registered whether this process relays or not: the outbox's age is the database's, whoever relays it.
     runtime.add_check("outbox", relay.readiness(settings.outbox_max_age_seconds))
+    rewards_relay = outbox_relay(settings, runtime.sessionmaker, runtime.producer, rewards=True)
+    runtime.add_check("rewards-outbox", rewards_relay.readiness(settings.outbox_max_age_seconds))
     if settings.outbox_relay_enabled:
         runtime.spawn("ledger:outbox-relay", relay.run(idle_s=settings.outbox_poll_interval_s))
+        runtime.spawn("ledger:rewards-outbox-relay", rewards_relay.run(idle_s=settings.outbox_poll_interval_s))
     if settings.tasks_enabled:
         runtime.spawn("ledger:tasks", _tasks_loop(settings, runtime.sessionmaker))
     # Anchoring is periodic work like the tasks: a process that runs no tasks (a REST replica) anchors nothing.
