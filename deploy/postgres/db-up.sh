@@ -4,6 +4,7 @@
 set -euo pipefail
 version=${PG_VERSION:-15}
 cluster=${PG_CLUSTER:-main}
+port=${PG_PORT:-5432}   # the cluster's port (a second cluster, like make chaos's, needs its own)
 role=${LOYALTY_DB_USER:-loyalty}
 password=${LOYALTY_DB_PASSWORD:-loyalty}
 databases=${LOYALTY_DATABASES:-"loyalty_ledger loyalty_rules loyalty_metrics loyalty_ledger_test loyalty_rules_test loyalty_metrics_test"}
@@ -11,10 +12,10 @@ databases=${LOYALTY_DATABASES:-"loyalty_ledger loyalty_rules loyalty_metrics loy
 log() { printf 'postgres: %s\n' "$*" >&2; }
 
 if command -v pg_lsclusters >/dev/null; then
-  status=$(pg_lsclusters -h "$version" "$cluster" 2>/dev/null | awk '{print $4}')
+  status=$({ pg_lsclusters -h "$version" "$cluster" 2>/dev/null || true; } | awk '{print $4}')
   if [ -z "$status" ]; then
     log "no cluster $version/$cluster; creating it"
-    pg_createcluster "$version" "$cluster"
+    pg_createcluster --port "$port" "$version" "$cluster"
     status=down
   fi
   if [ "$status" != "online" ]; then
@@ -24,7 +25,7 @@ if command -v pg_lsclusters >/dev/null; then
 fi
 
 psql_admin() {
-  if [ "$(id -u)" = 0 ]; then su postgres -c "psql -v ON_ERROR_STOP=1 -qAtX $*"; else sudo -u postgres psql -v ON_ERROR_STOP=1 -qAtX "$@"; fi
+  if [ "$(id -u)" = 0 ]; then su postgres -c "psql -p $port -v ON_ERROR_STOP=1 -qAtX $*"; else sudo -u postgres psql -p "$port" -v ON_ERROR_STOP=1 -qAtX "$@"; fi
 }
 
 for _ in $(seq 1 30); do psql_admin "-c 'select 1'" >/dev/null 2>&1 && break; sleep 1; done
@@ -61,4 +62,4 @@ for db in $databases; do
     psql_admin "-c \"create database $db owner $role\""
   fi
 done
-log "ready on 127.0.0.1:5432 (role $role; databases: $databases)"
+log "ready on 127.0.0.1:$port (role $role; databases: $databases)"
