@@ -38,12 +38,12 @@ from typing import IO, Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from shared.consumer import DeadLetter
 from shared.events import utcnow
 from shared.topics import DLQ
 from tests.chaos.stream import RULESET, Reference, Stream
+from tests.groups import group_lag
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / ".local" / "chaos"
@@ -371,24 +371,6 @@ def matches(run: Run, books: Books) -> bool:
     )
 
 
-async def lag(config: Config) -> int:
-    """Messages not yet committed by any consumer group of the run's broker."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=config.kafka)
-    consumer = AIOKafkaConsumer(bootstrap_servers=config.kafka, enable_auto_commit=False)
-    await admin.start()
-    await consumer.start()
-    try:
-        total = 0
-        for group in await admin.list_consumer_groups():
-            committed = await admin.list_consumer_group_offsets(group[0])
-            ends = await consumer.end_offsets(list(committed))
-            total += sum(max(0, ends[tp] - meta.offset) for tp, meta in committed.items() if meta.offset >= 0)
-        return total
-    finally:
-        await consumer.stop()
-        await admin.close()
-
-
 async def dead_letters(config: Config) -> list[DeadLetter]:
     # Without a group id the consumer is assigned every partition of the topic, from the beginning.
     consumer = AIOKafkaConsumer(
@@ -539,7 +521,7 @@ async def main(config: Config) -> bool:
             drained_s: float | None = None
             books = await read_books(run, client, headers)
             while time.monotonic() - stream_end < config.drain_timeout:
-                if matches(run, books) and await lag(config) == 0:
+                if matches(run, books) and await group_lag(config.kafka) == 0:
                     drained_s = time.monotonic() - stream_end
                     log(f"books settled {drained_s:.1f} s after the stream ended; reconciling")
                     break
