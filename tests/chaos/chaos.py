@@ -141,13 +141,14 @@ class Infrastructure:
         }
         subprocess.run([str(ROOT / "deploy/postgres/db-up.sh")], env=env, check=True)
 
-    def postgres(self, action: str, *options: str) -> None:
+    def postgres(self, action: str, *options: str, check: bool = True) -> None:
         command = ["pg_ctlcluster", PG_VERSION, self.config.pg_cluster, action, *options]
-        subprocess.run(_root_or_sudo(command), check=True)
+        subprocess.run(_root_or_sudo(command), check=check)
 
     def down(self) -> None:
-        self.kafka("down")
-        self.postgres("stop")
+        # Best effort, so that a run that failed on the way up reports its own error.
+        subprocess.run([str(ROOT / "deploy/kafka/kafka.sh"), "down"], env=self._kafka_env(), check=False)
+        self.postgres("stop", check=False)
 
 
 class Service:
