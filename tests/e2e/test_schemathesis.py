@@ -9,6 +9,7 @@ run takes minutes and CI sees the same requests every time.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -37,7 +38,8 @@ from tests.e2e.live import serve
 pytestmark = [pytest.mark.kafka, pytest.mark.db]
 
 APPS: dict[str, Callable[..., FastAPI]] = {"ledger": ledger_app, "rules": rules_app, "metrics": metrics_app}
-EXAMPLES = 25
+# Per operation and generation mode; LOYALTY_SCHEMATHESIS_EXAMPLES=500 for a deeper run by hand.
+EXAMPLES = int(os.environ.get("LOYALTY_SCHEMATHESIS_EXAMPLES", "25"))
 # No consumers, and few connections: the database serves every test run on the machine.
 SMALL: dict[str, Any] = {"consumers_enabled": False, "database_pool_size": 2, "database_pool_warm": False}
 
@@ -82,6 +84,7 @@ FUZZ = settings(
 )
 
 
+@pytest.mark.timeout(120 + EXAMPLES * 12)  # the generated requests of one service, on a busy machine
 @pytest.mark.parametrize("service", sorted(APPS))
 def test_every_operation_conforms(service: str, servers: dict[str, str], keys: dict[str, dict[str, str]]) -> None:
     schema = schemathesis.openapi.from_url(f"{servers[service]}/openapi.json")
