@@ -60,7 +60,7 @@ class Platform:
         async def done() -> bool:
             return await group_lag(KAFKA, lambda group: group.endswith(self.suffix)) == 0
 
-        await eventually(done, timeout_s=90, interval_s=0.5)
+        await eventually(done, timeout_s=180, interval_s=0.5)
 
     async def books(self, customers: Sequence[str]) -> dict[str, str]:
         """What the ledger and metrics answer about the tenant: balances, entries, every metrics read route."""
@@ -125,7 +125,7 @@ async def settle(p: Platform, producer: AIOKafkaProducer, stream: Stream, events
         )
         return bool(kpis.json()["total_orders"] == ref.purchases)
 
-    await eventually(matches, timeout_s=90, interval_s=0.5)
+    await eventually(matches, timeout_s=180, interval_s=0.5)
     await p.caught_up()
 
 
