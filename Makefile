@@ -14,7 +14,7 @@ SERVICE_PORTS := ledger:$${LEDGER_HTTP_PORT:-8001} rules:$${RULES_HTTP_PORT:-800
 PYTEST_ARGS ?=
 
 .PHONY: help setup prometheus kafka-jars kafka-up kafka-down db-up db-down db-migrate topics infra up down run test test-fast \
-        lint fmt typecheck schemas check-schemas bench bench-ledger bench-rules bench-metrics bench-segments clean native
+        lint fmt typecheck schemas check-schemas bench bench-ledger bench-rules bench-metrics bench-segments clean native chaos
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -118,6 +118,12 @@ fmt: $(VENV)/.installed ## Format and autofix
 
 typecheck: $(VENV)/.installed ## mypy (strict) over shared, services, ops and tests
 	$(BIN)/mypy shared services/ledger/ledger services/rules/rules services/metrics/metrics ops tests
+
+# Its own broker (port 19092, .local/chaos/kafka) and PostgreSQL cluster (15/chaos, port 5433), so restarting
+# them disturbs no one; both are stopped at the end. CHAOS_ARGS: --seed, --rate, --duration, --keep (tests/chaos/chaos.py).
+CHAOS_ARGS ?=
+chaos: $(VENV)/.installed kafka-jars native ## Kill -9 each service, restart Kafka and PostgreSQL under a stream of events; reconcile every point
+	$(PY) -m tests.chaos.chaos $(CHAOS_ARGS)
 
 bench: bench-ledger bench-rules bench-metrics bench-segments ## Every benchmark (prints figures)
 

@@ -175,6 +175,13 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+        # FastAPI's 400 for a body it cannot decode (not UTF-8): the same 422 as a body that is not JSON.
+        msg = f"the body cannot be decoded as JSON ({type(exc.__cause__).__name__})"
+        errors = [{"loc": ["body"], "msg": msg, "type": "json_invalid"}]
+        return problem(
+            422, "Validation Error", f"body: {msg}", instance=request.url.path, error="ValidationError", errors=errors
+        )
     title = {404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large"}.get(exc.status_code, "HTTP Error")
     return problem(exc.status_code, title, str(exc.detail), instance=request.url.path)
 
@@ -202,7 +209,59 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     return await _unhandled(request, exc)
 
 
+# Every error response of every route, as the handlers above render it: the OpenAPI document says so.
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details; some problems add members (`errors`, `required_scope`, `checks`)",
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "error": {"type": "string", "description": "The error's class name, as the route's responses list it"},
+        "errors": {
+            "type": "array",
+            "description": "Each problem of a request that does not match its schema",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+                    "msg": {"type": "string"},
+                    "type": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+
+def document_problems(app: FastAPI) -> None:
+    """Documents every 4xx and 5xx response of `app`'s OpenAPI document as problem+json (FastAPI's own 422
+    says application/json with its validation error model, which the handlers never send)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas["Problem"] = PROBLEM_SCHEMA
+        schemas.pop("HTTPValidationError", None)
+        if "loc" in schemas.get("ValidationError", {}).get("properties", {}):
+            del schemas["ValidationError"]
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                for status, response in operation.get("responses", {}).items():
+                    if status[:1] in ("4", "5"):
+                        response["content"] = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    document_problems(app)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Runs a real Apache Kafka broker (KRaft combined mode) from the jars Maven resolves; no Docker.
 #   kafka.sh jars | up | down | status
-# Environment: KAFKA_HOME_DIR (default .local/kafka), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093)
+# Environment: KAFKA_HOME_DIR (default .local/kafka: data, logs, pid), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
+# KAFKA_LIBS_DIR (default $KAFKA_HOME_DIR/libs; a second broker, like make chaos's, reuses the resolved jars)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 home=${KAFKA_HOME_DIR:-$root/.local/kafka}
 port=${KAFKA_PORT:-9092}
 cport=${KAFKA_CONTROLLER_PORT:-9093}
-libs=$home/libs
+libs=${KAFKA_LIBS_DIR:-$home/libs}
 pidfile=$home/kafka.pid
 logdir=$home/logs
 props=$home/server.properties

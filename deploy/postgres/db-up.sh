@@ -4,6 +4,7 @@
 set -euo pipefail
 version=${PG_VERSION:-15}
 cluster=${PG_CLUSTER:-main}
+port=${PG_PORT:-5432}   # the cluster's port (a second cluster, like make chaos's, needs its own)
 role=${LOYALTY_DB_USER:-loyalty}
 password=${LOYALTY_DB_PASSWORD:-loyalty}
 # The owner of the databases and schemas, which runs the migrations; the services connect as $role, which
@@ -15,10 +16,10 @@ databases=${LOYALTY_DATABASES:-"loyalty_ledger loyalty_rules loyalty_metrics loy
 log() { printf 'postgres: %s\n' "$*" >&2; }
 
 if command -v pg_lsclusters >/dev/null; then
-  status=$(pg_lsclusters -h "$version" "$cluster" 2>/dev/null | awk '{print $4}')
+  status=$({ pg_lsclusters -h "$version" "$cluster" 2>/dev/null || true; } | awk '{print $4}')
   if [ -z "$status" ]; then
     log "no cluster $version/$cluster; creating it"
-    pg_createcluster "$version" "$cluster"
+    pg_createcluster --port "$port" "$version" "$cluster"
     status=down
   fi
   if [ "$status" != "online" ]; then
@@ -28,12 +29,12 @@ if command -v pg_lsclusters >/dev/null; then
 fi
 
 psql_admin() {
-  if [ "$(id -u)" = 0 ]; then su postgres -c "psql -v ON_ERROR_STOP=1 -qAtX $*"; else sudo -u postgres psql -v ON_ERROR_STOP=1 -qAtX "$@"; fi
+  if [ "$(id -u)" = 0 ]; then su postgres -c "psql -p $port -v ON_ERROR_STOP=1 -qAtX $*"; else sudo -u postgres psql -p "$port" -v ON_ERROR_STOP=1 -qAtX "$@"; fi
 }
 
 # A script on stdin, run in database $1.
 psql_script() {
-  if [ "$(id -u)" = 0 ]; then su postgres -c "psql -v ON_ERROR_STOP=1 -qAtX -d $1"; else sudo -u postgres psql -v ON_ERROR_STOP=1 -qAtX -d "$1"; fi
+  if [ "$(id -u)" = 0 ]; then su postgres -c "psql -p $port -v ON_ERROR_STOP=1 -qAtX -d $1"; else sudo -u postgres psql -p "$port" -v ON_ERROR_STOP=1 -qAtX -d "$1"; fi
 }
 
 for name in "$role" "$owner"; do
@@ -61,17 +62,7 @@ if [ "${LOYALTY_PG_TUNE:-1}" = 1 ]; then
      && command -v pg_ctlcluster >/dev/null; then
     log "restarting cluster $version/$cluster to apply the settings"
     pg_ctlcluster "$version" "$cluster" restart
-    # A script on stdin, run in database $1.
-psql_script() {
-  if [ "$(id -u)" = 0 ]; then su postgres -c "psql -v ON_ERROR_STOP=1 -qAtX -d $1"; else sudo -u postgres psql -v ON_ERROR_STOP=1 -qAtX -d "$1"; fi
-}
-
-for name in "$role" "$owner"; do
-  case "$name" in *[!a-z0-9_]*|'') log "role names must be lower-case identifiers: '$name'"; exit 1;; esac
-done
-[ "$role" != "$owner" ] || { log "the owner role must not be the service role ($role)"; exit 1; }
-
-for _ in $(seq 1 30); do psql_admin "-c 'select 1'" >/dev/null 2>&1 && break; sleep 1; done
+    for _ in $(seq 1 30); do psql_admin "-c 'select 1'" >/dev/null 2>&1 && break; sleep 1; done
   fi
 fi
 
@@ -124,4 +115,4 @@ END
 \$\$;
 SQL
 done
-log "ready on 127.0.0.1:5432 (service role $role, owner $owner; databases: $databases)"
+log "ready on 127.0.0.1:$port (service role $role, owner $owner; databases: $databases)"

@@ -59,3 +59,25 @@ class TestProblemJson:
         response = await call("GET", "/nowhere")
         assert response.status_code == 404
         assert response.json()["title"] == "Not Found"
+
+    async def test_a_body_that_is_not_utf8_is_a_422_like_one_that_is_not_json(self) -> None:
+        for content in (b"\xff\xfe{", b"{not json"):
+            response = await call("POST", "/conflict", content=content, headers={"content-type": "application/json"})
+            assert response.status_code == 422, content
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.json()["errors"][0]["type"] == "json_invalid"
+
+
+class TestDocumentedProblems:
+    def test_every_error_response_is_documented_as_problem_json(self) -> None:
+        document = make_app().openapi()
+        responses = document["paths"]["/conflict"]["post"]["responses"]
+        assert responses["422"]["content"] == {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        }
+        assert responses["200"]["content"] == {"application/json": {"schema": {}}}
+        schemas = document["components"]["schemas"]
+        assert schemas["Problem"]["required"] == ["type", "title", "status", "detail"]
+        # FastAPI's validation error models are what the handlers never send.
+        assert "HTTPValidationError" not in schemas
+        assert "ValidationError" not in schemas
