@@ -7,6 +7,7 @@ from metrics.config import Settings, settings
 from metrics.consumers import purchases_consumer
 from metrics.endpoints import router
 from metrics.models import api_keys
+from metrics.tasks import start as start_background
 from shared.runtime import Runtime, State, base_app
 
 
@@ -14,6 +15,7 @@ def create_app(app_settings: Settings = settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         async with Runtime(app_settings, api_keys=api_keys, consumers=[purchases_consumer]) as runtime:
+            start_background(app_settings, runtime)
             yield runtime.state()
 
     app = base_app(

@@ -1,6 +1,10 @@
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import ServiceSettings
+
+# A bound on the tenants one process exports as Prometheus gauges (the label set's size).
+MAX_GAUGE_TENANTS = 1000
 
 
 class Settings(ServiceSettings):
@@ -9,6 +13,26 @@ class Settings(ServiceSettings):
     service_name: str = "metrics"
     http_port: int = 8003
     database_url: str = "postgresql+asyncpg://loyalty:loyalty@127.0.0.1:5432/loyalty_metrics"
+
+    kpi_gauges_enabled: bool = Field(
+        default=True, description="Refresh the KPI gauges of /metrics in the background (one replica is enough)"
+    )
+    kpi_gauges_interval_seconds: float = Field(default=60.0, gt=0, le=86400, description="Pause between refreshes")
+    kpi_gauges_max_tenants: int = Field(
+        default=50,
+        ge=1,
+        le=MAX_GAUGE_TENANTS,
+        description="Tenants exported per refresh: the pinned ones, then the most recently active; the rest are "
+        'dropped and counted (loyalty_kpi_tenants{state="dropped"})',
+    )
+    kpi_gauges_tenants: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_GAUGE_TENANTS,
+        description="Tenants always exported (within the maximum), e.g. the largest accounts",
+    )
+    kpi_gauges_statement_timeout_ms: int = Field(
+        default=5000, ge=100, le=600_000, description="Bound on each tenant's queries in one refresh"
+    )
 
 
 settings = Settings()
