@@ -317,10 +317,14 @@ class TierChanged(Payload):
     ruleset_version: int | None = None
 
 
+# The metrics service's value segments (its docs/segments.md defines them).
+SegmentName: TypeAlias = Literal["ambassador", "loyal_passive", "price_shopper", "at_risk", "leaver", "new"]
+
+
 class SegmentChanged(Payload):
     customer_id: Identifier
-    previous_segment: str | None = None
-    segment: Literal["ambassador", "loyal_passive", "price_shopper", "leaver", "new"]
+    previous_segment: SegmentName | None = None
+    segment: SegmentName
     reason: Text
 
 

@@ -9,6 +9,17 @@ from tests.conftest import create_api_key, running_app, service_settings
 
 pytestmark = [pytest.mark.db]
 
+# Written out by hand (docs/segments.md), not read off the model.
+SEGMENT_DEFAULTS = {
+    "new_days": 90,
+    "advocacy_days": 365,
+    "rhythm_factor": 2.0,
+    "rhythm_min_orders": 3,
+    "p_alive_min": 0.3,
+    "detractor_silence_days": 90,
+    "price_shopper_min_discounted_share": 0.5,
+    "price_shopper_max_orders_per_year": 4.0,
+}
 DEFAULTS: dict[str, object] = {
     "activity_window_days": 365,
     "reporting_currency": None,
@@ -16,7 +27,7 @@ DEFAULTS: dict[str, object] = {
     "point_value": "0.01",
     "clv_discount_rate": "0.10",
     "clv_horizon_months": 12,
-    "segment_thresholds": {},
+    "segment_thresholds": SEGMENT_DEFAULTS,
     "updated_at": None,
 }
 
@@ -47,7 +58,7 @@ class TestConfig:
         assert after["activity_window_days"] == 90
         assert after["conversion_factors"] == {"USD": "0.92", "GBP": "1.17"}
         assert after["point_value"] == "0.005"
-        assert after["segment_thresholds"] == {"new_days": 30}
+        assert after["segment_thresholds"] == {**SEGMENT_DEFAULTS, "new_days": 30}
         assert after["clv_horizon_months"] == 12
         assert after["updated_at"] is not None
         assert again.json()["activity_window_days"] == 365
@@ -80,6 +91,8 @@ class TestConfig:
             ({"clv_discount_rate": "1.5"}, "clv_discount_rate"),
             ({"clv_horizon_months": 0}, "clv_horizon_months"),
             ({"segment_thresholds": {"x": "y" * 20000}}, "segment_thresholds"),
+            ({"segment_thresholds": {"new_days": 0}}, "segment_thresholds"),
+            ({"segment_thresholds": {"p_alive_min": 1.01}}, "segment_thresholds"),
             ({"unknown": 1}, "unknown"),
         ],
     )

@@ -16,7 +16,7 @@ import httpx
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-import rules.engine
+import rules
 from rules.service import rules_service
 from shared.consumer import Inbound
 from shared.db import AsyncSession, create_engine, create_sessionmaker, transaction
@@ -127,13 +127,17 @@ def inbound(event: CloudEvent[Any]) -> Inbound[Any]:
     return Inbound(event, "purchases", 0, 0, cast(Any, None))
 
 
-def interpreted_engine() -> ModuleType:
-    """rules/engine.py loaded from source under another name, beside the compiled module (when built)."""
-    source = Path(rules.engine.__file__ or "").with_name("engine.py")
-    spec = importlib.util.spec_from_file_location("rules_engine_interpreted", source)
+def interpreted(module: str) -> ModuleType:
+    """rules/engine/<module>.py loaded from its source under another name, beside the compiled module (when
+    built); what it imports is the imported (maybe compiled) engine."""
+    source = Path(rules.__file__ or "").parent / "engine" / f"{module}.py"  # rules/__init__.py is never compiled
+    spec = importlib.util.spec_from_file_location(f"rules_engine_{module}_interpreted", source)
     assert spec is not None
     assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = loaded  # dataclasses look their module up while the class is created
+    try:
+        spec.loader.exec_module(loaded)
+    finally:
+        del sys.modules[spec.name]
+    return loaded

@@ -21,10 +21,6 @@ from rules.engine import (
     CustomerSnapshot,
     Evaluation,
     EventRefused,
-    _fields_read,
-    _fmt,
-    _kept_from,
-    _months_back_from,
     apply_event,
     check_referral,
     check_refund,
@@ -34,8 +30,11 @@ from rules.engine import (
     plan_clawbacks,
     review_tier,
 )
+from rules.engine.basics import fmt, months_back_from
+from rules.engine.conditions import fields_read
+from rules.engine.state import kept_from
 from shared.events import EventAttended, SurveyAnswered, business_id, make_event
-from tests.rules.helpers import interpreted_engine
+from tests.rules.helpers import interpreted
 from tests.rules.samples import (
     BASE,
     NESTED_COMPREHENSIONS,
@@ -410,12 +409,12 @@ class TestClawbacks:
 
 
 class TestConditions:
-    def test_fields_read(self) -> None:
-        assert _fields_read("event.net_amount > 1.0 && event.channel == 'x'", "event") == ("channel", "net_amount")
-        assert _fields_read("size(event) > 1", "event") is None
-        assert _fields_read("event['x'] == 1", "event") is None
+    def testfields_read(self) -> None:
+        assert fields_read("event.net_amount > 1.0 && event.channel == 'x'", "event") == ("channel", "net_amount")
+        assert fields_read("size(event) > 1", "event") is None
+        assert fields_read("event['x'] == 1", "event") is None
         # a bare name inside a string is taken as a whole-map use: slower, never wrong
-        assert _fields_read("customer.tier == 'event' && event.x", "event") is None
+        assert fields_read("customer.tier == 'event' && event.x", "event") is None
 
     def test_memoized_projection_equals_full_evaluation(self) -> None:
         import cel
@@ -647,12 +646,12 @@ class TestFastPaths:
         "text", ["0", "-0", "0.000", "12.3400", "1E+5", "1.20E+3", "1E-6", "1E-7", "-2.5E-9", "NaN", "-Infinity"]
     )
     def test_formatting_edge_cases(self, text: str) -> None:
-        assert _fmt(Decimal(text)) == format(Decimal(text).normalize(), "f")
+        assert fmt(Decimal(text)) == format(Decimal(text).normalize(), "f")
 
     @settings(max_examples=500, deadline=None)
     @given(value=st.decimals(allow_nan=False, allow_infinity=False))
     def test_formatting_equals_fixed_point_of_the_normalized_value(self, value: Decimal) -> None:
-        assert _fmt(value) == format(value.normalize(), "f")
+        assert fmt(value) == format(value.normalize(), "f")
 
     def test_line_explanations_per_currency_on_a_warm_version(self) -> None:
         # The arithmetic text is cached per currency on the version: switching currencies on one compiled
@@ -699,7 +698,7 @@ class TestFastPaths:
         aware = at.replace(tzinfo=timezone(timedelta(hours=offset)))
         utc = aware.astimezone(UTC)
         assert month_key(aware) == f"{utc.year:04d}-{utc.month:02d}"
-        assert _kept_from(at.year, at.month) == (min(_months_back_from(at.year, at.month, 13)), str(at.year - 1))
+        assert kept_from(at.year, at.month) == (min(months_back_from(at.year, at.month, 13)), str(at.year - 1))
 
 
 class TestEventChecks:
@@ -854,8 +853,8 @@ class TestConditionErrors:
             def execute(self, args: object) -> object:
                 raise self.error
 
-        # The interpreted engine: a compiled Condition's `program` only takes a cel.Program.
-        condition = interpreted_engine().Condition("size(event.skus) > 0")
+        # The interpreted module: a compiled Condition's `program` only takes a cel.Program.
+        condition = interpreted("conditions").Condition("size(event.skus) > 0")
         scope = {"event": {"skus": ["A"]}, "customer": {}}
         monkeypatch.setattr(condition, "program", Panicking(PanicException("index out of bounds")))
         result = condition(scope, memo=False)

@@ -12,9 +12,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from rules.batch import BatchOutcome
 from rules.models import Award, CustomerState, Order, processed_events
-from rules.service import rules_service
+from rules.service import BatchOutcome, rules_service
 from shared.consumer import RetryLater, is_transient
 from shared.db import AsyncSession, transaction
 from shared.events import CloudEvent, decode_event

@@ -1,14 +1,11 @@
 from datetime import timedelta, timezone
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from rules import ruleset as rs
 from rules.batch import BatchWork, Schedule, breakdown_json, earn_command, tier_changed
 from rules.engine import CompiledRuleset, CustomerSnapshot, TierChange, evaluate
-from rules.service import rules_service
-from shared.consumer import Inbound
-from shared.db import AsyncSession
 from shared.events import ClawbackPoints, CloudEvent, EarnPoints, Payload, TierChanged, decode_event
 from tests.rules.samples import BASE, T0, TIERS, doc, line, order, referral, refund, review
 
@@ -91,12 +88,12 @@ class TestOtherOutputRows:
 
     def test_clawback_of_a_refund(self) -> None:
         compiled = CompiledRuleset.compile("main", 1, rs.parse(DOCUMENT))
-        work = BatchWork(rules_service.cache, cast(AsyncSession, None), "")
+        work = BatchWork("")
         work.schedules = {TENANT: Schedule([T0 - timedelta(days=1)], [("main", 1)])}
         work.compiled = {(TENANT, "main", 1): compiled}
         purchase = order(TENANT, "c-5", [line("S-1", "tools", "10", "10")], order_id="SO-5")
-        work.apply(_inbound(purchase))
-        work.apply(_inbound(refund(TENANT, "c-5", "SO-5", "50")))
+        work.apply(purchase)
+        work.apply(refund(TENANT, "c-5", "SO-5", "50"))
         clawbacks = [r for r in work.outbox if b'"points.clawback"' in r["value"]]
         assert len(clawbacks) == 1
         event = _assert_is_the_validated_event(clawbacks[0], ClawbackPoints)
@@ -104,7 +101,3 @@ class TestOtherOutputRows:
         assert isinstance(earned.data, EarnPoints)
         assert event.data.original_command_id == earned.data.command_id
         assert event.data.points * 2 == earned.data.points, "half the order refunded: half its points back"
-
-
-def _inbound(event: CloudEvent[Any]) -> Inbound[Any]:
-    return Inbound(event, "purchases", 0, 0, cast(Any, None))

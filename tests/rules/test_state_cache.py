@@ -12,11 +12,11 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from rules.batch import BatchOutcome, StateCache
+from rules.batch import StateCache
 from rules.consumers import batch_handler
 from rules.engine import CustomerSnapshot
 from rules.repository import CustomerStateRepository
-from rules.service import RulesOutbox, rules_service
+from rules.service import BatchOutcome, RulesOutbox, rules_service
 from shared.consumer import RetryLater, is_transient
 from shared.db import AsyncSession, transaction
 from shared.events import CloudEvent

@@ -13,6 +13,17 @@ class Settings(ServiceSettings):
     service_name: str = "metrics"
     http_port: int = 8003
     database_url: str = "postgresql+asyncpg://loyalty:loyalty@127.0.0.1:5432/loyalty_metrics"
+    outbox_poll_seconds: float = Field(default=1.0, gt=0, description="Wait after an outbox round that was not full")
+    outbox_batch_size: int = Field(default=1000, ge=1, description="segment.changed rows one relay round sends")
+    segments_interval_seconds: float = Field(
+        default=86400.0, gt=0, description="How often every customer is classified again (time alone makes leavers)"
+    )
+    segments_first_run_seconds: float = Field(
+        default=60.0, ge=0, description="Wait after start before the first scheduled classification"
+    )
+    segments_page_size: int = Field(
+        default=1000, ge=1, le=10_000, description="Customers classified per transaction in the scheduled run"
+    )
 
     kpi_gauges_enabled: bool = Field(
         default=True, description="Refresh the KPI gauges of /metrics in the background (one replica is enough)"

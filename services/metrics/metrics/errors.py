@@ -12,3 +12,21 @@ class InvalidPeriod(MetricsError):
 
     def __init__(self, start: object, end: object) -> None:
         super().__init__(f"the period start {start} is after its end {end}", start=str(start), end=str(end))
+
+
+class CustomerNotFound(MetricsError):
+    """The metrics service has seen no event of this customer."""
+
+    status_code = 404
+
+    def __init__(self, customer_id: str) -> None:
+        super().__init__(f"no metrics for customer {customer_id!r}", customer_id=customer_id)
+
+
+class InvalidCursor(MetricsError):
+    """The cursor is not one a page of this list (with this sort) returned."""
+
+    status_code = 422
+
+    def __init__(self) -> None:
+        super().__init__("the cursor is not one this list returned for this sort; start without a cursor")

@@ -7,12 +7,28 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Date, DateTime, Index, Integer, Numeric, SmallInteger, String, func, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Double,
+    Index,
+    Integer,
+    LargeBinary,
+    Numeric,
+    SmallInteger,
+    String,
+    Text,
+    func,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.auth import api_keys_table
 from shared.db import make_metadata
+from shared.outbox import outbox_quarantine_table
 from shared.tracking import processed_events_table
 
 
@@ -22,6 +38,7 @@ class Base(DeclarativeBase):
 
 api_keys = api_keys_table(Base.metadata)
 processed_events = processed_events_table(Base.metadata)
+outbox_quarantine = outbox_quarantine_table(Base.metadata)
 
 TENANT = 63
 ID = 200
@@ -216,3 +233,73 @@ class DailyPurchases(Base):
     currency: Mapped[str] = mapped_column(String(3), primary_key=True)
     orders: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     net_revenue: Mapped[Decimal] = mapped_column(Numeric, nullable=False, default=Decimal(0))
+
+
+# The customer list's orders (GET /v1/customers?sort=): each is a tuple of key expressions, scanned in one
+# direction, customer id last; a nullable key is preceded by whether it is set, so customers without a CLV
+# prediction come last. The indexes below are these very expressions, with and without the segment.
+LIST_SORTS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "clv": (("(clv_12m is not null)", "coalesce(clv_12m, 0)", "customer_id"), True),
+    "revenue": (("net_revenue", "customer_id"), True),
+    "p_alive": (("(p_alive is null)", "coalesce(p_alive, 0)", "customer_id"), False),
+    "last_purchase": (("last_purchase_at", "customer_id"), True),
+}
+
+
+def _list_indexes() -> list[Index]:
+    out: list[Index] = []
+    for name, (keys, _) in LIST_SORTS.items():
+        for by_segment in (False, True):
+            columns = ["tenant_id", *(["segment"] if by_segment else []), *keys]
+            label = f"ix_metrics_customer_segments_{'segment_' if by_segment else ''}{name}"
+            out.append(Index(label, *(text(c) if "(" in c else c for c in columns)))
+    return out
+
+
+class CustomerSegment(Base):
+    """A customer's current value segment (since when, and why), with the customer list's sort keys copied
+    from its summary and latest CLV prediction when it was classified."""
+
+    __tablename__ = "customer_segments"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    segment: Mapped[str] = mapped_column(String(20), nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    since: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    classified_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    orders: Mapped[int] = mapped_column(Integer, nullable=False)
+    net_revenue: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    last_purchase_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    clv_12m: Mapped[Decimal | None] = mapped_column(Numeric)
+    p_alive: Mapped[float | None] = mapped_column(Double)
+
+    __table_args__ = tuple(_list_indexes())
+
+
+# The columns of a customer_segments row, in the order the repository writes them.
+SEGMENT_COLUMNS = (
+    "tenant_id",
+    "customer_id",
+    "segment",
+    "reason",
+    "since",
+    "classified_at",
+    "orders",
+    "net_revenue",
+    "last_purchase_at",
+    "clv_12m",
+    "p_alive",
+)
+
+
+class OutboxMessage(Base):
+    """segment.changed events written with the segment, relayed to Kafka by the outbox relay."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    topic: Mapped[str] = mapped_column(String(200), nullable=False)
+    key: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    value: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())

@@ -1,18 +1,18 @@
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from metrics.segments import Segment, SegmentThresholds
 from shared.events import Amount, Currency
 
 MAX_FACTOR = Decimal(10**6)
 MAX_POINT_VALUE = Decimal(10**6)
 MAX_CURRENCIES = 200
-MAX_THRESHOLDS_BYTES = 16 * 1024
 MAX_WINDOW_DAYS = 3650
 
 
@@ -24,12 +24,6 @@ def _places(places: int) -> AfterValidator:
         return value
 
     return AfterValidator(check)
-
-
-def _small_json(value: dict[str, Any]) -> dict[str, Any]:
-    if len(json.dumps(value, separators=(",", ":"))) > MAX_THRESHOLDS_BYTES:
-        raise ValueError(f"at most {MAX_THRESHOLDS_BYTES} bytes of JSON")
-    return value
 
 
 Factor = Annotated[Amount, Field(gt=0, le=MAX_FACTOR, allow_inf_nan=False), _places(12)]
@@ -63,8 +57,8 @@ class TenantConfigUpdate(BaseModel):
         default=Decimal("0.10"), description="Yearly discount rate of the predictive CLV"
     )
     clv_horizon_months: int = Field(default=12, ge=1, le=120, description="Horizon of the predictive CLV")
-    segment_thresholds: Annotated[dict[str, Any], AfterValidator(_small_json)] = Field(
-        default_factory=dict, description="The value segments' rules and thresholds (docs/metrics.md)"
+    segment_thresholds: SegmentThresholds = Field(
+        default_factory=SegmentThresholds, description="The value segments' rules and thresholds (docs/segments.md)"
     )
 
 
@@ -86,3 +80,67 @@ class DailyPurchases(BaseModel):
 class DailyPurchasesList(BaseModel):
     items: list[DailyPurchases]
     total_orders: int
+
+
+# --- value segments -----------------------------------------------------------------------------------
+
+CustomerSort = Literal["clv", "revenue", "p_alive", "last_purchase"]
+
+
+class SegmentOverview(BaseModel):
+    counts: dict[Segment, int] = Field(description="Customers per segment (every segment named, zeros too)")
+    customers: int = Field(description="Customers with a segment (every customer with a purchase)")
+    activity_window_days: int
+    thresholds: SegmentThresholds
+
+
+class CustomerListItem(BaseModel):
+    customer_id: str
+    segment: Segment
+    reason: str
+    since: datetime = Field(description="When the customer entered the segment")
+    classified_at: datetime
+    orders: int
+    net_revenue: Amount = Field(description="In the tenant's reporting currency, as of the classification")
+    last_purchase_at: datetime
+    clv_12m: Amount | None = Field(description="The latest prediction's 12-month CLV; None without one")
+    p_alive: float | None
+
+
+class CustomerList(BaseModel):
+    items: list[CustomerListItem]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; None on the last page")
+
+
+class CustomerSegmentInfo(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    segment: Segment
+    reason: str
+    since: datetime
+    classified_at: datetime
+
+
+class CustomerMetrics(BaseModel):
+    customer_id: str
+    currency: str | None = Field(description="The reporting currency of the amounts")
+    first_purchase_at: datetime | None
+    last_purchase_at: datetime | None
+    orders: int
+    net_revenue: Amount
+    last_nps: int | None
+    last_nps_at: datetime | None
+    last_review_at: datetime | None
+    last_referral_at: datetime | None
+    tier: str | None
+    segment: CustomerSegmentInfo | None = Field(description="None until the customer's first purchase")
+    clv_prediction: dict[str, Any] | None = Field(description="The latest predictive CLV; None without one")
+
+    @classmethod
+    def from_rows(cls, summary: Mapping[str, Any], segment: object | None) -> CustomerMetrics:
+        return cls(
+            **{name: summary[name] for name in cls.model_fields if name in summary},
+            currency=summary["reporting_currency"],
+            segment=None if segment is None else CustomerSegmentInfo.model_validate(segment),
+            clv_prediction=summary["prediction"],
+        )

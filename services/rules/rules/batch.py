@@ -1,16 +1,17 @@
-"""One consumed batch, in memory: loaded once, changed event by event, saved once; and the rows of this
-service's output (commands, tier changes). Compiled by mypyc (`make native`), like the engine: this is the
-consumer's per-event code outside the engine."""
+"""One consumed batch, in memory: what the service loaded for it, changed event by event, and what the service
+then saves; and the rows of this service's output (commands, tier changes). Pure: no I/O, nothing awaited
+(the service, rules.service, loads and saves). Compiled by mypyc (`make native`), like the engine: this is
+the consumer's per-event code outside the engine."""
 
 from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic_core import to_json
 
@@ -34,45 +35,49 @@ from rules.engine import (
     review_tier,
 )
 from rules.models import RulesetActivation
-from rules.repository import (
-    AwardRow,
-    CampaignRepository,
-    CustomerStateRepository,
-    OrderRecord,
-    OrderRepository,
-    OutboxRepository,
-    RulesetRepository,
-)
-from shared.consumer import Inbound, Rejection
-from shared.db import AsyncReadSession, AsyncSession
 from shared.events import (
     CUSTOM_TYPE_PREFIX,
     CloudEvent,
-    EngagementPayload,
     PurchaseCompleted,
     PurchaseRefunded,
-    PurchasesPayload,
     ReferralConverted,
 )
 from shared.topics import CUSTOMERS, POINTS_COMMANDS
 
 SOURCE = "loyalty/rules"
-VersionKey = tuple[str, str, int]
+Key = tuple[str, str]  # (tenant, customer or order id)
+VersionKey = tuple[str, str, int]  # (tenant, ruleset id, version)
 
 
-class CampaignBudgetContended(Exception):
-    """Another consumer spent from a campaign budget after this batch read it, so far that the batch's
-    evaluation may have awarded more than the budget had left."""
+class OrderRecord(NamedTuple):
+    """An order as the batch sees it (a named tuple: one is built per purchase, and written as a row, its
+    fields being the COPY's columns)."""
+
+    tenant_id: str
+    order_id: str
+    customer_id: str
+    event_id: str
+    currency: str
+    net_amount: Decimal
+    refunded_amount: Decimal
+    ordered_at: datetime
+    ruleset_id: str | None
+    ruleset_version: int | None
 
 
-@dataclass
-class BatchOutcome:
-    rejections: list[Rejection] = field(default_factory=list)
-    outbox_ids: list[int] = field(default_factory=list)
-    outbox_rows: list[dict[str, Any]] = field(default_factory=list)
-    awards: int = 0
-    # The customer states the batch wrote, as written: a consumer keeps them once the batch committed.
-    states: dict[tuple[str, str], CustomerSnapshot] = field(default_factory=dict)
+class AwardRow(NamedTuple):
+    """An award as written (a named tuple in the COPY's column order: one is built per command)."""
+
+    command_id: str
+    tenant_id: str
+    customer_id: str
+    order_id: str | None
+    event_id: str
+    ruleset_id: str
+    ruleset_version: int
+    points: int
+    matures_at: datetime | None
+    breakdown: str  # JSON
 
 
 class StateCache:
@@ -86,7 +91,7 @@ class StateCache:
     changed in memory outlives it. The oldest entries go first beyond `limit`."""
 
     def __init__(self, limit: int) -> None:
-        self._states: dict[tuple[str, str], CustomerSnapshot] = {}
+        self._states: dict[Key, CustomerSnapshot] = {}
         self._limit = limit
         self.hits = 0
         self.misses = 0
@@ -94,10 +99,10 @@ class StateCache:
     def __len__(self) -> int:
         return len(self._states)
 
-    def take(self, keys: set[tuple[str, str]]) -> tuple[dict[tuple[str, str], CustomerSnapshot], set[tuple[str, str]]]:
+    def take(self, keys: set[Key]) -> tuple[dict[Key, CustomerSnapshot], set[Key]]:
         """The cached states of `keys`, removed from the cache, and the keys it does not hold."""
-        found: dict[tuple[str, str], CustomerSnapshot] = {}
-        missing: set[tuple[str, str]] = set()
+        found: dict[Key, CustomerSnapshot] = {}
+        missing: set[Key] = set()
         states = self._states
         for key in keys:
             state = states.pop(key, None)
@@ -109,7 +114,7 @@ class StateCache:
         self.misses += len(missing)
         return found, missing
 
-    def keep(self, states: dict[tuple[str, str], CustomerSnapshot]) -> None:
+    def keep(self, states: dict[Key, CustomerSnapshot]) -> None:
         """States as committed; they become the newest entries."""
         cached = self._states
         cached.update(states)
@@ -150,14 +155,6 @@ class RulesetCache:
             self._compiled.pop(next(iter(self._compiled)))
         self._compiled[key] = compiled
         return compiled
-
-    async def load(self, session: AsyncReadSession, keys: set[VersionKey]) -> dict[VersionKey, CompiledRuleset]:
-        out = {k: c for k in keys if (c := self.get(k)) is not None}
-        missing = keys - out.keys()
-        for row in await RulesetRepository.from_session(session).documents(missing):
-            key = (row.tenant_id, row.ruleset_id, row.version)
-            out[key] = self.put(key, row.document)
-        return out
 
 
 def schedules(activations: Sequence[RulesetActivation]) -> dict[str, Schedule]:
@@ -252,86 +249,82 @@ def tier_changed(
     return event_row(topic, "tier.changed", data, tenant=tenant, subject=customer_id, event_id=event_id, time=at)
 
 
-class BatchWork:
-    """The in-memory state of one batch: loaded once, changed event by event, saved once."""
+@dataclass
+class Wanted:
+    """What a batch reads before its first event (rules.service loads it)."""
 
-    def __init__(
-        self,
-        cache: RulesetCache,
-        session: AsyncSession,
-        namespace: str,
-        *,
-        lock_campaigns: bool = True,
-        state_cache: StateCache | None = None,
-    ) -> None:
-        self.cache = cache
-        self.state_cache = state_cache
-        self.session = session
+    versions: set[VersionKey]  # the versions active at its events (the orders' versions are added once read)
+    orders: set[Key]  # the orders its purchases and refunds name
+    refunded: set[Key]  # the orders its refunds name: their awards are read (a purchase's are made here)
+    customers: set[Key]  # the customers its events name
+
+
+def wanted(events: Iterable[CloudEvent[Any]], schedules: dict[str, Schedule]) -> Wanted:
+    out = Wanted(set(), set(), set(), set())
+    for e in events:
+        schedule = schedules.get(e.tenantid)
+        active = schedule.at(event_time(e)) if schedule else None
+        if active:
+            out.versions.add((e.tenantid, *active))
+        out.customers.add((e.tenantid, e.data.customer_id))
+        if isinstance(e.data, ReferralConverted):
+            out.customers.add((e.tenantid, e.data.referred_customer_id))
+        if isinstance(e.data, PurchaseRefunded):
+            out.orders.add((e.tenantid, e.data.original_order_id))
+            out.refunded.add((e.tenantid, e.data.original_order_id))
+        if isinstance(e.data, PurchaseCompleted):
+            out.orders.add((e.tenantid, e.data.order_id))
+    return out
+
+
+def order_versions(orders: Iterable[OrderRecord]) -> set[VersionKey]:
+    """The versions the orders were evaluated under (a refund's clawback reads its order's spend factor)."""
+    return {
+        (o.tenant_id, o.ruleset_id, o.ruleset_version)
+        for o in orders
+        if o.ruleset_id is not None and o.ruleset_version is not None
+    }
+
+
+def budgets(compiled: dict[VersionKey, CompiledRuleset]) -> dict[Key, int]:
+    """(tenant, campaign) -> the smallest budget any of the versions gives the campaign."""
+    out: dict[Key, int] = {}
+    for (tenant, _, _), version in compiled.items():
+        for campaign, spec in version.document.campaigns.items():
+            if spec.budget is not None:
+                out[(tenant, campaign)] = min(spec.budget, out.get((tenant, campaign), spec.budget))
+    return out
+
+
+class BatchWork:
+    """The in-memory state of one batch: what the service loaded (the `wanted` versions, orders, states and
+    campaign spend), changed event by event by `apply`, and what the service then saves (the dirty states,
+    new orders, refunded amounts, awards, clawbacks, campaign spend and outbox rows)."""
+
+    def __init__(self, namespace: str) -> None:
         self.namespace = namespace
-        self.lock_campaigns = lock_campaigns
-        # The smallest budget any version in the batch gives a campaign, and the spend read at load.
-        self.budgets: dict[tuple[str, str], int] = {}
-        self.spent_read: dict[tuple[str, str], int] = {}
-        self.states: dict[tuple[str, str], CustomerSnapshot] = {}
-        self.dirty: set[tuple[str, str]] = set()
-        self.orders: dict[tuple[str, str], OrderRecord] = {}
-        self.new_orders: list[OrderRecord] = []
-        self.refunded: dict[tuple[str, str], Decimal] = {}
-        self.order_awards: dict[tuple[str, str], list[AwardRecord]] = {}
-        self.awards: list[AwardRow] = []
-        self.clawed: dict[tuple[str, str, str], int] = {}  # (tenant, customer, command) -> points
-        self.spent: dict[tuple[str, str], int] = {}
-        self.spent_delta: dict[tuple[str, str], int] = {}
-        self.outbox: list[dict[str, Any]] = []
+        # Loaded.
         self.schedules: dict[str, Schedule] = {}
         self.compiled: dict[VersionKey, CompiledRuleset] = {}
+        self.orders: dict[Key, OrderRecord] = {}
+        self.order_awards: dict[Key, list[AwardRecord]] = {}
+        self.states: dict[Key, CustomerSnapshot] = {}
+        self.budgets: dict[Key, int] = {}  # see budgets()
+        self.spent_read: dict[Key, int] = {}  # (tenant, campaign) -> spent, as read
+        self.spent: dict[Key, int] = {}  # the same, as the batch spends
+        # Made by the events.
+        self.dirty: set[Key] = set()
+        self.new_orders: list[OrderRecord] = []
+        self.refunded: dict[Key, Decimal] = {}
+        self.awards: list[AwardRow] = []
+        self.clawed: dict[tuple[str, str, str], int] = {}  # (tenant, customer, command) -> points
+        self.spent_delta: dict[Key, int] = {}
+        self.outbox: list[dict[str, Any]] = []
 
     def version_for(self, event: CloudEvent[Any]) -> CompiledRuleset | None:
         schedule = self.schedules.get(event.tenantid)
         active = schedule.at(event_time(event)) if schedule else None
         return self.compiled.get((event.tenantid, *active)) if active else None
-
-    async def load(self, messages: Sequence[Inbound[PurchasesPayload | EngagementPayload]]) -> None:
-        session = self.session
-        tenants = {m.event.tenantid for m in messages}
-        self.schedules = schedules(await RulesetRepository.from_session(session).activations(tenants))
-        wanted: set[VersionKey] = set()
-        order_keys: set[tuple[str, str]] = set()
-        refund_keys: set[tuple[str, str]] = set()
-        customer_keys: set[tuple[str, str]] = set()
-        for m in messages:
-            e = m.event
-            schedule = self.schedules.get(e.tenantid)
-            active = schedule.at(event_time(e)) if schedule else None
-            if active:
-                wanted.add((e.tenantid, *active))
-            customer_keys.add((e.tenantid, e.data.customer_id))
-            if isinstance(e.data, ReferralConverted):
-                customer_keys.add((e.tenantid, e.data.referred_customer_id))
-            if isinstance(e.data, PurchaseRefunded):
-                order_keys.add((e.tenantid, e.data.original_order_id))
-                refund_keys.add((e.tenantid, e.data.original_order_id))
-            if isinstance(e.data, PurchaseCompleted):
-                order_keys.add((e.tenantid, e.data.order_id))
-        orders = OrderRepository.from_session(session)
-        self.orders = await orders.load(order_keys)
-        # Only a refund reads an order's awards (a purchase's own awards are made in this batch).
-        self.order_awards = await orders.awards(refund_keys)
-        for order in self.orders.values():
-            if order.ruleset_id is not None and order.ruleset_version is not None:
-                wanted.add((order.tenant_id, order.ruleset_id, order.ruleset_version))
-        self.compiled = await self.cache.load(session, wanted)
-        cached, missing = self.state_cache.take(customer_keys) if self.state_cache is not None else ({}, customer_keys)
-        self.states = cached
-        self.states.update(await CustomerStateRepository.from_session(session).load(missing))
-        budgets: dict[tuple[str, str], int] = {}
-        for (t, _, _), comp in self.compiled.items():
-            for c, spec in comp.document.campaigns.items():
-                if spec.budget is not None:
-                    budgets[(t, c)] = min(spec.budget, budgets.get((t, c), spec.budget))
-        self.budgets = budgets
-        self.spent = await CampaignRepository.from_session(session).spent(budgets, for_update=self.lock_campaigns)
-        self.spent_read = dict(self.spent)
 
     def recorded(self, event: CloudEvent[Any]) -> bool:
         """A purchase this service recorded before (under this event id): a redelivery to skip."""
@@ -348,8 +341,7 @@ class BatchWork:
             state = self.states[key] = CustomerSnapshot(customer_id)
         return state
 
-    def apply(self, message: Inbound[PurchasesPayload | EngagementPayload]) -> None:
-        event = message.event
+    def apply(self, event: CloudEvent[Any]) -> None:
         if isinstance(event.data, PurchaseRefunded):
             self._refund(event, event.data)
             return
@@ -505,28 +497,3 @@ class BatchWork:
         state = self.state(tenant, order.customer_id)
         apply_refund(state, order.ordered_at, now, compiled.spend_factor(order.currency) if compiled else Decimal(1))
         self.dirty.add((tenant, order.customer_id))
-
-    async def save(self, outcome: BatchOutcome) -> None:
-        session = self.session
-        written = {k: self.states[k] for k in self.dirty}
-        await CustomerStateRepository.from_session(session).save((k[0], state) for k, state in written.items())
-        outcome.states = written
-        orders = OrderRepository.from_session(session)
-        await orders.insert_orders(self.new_orders)
-        # After the insert, so a refund of an order from the same batch updates the new row.
-        await orders.set_refunded(
-            [{"tenant_id": t, "order_id": o, "refunded_amount": amount} for (t, o), amount in self.refunded.items()]
-        )
-        await orders.insert_awards(self.awards)
-        await orders.add_clawed_back(self.clawed)
-        outcome.outbox_ids = await OutboxRepository.from_session(session).add(self.outbox)
-        outcome.outbox_rows = self.outbox
-        outcome.awards = len(self.awards)
-        # Last, so the campaign rows stay locked (by these updates) only until the commit that follows.
-        over = await CampaignRepository.from_session(session).add(
-            self.spent_delta,
-            budgets=None if self.lock_campaigns else self.budgets,
-            read=self.spent_read,
-        )
-        if over:
-            raise CampaignBudgetContended(over)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
-from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any
 
 from sqlalchemy import func, select, tuple_, update
 
+from rules.batch import AwardRow, OrderRecord
 from rules.engine import AwardRecord, CustomerSnapshot
 from rules.models import (
     Award,
@@ -70,22 +70,6 @@ class RulesetRepository(RepositoryBase[SessionT]):
             return []
         stmt = select(Ruleset).where(tuple_(Ruleset.tenant_id, Ruleset.ruleset_id, Ruleset.version).in_(wanted))
         return await self.get_all(stmt)
-
-
-class OrderRecord(NamedTuple):
-    """An order as the batch sees it (a named tuple: one is built per purchase, and written as a row, its
-    fields being the COPY's columns)."""
-
-    tenant_id: str
-    order_id: str
-    customer_id: str
-    event_id: str
-    currency: str
-    net_amount: Decimal
-    refunded_amount: Decimal
-    ordered_at: datetime
-    ruleset_id: str | None
-    ruleset_version: int | None
 
 
 def _keys(keys: Iterable[Key]) -> tuple[list[str], list[str]]:
@@ -160,21 +144,6 @@ class CustomerStateRepository(RepositoryBase[SessionT]):
             raise StateChanged(f"{len(written) - count} of {len(written)} customer states changed since read")
         for _, state in written:
             state.version += 1
-
-
-class AwardRow(NamedTuple):
-    """An award as written (a named tuple in the COPY's column order: one is built per command)."""
-
-    command_id: str
-    tenant_id: str
-    customer_id: str
-    order_id: str | None
-    event_id: str
-    ruleset_id: str
-    ruleset_version: int
-    points: int
-    matures_at: datetime | None
-    breakdown: str  # JSON
 
 
 class OrderRepository(RepositoryBase[SessionT]):

@@ -4,6 +4,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -12,15 +13,19 @@ from asyncpg.exceptions import UniqueViolationError
 from rules import ruleset as rs
 from rules import schemas
 from rules.batch import (
-    BatchOutcome,
     BatchWork,
-    CampaignBudgetContended,
+    Key,
     RulesetCache,
     StateCache,
+    VersionKey,
+    budgets,
+    order_versions,
     schedules,
     tier_changed,
+    wanted,
 )
 from rules.engine import (
+    CompiledRuleset,
     CustomerSnapshot,
     Evaluation,
     EventRefused,
@@ -88,9 +93,32 @@ def _carries(types: frozenset[str], event_type: object) -> bool:
     return carries(types, event_type)
 
 
+class CampaignBudgetContended(Exception):
+    """Another consumer spent from a campaign budget after this batch read it, so far that the batch's
+    evaluation may have awarded more than the budget had left."""
+
+
+@dataclass
+class BatchOutcome:
+    rejections: list[Rejection] = field(default_factory=list)
+    outbox_ids: list[int] = field(default_factory=list)
+    outbox_rows: list[dict[str, Any]] = field(default_factory=list)
+    awards: int = 0
+    # The customer states the batch wrote, as written: a consumer keeps them once the batch committed.
+    states: dict[Key, CustomerSnapshot] = field(default_factory=dict)
+
+
 class RulesService:
     def __init__(self) -> None:
         self.cache = RulesetCache()
+
+    async def compiled(self, session: AsyncReadSession, keys: set[VersionKey]) -> dict[VersionKey, CompiledRuleset]:
+        """The compiled versions of `keys` that exist, from the cache or read and compiled."""
+        out = {k: c for k in keys if (c := self.cache.get(k)) is not None}
+        for row in await RulesetRepository.from_session(session).documents(keys - out.keys()):
+            key = (row.tenant_id, row.ruleset_id, row.version)
+            out[key] = self.cache.put(key, row.document)
+        return out
 
     # --- rulesets ---------------------------------------------------------------------------------
 
@@ -195,7 +223,7 @@ class RulesService:
         if active is None:
             raise NoActiveRuleset(tenant_id, at)
         key = (tenant_id, *active)
-        compiled = (await self.cache.load(session, {key}))[key]
+        compiled = (await self.compiled(session, {key}))[key]
         tiers = compiled.document.tiers
         if tiers is None:
             raise TiersNotDefined(active[0], active[1])
@@ -241,7 +269,7 @@ class RulesService:
                 raise NoActiveRuleset(tenant_id, at)
             ruleset_id, version = active
         key = (tenant_id, ruleset_id, version)
-        compiled = (await self.cache.load(session, {key})).get(key)
+        compiled = (await self.compiled(session, {key})).get(key)
         if compiled is None:
             raise RulesetNotFound(ruleset_id, version)
         customer_id = event.data.customer_id
@@ -398,15 +426,15 @@ class RulesService:
         )
         outcome.rejections.extend(admission.rejections)
         messages = admission.messages
-        work = BatchWork(self.cache, session, namespace, lock_campaigns=lock_campaigns, state_cache=state_cache)
+        work = BatchWork(namespace)
         if messages:
-            await work.load(messages)
+            await self._load(session, work, [m.event for m in messages], state_cache, lock_campaigns=lock_campaigns)
         refused: list[Rejection] = []
         for m in messages:
             if work.recorded(m.event):
                 continue  # a redelivered purchase: its order row names this very event
             try:
-                work.apply(m)
+                work.apply(m.event)
             except EventRefused as exc:
                 refused.append(Rejection(m, str(exc)))
         outcome.rejections.extend(refused)
@@ -416,7 +444,7 @@ class RulesService:
         if not messages:
             return outcome
         try:
-            await work.save(outcome)
+            await self._save(session, work, outcome, lock_campaigns=lock_campaigns)
         except UniqueViolationError as exc:
             if exc.table_name != "orders":
                 raise
@@ -431,6 +459,60 @@ class RulesService:
                 state_cache.clear()
             raise RetryLater(str(exc)) from exc
         return outcome
+
+    async def _load(
+        self,
+        session: AsyncSession,
+        work: BatchWork,
+        events: Sequence[CloudEvent[Any]],
+        state_cache: StateCache | None,
+        *,
+        lock_campaigns: bool,
+    ) -> None:
+        """Reads what the batch's events need into `work`: activations, orders (and a refunded order's
+        awards), versions, customer states (the cached ones from `state_cache`), campaign spend."""
+        work.schedules = schedules(
+            await RulesetRepository.from_session(session).activations({e.tenantid for e in events})
+        )
+        needed = wanted(events, work.schedules)
+        orders = OrderRepository.from_session(session)
+        work.orders = await orders.load(needed.orders)
+        work.order_awards = await orders.awards(needed.refunded)
+        work.compiled = await self.compiled(session, needed.versions | order_versions(work.orders.values()))
+        cached, missing = state_cache.take(needed.customers) if state_cache is not None else ({}, needed.customers)
+        work.states = cached
+        work.states.update(await CustomerStateRepository.from_session(session).load(missing))
+        work.budgets = budgets(work.compiled)
+        work.spent = await CampaignRepository.from_session(session).spent(work.budgets, for_update=lock_campaigns)
+        work.spent_read = dict(work.spent)
+
+    async def _save(
+        self, session: AsyncSession, work: BatchWork, outcome: BatchOutcome, *, lock_campaigns: bool
+    ) -> None:
+        """Writes what the batch changed; raises CampaignBudgetContended when, without the lock, another
+        consumer spent from a budget meanwhile so far that this batch may have awarded past it."""
+        written = {k: work.states[k] for k in work.dirty}
+        await CustomerStateRepository.from_session(session).save((k[0], state) for k, state in written.items())
+        outcome.states = written
+        orders = OrderRepository.from_session(session)
+        await orders.insert_orders(work.new_orders)
+        # After the insert, so a refund of an order from the same batch updates the new row.
+        await orders.set_refunded(
+            [{"tenant_id": t, "order_id": o, "refunded_amount": amount} for (t, o), amount in work.refunded.items()]
+        )
+        await orders.insert_awards(work.awards)
+        await orders.add_clawed_back(work.clawed)
+        outcome.outbox_ids = await OutboxRepository.from_session(session).add(work.outbox)
+        outcome.outbox_rows = work.outbox
+        outcome.awards = len(work.awards)
+        # Last, so the campaign rows stay locked (by these updates) only until the commit that follows.
+        over = await CampaignRepository.from_session(session).add(
+            work.spent_delta,
+            budgets=None if lock_campaigns else work.budgets,
+            read=work.spent_read,
+        )
+        if over:
+            raise CampaignBudgetContended(over)
 
 
 class RulesOutbox:
