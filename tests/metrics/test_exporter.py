@@ -15,7 +15,7 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from metrics.exporter import Headline, KpiGauges, retention, samples
-from metrics.models import Customer, Daily, Engagement, TenantConfig
+from metrics.models import Customer, CustomerSegment, Daily, Engagement, TenantConfig
 from metrics.tasks import refresh_kpi_gauges
 from shared.db import AsyncSession, create_engine, create_sessionmaker, transaction
 from tests.conftest import service_settings
@@ -129,6 +129,21 @@ def survey(tenant: str, customer: str, nps: int, occurred_at: datetime) -> dict[
     }
 
 
+def segment_row(tenant: str, customer: str, segment: str) -> dict[str, Any]:
+    when = at("2025-03-05")
+    return {
+        "tenant_id": tenant,
+        "customer_id": customer,
+        "segment": segment,
+        "reason": "test",
+        "since": when,
+        "classified_at": when,
+        "orders": 1,
+        "net_revenue": Decimal(10),
+        "last_purchase_at": when,
+    }
+
+
 async def seed(sessionmaker: async_sessionmaker[AsyncSession], tenant: str) -> None:
     """March 2025 to the 15th: S = 3 (2 + 1 before March), E = 3 (+1 new, -1 spell ended), N = 1."""
     async with transaction(sessionmaker) as session:
@@ -195,6 +210,14 @@ async def seed(sessionmaker: async_sessionmaker[AsyncSession], tenant: str) -> N
             ],
         )
         await session.execute(
+            insert(CustomerSegment),
+            [
+                segment_row(tenant, "c1", "ambassador"),
+                segment_row(tenant, "c2", "at_risk"),
+                segment_row(tenant, "c3", "ambassador"),
+            ],
+        )
+        await session.execute(
             insert(TenantConfig).values(tenant_id=tenant, reporting_currency="EUR", point_value=Decimal("0.5"))
         )
 
@@ -233,6 +256,9 @@ class TestRefresh:
         assert value("loyalty_kpi_liability_points", tenant=tenant, state="available") == 270
         assert value("loyalty_kpi_liability_points", tenant=tenant, state="pending") == 50
         assert value("loyalty_kpi_liability_value", tenant=tenant, currency="EUR") == 160  # 320 x 0.5
+        segments = {"ambassador": 2, "at_risk": 1, "loyal_passive": 0, "price_shopper": 0, "leaver": 0, "new": 0}
+        for segment, customers in segments.items():
+            assert value("loyalty_kpi_customers", tenant=tenant, segment=segment) == customers
 
     async def test_the_cap_exports_the_pinned_tenant_and_counts_the_rest_as_dropped(
         self, sessionmaker: async_sessionmaker[AsyncSession], tenant: str

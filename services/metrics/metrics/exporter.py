@@ -3,9 +3,10 @@
 A periodic task (metrics/tasks.py) computes them and `KpiGauges.publish` sets them; a scrape only reads what
 the last refresh set, never the database. Labels: `tenant` (at most `METRICS_KPI_GAUGES_MAX_TENANTS` values:
 the pinned tenants, then the most recently active; the others are dropped and counted in
-`loyalty_kpi_tenants{state="dropped"}`), and per gauge one small fixed set (`movement`, `state`, `segment`)
-or the tenant's one reporting `currency`. A tenant whose refresh fails keeps its previous values (its
-`loyalty_kpi_refresh_timestamp_seconds` shows their age); a tenant no longer exported loses its series.
+`loyalty_kpi_tenants{state="dropped"}`), and per gauge one small fixed set (`movement`, `state`, `segment`:
+the six names of `shared.events.SegmentName`) or the tenant's one reporting `currency`. A tenant whose refresh
+fails keeps its previous values (its `loyalty_kpi_refresh_timestamp_seconds` shows their age); a tenant no
+longer exported loses its series.
 
 The period is the current calendar month (UTC) to date: S = customers active on the day before it starts,
 E = customers active today, N = customers whose first purchase falls in it. Rates are ratios (0.85, not 85 %)
@@ -18,8 +19,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
+from typing import get_args
 
 from prometheus_client import Counter, Gauge
+
+from shared.events import SegmentName
 
 TENANT = ("tenant",)
 RETENTION = Gauge(
@@ -54,6 +58,11 @@ LIABILITY_VALUE = Gauge(
     "Outstanding points (available and pending) times the tenant's point value, in the reporting currency",
     ("tenant", "currency"),
 )
+CUSTOMERS = Gauge(
+    "loyalty_kpi_customers",
+    "Customers per value segment (every segment, 0 when empty; as last classified)",
+    ("tenant", "segment"),
+)
 REFRESHED = Gauge(
     "loyalty_kpi_refresh_timestamp_seconds", "When the tenant's KPI gauges were last refreshed (Unix time)", TENANT
 )
@@ -64,6 +73,7 @@ FAILURES = Counter("loyalty_kpi_refresh_failures_total", "Tenant KPI refreshes t
 
 MOVEMENTS = ("issued", "redeemed", "expired", "clawed_back")
 LIABILITY_STATES = ("available", "pending")
+SEGMENTS: tuple[str, ...] = get_args(SegmentName)
 
 Sample = tuple[Gauge, tuple[str, ...]]
 
@@ -133,6 +143,8 @@ def samples(tenant: str, h: Headline, now: float) -> dict[Sample, float]:
         out[(POINTS, (tenant, movement))] = points
     for state, points in zip(LIABILITY_STATES, (h.points_available, h.points_pending), strict=True):
         out[(LIABILITY_POINTS, (tenant, state))] = points
+    for segment in SEGMENTS:
+        out[(CUSTOMERS, (tenant, segment))] = h.segments.get(segment, 0)
     if h.currency is not None:
         out[(NET_REVENUE, (tenant, h.currency))] = float(h.net_revenue)
         value = (h.points_available + h.points_pending) * (h.point_value or DEFAULT_POINT_VALUE)

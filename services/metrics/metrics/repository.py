@@ -275,6 +275,9 @@ _NPS = text(
     ) latest
     """
 )
+_SEGMENT_COUNTS = text(
+    "select segment, count(*) as customers from metrics.customer_segments where tenant_id = :tenant group by segment"
+)
 # Tenants with business on or before today, the pinned ones first, then the most recently active; `total`
 # counts them all (what is not exported is dropped and counted).
 _GAUGE_TENANTS = text(
@@ -308,4 +311,5 @@ class HeadlineRepository(RepositoryBase[SessionT]):
             "end_at": datetime.combine(end, time(), UTC),
         }
         figures.update((await self.session.execute(_NPS, bounds)).mappings().one())
-        return Headline(**figures)
+        rows = await self.session.execute(_SEGMENT_COUNTS, {"tenant": tenant_id})
+        return Headline(**figures, segments={r.segment: r.customers for r in rows})
