@@ -6,6 +6,10 @@ version=${PG_VERSION:-15}
 cluster=${PG_CLUSTER:-main}
 role=${LOYALTY_DB_USER:-loyalty}
 password=${LOYALTY_DB_PASSWORD:-loyalty}
+# Read-only login for Grafana's PostgreSQL data source; the metrics migrations grant it SELECT on the metrics
+# schema (api_keys excepted) when it exists, so create it before migrating.
+reader=loyalty_reader
+reader_password=${LOYALTY_READER_PASSWORD:-loyalty_reader}
 databases=${LOYALTY_DATABASES:-"loyalty_ledger loyalty_rules loyalty_metrics loyalty_ledger_test loyalty_rules_test loyalty_metrics_test"}
 
 log() { printf 'postgres: %s\n' "$*" >&2; }
@@ -55,10 +59,14 @@ if [ "$(psql_admin "-c \"select 1 from pg_roles where rolname = '$role'\"")" != 
   log "creating role $role"
   psql_admin "-c \"create role $role login password '$password' createdb\""
 fi
+if [ "$(psql_admin "-c \"select 1 from pg_roles where rolname = '$reader'\"")" != 1 ]; then
+  log "creating read-only role $reader"
+  psql_admin "-c \"create role $reader login password '$reader_password' nosuperuser nocreatedb nocreaterole\""
+fi
 for db in $databases; do
   if [ "$(psql_admin "-c \"select 1 from pg_database where datname = '$db'\"")" != 1 ]; then
     log "creating database $db"
     psql_admin "-c \"create database $db owner $role\""
   fi
 done
-log "ready on 127.0.0.1:5432 (role $role; databases: $databases)"
+log "ready on 127.0.0.1:5432 (role $role, read-only role $reader; databases: $databases)"

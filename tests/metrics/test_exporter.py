@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -15,12 +14,11 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from metrics.exporter import Headline, KpiGauges, retention, samples
-from metrics.models import Customer, CustomerSegment, Daily, Engagement, TenantConfig
+from metrics.models import Daily
 from metrics.tasks import refresh_kpi_gauges
 from shared.db import AsyncSession, create_engine, create_sessionmaker, transaction
 from tests.conftest import service_settings
-
-TODAY = date(2025, 3, 15)
+from tests.metrics.kpi_rows import TODAY, daily, seed
 
 
 def value(name: str, **labels: str) -> float | None:
@@ -107,121 +105,6 @@ async def sessionmaker() -> AsyncIterator[async_sessionmaker[AsyncSession]]:
     await engine.dispose()
 
 
-def at(day: str, hour: int = 12) -> datetime:
-    return datetime.fromisoformat(day).replace(hour=hour, tzinfo=UTC)
-
-
-def daily(tenant: str, day: str, **counters: Any) -> dict[str, Any]:
-    return {"tenant_id": tenant, "day": date.fromisoformat(day), **counters}
-
-
-def survey(tenant: str, customer: str, nps: int, occurred_at: datetime) -> dict[str, Any]:
-    key = f"{customer}-{occurred_at.isoformat()}"
-    return {
-        "tenant_id": tenant,
-        "kind": "survey",
-        "business_id": key,
-        "customer_id": customer,
-        "occurred_at": occurred_at,
-        "event_type": "survey.answered",
-        "event_id": key,
-        "nps": nps,
-    }
-
-
-def segment_row(tenant: str, customer: str, segment: str) -> dict[str, Any]:
-    when = at("2025-03-05")
-    return {
-        "tenant_id": tenant,
-        "customer_id": customer,
-        "segment": segment,
-        "reason": "test",
-        "since": when,
-        "classified_at": when,
-        "orders": 1,
-        "net_revenue": Decimal(10),
-        "last_purchase_at": when,
-    }
-
-
-async def seed(sessionmaker: async_sessionmaker[AsyncSession], tenant: str) -> None:
-    """March 2025 to the 15th: S = 3 (2 + 1 before March), E = 3 (+1 new, -1 spell ended), N = 1."""
-    async with transaction(sessionmaker) as session:
-        await session.execute(
-            insert(Daily),
-            [
-                daily(
-                    tenant,
-                    "2024-06-01",
-                    orders=2,
-                    amount=100,
-                    new_customers=2,
-                    active_delta=2,
-                    points_issued=100,
-                    available_delta=100,
-                ),
-                daily(
-                    tenant,
-                    "2025-02-10",
-                    orders=1,
-                    amount=50,
-                    new_customers=1,
-                    active_delta=1,
-                    points_redeemed=30,
-                    available_delta=-30,
-                ),
-                daily(
-                    tenant,
-                    "2025-03-02",
-                    orders=3,
-                    amount=300,
-                    refunded=20,
-                    new_customers=1,
-                    active_delta=1,
-                    points_issued=300,
-                    points_redeemed=10,
-                    points_expired=5,
-                    points_clawed_back=7,
-                    available_delta=200,
-                    pending_delta=50,
-                ),
-                daily(tenant, "2025-03-10", active_delta=-1),
-                daily(tenant, "2025-06-01", active_delta=-2),  # spells ending after today: not counted yet
-            ],
-        )
-        await session.execute(
-            insert(Customer),
-            [
-                {"tenant_id": tenant, "customer_id": "c1", "orders": 3},
-                {"tenant_id": tenant, "customer_id": "c2", "orders": 1},
-                {"tenant_id": tenant, "customer_id": "c3", "orders": 2},
-                {"tenant_id": tenant, "customer_id": "c4", "orders": 0},
-            ],
-        )
-        await session.execute(
-            insert(Engagement),
-            [
-                survey(tenant, "c1", 3, at("2025-03-02")),
-                survey(tenant, "c1", 10, at("2025-03-05")),  # c1's latest: a promoter
-                survey(tenant, "c2", 9, at("2025-02-20")),  # before the month
-                survey(tenant, "c2", 5, at("2025-03-03")),  # a detractor
-                survey(tenant, "c3", 9, at("2025-03-04")),  # a promoter
-                survey(tenant, "c4", 0, at("2025-04-01", hour=0)),  # the next month's first instant
-            ],
-        )
-        await session.execute(
-            insert(CustomerSegment),
-            [
-                segment_row(tenant, "c1", "ambassador"),
-                segment_row(tenant, "c2", "at_risk"),
-                segment_row(tenant, "c3", "ambassador"),
-            ],
-        )
-        await session.execute(
-            insert(TenantConfig).values(tenant_id=tenant, reporting_currency="EUR", point_value=Decimal("0.5"))
-        )
-
-
 class TestRefresh:
     async def test_hand_computed_gauges_and_a_failing_tenant_does_not_stop_the_others(
         self, sessionmaker: async_sessionmaker[AsyncSession], tenant: str
@@ -247,7 +130,7 @@ class TestRefresh:
         assert value("loyalty_kpi_new_customers", tenant=tenant) == 1
         assert value("loyalty_kpi_orders", tenant=tenant) == 3
         assert value("loyalty_kpi_net_revenue", tenant=tenant, currency="EUR") == 280
-        assert value("loyalty_kpi_repeat_purchase_ratio", tenant=tenant) == pytest.approx(2 / 3)
+        assert value("loyalty_kpi_repeat_purchase_ratio", tenant=tenant) == pytest.approx(2 / 5)
         assert value("loyalty_kpi_nps", tenant=tenant) == pytest.approx(100 / 3)  # 2 promoters, 1 detractor
         assert value("loyalty_kpi_nps_responses", tenant=tenant) == 3
         expected_points = {"issued": 300, "redeemed": 10, "expired": 5, "clawed_back": 7}
