@@ -30,3 +30,9 @@ class InvalidCursor(MetricsError):
 
     def __init__(self) -> None:
         super().__init__("the cursor is not one this list returned for this sort; start without a cursor")
+
+
+class InvalidParameter(MetricsError):
+    """A query parameter is out of its range (a period kind, a range too long)."""
+
+    status_code = 422
