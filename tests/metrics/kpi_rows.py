@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from metrics.models import Customer, CustomerSegment, Daily, Engagement, TenantConfig
+from metrics.models import Customer, CustomerDay, CustomerSegment, Daily, Engagement, PeriodActive, TenantConfig
 from shared.db import AsyncSession, transaction
 
 TODAY = date(2025, 3, 15)
@@ -66,8 +66,9 @@ def segment_row(tenant: str, customer: str, segment: str, clv: str, p_alive: flo
 
 
 async def seed(sessionmaker: async_sessionmaker[AsyncSession], tenant: str) -> None:
-    """March 2025 to the 15th: S = 3 (2 + 1 before March), E = 3 (+1 new, -1 spell ended), N = 1. Buyers: 5, of
-    whom 2 with 2 or more orders; net revenue 600 (300, 150, 100, 50, 0). NPS: 2 promoters, 1 detractor."""
+    """March 2025 (TODAY the 15th): S = 3 (2 + 1 before March), E = 3 on the 31st (+1 new, -1 spell ended),
+    N = 1; 4 customers active in March. Buyers: 5, of whom 2 with 2 or more orders; net revenue 600 (300, 150,
+    100, 50, 0). NPS in March: 2 promoters, 1 detractor. Points: 270 available, 50 pending; point value 0.5."""
     async with transaction(sessionmaker) as session:
         await session.execute(
             insert(Daily),
@@ -121,6 +122,23 @@ async def seed(sessionmaker: async_sessionmaker[AsyncSession], tenant: str) -> N
                 customer(tenant, "c5", orders=1, net=100, last="2024-06-01"),
                 customer(tenant, "c6", orders=1, net=0, last="2024-06-01"),  # refunded in full
             ],
+        )
+        # The same customers by day (what an as-of lifetime reads), and the month's active customers.
+        await session.execute(
+            insert(CustomerDay),
+            [
+                {"tenant_id": tenant, "customer_id": c, "day": date.fromisoformat(d), "orders": n, "net_revenue": net}
+                for c, d, n, net in (
+                    ("c1", "2025-03-02", 3, 300),
+                    ("c2", "2025-02-10", 1, 50),
+                    ("c3", "2025-03-02", 2, 150),
+                    ("c5", "2024-06-01", 1, 100),
+                    ("c6", "2024-06-01", 1, 0),
+                )
+            ],
+        )
+        await session.execute(
+            insert(PeriodActive).values(tenant_id=tenant, period="month", start=date(2025, 3, 1), customers=4)
         )
         await session.execute(
             insert(Engagement),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -13,8 +12,9 @@ from prometheus_client import REGISTRY
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from metrics.exporter import Headline, KpiGauges, retention, samples
-from metrics.models import Daily
+from metrics import schemas
+from metrics.exporter import Headline, KpiGauges, samples
+from metrics.models import Daily, TenantConfig
 from metrics.tasks import refresh_kpi_gauges
 from shared.db import AsyncSession, create_engine, create_sessionmaker, transaction
 from tests.conftest import service_settings
@@ -25,50 +25,89 @@ def value(name: str, **labels: str) -> float | None:
     return REGISTRY.get_sample_value(name, labels)
 
 
-def headline(**overrides: Any) -> Headline:
-    fields: dict[str, Any] = {
-        "customers_start": 4,
-        "active_customers": 5,
-        "new_customers": 2,
-        "orders": 7,
-        "net_revenue": Decimal("120.50"),
-        "points_issued": 10,
-        "points_redeemed": 4,
-        "points_expired": 1,
-        "points_clawed_back": 0,
-        "points_available": 300,
-        "points_pending": 100,
-        "buyers": 8,
-        "repeat_buyers": 2,
-        "currency": "EUR",
-        "point_value": None,
-        "responses": 4,
-        "promoters": 3,
-        "detractors": 1,
-    }
-    return Headline(**(fields | overrides))
+PERIOD: dict[str, Any] = {
+    "start": "2025-03-01",
+    "end": "2025-04-01",
+    "customers_start": 4,
+    "customers_end": 5,
+    "new_customers": 2,
+    "crr": "75.00",
+    "churn_rate": "25.00",
+    "active_customers": 6,
+    "buyers": 3,
+    "orders": 7,
+    "net_revenue": "120.50",
+    "refunds": "0",
+    "average_order_value": None,
+    "purchase_frequency": None,
+    "nps": "50.00",
+    "nps_responses": 4,
+    "promoters": 3,
+    "detractors": 1,
+    "ces": None,
+    "ces_responses": 0,
+    "share_of_wallet": None,
+    "wallet_estimates": 0,
+    "points_issued": 10,
+    "points_redeemed": 4,
+    "points_expired": 1,
+    "points_clawed_back": 0,
+    "active_members": 2,
+}
+LIFETIME: dict[str, Any] = {
+    "as_of": "2025-03-15",
+    "currency": "EUR",
+    "customers": 8,
+    "orders": 10,
+    "net_revenue": "900",
+    "repeat_purchase_rate": "25.00",
+    "p_nth_purchase": {},
+    "p_nth_purchase_benchmark": {},
+    "pareto_top20_share": None,
+    "pareto_curve": [],
+    "clv": {"mean": None, "median": None, "p90": None, "top": []},
+    "liability": {
+        "available_points": 300,
+        "pending_points": 100,
+        "held_points": 0,
+        "point_value": "0.01",
+        "available_value": "3.00",
+        "pending_value": "1.00",
+    },
+    "points_issued_12m": 0,
+    "points_redeemed_12m": 0,
+    "points_expired_12m": 0,
+    "redemption_rate": None,
+    "breakage_rate": None,
+}
+
+
+def headline(period: dict[str, Any] | None = None, lifetime: dict[str, Any] | None = None) -> Headline:
+    return Headline(
+        period=schemas.PeriodKpis.model_validate(PERIOD | (period or {})),
+        lifetime=schemas.Lifetime.model_validate(LIFETIME | (lifetime or {})),
+        segments={"ambassador": 2, "new": 1},
+    )
 
 
 class TestPure:
-    def test_retention_is_e_minus_n_over_s_and_undefined_without_customers_at_the_start(self) -> None:
-        assert retention(4, 5, 2) == Decimal("0.75")
-        assert retention(10, 10, 0) == 1
-        assert retention(0, 3, 3) is None
-
-    def test_samples_hand_computed(self) -> None:
+    def test_samples_are_the_apis_figures_with_rates_as_ratios(self) -> None:
         out = {(gauge._name, labels): v for (gauge, labels), v in samples("a", headline(), now=1.0).items()}
         assert out[("loyalty_kpi_retention_ratio", ("a",))] == 0.75
         assert out[("loyalty_kpi_churn_ratio", ("a",))] == 0.25
         assert out[("loyalty_kpi_repeat_purchase_ratio", ("a",))] == 0.25
-        assert out[("loyalty_kpi_nps", ("a",))] == 50.0  # (3 - 1) / 4
+        assert out[("loyalty_kpi_nps", ("a",))] == 50.0
+        assert out[("loyalty_kpi_active_customers", ("a",))] == 6
         assert out[("loyalty_kpi_net_revenue", ("a", "EUR"))] == 120.5
-        assert out[("loyalty_kpi_liability_value", ("a", "EUR"))] == 4.0  # 400 points at the default 0.01
+        assert out[("loyalty_kpi_liability_value", ("a", "EUR"))] == 4.0
         assert out[("loyalty_kpi_points", ("a", "redeemed"))] == 4
         assert out[("loyalty_kpi_liability_points", ("a", "pending"))] == 100
+        assert out[("loyalty_kpi_customers", ("a", "ambassador"))] == 2
+        assert out[("loyalty_kpi_customers", ("a", "leaver"))] == 0
+        assert len([k for k in out if k[0] == "loyalty_kpi_customers"]) == 6
 
     def test_undefined_figures_have_no_series(self) -> None:
-        nothing = {"buyers": 0, "repeat_buyers": 0, "responses": 0, "promoters": 0, "detractors": 0}
-        h = headline(customers_start=0, currency=None, **nothing)
+        h = headline({"crr": None, "churn_rate": None, "nps": None}, {"repeat_purchase_rate": None, "currency": None})
         names = {gauge._name for gauge, _ in samples("a", h, now=1.0)}
         assert not names & {
             "loyalty_kpi_retention_ratio",
@@ -83,10 +122,10 @@ class TestPure:
     def test_publish_keeps_failed_tenants_and_removes_the_ones_no_longer_exported(self) -> None:
         a, b, c = (f"t-{uuid.uuid4().hex[:8]}" for _ in range(3))
         gauges = KpiGauges()
-        gauges.publish({a: headline(), b: headline(orders=3)}, kept=[], dropped=0, now=1.0)
+        gauges.publish({a: headline(), b: headline({"orders": 3})}, kept=[], dropped=0, now=1.0)
         assert value("loyalty_kpi_orders", tenant=b) == 3
         # b fails this time (its values stay), a is no longer exported (its series go), c is new.
-        gauges.publish({c: headline(orders=9)}, kept=[b], dropped=1, now=2.0)
+        gauges.publish({c: headline({"orders": 9})}, kept=[b], dropped=1, now=2.0)
         assert value("loyalty_kpi_orders", tenant=a) is None
         assert value("loyalty_kpi_points", tenant=a, movement="issued") is None
         assert value("loyalty_kpi_orders", tenant=b) == 3
@@ -112,9 +151,9 @@ class TestRefresh:
         poisoned = f"{tenant}-poisoned"
         await seed(sessionmaker, tenant)
         async with transaction(sessionmaker) as session:
-            # Points beyond 64 bits in the month: that tenant's query fails (bigint out of range).
-            rows = [daily(poisoned, d, orders=1, points_issued=9 * 10**18) for d in ("2025-03-01", "2025-03-02")]
-            await session.execute(insert(Daily), rows)
+            # A configuration row no API would write (an activity window of 0 days): its tenant's refresh fails.
+            await session.execute(insert(Daily), [daily(poisoned, "2025-03-02", orders=1)])
+            await session.execute(insert(TenantConfig).values(tenant_id=poisoned, activity_window_days=0))
         failures = value("loyalty_kpi_refresh_failures_total") or 0.0
         settings = service_settings("metrics", kpi_gauges_tenants=[poisoned, tenant], kpi_gauges_max_tenants=2)
 
@@ -124,14 +163,15 @@ class TestRefresh:
         assert result.failed == [poisoned]
         assert value("loyalty_kpi_refresh_failures_total") == failures + 1
         assert value("loyalty_kpi_orders", tenant=poisoned) is None
-        assert value("loyalty_kpi_retention_ratio", tenant=tenant) == pytest.approx(2 / 3)
-        assert value("loyalty_kpi_churn_ratio", tenant=tenant) == pytest.approx(1 / 3)
-        assert value("loyalty_kpi_active_customers", tenant=tenant) == 3
+        # The API's percentages have two decimals: 66.67 % and 33.33 %.
+        assert value("loyalty_kpi_retention_ratio", tenant=tenant) == pytest.approx(2 / 3, abs=1e-4)
+        assert value("loyalty_kpi_churn_ratio", tenant=tenant) == pytest.approx(1 / 3, abs=1e-4)
+        assert value("loyalty_kpi_active_customers", tenant=tenant) == 4
         assert value("loyalty_kpi_new_customers", tenant=tenant) == 1
         assert value("loyalty_kpi_orders", tenant=tenant) == 3
         assert value("loyalty_kpi_net_revenue", tenant=tenant, currency="EUR") == 280
         assert value("loyalty_kpi_repeat_purchase_ratio", tenant=tenant) == pytest.approx(2 / 5)
-        assert value("loyalty_kpi_nps", tenant=tenant) == pytest.approx(100 / 3)  # 2 promoters, 1 detractor
+        assert value("loyalty_kpi_nps", tenant=tenant) == pytest.approx(100 / 3, abs=0.01)  # 2 promoters, 1 detractor
         assert value("loyalty_kpi_nps_responses", tenant=tenant) == 3
         expected_points = {"issued": 300, "redeemed": 10, "expired": 5, "clawed_back": 7}
         for movement, points in expected_points.items():

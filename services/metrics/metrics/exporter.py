@@ -4,35 +4,36 @@ A periodic task (metrics/tasks.py) computes them and `KpiGauges.publish` sets th
 the last refresh set, never the database. Labels: `tenant` (at most `METRICS_KPI_GAUGES_MAX_TENANTS` values:
 the pinned tenants, then the most recently active; the others are dropped and counted in
 `loyalty_kpi_tenants{state="dropped"}`), and per gauge one small fixed set (`movement`, `state`, `segment`:
-the six names of `shared.events.SegmentName`) or the tenant's one reporting `currency`. A tenant whose refresh
+the six names of `metrics.segments.SEGMENTS`) or the tenant's one reporting `currency`. A tenant whose refresh
 fails keeps its previous values (its `loyalty_kpi_refresh_timestamp_seconds` shows their age); a tenant no
 longer exported loses its series.
 
-The period is the current calendar month (UTC) to date: S = customers active on the day before it starts,
-E = customers active today, N = customers whose first purchase falls in it. Rates are ratios (0.85, not 85 %)
-as Prometheus has them; NPS is the score (-100..100).
+The figures are the API's (metrics_service.kpis, .lifetime, segment_service.overview), so a gauge and the
+REST answer agree: the current calendar month (UTC) as GET /v1/kpis?period=month has it (CRR, churn, active
+and new customers, orders, net revenue, NPS, points by movement), the lifetime figures of GET
+/v1/kpis/lifetime (repeat-purchase rate, liability) and the customers per segment of GET /v1/segments. Rates
+are ratios (0.85 where the API says 85.00) as Prometheus has them; NPS is the score (-100..100).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import date
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import get_args
 
 from prometheus_client import Counter, Gauge
 
-from shared.events import SegmentName
+from metrics import schemas
+from metrics.segments import SEGMENTS, Segment
 
 TENANT = ("tenant",)
 RETENTION = Gauge(
     "loyalty_kpi_retention_ratio",
-    "Customer retention rate (E - N) / S of the current month to date (absent while S = 0)",
+    "Customer retention rate (E - N) / S of the current month (absent while S = 0)",
     TENANT,
 )
-CHURN = Gauge("loyalty_kpi_churn_ratio", "Churn rate 1 - retention of the current month to date", TENANT)
-ACTIVE = Gauge("loyalty_kpi_active_customers", "Customers with a purchase within the activity window today", TENANT)
+CHURN = Gauge("loyalty_kpi_churn_ratio", "Churn rate 1 - retention of the current month", TENANT)
+ACTIVE = Gauge("loyalty_kpi_active_customers", "Customers active on at least one day of the current month", TENANT)
 NEW = Gauge("loyalty_kpi_new_customers", "Customers whose first purchase falls in the current month", TENANT)
 ORDERS = Gauge("loyalty_kpi_orders", "Orders of the current month to date", TENANT)
 NET_REVENUE = Gauge(
@@ -73,82 +74,53 @@ FAILURES = Counter("loyalty_kpi_refresh_failures_total", "Tenant KPI refreshes t
 
 MOVEMENTS = ("issued", "redeemed", "expired", "clawed_back")
 LIABILITY_STATES = ("available", "pending")
-SEGMENTS: tuple[str, ...] = get_args(SegmentName)
 
 Sample = tuple[Gauge, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
 class Headline:
-    """One tenant's raw figures (the period to date, liability from the beginning)."""
+    """One tenant's KPIs as the API has them: the current month's (GET /v1/kpis?period=month), the lifetime
+    ones (GET /v1/kpis/lifetime) and the customers per segment (GET /v1/segments)."""
 
-    customers_start: int
-    active_customers: int
-    new_customers: int
-    orders: int
-    net_revenue: Decimal
-    points_issued: int
-    points_redeemed: int
-    points_expired: int
-    points_clawed_back: int
-    points_available: int
-    points_pending: int
-    buyers: int
-    repeat_buyers: int
-    currency: str | None
-    point_value: Decimal | None
-    responses: int
-    promoters: int
-    detractors: int
-    segments: Mapping[str, int] = field(default_factory=dict)
+    period: schemas.PeriodKpis
+    lifetime: schemas.Lifetime
+    segments: Mapping[Segment, int]
 
 
-DEFAULT_POINT_VALUE = Decimal("0.01")  # schemas.TenantConfig's default, for a tenant without a configuration
-
-
-def month_start(day: date) -> date:
-    return day.replace(day=1)
-
-
-def next_month_start(day: date) -> date:
-    return date(day.year + 1, 1, 1) if day.month == 12 else date(day.year, day.month + 1, 1)
-
-
-def retention(customers_start: int, customers_end: int, new_customers: int) -> Decimal | None:
-    """CRR as a ratio, (E - N) / S; None when S = 0."""
-    if customers_start == 0:
-        return None
-    return Decimal(customers_end - new_customers) / Decimal(customers_start)
+def _ratio(percent: Decimal | None) -> float | None:
+    return None if percent is None else float(percent / 100)
 
 
 def samples(tenant: str, h: Headline, now: float) -> dict[Sample, float]:
     """The gauge values of one tenant (a value that is undefined, such as CRR with S = 0, has no series)."""
+    p, life = h.period, h.lifetime
     out: dict[Sample, float] = {
-        (ACTIVE, (tenant,)): h.active_customers,
-        (NEW, (tenant,)): h.new_customers,
-        (ORDERS, (tenant,)): h.orders,
-        (NPS_RESPONSES, (tenant,)): h.responses,
+        (ACTIVE, (tenant,)): p.active_customers,
+        (NEW, (tenant,)): p.new_customers,
+        (ORDERS, (tenant,)): p.orders,
+        (NPS_RESPONSES, (tenant,)): p.nps_responses,
         (REFRESHED, (tenant,)): now,
     }
-    crr = retention(h.customers_start, h.active_customers, h.new_customers)
-    if crr is not None:
-        out[(RETENTION, (tenant,))] = float(crr)
-        out[(CHURN, (tenant,))] = float(1 - crr)
-    if h.buyers:
-        out[(REPEAT, (tenant,))] = h.repeat_buyers / h.buyers
-    if h.responses:
-        out[(NPS, (tenant,))] = 100 * (h.promoters - h.detractors) / h.responses
-    moved = (h.points_issued, h.points_redeemed, h.points_expired, h.points_clawed_back)
+    optional = {
+        (RETENTION, (tenant,)): _ratio(p.crr),
+        (CHURN, (tenant,)): _ratio(p.churn_rate),
+        (REPEAT, (tenant,)): _ratio(life.repeat_purchase_rate),
+        (NPS, (tenant,)): None if p.nps is None else float(p.nps),
+    }
+    out.update((k, v) for k, v in optional.items() if v is not None)
+    moved = (p.points_issued, p.points_redeemed, p.points_expired, p.points_clawed_back)
     for movement, points in zip(MOVEMENTS, moved, strict=True):
         out[(POINTS, (tenant, movement))] = points
-    for state, points in zip(LIABILITY_STATES, (h.points_available, h.points_pending), strict=True):
+    held = (life.liability.available_points, life.liability.pending_points)
+    for state, points in zip(LIABILITY_STATES, held, strict=True):
         out[(LIABILITY_POINTS, (tenant, state))] = points
     for segment in SEGMENTS:
         out[(CUSTOMERS, (tenant, segment))] = h.segments.get(segment, 0)
-    if h.currency is not None:
-        out[(NET_REVENUE, (tenant, h.currency))] = float(h.net_revenue)
-        value = (h.points_available + h.points_pending) * (h.point_value or DEFAULT_POINT_VALUE)
-        out[(LIABILITY_VALUE, (tenant, h.currency))] = float(value)
+    if life.currency is not None:
+        out[(NET_REVENUE, (tenant, life.currency))] = float(p.net_revenue)
+        value = life.liability.available_value + life.liability.pending_value
+        out[(LIABILITY_VALUE, (tenant, life.currency))] = float(value)
     return out
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from datetime import UTC, date, datetime, time
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -15,7 +15,6 @@ from asyncpg import Record
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 
-from metrics.exporter import Headline
 from metrics.models import (
     LIST_SORTS,
     SEGMENT_COLUMNS,
@@ -258,47 +257,6 @@ class OutboxRepository(RepositoryBase[SessionT]):
         return (await self.session.execute(stmt)).scalar_one_or_none()
 
 
-# The headline KPIs of one tenant for the Prometheus gauges (metrics/exporter.py): the current period to date
-# from the daily counters, liability from all of them (deltas summed from the beginning), lifetime repeat
-# buyers from the customers, NPS over the latest answer per customer in the period. Sums of points are cast
-# back to bigint (points are 64-bit integers everywhere): a sum beyond that fails the tenant's refresh.
-_HEADLINE = text(
-    """
-    select
-      coalesce(sum(active_delta) filter (where day < :start), 0) as customers_start,
-      coalesce(sum(active_delta) filter (where day <= :today), 0) as active_customers,
-      coalesce(sum(new_customers) filter (where day >= :start and day <= :today), 0) as new_customers,
-      coalesce(sum(orders) filter (where day >= :start and day <= :today), 0) as orders,
-      coalesce(sum(amount - refunded) filter (where day >= :start and day <= :today), 0) as net_revenue,
-      coalesce(sum(points_issued) filter (where day >= :start and day <= :today), 0)::bigint as points_issued,
-      coalesce(sum(points_redeemed) filter (where day >= :start and day <= :today), 0)::bigint as points_redeemed,
-      coalesce(sum(points_expired) filter (where day >= :start and day <= :today), 0)::bigint as points_expired,
-      coalesce(sum(points_clawed_back) filter (where day >= :start and day <= :today), 0)::bigint as points_clawed_back,
-      coalesce(sum(available_delta), 0)::bigint as points_available,
-      coalesce(sum(pending_delta), 0)::bigint as points_pending,
-      (select count(*) from metrics.customers c where c.tenant_id = :tenant and c.orders >= 1) as buyers,
-      (select count(*) from metrics.customers c where c.tenant_id = :tenant and c.orders >= 2) as repeat_buyers,
-      (select reporting_currency from metrics.tenant_config t where t.tenant_id = :tenant) as currency,
-      (select point_value from metrics.tenant_config t where t.tenant_id = :tenant) as point_value
-    from metrics.daily where tenant_id = :tenant
-    """
-)
-_NPS = text(
-    """
-    select count(*) as responses,
-           count(*) filter (where nps >= 9) as promoters,
-           count(*) filter (where nps <= 6) as detractors
-    from (
-      select distinct on (customer_id) nps from metrics.engagements
-      where tenant_id = :tenant and kind = 'survey' and nps is not null
-        and occurred_at >= :start_at and occurred_at < :end_at
-      order by customer_id, occurred_at desc, business_id desc
-    ) latest
-    """
-)
-_SEGMENT_COUNTS = text(
-    "select segment, count(*) as customers from metrics.customer_segments where tenant_id = :tenant group by segment"
-)
 # Tenants with business on or before today, the pinned ones first, then the most recently active; `total`
 # counts them all (what is not exported is dropped and counted).
 _GAUGE_TENANTS = text(
@@ -313,27 +271,16 @@ _GAUGE_TENANTS = text(
 )
 
 
-class HeadlineRepository(RepositoryBase[SessionT]):
+class GaugeRepository(RepositoryBase[SessionT]):
     async def gauge_tenants(self, *, today: date, pinned: Sequence[str], limit: int) -> tuple[list[str], int]:
         """Up to `limit` tenants to export, and how many have business at all."""
         params = {"today": today, "pinned": list(pinned), "limit": limit}
         found = (await self.session.execute(_GAUGE_TENANTS, params)).all()
         return [r.tenant_id for r in found], (found[0].total if found else 0)
 
-    async def headline(self, tenant_id: str, *, start: date, end: date, today: date, timeout_ms: int) -> Headline:
-        """The figures of the period [start, end) up to `today`."""
-        # Bounds this tenant's work in the refresh (the transaction's own setting, gone at its end).
+    async def bound(self, timeout_ms: int) -> None:
+        """Bounds every statement of the session's transaction (the setting is gone at its end)."""
         await self.session.execute(text(f"set local statement_timeout = {int(timeout_ms)}"))
-        params = {"tenant": tenant_id, "start": start, "today": today}
-        figures = dict((await self.session.execute(_HEADLINE, params)).mappings().one())
-        bounds = {
-            "tenant": tenant_id,
-            "start_at": datetime.combine(start, time(), UTC),
-            "end_at": datetime.combine(end, time(), UTC),
-        }
-        figures.update((await self.session.execute(_NPS, bounds)).mappings().one())
-        rows = await self.session.execute(_SEGMENT_COUNTS, {"tenant": tenant_id})
-        return Headline(**figures, segments={r.segment: r.customers for r in rows})
 
 
 class AggregatesRepository(RepositoryBase[SessionT]):

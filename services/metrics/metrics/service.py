@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from metrics import domain, kpis, schemas
 from metrics.errors import CustomerNotFound, InvalidCursor, InvalidParameter, InvalidPeriod
+from metrics.exporter import Headline
 from metrics.models import LIST_SORTS, processed_events
 from metrics.repository import (
     DAILY_COLUMNS,
@@ -490,6 +491,14 @@ class MetricsService:
         return schemas.Cohorts(period=kind, items=[schemas.Cohort.model_validate(c) for c in matrix])
 
     # --- configuration ------------------------------------------------------------------------------
+
+    async def headline(self, session: AsyncReadSession, tenant_id: str, *, today: date) -> Headline:
+        """The KPI gauges' figures of a tenant: the month of `today`, lifetime as of `today`, segments now."""
+        month = domain.period_start("month", today)
+        period = await self.kpis(session, tenant_id, start=month, end=today + timedelta(days=1), kind="month")
+        lifetime = await self.lifetime(session, tenant_id, today)
+        overview = await segment_service.overview(session, tenant_id)
+        return Headline(period=period.items[0], lifetime=lifetime, segments=overview.counts)
 
     async def config(self, session: AsyncReadSession, tenant_id: str) -> schemas.TenantConfig:
         row = await ConfigRepository.from_session(session).get(tenant_id)

@@ -17,9 +17,9 @@ from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from metrics.config import Settings
-from metrics.exporter import FAILURES, Headline, KpiGauges, month_start, next_month_start
-from metrics.repository import HeadlineRepository, OutboxRepository
-from metrics.service import segment_service
+from metrics.exporter import FAILURES, Headline, KpiGauges
+from metrics.repository import GaugeRepository, OutboxRepository
+from metrics.service import metrics_service, segment_service
 from shared.db import AsyncReadSession, AsyncSession
 from shared.events import utcnow
 from shared.faults import is_infrastructure_error
@@ -116,12 +116,11 @@ async def refresh_kpi_gauges(
     settings: Settings, sessionmaker: async_sessionmaker[AsyncSession], gauges: KpiGauges, *, today: date | None = None
 ) -> Refresh:
     """One refresh: at most `kpi_gauges_max_tenants` tenants, each in a read transaction of its own with its
-    queries bounded by `kpi_gauges_statement_timeout_ms`; a tenant that fails is logged and counted, the
+    statements bounded by `kpi_gauges_statement_timeout_ms`; a tenant that fails is logged and counted, the
     others go on."""
     today = today or utcnow().date()
-    start, end = month_start(today), next_month_start(today)
     async with sessionmaker() as session:
-        tenants, total = await HeadlineRepository.from_session(session).gauge_tenants(
+        tenants, total = await GaugeRepository.from_session(session).gauge_tenants(
             today=today, pinned=settings.kpi_gauges_tenants, limit=settings.kpi_gauges_max_tenants
         )
     fresh: dict[str, Headline] = {}
@@ -129,9 +128,8 @@ async def refresh_kpi_gauges(
     for tenant in tenants:
         try:
             async with sessionmaker() as session, session.begin():
-                fresh[tenant] = await HeadlineRepository.from_session(session).headline(
-                    tenant, start=start, end=end, today=today, timeout_ms=settings.kpi_gauges_statement_timeout_ms
-                )
+                await GaugeRepository.from_session(session).bound(settings.kpi_gauges_statement_timeout_ms)
+                fresh[tenant] = await metrics_service.headline(session, tenant, today=today)
         except Exception as exc:
             FAILURES.inc()
             failed.append(tenant)
