@@ -60,7 +60,7 @@ def segment_row(tenant: str, customer: str, segment: str, clv: str, p_alive: flo
         "orders": 1,
         "net_revenue": Decimal(10),
         "last_purchase_at": when,
-        "clv_12m": Decimal(clv),
+        "clv": Decimal(clv),
         "p_alive": p_alive,
     }
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -19,99 +19,25 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from metrics.app import create_app
 from metrics.service import encode_cursor, segment_service
 from metrics.tasks import classify_all
-from shared.db import AsyncSession, create_engine, create_sessionmaker, transaction
+from shared.db import AsyncSession, create_sessionmaker, transaction
 from shared.events import SegmentChanged, decode_event
-from tests.conftest import create_api_key, database_url, running_app, service_settings
+from tests.conftest import create_api_key, running_app, service_settings
+from tests.metrics.helpers import NOW, add_customer, ago, metrics_engine
 
 pytestmark = [pytest.mark.db]
 
-NOW = datetime(2026, 6, 1, tzinfo=UTC)
 NS = "seg-test."
-
-# The CLV job's table (another change's migration): where it is missing, a stand-in with the columns segments
-# read lives for this module's tests and goes after them.
-CLV_TABLE = """create table metrics.clv_predictions (
-  tenant_id varchar(63) not null, customer_id varchar(200) not null, p_alive double precision,
-  clv_12m numeric, primary key (tenant_id, customer_id))"""
 
 
 @pytest.fixture(scope="module")
 async def engine() -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url("metrics"), pool_size=2)
-    async with engine.begin() as conn:
-        missing = (await conn.execute(text("select to_regclass('metrics.clv_predictions') is null"))).scalar_one()
-        if missing:
-            await conn.execute(text(CLV_TABLE))
-    yield engine
-    if missing:
-        async with engine.begin() as conn:
-            await conn.execute(text("drop table metrics.clv_predictions"))
-    await engine.dispose()
+    async with metrics_engine() as engine:
+        yield engine
 
 
 @pytest.fixture
 def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return create_sessionmaker(engine)
-
-
-def ago(days: float) -> datetime:
-    return NOW - timedelta(days=days)
-
-
-async def add_customer(
-    engine: AsyncEngine,
-    tenant: str,
-    customer: str,
-    order_days: Sequence[float],
-    *,
-    amount: str = "100",
-    discounted: int = 0,
-    prediction: tuple[float, str] | None = None,
-    **summary: Any,
-) -> None:
-    """A customer as the metrics ingestion leaves it: its orders (`order_days` ago, the first `discounted`
-    with a discount) and its summary row; optionally a CLV prediction (P(alive), CLV)."""
-    times = sorted(ago(d) for d in order_days)
-    async with engine.begin() as conn:
-        for n, at in enumerate(times):
-            await conn.execute(
-                text(
-                    """insert into metrics.orders (tenant_id, order_id, customer_id, ordered_at, day, currency,
-                       original_amount, amount, discount_share, channel)
-                       values (:t, :o, :c, :at, :day, 'EUR', :a, :a, :share, 'webshop')"""
-                ),
-                {
-                    "t": tenant,
-                    "o": f"{customer}-{n}",
-                    "c": customer,
-                    "at": at,
-                    "day": at.date(),
-                    "a": Decimal(amount),
-                    "share": Decimal("0.2") if n < discounted else Decimal(0),
-                },
-            )
-        values = {
-            "first_purchase_at": times[0] if times else None,
-            "last_purchase_at": times[-1] if times else None,
-            "orders": len(times),
-            "net_revenue": Decimal(amount) * len(times),
-            **summary,
-        }
-        await conn.execute(
-            text(
-                f"insert into metrics.customers (tenant_id, customer_id, {', '.join(values)}) "
-                f"values (:t, :c, {', '.join(':' + k for k in values)})"
-            ),
-            {"t": tenant, "c": customer, **values},
-        )
-        if prediction is not None:
-            await conn.execute(
-                text(
-                    "insert into metrics.clv_predictions (tenant_id, customer_id, p_alive, clv_12m) "
-                    "values (:t, :c, :p, :v)"
-                ),
-                {"t": tenant, "c": customer, "p": prediction[0], "v": Decimal(prediction[1])},
-            )
 
 
 async def stored(engine: AsyncEngine, tenant: str) -> dict[str, tuple[str, datetime]]:
@@ -298,7 +224,7 @@ class TestCustomerList:
         first = next(i for i in items if i["customer_id"] == "c-00")
         assert Decimal(first["net_revenue"]) == Decimal(10)
         assert first["p_alive"] == 0.0
-        assert Decimal(first["clv_12m"]) == 0
+        assert Decimal(first["clv"]) == 0
         assert theirs.json() == {"items": [], "next_cursor": None}
 
     async def test_segment_filter_and_overview(
@@ -388,7 +314,7 @@ class TestCsvAndCustomerMetrics:
         assert Decimal(one["net_revenue"]) == Decimal("51.00")
         assert one["segment"]["segment"] == "new"  # first purchase 30 days ago
         assert one["clv_prediction"]["p_alive"] == 0.8
-        assert Decimal(str(one["clv_prediction"]["clv_12m"])) == Decimal("120.5")
+        assert Decimal(str(one["clv_prediction"]["clv"])) == Decimal("120.5")
         assert two["segment"] is None
         assert two["clv_prediction"] is None
         assert two["orders"] == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from metrics.service import metrics_service
+from metrics.service import metrics_service, segment_service
 from shared.consumer import ConsumerRunner, Inbound, Rejection
 from shared.db import AsyncSession, transaction
 from shared.runtime import Runtime
@@ -20,15 +20,23 @@ GROUPS: dict[str, tuple[str, Handle]] = {
     LEDGER_ENTRIES: ("metrics-ledger-entries", metrics_service.handle_ledger_entries),
     CUSTOMERS: ("metrics-customers", metrics_service.handle_customers),
 }
+# The topics whose events change a customer's segment: its customers are classified again in the same
+# transaction (segment.changed goes to the outbox with the aggregates it follows from).
+SEGMENT_TOPICS = frozenset({PURCHASES, ENGAGEMENT})
 
 
 def consumer(topic: str) -> Callable[[Runtime], ConsumerRunner]:
     group, handle = GROUPS[topic]
 
     def make(runtime: Runtime) -> ConsumerRunner:
+        namespace = runtime.settings.topic_namespace
+
         async def on_batch(batch: Sequence[Inbound[Any]]) -> Sequence[Rejection]:
             async with transaction(runtime.sessionmaker) as session:
-                return await handle(session, batch)
+                rejections = await handle(session, batch)
+                if topic in SEGMENT_TOPICS:
+                    await segment_service.reclassify_batch(session, batch, namespace=namespace)
+                return rejections
 
         return runtime.make_consumer(group=group, topics=[topic], handler=on_batch)
 

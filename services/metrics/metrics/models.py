@@ -251,7 +251,7 @@ class Engagement(Base):
 # direction, customer id last; a nullable key is preceded by whether it is set, so customers without a CLV
 # prediction come last. The indexes below are these very expressions, with and without the segment.
 LIST_SORTS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "clv": (("(clv_12m is not null)", "coalesce(clv_12m, 0)", "customer_id"), True),
+    "clv": (("(clv is not null)", "coalesce(clv, 0)", "customer_id"), True),
     "revenue": (("net_revenue", "customer_id"), True),
     "p_alive": (("(p_alive is null)", "coalesce(p_alive, 0)", "customer_id"), False),
     "last_purchase": (("last_purchase_at", "customer_id"), True),
@@ -283,7 +283,7 @@ class CustomerSegment(Base):
     orders: Mapped[int] = mapped_column(Integer, nullable=False)
     net_revenue: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
     last_purchase_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
-    clv_12m: Mapped[Decimal | None] = mapped_column(Numeric)
+    clv: Mapped[Decimal | None] = mapped_column(Numeric)
     p_alive: Mapped[float | None] = mapped_column(Double)
 
     __table_args__ = tuple(_list_indexes())
@@ -300,7 +300,7 @@ SEGMENT_COLUMNS = (
     "orders",
     "net_revenue",
     "last_purchase_at",
-    "clv_12m",
+    "clv",
     "p_alive",
 )
 

@@ -94,169 +94,6 @@ class ConfigRepository(RepositoryBase[SessionT]):
         return {r[0]: r[1] for r in rows}
 
 
-# --- segments -----------------------------------------------------------------------------------------
-
-# What the classification reads of each customer with a purchase: its summary, the median gap between its
-# orders and how many carried a discount (from its orders), and its latest CLV prediction.
-_FACTS = """
-select c.customer_id, c.first_purchase_at, c.last_purchase_at, c.orders, c.net_revenue, c.last_nps,
-       c.last_nps_at, c.last_review_at, c.last_referral_at, g.median_gap_s, g.priced, g.discounted,
-       p.p_alive, p.clv_12m
-from metrics.customers c
-cross join lateral (
-  select percentile_cont(0.5) within group (order by gap) as median_gap_s,
-         count(discount_share) as priced, count(*) filter (where discount_share > 0) as discounted
-  from (select o.discount_share,
-               extract(epoch from o.ordered_at - lag(o.ordered_at) over (order by o.ordered_at)) as gap
-        from metrics.orders o where o.tenant_id = c.tenant_id and o.customer_id = c.customer_id) x
-) g
-left join metrics.clv_predictions p on p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
-where c.tenant_id = $1 and c.customer_id = any($2::text[]) and c.first_purchase_at is not null
-"""
-
-_SAVE_SEGMENTS = f"""
-insert into metrics.customer_segments as s ({", ".join(SEGMENT_COLUMNS)})
-select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
-                     $7::int[], $8::numeric[], $9::timestamptz[], $10::numeric[], $11::float8[])
-order by 1, 2
-on conflict (tenant_id, customer_id) do update set
-{", ".join(f"{c} = excluded.{c}" for c in SEGMENT_COLUMNS[2:])}
-"""
-
-
-class SegmentRepository(RepositoryBase[SessionT]):
-    async def tenants(self) -> list[str]:
-        rows = await (await self.driver()).fetch("select distinct tenant_id from metrics.customers order by 1")
-        return [r["tenant_id"] for r in rows]
-
-    async def customer_page(self, tenant_id: str, *, after: str, limit: int) -> list[str]:
-        """One page of the tenant's customers with a purchase, in id order."""
-        rows = await (await self.driver()).fetch(
-            """select customer_id from metrics.customers where tenant_id = $1 and customer_id > $2
-               and first_purchase_at is not null order by customer_id limit $3""",
-            tenant_id,
-            after,
-            limit,
-        )
-        return [r["customer_id"] for r in rows]
-
-    async def facts(self, tenant_id: str, customer_ids: Sequence[str]) -> list[Record]:
-        return list(await (await self.driver()).fetch(_FACTS, tenant_id, list(customer_ids)))
-
-    async def lock_current(
-        self: SegmentRepository[AsyncSession], tenant_id: str, customer_ids: Sequence[str]
-    ) -> dict[str, tuple[str, datetime]]:
-        """The stored segments (and since when) of these customers, locked until the transaction ends."""
-        rows = await (await self.driver()).fetch(
-            """select customer_id, segment, since from metrics.customer_segments
-               where tenant_id = $1 and customer_id = any($2::text[]) order by customer_id for update""",
-            tenant_id,
-            list(customer_ids),
-        )
-        return {r["customer_id"]: (r["segment"], r["since"]) for r in rows}
-
-    async def save(self: SegmentRepository[AsyncSession], rows: Sequence[Sequence[Any]]) -> None:
-        """Upserts rows given in SEGMENT_COLUMNS order."""
-        if rows:
-            await (await self.driver()).execute(_SAVE_SEGMENTS, *(list(c) for c in zip(*rows, strict=True)))
-
-    async def counts(self, tenant_id: str) -> dict[str, int]:
-        rows = await (await self.driver()).fetch(
-            "select segment, count(*) as n from metrics.customer_segments where tenant_id = $1 group by segment",
-            tenant_id,
-        )
-        return {r["segment"]: r["n"] for r in rows}
-
-    async def get(self, tenant_id: str, customer_id: str) -> CustomerSegment | None:
-        return await self.session.get(CustomerSegment, (tenant_id, customer_id))
-
-    async def page(
-        self, tenant_id: str, *, sort: str, segment: str | None, after: Sequence[Any] | None, limit: int
-    ) -> list[Record]:
-        """One page of the customer list in the order LIST_SORTS names, after the key `after` (keyset)."""
-        keys, descending = LIST_SORTS[sort]
-        args: list[Any] = [tenant_id]
-        where = ["tenant_id = $1"]
-        if segment is not None:
-            args.append(segment)
-            where.append(f"segment = ${len(args)}")
-        if after is not None:
-            marks = []
-            for value, cast in zip(after, key_types(sort), strict=True):
-                args.append(value)
-                marks.append(f"${len(args)}::{cast}")
-            where.append(f"({', '.join(keys)}) {'<' if descending else '>'} ({', '.join(marks)})")
-        direction = " desc" if descending else ""
-        args.append(limit)
-        sql = (
-            f"select {', '.join(SEGMENT_COLUMNS[1:])}, {', '.join(f'{k} as k{i}' for i, k in enumerate(keys))} "
-            f"from metrics.customer_segments where {' and '.join(where)} "
-            f"order by {', '.join(k + direction for k in keys)} limit ${len(args)}"
-        )
-        return list(await (await self.driver()).fetch(sql, *args))
-
-    async def summary(self, tenant_id: str, customer_id: str) -> Record | None:
-        """A customer's summary and latest CLV prediction, or None when metrics never saw the customer."""
-        return await (await self.driver()).fetchrow(
-            """select c.*, to_jsonb(p) - 'tenant_id' - 'customer_id' as prediction, t.reporting_currency
-               from metrics.customers c
-               left join metrics.clv_predictions p on p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
-               left join metrics.tenant_config t on t.tenant_id = c.tenant_id
-               where c.tenant_id = $1 and c.customer_id = $2""",
-            tenant_id,
-            customer_id,
-        )
-
-
-# The SQL type of each list key (a cursor's values are cast to them).
-_KEY_TYPES = {
-    "(clv_12m is not null)": "boolean",
-    "coalesce(clv_12m, 0)": "numeric",
-    "net_revenue": "numeric",
-    "(p_alive is null)": "boolean",
-    "coalesce(p_alive, 0)": "float8",
-    "last_purchase_at": "timestamptz",
-    "customer_id": "text",
-}
-
-
-def key_types(sort: str) -> list[str]:
-    return [_KEY_TYPES[k] for k in LIST_SORTS[sort][0]]
-
-
-class OutboxRepository(RepositoryBase[SessionT]):
-    async def add(self: OutboxRepository[AsyncSession], rows: Sequence[tuple[str, bytes, bytes]]) -> None:
-        if rows:
-            await self.session.execute(insert(OutboxMessage), [{"topic": t, "key": k, "value": v} for t, k, v in rows])
-
-    async def claim(self: OutboxRepository[AsyncSession], limit: int, namespace: str) -> Sequence[OutboxMessage]:
-        # SKIP LOCKED: replicas relay different rows; a relay takes only its deployment's topics.
-        stmt = (
-            select(OutboxMessage)
-            .where(OutboxMessage.topic.startswith(namespace))
-            .order_by(OutboxMessage.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        return await self.get_all(stmt)
-
-    async def delete(self: OutboxRepository[AsyncSession], ids: Sequence[int]) -> None:
-        if ids:
-            await self.session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(ids)))
-
-    async def quarantine(self: OutboxRepository[AsyncSession], rows: Sequence[Unpublishable]) -> None:
-        await insert_quarantined(self.session, outbox_quarantine, rows)
-
-    async def oldest(self, namespace: str) -> datetime | None:
-        stmt = (
-            select(OutboxMessage.created_at)
-            .where(OutboxMessage.topic.startswith(namespace))
-            .order_by(OutboxMessage.id)
-            .limit(1)
-        )
-        return (await self.session.execute(stmt)).scalar_one_or_none()
-
-
 # Tenants with business on or before today, the pinned ones first, then the most recently active; `total`
 # counts them all (what is not exported is dropped and counted).
 _GAUGE_TENANTS = text(
@@ -703,3 +540,178 @@ class KpiRepository(RepositoryBase[SessionT]):
                 as_of,
             )
         return [(r[0], r[1], r[2]) for r in rows]
+
+
+# --- segments -----------------------------------------------------------------------------------------
+
+# What the classification reads of each customer with a purchase: its summary, the median gap between its
+# orders and how many carried a discount (from its orders), and its latest CLV prediction.
+_FACTS = """
+select c.customer_id, c.first_purchase_at, c.last_purchase_at, c.orders, c.net_revenue, c.last_nps,
+       c.last_nps_at, c.last_review_at, c.last_referral_at, g.median_gap_s, g.priced, g.discounted,
+       p.p_alive, p.clv
+from metrics.customers c
+cross join lateral (
+  select percentile_cont(0.5) within group (order by gap) as median_gap_s,
+         count(discount_share) as priced, count(*) filter (where discount_share > 0) as discounted
+  from (select o.discount_share,
+               extract(epoch from o.ordered_at - lag(o.ordered_at) over (order by o.ordered_at)) as gap
+        from metrics.orders o where o.tenant_id = c.tenant_id and o.customer_id = c.customer_id) x
+) g
+left join {predictions} p on p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
+where c.tenant_id = $1 and c.customer_id = any($2::text[]) and c.first_purchase_at is not null
+"""
+# The CLV job's table comes with the predictive CLV's own migration; where it does not exist (yet), no customer
+# has a prediction and the queries read this empty stand-in.
+_NO_PREDICTIONS = (
+    "(select null::text as tenant_id, null::text as customer_id, null::numeric as p_alive, null::numeric as clv "
+    "where false)"
+)
+
+_SAVE_SEGMENTS = f"""
+insert into metrics.customer_segments as s ({", ".join(SEGMENT_COLUMNS)})
+select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
+                     $7::int[], $8::numeric[], $9::timestamptz[], $10::numeric[], $11::float8[])
+order by 1, 2
+on conflict (tenant_id, customer_id) do update set
+{", ".join(f"{c} = excluded.{c}" for c in SEGMENT_COLUMNS[2:])}
+"""
+
+
+class SegmentRepository(RepositoryBase[SessionT]):
+    async def tenants(self) -> list[str]:
+        rows = await (await self.driver()).fetch("select distinct tenant_id from metrics.customers order by 1")
+        return [r["tenant_id"] for r in rows]
+
+    async def customer_page(self, tenant_id: str, *, after: str, limit: int) -> list[str]:
+        """One page of the tenant's customers with a purchase, in id order."""
+        rows = await (await self.driver()).fetch(
+            """select customer_id from metrics.customers where tenant_id = $1 and customer_id > $2
+               and first_purchase_at is not null order by customer_id limit $3""",
+            tenant_id,
+            after,
+            limit,
+        )
+        return [r["customer_id"] for r in rows]
+
+    async def _predictions(self) -> str:
+        exists = await (await self.driver()).fetchval("select to_regclass('metrics.clv_predictions') is not null")
+        return "metrics.clv_predictions" if exists else _NO_PREDICTIONS
+
+    async def facts(self, tenant_id: str, customer_ids: Sequence[str]) -> list[Record]:
+        sql = _FACTS.format(predictions=await self._predictions())
+        return list(await (await self.driver()).fetch(sql, tenant_id, list(customer_ids)))
+
+    async def lock_current(
+        self: SegmentRepository[AsyncSession], tenant_id: str, customer_ids: Sequence[str]
+    ) -> dict[str, tuple[str, datetime]]:
+        """The stored segments (and since when) of these customers, locked until the transaction ends."""
+        rows = await (await self.driver()).fetch(
+            """select customer_id, segment, since from metrics.customer_segments
+               where tenant_id = $1 and customer_id = any($2::text[]) order by customer_id for update""",
+            tenant_id,
+            list(customer_ids),
+        )
+        return {r["customer_id"]: (r["segment"], r["since"]) for r in rows}
+
+    async def save(self: SegmentRepository[AsyncSession], rows: Sequence[Sequence[Any]]) -> None:
+        """Upserts rows given in SEGMENT_COLUMNS order."""
+        if rows:
+            await (await self.driver()).execute(_SAVE_SEGMENTS, *(list(c) for c in zip(*rows, strict=True)))
+
+    async def counts(self, tenant_id: str) -> dict[str, int]:
+        rows = await (await self.driver()).fetch(
+            "select segment, count(*) as n from metrics.customer_segments where tenant_id = $1 group by segment",
+            tenant_id,
+        )
+        return {r["segment"]: r["n"] for r in rows}
+
+    async def get(self, tenant_id: str, customer_id: str) -> CustomerSegment | None:
+        return await self.session.get(CustomerSegment, (tenant_id, customer_id))
+
+    async def page(
+        self, tenant_id: str, *, sort: str, segment: str | None, after: Sequence[Any] | None, limit: int
+    ) -> list[Record]:
+        """One page of the customer list in the order LIST_SORTS names, after the key `after` (keyset)."""
+        keys, descending = LIST_SORTS[sort]
+        args: list[Any] = [tenant_id]
+        where = ["tenant_id = $1"]
+        if segment is not None:
+            args.append(segment)
+            where.append(f"segment = ${len(args)}")
+        if after is not None:
+            marks = []
+            for value, cast in zip(after, key_types(sort), strict=True):
+                args.append(value)
+                marks.append(f"${len(args)}::{cast}")
+            where.append(f"({', '.join(keys)}) {'<' if descending else '>'} ({', '.join(marks)})")
+        direction = " desc" if descending else ""
+        args.append(limit)
+        sql = (
+            f"select {', '.join(SEGMENT_COLUMNS[1:])}, {', '.join(f'{k} as k{i}' for i, k in enumerate(keys))} "
+            f"from metrics.customer_segments where {' and '.join(where)} "
+            f"order by {', '.join(k + direction for k in keys)} limit ${len(args)}"
+        )
+        return list(await (await self.driver()).fetch(sql, *args))
+
+    async def summary(self, tenant_id: str, customer_id: str) -> Record | None:
+        """A customer's summary and latest CLV prediction, or None when metrics never saw the customer."""
+        predictions = await self._predictions()
+        return await (await self.driver()).fetchrow(
+            f"""select c.*, to_jsonb(p) - 'tenant_id' - 'customer_id' as prediction, t.reporting_currency
+               from metrics.customers c
+               left join {predictions} p on p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
+               left join metrics.tenant_config t on t.tenant_id = c.tenant_id
+               where c.tenant_id = $1 and c.customer_id = $2""",
+            tenant_id,
+            customer_id,
+        )
+
+
+# The SQL type of each list key (a cursor's values are cast to them).
+_KEY_TYPES = {
+    "(clv is not null)": "boolean",
+    "coalesce(clv, 0)": "numeric",
+    "net_revenue": "numeric",
+    "(p_alive is null)": "boolean",
+    "coalesce(p_alive, 0)": "float8",
+    "last_purchase_at": "timestamptz",
+    "customer_id": "text",
+}
+
+
+def key_types(sort: str) -> list[str]:
+    return [_KEY_TYPES[k] for k in LIST_SORTS[sort][0]]
+
+
+class OutboxRepository(RepositoryBase[SessionT]):
+    async def add(self: OutboxRepository[AsyncSession], rows: Sequence[tuple[str, bytes, bytes]]) -> None:
+        if rows:
+            await self.session.execute(insert(OutboxMessage), [{"topic": t, "key": k, "value": v} for t, k, v in rows])
+
+    async def claim(self: OutboxRepository[AsyncSession], limit: int, namespace: str) -> Sequence[OutboxMessage]:
+        # SKIP LOCKED: replicas relay different rows; a relay takes only its deployment's topics.
+        stmt = (
+            select(OutboxMessage)
+            .where(OutboxMessage.topic.startswith(namespace))
+            .order_by(OutboxMessage.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return await self.get_all(stmt)
+
+    async def delete(self: OutboxRepository[AsyncSession], ids: Sequence[int]) -> None:
+        if ids:
+            await self.session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(ids)))
+
+    async def quarantine(self: OutboxRepository[AsyncSession], rows: Sequence[Unpublishable]) -> None:
+        await insert_quarantined(self.session, outbox_quarantine, rows)
+
+    async def oldest(self, namespace: str) -> datetime | None:
+        stmt = (
+            select(OutboxMessage.created_at)
+            .where(OutboxMessage.topic.startswith(namespace))
+            .order_by(OutboxMessage.id)
+            .limit(1)
+        )
+        return (await self.session.execute(stmt)).scalar_one_or_none()

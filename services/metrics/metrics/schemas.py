@@ -195,7 +195,7 @@ class CustomerListItem(BaseModel):
     orders: int
     net_revenue: Amount = Field(description="In the tenant's reporting currency, as of the classification")
     last_purchase_at: datetime
-    clv_12m: Amount | None = Field(description="The latest prediction's 12-month CLV; None without one")
+    clv: Amount | None = Field(description="The latest prediction's CLV over the tenant's horizon; None without one")
     p_alive: float | None
 
 

@@ -608,16 +608,24 @@ class SegmentService:
         return schemas.TenantConfig() if row is None else schemas.TenantConfig.model_validate(row)
 
     async def reclassify(
-        self, session: AsyncSession, tenant_id: str, customer_ids: Sequence[str], *, now: datetime, namespace: str
+        self,
+        session: AsyncSession,
+        tenant_id: str,
+        customer_ids: Sequence[str],
+        *,
+        namespace: str,
+        now: datetime | None = None,
     ) -> int:
         """Classifies these customers of the tenant as of `now` (those with a purchase), stores their segments
         with the list's sort keys and writes a segment.changed to the outbox for each change. Returns the
-        number of changes."""
+        number of changes. Without `now`, the time once their segments are locked: the events' times then
+        follow the order in which writers of one customer commit (the rules keep the latest by time)."""
         if not customer_ids:
             return 0
         config = await self.tenant_config(session, tenant_id)
         repo = SegmentRepository.from_session(session)
         current = await repo.lock_current(tenant_id, sorted(set(customer_ids)))
+        now = now or utcnow()
         rows: list[tuple[Any, ...]] = []
         outbox: list[tuple[str, bytes, bytes]] = []
         for record in await repo.facts(tenant_id, customer_ids):
@@ -650,7 +658,7 @@ class SegmentService:
                     facts.orders,
                     record["net_revenue"],
                     facts.last_purchase_at,
-                    record["clv_12m"],
+                    record["clv"],
                     facts.p_alive,
                 )
             )
@@ -658,17 +666,36 @@ class SegmentService:
         await OutboxRepository.from_session(session).add(outbox)
         return len(outbox)
 
+    async def reclassify_batch(
+        self,
+        session: AsyncSession,
+        batch: Sequence[Inbound[PurchasesPayload | EngagementPayload]],
+        *,
+        namespace: str,
+    ) -> int:
+        """After an ingested batch: the customers its events name, classified again as of now, tenant by tenant
+        in order (the lock order every writer of segments keeps). A customer whose event was refused or skipped
+        is classified all the same: unchanged facts change nothing."""
+        touched: dict[str, set[str]] = defaultdict(set)
+        for message in batch:
+            touched[message.event.tenantid].add(message.event.data.customer_id)
+        changed = 0
+        for tenant_id in sorted(touched):
+            changed += await self.reclassify(session, tenant_id, sorted(touched[tenant_id]), namespace=namespace)
+        return changed
+
     async def reclassify_tenant(
         self,
         sessionmaker: async_sessionmaker[AsyncSession],
         tenant_id: str,
         *,
-        now: datetime,
         namespace: str,
         page: int = 1000,
+        now: datetime | None = None,
     ) -> tuple[int, int]:
-        """The daily run for one tenant: every customer with a purchase, a page per transaction (so the locks
-        and the work of one transaction stay bounded). Returns (classified, changed)."""
+        """The scheduled run for one tenant: every customer with a purchase, a page per transaction (so the
+        locks and the work of one transaction stay bounded), each page as of its own time unless `now` is
+        given. Returns (classified, changed)."""
         seen = changed = 0
         after = ""
         while True:

@@ -58,13 +58,14 @@ class MetricsOutbox:
 async def classify_all(
     sessionmaker: async_sessionmaker[AsyncSession],
     *,
-    now: datetime,
     namespace: str,
     page: int,
     tenants: Sequence[str] | None = None,
+    now: datetime | None = None,
 ) -> dict[str, tuple[int, int] | None]:
-    """One scheduled run: every tenant's customers (or these tenants') as of `now`. Returns per tenant
-    (classified, changed), or None for a tenant whose run failed (the others still ran)."""
+    """One scheduled run: every tenant's customers (or these tenants'), each page as of the time it is
+    classified (or `now`). Returns per tenant (classified, changed), or None for a tenant whose run failed
+    (the others still ran)."""
     if tenants is None:
         async with sessionmaker() as session:
             tenants = await segment_service.tenants(session)
@@ -85,9 +86,7 @@ async def segment_schedule(settings: Settings, sessionmaker: async_sessionmaker[
     await asyncio.sleep(settings.segments_first_run_seconds)
     while True:
         try:
-            await classify_all(
-                sessionmaker, now=utcnow(), namespace=settings.topic_namespace, page=settings.segments_page_size
-            )
+            await classify_all(sessionmaker, namespace=settings.topic_namespace, page=settings.segments_page_size)
         except Exception as exc:  # the tenant list itself could not be read (an outage): the next round
             log.warning("segment run failed", extra={"error": describe_error(exc)})
         await asyncio.sleep(settings.segments_interval_seconds)

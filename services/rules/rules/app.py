@@ -5,7 +5,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from rules.config import Settings, settings
-from rules.consumers import purchases_consumer
+from rules.consumers import purchases_consumer, segments_consumer
 from rules.endpoints import router
 from rules.models import api_keys
 from rules.tasks import start as start_background
@@ -16,7 +16,7 @@ def create_app(app_settings: Settings = settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         consumer = functools.partial(purchases_consumer, state_cache_size=app_settings.state_cache_size)
-        async with Runtime(app_settings, api_keys=api_keys, consumers=[consumer]) as runtime:
+        async with Runtime(app_settings, api_keys=api_keys, consumers=[consumer, segments_consumer]) as runtime:
             start_background(app_settings, runtime)
             yield runtime.state()
 

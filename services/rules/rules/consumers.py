@@ -13,14 +13,15 @@ from rules.service import rules_service
 from rules.tasks import outbox_relay
 from shared.consumer import BatchHandler, ConsumerRunner, Inbound, Rejection
 from shared.db import AsyncSession, transaction
-from shared.events import EngagementPayload, PurchasesPayload
+from shared.events import CustomersPayload, EngagementPayload, PurchasesPayload
 from shared.outbox import OutboxRelay
 from shared.runtime import Runtime
-from shared.topics import ENGAGEMENT, PURCHASES
+from shared.topics import CUSTOMERS, ENGAGEMENT, PURCHASES
 
 log = logging.getLogger(__name__)
 
 GROUP = "rules"
+SEGMENTS_GROUP = "rules-segments"
 
 STATE_CACHE_LOOKUPS = Counter(
     "rules_state_cache_lookups_total",
@@ -61,3 +62,14 @@ def purchases_consumer(runtime: Runtime, *, state_cache_size: int = STATE_CACHE_
         state_cache=StateCache(state_cache_size) if state_cache_size else None,
     )
     return runtime.make_consumer(group=GROUP, topics=[PURCHASES, ENGAGEMENT], handler=handler)
+
+
+def segments_consumer(runtime: Runtime) -> ConsumerRunner:
+    """The customers' value segments from the metrics service (segment.changed), for `customer.segment`."""
+
+    async def on_batch(batch: Sequence[Inbound[CustomersPayload]]) -> Sequence[Rejection]:
+        async with transaction(runtime.sessionmaker) as session:
+            await rules_service.record_segments(session, batch)
+        return []
+
+    return runtime.make_consumer(group=SEGMENTS_GROUP, topics=[CUSTOMERS], handler=on_batch)

@@ -53,6 +53,7 @@ def _state(state: CustomerSnapshot) -> schemas.CustomerState:
         categories=sorted(state.categories),
         tier=state.tier,
         tier_reviewed_at=state.tier_reviewed_at,
+        segment=state.segment,
     )
 
 

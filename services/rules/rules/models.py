@@ -54,6 +54,10 @@ class CustomerState(Base):
     # Per-period counters for engagement limits and per-customer caps ("cap:month:2026-11" -> points).
     counter_keys: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, server_default="{}")
     counter_values: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), nullable=False, server_default="{}")
+    # The latest segment.changed of the metrics service, by its event time (an older one arriving late is
+    # ignored). Not in rows.STATE_COLUMNS: only the segment consumer writes them (raising the version).
+    segment: Mapped[str | None] = mapped_column(String(40))
+    segment_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Raised by every write, which happens only over the version the writer read (optimistic concurrency).
     version: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="1")
 

@@ -105,6 +105,18 @@ where s.version = excluded.version - 1
 """
 
 
+# A segment.changed per customer (the batch's latest): a new state row, or the stored one when the event is
+# newer than the segment it holds; the version goes up, so a batch holding the state read before retries.
+_SAVE_SEGMENTS = """
+insert into rules.customer_states as s (tenant_id, customer_id, purchase_count, segment, segment_at, version)
+select t, c, 0, seg, at, 1 from unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) as r(t, c, seg, at)
+order by t, c
+on conflict (tenant_id, customer_id) do update set
+  segment = excluded.segment, segment_at = excluded.segment_at, version = s.version + 1
+where s.segment_at is null or s.segment_at < excluded.segment_at
+"""
+
+
 class StateChanged(Exception):
     """A customer's stored state is newer than the one a batch read (another writer came between)."""
 
@@ -131,6 +143,14 @@ class CustomerStateRepository(RepositoryBase[SessionT]):
             limit,
         )
         return [snapshot(r) for r in rows]
+
+    async def save_segments(
+        self: CustomerStateRepository[AsyncSession], segments: Sequence[tuple[str, str, str, datetime]]
+    ) -> None:
+        """Records (tenant, customer, segment, event time), at most one per customer, where newer."""
+        if segments:
+            columns = [list(c) for c in zip(*sorted(segments), strict=True)]
+            await (await self.driver()).execute(_SAVE_SEGMENTS, *columns)
 
     async def save(self: CustomerStateRepository[AsyncSession], states: Iterable[tuple[str, CustomerSnapshot]]) -> None:
         """Writes the states, each over the version it was read at, and moves them to the version written.

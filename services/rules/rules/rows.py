@@ -131,4 +131,5 @@ def snapshot(row: Mapping[str, Any]) -> CustomerSnapshot:
         row["tier_reviewed_at"],
         _zipped(row["counter_keys"], row["counter_values"]),
         row["version"],
+        row["segment"],
     )

@@ -16,6 +16,7 @@ class CustomerState(BaseModel):
     categories: list[str]
     tier: str | None
     tier_reviewed_at: datetime | None
+    segment: str | None = Field(description="The value segment the metrics service last announced")
 
 
 class Tier(BaseModel):

@@ -58,12 +58,14 @@ from shared.db import AsyncReadSession, AsyncSession
 from shared.events import (
     TOPIC_EVENT_TYPES,
     CloudEvent,
+    CustomersPayload,
     EngagementPayload,
     EventDecodeError,
     PurchaseCompleted,
     PurchaseRefunded,
     PurchasesPayload,
     ReferralConverted,
+    SegmentChanged,
     business_id,
     carries,
     decode_event,
@@ -247,6 +249,24 @@ class RulesService:
             await OutboxRepository.from_session(session).add(rows)
             changed += len(rows)
         return seen, changed
+
+    async def record_segments(self, session: AsyncSession, batch: Sequence[Inbound[CustomersPayload]]) -> None:
+        """Keeps each customer's latest segment.changed (by event time, so a late older one changes nothing);
+        each event once. tier.changed on the same topic is this service's own output and is skipped."""
+        admission = await claim_batch(
+            session, processed_events, TRACKING_NAME, batch, tracked=lambda e: isinstance(e.data, SegmentChanged)
+        )
+        latest: dict[tuple[str, str], tuple[datetime, str]] = {}
+        for message in admission.messages:
+            event = message.event
+            if not isinstance(event.data, SegmentChanged):
+                continue
+            key = (event.tenantid, event.data.customer_id)
+            if key not in latest or latest[key][0] < event.time:
+                latest[key] = (event.time, event.data.segment)
+        await CustomerStateRepository.from_session(session).save_segments(
+            [(t, c, segment, at) for (t, c), (at, segment) in latest.items()]
+        )
 
     # --- simulate ---------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ depends_on: str | Sequence[str] | None = None
 
 # The list's sort keys (metrics.models.LIST_SORTS, copied: a migration does not change with the code).
 SORTS = {
-    "clv": "(clv_12m is not null), coalesce(clv_12m, 0), customer_id",
+    "clv": "(clv is not null), coalesce(clv, 0), customer_id",
     "revenue": "net_revenue, customer_id",
     "p_alive": "(p_alive is null), coalesce(p_alive, 0), customer_id",
     "last_purchase": "last_purchase_at, customer_id",
@@ -38,7 +38,7 @@ def upgrade() -> None:
         sa.Column("orders", sa.Integer(), nullable=False),
         sa.Column("net_revenue", sa.Numeric(), nullable=False),
         sa.Column("last_purchase_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("clv_12m", sa.Numeric(), nullable=True),
+        sa.Column("clv", sa.Numeric(), nullable=True),
         sa.Column("p_alive", sa.Double(), nullable=True),
         sa.PrimaryKeyConstraint("tenant_id", "customer_id", name=op.f("pk_customer_segments")),
         schema="metrics",

@@ -31,6 +31,8 @@ class CustomerSnapshot:
     tier: str | None
     tier_reviewed_at: datetime | None
     counters: dict[str, int]
+    # The value segment the metrics service last announced (segment.changed); written only by that consumer.
+    segment: str | None
     # The stored row's version (0: never stored). Not the rules' business: the repository writes a state only
     # over the version it was read at, so a copy kept between batches cannot overwrite a newer one.
     version: int = field(compare=False)
@@ -48,6 +50,7 @@ class CustomerSnapshot:
         tier_reviewed_at: datetime | None = None,
         counters: dict[str, int] | None = None,
         version: int = 0,
+        segment: str | None = None,
     ) -> None:
         self.customer_id = customer_id
         self.purchase_count = purchase_count
@@ -60,6 +63,7 @@ class CustomerSnapshot:
         self.tier_reviewed_at = tier_reviewed_at
         self.counters = {} if counters is None else counters
         self.version = version
+        self.segment = segment
 
     # Plain loops, in the order sum() adds: compiled, they iterate the typed maps natively.
     def spend_12m(self, at: datetime) -> Decimal:

@@ -23,6 +23,7 @@ CUSTOMER_FIELDS: Final = (
     "points_12m",
     "categories",
     "tier",
+    "segment",
 )
 LINE_FIELDS: Final = ("sku", "category", "quantity", "unit_price", "discount", "net", "gift_card", "shipping")
 _ENVELOPE_FIELDS: Final = frozenset({"id", "type", "source", "time"})
@@ -52,6 +53,8 @@ def customer_view(customer: CustomerSnapshot, at: datetime, fields: Collection[s
             view[name] = tuple(sorted(customer.categories))
         elif name == "tier":
             view[name] = customer.tier or ""
+        elif name == "segment":
+            view[name] = customer.segment or ""
     return view
 
 
