@@ -6,6 +6,7 @@ before period_cells, in every handler)."""
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from decimal import Decimal
@@ -42,6 +43,19 @@ DAILY_COLUMNS: tuple[str, ...] = (
     "available_delta",
     "pending_delta",
     "held_delta",
+)
+# What `forget` deletes of a tenant: everything the topics rebuild.
+TENANT_TABLES = (
+    "orders",
+    "refunds",
+    "customers",
+    "customer_days",
+    "member_days",
+    "daily",
+    "period_cells",
+    "period_active",
+    "period_members",
+    "engagements",
 )
 # The per-period counts: table -> its count column.
 PeriodTable = Literal["period_members", "period_active"]
@@ -280,6 +294,36 @@ class AggregatesRepository(RepositoryBase[SessionT]):
             [k[2] for k in keys],
             [k[3] for k in keys],
             [rows[k] for k in keys],
+        )
+
+    async def tenant_days(self, tenant_id: str) -> dict[str, list[date]]:
+        """Every customer's purchase days, sorted."""
+        out: dict[str, list[date]] = defaultdict(list)
+        rows = await (await self.driver()).fetch(
+            "select customer_id, day from metrics.customer_days where tenant_id = $1 order by customer_id, day",
+            tenant_id,
+        )
+        for r in rows:
+            out[r[0]].append(r[1])
+        return out
+
+    async def reset_activity(self: AggregatesRepository[AsyncSession], tenant_id: str) -> None:
+        """Zeroes what depends on the activity window (before it is summed again under a new one)."""
+        driver = await self.driver()
+        await driver.execute(
+            "update metrics.daily set active_delta = 0 where tenant_id = $1 and active_delta <> 0", tenant_id
+        )
+        await driver.execute("delete from metrics.period_active where tenant_id = $1", tenant_id)
+
+    async def forget(self: AggregatesRepository[AsyncSession], tenant_id: str) -> None:
+        """Deletes the tenant's aggregates, facts and tracking rows (not its configuration)."""
+        driver = await self.driver()
+        for table in TENANT_TABLES:
+            await driver.execute(f"delete from metrics.{table} where tenant_id = $1", tenant_id)
+        await driver.execute(
+            """delete from metrics.processed_events where tenant_id = $1
+               and (consumer_group = 'metrics' or consumer_group like 'metrics:%')""",
+            tenant_id,
         )
 
     # --- points -------------------------------------------------------------------------------------

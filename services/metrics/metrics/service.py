@@ -508,8 +508,24 @@ class MetricsService:
         self, session: AsyncSession, tenant_id: str, update: schemas.TenantConfigUpdate
     ) -> schemas.TenantConfig:
         values = update.model_dump(mode="json")
-        row = await ConfigRepository.from_session(session).put(tenant_id, values)
+        configs = ConfigRepository.from_session(session)
+        before = await configs.get(tenant_id)
+        # Read before the put refreshes the same object.
+        window = before.activity_window_days if before is not None else DEFAULT_WINDOW
+        row = await configs.put(tenant_id, values)
+        if update.activity_window_days != window:
+            await self._recompute_activity(session, tenant_id, update.activity_window_days)
         return schemas.TenantConfig.model_validate(row)
+
+    async def _recompute_activity(self, session: AsyncSession, tenant_id: str, window: int) -> None:
+        """Sums what depends on the window again from every customer's days (active per day and period)."""
+        repo = AggregatesRepository.from_session(session)
+        changes = Changes()
+        for days in (await repo.tenant_days(tenant_id)).values():
+            activity = {k: v for k, v in domain.footprint(days, window).items() if k[0] in ("active", "period")}
+            changes.add_footprint(tenant_id, activity)
+        await repo.reset_activity(tenant_id)
+        await changes.save(repo)
 
 
 def _year_before(day: date) -> date:
