@@ -12,13 +12,14 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+import yaml
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from shared.db import AsyncSession, create_engine, create_sessionmaker
 from tests.conftest import DB_SUFFIX, PG, service_settings
-from tests.dashboards import DATABASE, Query, dashboards, problems, queries, sql
+from tests.dashboards import DATABASE, PROMETHEUS, ROOT, Query, dashboards, problems, queries, sql
 from tests.metrics.kpi_rows import seed
 
 READER = "loyalty_reader"  # deploy/postgres/db-up.sh creates it, migration 0006 grants it SELECT
@@ -34,10 +35,22 @@ def reader_url() -> str:
 SQL_QUERIES = [q for q in queries() if q.datasource == DATABASE]
 
 
-def test_every_panel_has_a_query_on_a_known_data_source() -> None:
-    assert set(dashboards()) == {"programme-overview.json", "customer-value.json", "pipeline-health.json"}
+def test_every_panel_has_a_query_on_a_provisioned_data_source() -> None:
+    boards = dashboards()
+    assert set(boards) == {"programme-overview.json", "customer-value.json", "pipeline-health.json"}
     assert problems() == []
     assert len(SQL_QUERIES) >= 15
+    provisioned = {
+        source["uid"]
+        for path in (ROOT / "deploy/grafana/provisioning/datasources").glob("*.yml")
+        for source in yaml.safe_load(path.read_text())["datasources"]
+    }
+    assert provisioned == {PROMETHEUS, DATABASE}
+    # Grafana keys dashboards by uid and panels by id within a dashboard.
+    assert len({b["uid"] for b in boards.values()}) == len(boards)
+    for name, board in boards.items():
+        ids = [p["id"] for p in board["panels"]]
+        assert len(ids) == len(set(ids)), name
 
 
 @pytest.fixture

@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
+from pydantic import ValidationError
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from metrics import schemas
+from metrics.config import MAX_GAUGE_TENANTS
 from metrics.exporter import Headline, KpiGauges, samples
 from metrics.models import Daily, TenantConfig
 from metrics.tasks import refresh_kpi_gauges
@@ -91,6 +93,12 @@ def headline(period: dict[str, Any] | None = None, lifetime: dict[str, Any] | No
 
 
 class TestPure:
+    def test_the_gauge_settings_are_bounded(self) -> None:
+        with pytest.raises(ValidationError):
+            service_settings("metrics", kpi_gauges_max_tenants=MAX_GAUGE_TENANTS + 1)
+        with pytest.raises(ValidationError):
+            service_settings("metrics", kpi_gauges_tenants=["x" * 64])
+
     def test_samples_are_the_apis_figures_with_rates_as_ratios(self) -> None:
         out = {(gauge._name, labels): v for (gauge, labels), v in samples("a", headline(), now=1.0).items()}
         assert out[("loyalty_kpi_retention_ratio", ("a",))] == 0.75

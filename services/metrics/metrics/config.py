@@ -1,3 +1,5 @@
+from typing import Annotated
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -36,7 +38,7 @@ class Settings(ServiceSettings):
         description="Tenants exported per refresh: the pinned ones, then the most recently active; the rest are "
         'dropped and counted (loyalty_kpi_tenants{state="dropped"})',
     )
-    kpi_gauges_tenants: list[str] = Field(
+    kpi_gauges_tenants: list[Annotated[str, Field(min_length=1, max_length=63)]] = Field(
         default_factory=list,
         max_length=MAX_GAUGE_TENANTS,
         description="Tenants always exported (within the maximum), e.g. the largest accounts",
