@@ -180,7 +180,7 @@ async def stack(kafka_topics: list[str], raw_producer: AIOKafkaProducer) -> Asyn
             # The rules relay sweeps its outbox soon, so the oversized row below is quarantined within the run.
             "rules": {"outbox_sweep_seconds": 0.3, "outbox_sweep_after_seconds": 0.2},
             # The KPI gauges every second, the run's tenant among them whatever else the test database holds.
-            "metrics": {"kpi_gauges_interval_seconds": 1, "kpi_gauges_tenants": [tenant]},
+            "metrics": {"kpi_gauges_enabled": True, "kpi_gauges_interval_seconds": 1, "kpi_gauges_tenants": [tenant]},
         }
         for service in SERVICES:
             env = service_env(service, ports[service], **overrides.get(service, {}))
