@@ -14,7 +14,7 @@ SERVICE_PORTS := ledger:$${LEDGER_HTTP_PORT:-8001} rules:$${RULES_HTTP_PORT:-800
 PYTEST_ARGS ?=
 
 .PHONY: help setup prometheus kafka-jars kafka-up kafka-down db-up db-down db-migrate topics infra up down run test test-fast \
-        lint fmt typecheck schemas check-schemas bench bench-ledger bench-rules bench-segments clean native
+        lint fmt typecheck schemas check-schemas bench bench-ledger bench-rules bench-metrics bench-segments clean native
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -27,28 +27,16 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 setup: $(VENV)/.installed kafka-jars native prometheus ## Create .venv, install the pinned dependencies, fetch the Kafka jars, Prometheus
 
-# The rules engine, the consumer's per-event code (rules/batch.py) and state rows (rules/rows.py) compiled by mypyc into C extensions beside
-# their sources, which Python imports instead: ~40 % less CPU per evaluated event. The compiled code relies on
-# the types of the project modules it imports, so each is rebuilt when its source or one of those changes; its
-# stamp records the hashes it was built from (tests/rules/test_native.py checks them). Without the extensions
-# the same code runs interpreted.
-NATIVE_DIR := services/rules/rules
-NATIVE_STAMPS := $(NATIVE_DIR)/engine.build $(NATIVE_DIR)/batch.build $(NATIVE_DIR)/rows.build
-ENGINE_IMPORTS := $(NATIVE_DIR)/ruleset.py shared/events.py
-ROWS_IMPORTS := $(NATIVE_DIR)/engine.py
-BATCH_IMPORTS := $(NATIVE_DIR)/engine.py $(NATIVE_DIR)/models.py $(NATIVE_DIR)/repository.py $(NATIVE_DIR)/ruleset.py \
-                 shared/consumer.py shared/events.py shared/repository.py shared/topics.py
-
-$(NATIVE_DIR)/engine.build: $(ENGINE_IMPORTS)
-$(NATIVE_DIR)/batch.build: $(BATCH_IMPORTS)
-$(NATIVE_DIR)/rows.build: $(ROWS_IMPORTS)
-$(NATIVE_DIR)/%.build: $(NATIVE_DIR)/%.py $(VENV)/.installed
+# The modules pyproject.toml lists under [tool.loyalty] mypyc (the rules engine, the consumer's per-event batch
+# code, the state rows) compiled by mypyc into .local/native, with a manifest of the sources they were built
+# from: ~40 % less CPU per evaluated event. Python uses them only while the manifest matches the sources
+# (shared/native.py); after an edit the code runs interpreted, with a warning, until the next `make native`.
+# LOYALTY_NATIVE=1 (run, test, bench) refuses to run interpreted. The build is skipped when the sources did not change.
+NATIVE := LOYALTY_NATIVE=1
+native: $(VENV)/.installed ## Compile the modules listed for mypyc into .local/native (part of setup; again on change)
 	@mkdir -p $(LOCAL)
-	@echo "mypyc: compiling $<"
-	@$(BIN)/mypyc $< > $(LOCAL)/mypyc-$*.log 2>&1 || { cat $(LOCAL)/mypyc-$*.log; exit 1; }
-	@sha256sum $< $(filter %.py,$(filter-out $<,$^)) > $@
-
-native: $(NATIVE_STAMPS) ## Compile the rules engine, batch and row code with mypyc (part of setup; again on change)
+	@$(PY) -m shared.native > $(LOCAL)/mypyc.log 2>&1 || { cat $(LOCAL)/mypyc.log; exit 1; }
+	@tail -n 1 $(LOCAL)/mypyc.log
 
 # tests/e2e/test_dashboards.py runs a Prometheus of its own on a free loopback port and checks /metrics with
 # promtool; the package's system daemon (on :9090) is not used, so it is stopped and disabled right after install.
@@ -85,13 +73,13 @@ topics: kafka-up ## Create the platform's topics (idempotent)
 
 infra: kafka-up db-up ## Kafka and PostgreSQL up
 
-up: infra db-migrate topics ## Infrastructure, migrations and the three services in the background
+up: native infra db-migrate topics ## Infrastructure, migrations and the three services in the background
 	@mkdir -p $(RUN_DIR)
 	@for s in $(SERVICES); do \
 	  if [ -f $(RUN_DIR)/$$s.pid ] && kill -0 $$(cat $(RUN_DIR)/$$s.pid) 2>/dev/null; then \
 	    echo "$$s: already running (pid $$(cat $(RUN_DIR)/$$s.pid))"; \
 	  else \
-	    setsid nohup $(PY) -m $$s > $(RUN_DIR)/$$s.log 2>&1 < /dev/null & echo $$! > $(RUN_DIR)/$$s.pid; \
+	    $(NATIVE) setsid nohup $(PY) -m $$s > $(RUN_DIR)/$$s.log 2>&1 < /dev/null & echo $$! > $(RUN_DIR)/$$s.pid; \
 	    echo "$$s: started (pid $$!, log $(RUN_DIR)/$$s.log)"; \
 	  fi; \
 	done
@@ -115,7 +103,7 @@ run: up ## Everything up, sample events in, then stay in the foreground (Ctrl-C 
 	@scripts/run-demo.sh
 
 test: setup infra ## The whole suite against the real Kafka and PostgreSQL (started when down)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(NATIVE) $(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed ## Tests that need neither Kafka nor PostgreSQL
 	$(BIN)/pytest -m "not kafka and not db and not disruptive" $(PYTEST_ARGS)
@@ -131,16 +119,19 @@ fmt: $(VENV)/.installed ## Format and autofix
 typecheck: $(VENV)/.installed ## mypy (strict) over shared, services, ops and tests
 	$(BIN)/mypy shared services/ledger/ledger services/rules/rules services/metrics/metrics ops tests
 
-bench: bench-ledger bench-rules bench-segments ## Every benchmark (prints figures)
+bench: bench-ledger bench-rules bench-metrics bench-segments ## Every benchmark (prints figures)
 
 bench-ledger: setup infra db-migrate ## Ledger benchmark: earn entries/s from Kafka, redeem p50/p99, balance reads/s
-	$(PY) bench/ledger_bench.py
+	$(NATIVE) $(PY) bench/ledger_bench.py
 
 bench-rules: setup infra db-migrate ## Rules benchmark: in-process events/s per core, consume→produce events/s
-	$(PY) bench/rules_bench.py
+	$(NATIVE) $(PY) bench/rules_bench.py
 
 bench-segments: setup infra db-migrate ## Segments benchmark: classification of 50,000 customers, customer list p95
-	$(PY) bench/segments_bench.py
+	$(NATIVE) $(PY) bench/segments_bench.py
+
+bench-metrics: setup infra db-migrate ## Metrics benchmark: ingestion events/s through Kafka, KPI query p95 on 1M purchases, RSS
+	$(PY) bench/metrics_bench.py
 
 schemas: $(VENV)/.installed ## Re-export the event JSON Schemas into shared/schemas
 	$(PY) -m shared.schema_export

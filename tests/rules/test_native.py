@@ -1,10 +1,17 @@
-"""The rules engine and the batch code run compiled by mypyc (`make native`, part of `make setup`). The
-compiled engine must compute exactly what the interpreted source computes: a stream of events that
-exercises every rule kind is replayed here and in a child process that runs the source interpreted
-(LOYALTY_NATIVE=0), and every visible result must be equal."""
+"""The rules engine and the batch code run compiled by mypyc (`make native`, part of `make setup`; the list
+and the guard: shared/native.py).
+
+- The compiled code is what runs whenever its build matches the sources, and always under `make test`
+  (LOYALTY_NATIVE=1); a build that does not match is never used (the guard's cases, on a project of its own).
+- The compiled engine computes exactly what the interpreted source computes: a stream of events that
+  exercises every rule kind is replayed here and in a child process that runs the source interpreted
+  (LOYALTY_NATIVE=0), and every visible result must be equal.
+"""
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import random
 import subprocess
@@ -13,6 +20,8 @@ from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 import rules.engine
 from rules import ruleset as rs
@@ -25,6 +34,7 @@ from rules.engine import (
     plan_clawbacks,
     review_tier,
 )
+from shared import native
 from shared.events import CloudEvent
 from tests.rules.samples import T0, TIERS, doc, line, order, review
 
@@ -163,3 +173,115 @@ class TestSameResults:
 
     def test_the_engine_imported_here_is_the_package(self) -> None:
         assert rules.engine.evaluate.__module__ == "rules.engine.evaluation"
+
+
+def _module_name(source: Path) -> str:
+    parts = source.relative_to(ROOT / "services" / "rules").with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+class TestCompiledInUse:
+    def test_every_listed_module_runs_compiled_exactly_when_its_build_is_current(self) -> None:
+        listed = native.listed()
+        assert {_module_name(p) for p in listed} >= {"rules.engine", "rules.engine.evaluation", "rules.batch"}
+        current = not native.stale() and os.environ.get("LOYALTY_NATIVE") != "0"
+        if os.environ.get("LOYALTY_NATIVE") == "1":  # make test, run, bench
+            assert current, native.stale()
+        for source in listed:
+            module = importlib.import_module(_module_name(source))
+            where = Path(module.__file__ or "")
+            if current:
+                assert where.suffix == ".so", f"{module.__name__} runs interpreted"
+                assert where.is_relative_to(native.native_dir()), where
+            else:
+                assert where == source, f"{module.__name__}: {where} is not its source"
+
+
+def _project(root: Path) -> None:
+    """A project of two modules compiled (pkg/fast.py, and pkg/sub/ whole) and one they import (pkg/types.py)."""
+    (root / "pyproject.toml").write_text(
+        '[tool.setuptools]\npackage-dir = { "pkg" = "src/pkg" }\n'
+        '[tool.loyalty]\nmypyc = ["src/pkg/fast.py", "src/pkg/sub"]\n'
+    )
+    package = root / "src" / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "types.py").write_text("X = 1\n")
+    (package / "fast.py").write_text("from pkg.types import X\n")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "a.py").write_text("A = 1\n")
+
+
+def _built(root: Path) -> None:
+    """What `make native` leaves: the compiled tree and the manifest of the sources it read."""
+    (native.native_dir(root) / "pkg").mkdir(parents=True)
+    (native.native_dir(root) / native.MANIFEST).write_text(json.dumps(native.manifest(root)))
+
+
+class TestGuard:
+    @pytest.fixture
+    def root(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+        monkeypatch.delenv("LOYALTY_NATIVE", raising=False)
+        monkeypatch.setattr(sys, "path", list(sys.path))
+        _project(tmp_path)
+        return tmp_path
+
+    def _path(self, root: Path) -> list[str]:
+        return native.overlay("pkg", [str(root / "src" / "pkg")], root)
+
+    def test_a_current_build_goes_first(self, root: Path) -> None:
+        _built(root)
+        assert native.manifest(root)["compiled"] == ["src/pkg/fast.py", "src/pkg/sub/__init__.py", "src/pkg/sub/a.py"]
+        assert set(native.manifest(root)["sources"]) == {
+            "src/pkg/fast.py",
+            "src/pkg/sub/__init__.py",
+            "src/pkg/sub/a.py",
+            "src/pkg/types.py",  # imported by a compiled module
+        }
+        assert self._path(root) == [str(root / ".local" / "native" / "pkg"), str(root / "src" / "pkg")]
+        assert str(root / ".local" / "native") in sys.path  # for mypyc's shared library
+
+    @pytest.mark.parametrize(
+        ("change", "reason"),
+        [
+            (lambda r: (r / "src/pkg/fast.py").write_text("from pkg.types import X\nY = 2\n"), "fast.py changed"),
+            (lambda r: (r / "src/pkg/types.py").write_text("X = 2\n"), "types.py changed"),
+            (lambda r: (r / "src/pkg/sub/b.py").write_text(""), "list of compiled modules changed"),
+            (lambda r: (r / "src/pkg/sub/a.py").unlink(), "a.py changed"),
+            (lambda r: (r / "src/pkg/fast.cpython-311-x86_64-linux-gnu.so").write_bytes(b""), "beside its source"),
+        ],
+        ids=["edited", "an-import-edited", "module-added", "module-removed", "so-beside-source"],
+    )
+    def test_a_build_older_than_the_sources_is_not_used(
+        self, root: Path, monkeypatch: pytest.MonkeyPatch, change: Any, reason: str
+    ) -> None:
+        _built(root)
+        change(root)
+        assert any(reason in problem for problem in native.stale(root)), native.stale(root)
+        with pytest.warns(native.StaleNative, match=reason):
+            assert self._path(root) == [str(root / "src" / "pkg")]
+        monkeypatch.setenv("LOYALTY_NATIVE", "1")
+        with pytest.raises(ImportError, match=reason):
+            self._path(root)
+
+    def test_never_built_runs_interpreted_quietly_unless_required(
+        self, root: Path, monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder
+    ) -> None:
+        assert self._path(root) == [str(root / "src" / "pkg")]
+        assert not recwarn.list
+        monkeypatch.setenv("LOYALTY_NATIVE", "1")
+        with pytest.raises(ImportError, match="never built"):
+            self._path(root)
+
+    def test_interpreted_on_request(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        _built(root)
+        monkeypatch.setenv("LOYALTY_NATIVE", "0")
+        assert self._path(root) == [str(root / "src" / "pkg")]
+
+    def test_another_python_is_not_used(self, root: Path) -> None:
+        _built(root)
+        manifest_file = native.native_dir(root) / native.MANIFEST
+        recorded = json.loads(manifest_file.read_text())
+        manifest_file.write_text(json.dumps({**recorded, "python": "cpython-310"}))
+        with pytest.warns(native.StaleNative, match="built for cpython-310"):
+            assert self._path(root) == [str(root / "src" / "pkg")]
