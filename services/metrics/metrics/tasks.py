@@ -1,7 +1,8 @@
 """Background work of the metrics service: the outbox relay (segment.changed to loyalty.customers.v1, through
-shared/outbox.py) and the scheduled classification of every customer (time alone turns customers into
-leavers), tenant by tenant, a page of customers per transaction; a tenant that fails is logged and counted
-(`metrics_segment_run_failures_total`) and the others go on."""
+shared/outbox.py); the pending loop, which classifies again the customers ingested batches marked; and the
+scheduled classification of every customer (time alone turns customers into leavers), tenant by tenant, a page
+of customers per transaction. A tenant that fails is logged and counted (`metrics_segment_run_failures_total`)
+and the others go on."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from shared.runtime import Runtime
 log = logging.getLogger(__name__)
 
 SEGMENT_RUN_FAILURES = Counter(
-    "metrics_segment_run_failures_total", "Tenants whose scheduled segment classification failed"
+    "metrics_segment_run_failures_total", "Tenants whose segment classification failed (a scheduled or pending round)"
 )
 
 
@@ -86,6 +87,25 @@ async def segment_schedule(settings: Settings, sessionmaker: async_sessionmaker[
         await asyncio.sleep(settings.segments_interval_seconds)
 
 
+async def pending_loop(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
+    """Classifies the customers ingested batches marked, a round at a time; an outage backs off."""
+    backoff = 0.0
+    while True:
+        try:
+            taken, failed = await segment_service.reclassify_pending(
+                sessionmaker, namespace=settings.topic_namespace, limit=settings.segments_pending_batch
+            )
+        except Exception as exc:
+            backoff = min(30.0, backoff * 2 or 0.5)
+            log.warning("segment pending round failed", extra={"error": describe_error(exc), "retry_in_s": backoff})
+            await asyncio.sleep(backoff)
+            continue
+        backoff = 0.0
+        SEGMENT_RUN_FAILURES.inc(len(failed))
+        if taken < settings.segments_pending_batch:
+            await asyncio.sleep(settings.segments_pending_seconds)
+
+
 def outbox_relay(settings: Settings, runtime: Runtime) -> OutboxRelay:
     return OutboxRelay(
         service=settings.service_name,
@@ -105,3 +125,4 @@ def start(settings: Settings, runtime: Runtime) -> None:
     if settings.consumers_enabled:
         runtime.spawn("metrics:outbox", relay.run(idle_s=settings.outbox_poll_seconds))
         runtime.spawn("metrics:segments", segment_schedule(settings, runtime.sessionmaker))
+        runtime.spawn("metrics:segments-pending", pending_loop(settings, runtime.sessionmaker))
