@@ -23,6 +23,12 @@ class Settings(ServiceSettings):
     segments_first_run_seconds: float = Field(
         default=60.0, ge=0, description="Wait after start before the first scheduled classification"
     )
+    segments_pending_seconds: float = Field(
+        default=1.0, gt=0, description="Wait after a round of the pending loop that was not full"
+    )
+    segments_pending_batch: int = Field(
+        default=2000, ge=1, le=100_000, description="Marked customers one round of the pending loop classifies"
+    )
     segments_page_size: int = Field(
         default=1000, ge=1, le=10_000, description="Customers classified per transaction in the scheduled run"
     )

@@ -289,6 +289,16 @@ class CustomerSegment(Base):
     __table_args__ = tuple(_list_indexes())
 
 
+class SegmentPending(Base):
+    """Customers whose facts an ingested batch changed, waiting to be classified again (by the pending loop)."""
+
+    __tablename__ = "segments_pending"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    marked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
 # The columns of a customer_segments row, in the order the repository writes them.
 SEGMENT_COLUMNS = (
     "tenant_id",

@@ -589,12 +589,17 @@ class KpiRepository(RepositoryBase[SessionT]):
 # --- segments -----------------------------------------------------------------------------------------
 
 # What the classification reads of each customer with a purchase: its summary, the median gap between its
-# orders and how many carried a discount (from its orders), and its latest CLV prediction.
+# orders and how many carried a discount (from its orders), and its latest CLV prediction. Each part is an
+# index probe per customer (lateral; `limit 1` keeps the planner from flattening it), whatever the statistics
+# say (a fresh CLV fit has none).
 _FACTS = """
 select c.customer_id, c.first_purchase_at, c.last_purchase_at, c.orders, c.net_revenue, c.last_nps,
        c.last_nps_at, c.last_review_at, c.last_referral_at, g.median_gap_s, g.priced, g.discounted,
        p.p_alive, p.clv
-from metrics.customers c
+from unnest($2::text[]) as k(customer_id)
+cross join lateral (
+  select * from metrics.customers c where c.tenant_id = $1 and c.customer_id = k.customer_id limit 1
+) c
 cross join lateral (
   select percentile_cont(0.5) within group (order by gap) as median_gap_s,
          count(discount_share) as priced, count(*) filter (where discount_share > 0) as discounted
@@ -602,8 +607,11 @@ cross join lateral (
                extract(epoch from o.ordered_at - lag(o.ordered_at) over (order by o.ordered_at)) as gap
         from metrics.orders o where o.tenant_id = c.tenant_id and o.customer_id = c.customer_id) x
 ) g
-left join {predictions} p on p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
-where c.tenant_id = $1 and c.customer_id = any($2::text[]) and c.first_purchase_at is not null
+left join lateral (
+  select p.p_alive, p.clv from {predictions} p where p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
+  limit 1
+) p on true
+where c.first_purchase_at is not null
 """
 # The CLV job's table comes with the predictive CLV's own migration; where it does not exist (yet), no customer
 # has a prediction and the queries read this empty stand-in.
@@ -645,6 +653,29 @@ class SegmentRepository(RepositoryBase[SessionT]):
     async def facts(self, tenant_id: str, customer_ids: Sequence[str]) -> list[Record]:
         sql = _FACTS.format(predictions=await self._predictions())
         return list(await (await self.driver()).fetch(sql, tenant_id, list(customer_ids)))
+
+    async def mark_pending(self: SegmentRepository[AsyncSession], keys: Sequence[tuple[str, str]]) -> None:
+        """Notes (tenant, customer) pairs to classify again; one row per customer however often marked."""
+        if keys:
+            tenants, customers = zip(*sorted(set(keys)), strict=True)
+            await (await self.driver()).execute(
+                """insert into metrics.segments_pending (tenant_id, customer_id)
+                   select * from unnest($1::text[], $2::text[]) on conflict do nothing""",
+                list(tenants),
+                list(customers),
+            )
+
+    async def claim_pending(self: SegmentRepository[AsyncSession], limit: int) -> list[tuple[str, str]]:
+        """Takes up to `limit` pending customers (skipping those another loop holds), oldest tenant key first."""
+        rows = await (await self.driver()).fetch(
+            """delete from metrics.segments_pending p using (
+                 select tenant_id, customer_id from metrics.segments_pending
+                 order by tenant_id, customer_id limit $1 for update skip locked
+               ) q where p.tenant_id = q.tenant_id and p.customer_id = q.customer_id
+               returning p.tenant_id, p.customer_id""",
+            limit,
+        )
+        return sorted((r[0], r[1]) for r in rows)
 
     async def lock_current(
         self: SegmentRepository[AsyncSession], tenant_id: str, customer_ids: Sequence[str]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -53,8 +54,12 @@ from shared.events import (
     make_event,
     utcnow,
 )
+from shared.faults import is_infrastructure_error
+from shared.outbox import describe_error
 from shared.topics import CUSTOMERS
 from shared.tracking import Admission, claim_batch, release
+
+log = logging.getLogger(__name__)
 
 # The tracking name (shared.tracking): the service's, not the consumer group's.
 TRACKING_NAME = "metrics"
@@ -682,23 +687,40 @@ class SegmentService:
         await OutboxRepository.from_session(session).add(outbox)
         return len(outbox)
 
-    async def reclassify_batch(
-        self,
-        session: AsyncSession,
-        batch: Sequence[Inbound[PurchasesPayload | EngagementPayload]],
-        *,
-        namespace: str,
-    ) -> int:
-        """After an ingested batch: the customers its events name, classified again as of now, tenant by tenant
-        in order (the lock order every writer of segments keeps). A customer whose event was refused or skipped
-        is classified all the same: unchanged facts change nothing."""
-        touched: dict[str, set[str]] = defaultdict(set)
-        for message in batch:
-            touched[message.event.tenantid].add(message.event.data.customer_id)
-        changed = 0
-        for tenant_id in sorted(touched):
-            changed += await self.reclassify(session, tenant_id, sorted(touched[tenant_id]), namespace=namespace)
-        return changed
+    async def mark_batch(
+        self, session: AsyncSession, batch: Sequence[Inbound[PurchasesPayload | EngagementPayload]]
+    ) -> None:
+        """After an ingested batch, in its transaction: its customers are to be classified again (by the pending
+        loop, `reclassify_pending`, so ingestion does not wait for it). A customer whose event was refused or
+        skipped is marked all the same: unchanged facts change nothing."""
+        keys = [(m.event.tenantid, m.event.data.customer_id) for m in batch]
+        await SegmentRepository.from_session(session).mark_pending(keys)
+
+    async def reclassify_pending(
+        self, sessionmaker: async_sessionmaker[AsyncSession], *, namespace: str, limit: int
+    ) -> tuple[int, list[str]]:
+        """One round of the pending loop: up to `limit` marked customers classified again in one transaction,
+        tenant by tenant in order, each tenant in a savepoint of its own. A tenant that fails (a stored threshold
+        no PUT would accept) loses its marks (the scheduled run classifies it again) and holds back no other.
+        Returns (customers taken, tenants that failed)."""
+        failed: list[str] = []
+        async with transaction(sessionmaker) as session:
+            pending = await SegmentRepository.from_session(session).claim_pending(limit)
+            by_tenant: dict[str, list[str]] = defaultdict(list)
+            for tenant_id, customer_id in pending:
+                by_tenant[tenant_id].append(customer_id)
+            for tenant_id, customer_ids in by_tenant.items():
+                try:
+                    async with session.begin_nested():
+                        await self.reclassify(session, tenant_id, customer_ids, namespace=namespace)
+                except Exception as exc:
+                    if is_infrastructure_error(exc):
+                        raise
+                    failed.append(tenant_id)
+                    log.error(
+                        "segments of a tenant failed", extra={"tenant_id": tenant_id, "error": describe_error(exc)}
+                    )
+        return len(pending), failed
 
     async def reclassify_tenant(
         self,

@@ -1,8 +1,9 @@
 """Background work of the metrics service: the outbox relay (segment.changed to loyalty.customers.v1, through
-shared/outbox.py), the scheduled classification of every customer (time alone turns customers into
-leavers), tenant by tenant, a page of customers per transaction; a tenant that fails is logged and counted
-(`metrics_segment_run_failures_total`) and the others go on; and the refresh of the headline KPI gauges
-(metrics/exporter.py), likewise tenant by tenant."""
+shared/outbox.py); the pending loop, which classifies again the customers ingested batches marked; the
+scheduled classification of every customer (time alone turns customers into leavers), tenant by tenant, a page
+of customers per transaction; and the refresh of the headline KPI gauges (metrics/exporter.py). A tenant that
+fails is logged and counted (`metrics_segment_run_failures_total`, `loyalty_kpi_refresh_failures_total`) and the
+others go on."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from shared.runtime import Runtime
 log = logging.getLogger(__name__)
 
 SEGMENT_RUN_FAILURES = Counter(
-    "metrics_segment_run_failures_total", "Tenants whose scheduled segment classification failed"
+    "metrics_segment_run_failures_total", "Tenants whose segment classification failed (a scheduled or pending round)"
 )
 
 
@@ -90,6 +91,25 @@ async def segment_schedule(settings: Settings, sessionmaker: async_sessionmaker[
         except Exception as exc:  # the tenant list itself could not be read (an outage): the next round
             log.warning("segment run failed", extra={"error": describe_error(exc)})
         await asyncio.sleep(settings.segments_interval_seconds)
+
+
+async def pending_loop(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
+    """Classifies the customers ingested batches marked, a round at a time; an outage backs off."""
+    backoff = 0.0
+    while True:
+        try:
+            taken, failed = await segment_service.reclassify_pending(
+                sessionmaker, namespace=settings.topic_namespace, limit=settings.segments_pending_batch
+            )
+        except Exception as exc:
+            backoff = min(30.0, backoff * 2 or 0.5)
+            log.warning("segment pending round failed", extra={"error": describe_error(exc), "retry_in_s": backoff})
+            await asyncio.sleep(backoff)
+            continue
+        backoff = 0.0
+        SEGMENT_RUN_FAILURES.inc(len(failed))
+        if taken < settings.segments_pending_batch:
+            await asyncio.sleep(settings.segments_pending_seconds)
 
 
 def outbox_relay(settings: Settings, runtime: Runtime) -> OutboxRelay:
@@ -157,12 +177,13 @@ async def _kpi_gauges_loop(settings: Settings, sessionmaker: async_sessionmaker[
 
 
 def start(settings: Settings, runtime: Runtime) -> None:
-    """The service's background work for the runtime's life: the outbox relay, the segment schedule and the
-    KPI gauges' refresh."""
+    """The service's background work for the runtime's life: the outbox relay, the segment schedule and pending
+    loop, and the KPI gauges' refresh."""
     relay = outbox_relay(settings, runtime)
     runtime.add_check("outbox", relay.readiness(settings.outbox_max_age_seconds))
     if settings.consumers_enabled:
         runtime.spawn("metrics:outbox", relay.run(idle_s=settings.outbox_poll_seconds))
         runtime.spawn("metrics:segments", segment_schedule(settings, runtime.sessionmaker))
+        runtime.spawn("metrics:segments-pending", pending_loop(settings, runtime.sessionmaker))
     if settings.kpi_gauges_enabled:
         runtime.spawn("metrics:kpi-gauges", _kpi_gauges_loop(settings, runtime.sessionmaker))
