@@ -60,17 +60,6 @@ def next_start(kind: Period, start: date) -> date:
     return date(index // 12, index % 12 + 1, 1)
 
 
-def periods(kind: Period, start: date, end: date) -> list[tuple[date, date]]:
-    """The periods of `kind` overlapping [start, end), each as [its start, its end), clipped to the range."""
-    out: list[tuple[date, date]] = []
-    current = period_start(kind, start)
-    while current < end:
-        following = next_start(kind, current)
-        out.append((max(current, start), min(following, end)))
-        current = following
-    return out
-
-
 def footprint(days: Sequence[date], window: int) -> dict[Key, int]:
     """What one customer adds to the tenant's sums, from their sorted distinct purchase days."""
     out: dict[Key, int] = {}
