@@ -33,6 +33,7 @@ from typing import Any
 
 import uvloop
 from aiokafka import AIOKafkaProducer
+from cpumeter import CpuMeter
 
 from metrics import domain
 from metrics.config import Settings
@@ -175,6 +176,7 @@ async def ingestion(settings: Settings, tenant: str) -> None:
     engine = create_engine(settings.database_url, pool_size=1)
     server = start_server(settings, consumers=True)
     peak = 0.0
+    cpu = CpuMeter([server.pid]).__enter__()
     try:
         first: float | None = None
         async with engine.connect() as conn:
@@ -195,6 +197,7 @@ async def ingestion(settings: Settings, tenant: str) -> None:
                 if server.poll() is not None:
                     raise RuntimeError("the metrics server died")
                 await asyncio.sleep(0.2)
+        cpu.__exit__()
         elapsed = now - (first or now)
         rate = len(events) / elapsed if elapsed else float("inf")
         print(
@@ -203,6 +206,8 @@ async def ingestion(settings: Settings, tenant: str) -> None:
             f"{INGEST_DAYS} days) in {elapsed:.1f} s: {rate:,.0f} events/s; "
             f"service peak RSS {peak:.0f} MB"
         )
+        # Start-up included; PostgreSQL counts every backend, other load on the machine too.
+        cpu.report(len(events), "event", servers="service")
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -366,11 +371,13 @@ async def queries(settings: Settings, tenant: str) -> None:
                 status, body = await conn.get(path, headers)
                 assert status == 200, body[:500]
             latencies = []
-            for _ in range(REQUESTS):
-                t0 = time.perf_counter()
-                await conn.get(path, headers)
-                latencies.append((time.perf_counter() - t0) * 1000)
+            with CpuMeter([server.pid]) as cpu:
+                for _ in range(REQUESTS):
+                    t0 = time.perf_counter()
+                    await conn.get(path, headers)
+                    latencies.append((time.perf_counter() - t0) * 1000)
             print(f"    {name:42s} p50 {pct(latencies, 0.5):6.1f} ms   p95 {pct(latencies, 0.95):6.1f} ms")
+            cpu.report(REQUESTS, "request", servers="service")
         writer.close()
         print(f"    service RSS {rss_mb(server.pid):.0f} MB (peak {rss_mb(server.pid, 'VmHWM'):.0f} MB)")
     finally:

@@ -599,12 +599,13 @@ class KpiRepository(RepositoryBase[SessionT]):
             return out
         cuts, ranks = kpis.cut_ranks(out.n), kpis.quantile_ranks(out.n)
         first = len(args) + 1
-        # One pass over the customers by rank: the revenue above each cut and the values at the quantiles.
+        # One pass over the customers by rank (ties in any order: tied values sum the same): the revenue above
+        # each cut and the values at the quantiles.
         sums = ", ".join(f"coalesce(sum(net_revenue) filter (where rn <= ${first + i}), 0)" for i in range(len(cuts)))
         picks = ", ".join(f"max(net_revenue) filter (where rn = ${first + len(cuts) + i})" for i in range(len(ranks)))
         row = await driver.fetchrow(
             f"""select {sums}, {picks} from (
-                  select net_revenue, row_number() over (order by net_revenue desc, customer_id) rn
+                  select net_revenue, row_number() over (order by net_revenue desc) rn
                   from ({source}) c) r""",
             *args,
             *cuts,
@@ -613,8 +614,8 @@ class KpiRepository(RepositoryBase[SessionT]):
         out.prefix = dict(zip(cuts, row[: len(cuts)], strict=True))
         out.values = dict(zip(ranks, row[len(cuts) :], strict=True))
         top = await driver.fetch(
-            f"select customer_id, orders, net_revenue from ({source}) c order by net_revenue desc, customer_id "
-            f"limit {kpis.TOP_CUSTOMERS}",
+            f"select customer_id, orders, net_revenue from ({source}) c "
+            f'order by net_revenue desc, customer_id collate "C" limit {kpis.TOP_CUSTOMERS}',
             *args,
         )
         out.top = [(r[0], r[1], r[2]) for r in top]
