@@ -2,8 +2,8 @@
 table but api_keys, now and created later by the migrating role; nothing when the role does not exist (the
 cluster's administrator creates it: deploy/postgres/db-up.sh, deploy/postgres/init.sql)
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-05 06:55:00
 """
 
@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0009"
-down_revision: str | None = "0008"
+revision: str = "0010"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
