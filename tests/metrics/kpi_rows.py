@@ -10,7 +10,16 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from metrics.models import Customer, CustomerDay, CustomerSegment, Daily, Engagement, PeriodActive, TenantConfig
+from metrics.models import (
+    Customer,
+    CustomerDay,
+    CustomerSegment,
+    Daily,
+    Engagement,
+    PeriodActive,
+    PeriodSurveys,
+    TenantConfig,
+)
 from shared.db import AsyncSession, transaction
 
 TODAY = date(2025, 3, 15)
@@ -139,6 +148,19 @@ async def seed(sessionmaker: async_sessionmaker[AsyncSession], tenant: str) -> N
         )
         await session.execute(
             insert(PeriodActive).values(tenant_id=tenant, period="month", start=date(2025, 3, 1), customers=4)
+        )
+        # The month's latest NPS answers as the engagement rows below give them (c1 10, c2 5, c3 9), efforts 2, 6.
+        await session.execute(
+            insert(PeriodSurveys).values(
+                tenant_id=tenant,
+                period="month",
+                start=date(2025, 3, 1),
+                responses=3,
+                promoters=2,
+                detractors=1,
+                effort_sum=8,
+                efforts=2,
+            )
         )
         await session.execute(
             insert(Engagement),

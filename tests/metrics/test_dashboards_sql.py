@@ -103,6 +103,13 @@ class TestFiguresByHand:
         # S = 3, E = 3 on the period's last day so far (today is after it: the 31st counts), N = 1.
         assert [float(v) for v in march] == [pytest.approx(200 / 3), pytest.approx(100 / 3)]
 
+    async def test_nps_of_march_2025(self, reader: AsyncEngine, seeded: str) -> None:
+        _, rows = await run(reader, panel("NPS and customer effort per $period"), seeded)
+        # 2 promoters, 1 detractor of 3; efforts 2 and 6.
+        [(time, nps, responses, ces)] = rows
+        assert (time, responses, float(ces)) == (datetime(2025, 3, 1, tzinfo=UTC), 3, 4.0)
+        assert float(nps) == pytest.approx(100 / 3)
+
     async def test_pareto_and_repeat_odds(self, reader: AsyncEngine, seeded: str) -> None:
         _, top20 = await run(reader, panel("Top 20 % share of net revenue"), seeded)
         _, curve = await run(reader, panel("Pareto curve"), seeded)
