@@ -198,7 +198,9 @@ async def main() -> None:
                 except httpx.TransportError:
                     pass
                 await asyncio.sleep(0.2)
-            counts = (await client.get("/v1/segments", headers={"X-API-Key": key.token})).json()["counts"]
+            overview = await client.get("/v1/segments", headers={"X-API-Key": key.token})
+            overview.raise_for_status()
+            counts = overview.json()["counts"]
             print("segments:", ", ".join(f"{s} {n:,}" for s, n in counts.items()))
             await walk(client, key.token, "sort=clv")  # warm-up
             print(f"GET /v1/customers on {CUSTOMERS:,} customers, 50 per page, walking the cursor:")

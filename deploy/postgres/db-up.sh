@@ -11,6 +11,10 @@ password=${LOYALTY_DB_PASSWORD:-loyalty}
 # may read and write rows but change no schema object (so it cannot drop the ledger's append-only trigger).
 owner=${LOYALTY_DB_OWNER:-loyalty_owner}
 owner_password=${LOYALTY_DB_OWNER_PASSWORD:-loyalty_owner}
+# Read-only login for Grafana's PostgreSQL data source; the metrics migrations grant it SELECT on the metrics
+# schema (api_keys excepted) when it exists, so create it before migrating.
+reader=loyalty_reader
+reader_password=${LOYALTY_READER_PASSWORD:-loyalty_reader}
 databases=${LOYALTY_DATABASES:-"loyalty_ledger loyalty_rules loyalty_metrics loyalty_ledger_test loyalty_rules_test loyalty_metrics_test"}
 
 log() { printf 'postgres: %s\n' "$*" >&2; }
@@ -74,6 +78,10 @@ if [ "$(psql_admin "-c \"select 1 from pg_roles where rolname = '$owner'\"")" !=
   log "creating role $owner (owns the schemas, runs the migrations)"
   psql_admin "-c \"create role $owner login password '$owner_password'\""
 fi
+if [ "$(psql_admin "-c \"select 1 from pg_roles where rolname = '$reader'\"")" != 1 ]; then
+  log "creating read-only role $reader"
+  psql_admin "-c \"create role $reader login password '$reader_password' nosuperuser nocreatedb nocreaterole\""
+fi
 for db in $databases; do
   if [ "$(psql_admin "-c \"select 1 from pg_database where datname = '$db'\"")" != 1 ]; then
     log "creating database $db"
@@ -115,4 +123,4 @@ END
 \$\$;
 SQL
 done
-log "ready on 127.0.0.1:$port (service role $role, owner $owner; databases: $databases)"
+log "ready on 127.0.0.1:$port (service role $role, owner $owner, read-only role $reader; databases: $databases)"

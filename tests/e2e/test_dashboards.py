@@ -1,13 +1,16 @@
-"""The Grafana dashboard against a real Prometheus: every panel's PromQL has data after a short run.
+"""The Grafana dashboards against a real Prometheus: every PromQL query of every panel of every dashboard in
+deploy/grafana/dashboards has data after a short run (the SQL panels: tests/metrics/test_dashboards_sql.py).
 
 Grafana cannot run here, so the check does what it would: the three services run as real HTTP servers
 (subprocesses on free loopback ports, on this session's topics and test databases), a little traffic goes
-through them (a ruleset, purchases in two waves so rates see increases, bad messages for the DLQ, an outbox
-row too large to publish for the quarantine panel, REST calls), a Prometheus of our own scrapes their
-/metrics every second, and each panel target's expression, with Grafana's variables substituted as Grafana
-would for a dashboard over this run, must evaluate through /api/v1/query without error and with a
-non-empty result, and must have a finite value somewhere in the run (/api/v1/query_range, what a time
-series panel draws). `promtool check metrics` must accept each service's /metrics.
+through them (a ruleset, purchases of last month and of now in two waves so rates see increases and the
+month has a retention rate, a survey answer, bad messages for the DLQ, an outbox row too large to publish
+for the quarantine panel, REST calls), the metrics service refreshes its KPI gauges every second with the
+run's tenant pinned, a Prometheus of our own scrapes their /metrics every second, and each panel target's
+expression, with Grafana's variables substituted as Grafana would for a dashboard over this run (`$tenant`
+the run's tenant), must evaluate through /api/v1/query without error and with a non-empty result, and must
+have a finite value somewhere in the run (/api/v1/query_range, what a time series panel draws).
+`promtool check metrics` must accept each service's /metrics.
 
 `prometheus` and `promtool` come from Debian's `prometheus` package (`make setup` installs it); when they
 are missing the test fails rather than skips, so CI cannot pass without the check.
@@ -27,8 +30,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from subprocess import PIPE
 from typing import Any
@@ -39,15 +43,16 @@ from aiokafka import AIOKafkaProducer
 
 from rules.repository import OutboxRepository
 from shared.db import create_engine, create_sessionmaker, transaction
-from shared.topics import POINTS_COMMANDS, PURCHASES
+from shared.events import SurveyAnswered, make_event, utcnow
+from shared.topics import ENGAGEMENT, POINTS_COMMANDS, PURCHASES
 from tests.conftest import ROOT, create_api_key, eventually, service_settings, topic
+from tests.dashboards import PROMETHEUS, dashboards, promql, queries, variables
 from tests.factories import purchase
 from tests.rules.helpers import install
 from tests.rules.samples import BASE, doc
 
 pytestmark = [pytest.mark.kafka, pytest.mark.db]
 
-DASHBOARD = ROOT / "deploy/grafana/dashboards/loyalty.json"
 SERVICES = ("ledger", "rules", "metrics")
 SCRAPE_INTERVAL_S = 1
 # Grafana's $__rate_interval: max($__interval + scrape interval, 4 x scrape interval), the scrape interval being
@@ -73,42 +78,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def panel_targets() -> list[tuple[str, str]]:
-    """(panel title, expression) of every target of every panel, rows' nested panels included."""
-
-    def walk(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for panel in panels:
-            yield panel
-            yield from walk(panel.get("panels", []))
-
-    dashboard = json.loads(DASHBOARD.read_text())
-    return [(p["title"], t["expr"]) for p in walk(dashboard["panels"]) for t in p.get("targets", []) if "expr" in t]
-
-
-def substitute(expr: str, variables: dict[str, str]) -> str:
-    # Longest name first, so that a name which begins another ($__interval, $__interval_ms) cannot cut it.
-    for name in sorted(variables, key=len, reverse=True):
-        expr = expr.replace(name, variables[name]).replace("${" + name[1:] + "}", variables[name])
-    assert "$" not in expr, f"a Grafana variable left unsubstituted in {expr!r}"
-    return expr
-
-
-def template_variables() -> dict[str, str]:
-    """The dashboard's template variables at their current value ($var and ${var}); "All" as a regex."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    values = {}
-    for variable in dashboard.get("templating", {}).get("list", []):
-        current = variable.get("current", {}).get("value", ".*")
-        if current in ("$__all", ["$__all"]):
-            current = ".*"
-        values[f"${variable['name']}"] = "|".join(current) if isinstance(current, list) else str(current)
-    return values
-
-
 @dataclass
 class Stack:
     urls: dict[str, str]  # service -> base URL
     prometheus: str
+    tenant: str  # the run's traffic's
     started: float  # Unix time before the traffic
 
 
@@ -201,9 +175,12 @@ async def stack(kafka_topics: list[str], raw_producer: AIOKafkaProducer) -> Asyn
     processes = Processes()
     try:
         ports = {service: free_port() for service in SERVICES}
+        tenant = f"t-{uuid.uuid4().hex[:12]}"
         overrides: dict[str, dict[str, Any]] = {
             # The rules relay sweeps its outbox soon, so the oversized row below is quarantined within the run.
             "rules": {"outbox_sweep_seconds": 0.3, "outbox_sweep_after_seconds": 0.2},
+            # The KPI gauges every second, the run's tenant among them whatever else the test database holds.
+            "metrics": {"kpi_gauges_enabled": True, "kpi_gauges_interval_seconds": 1, "kpi_gauges_tenants": [tenant]},
         }
         for service in SERVICES:
             env = service_env(service, ports[service], **overrides.get(service, {}))
@@ -232,8 +209,8 @@ async def stack(kafka_topics: list[str], raw_producer: AIOKafkaProducer) -> Asyn
         await eventually(lambda: scraped(prometheus), timeout_s=30, interval_s=0.5)
 
         started = time.time()
-        await drive_traffic(urls, raw_producer)
-        yield Stack(urls=urls, prometheus=prometheus, started=started)
+        await drive_traffic(urls, raw_producer, tenant)
+        yield Stack(urls=urls, prometheus=prometheus, tenant=tenant, started=started)
         processes.check_alive()
     finally:
         processes.close()
@@ -245,8 +222,7 @@ async def scraped(prometheus: str) -> bool:
     return {r["metric"]["job"] for r in data["result"]} == set(SERVICES)
 
 
-async def drive_traffic(urls: dict[str, str], producer: AIOKafkaProducer) -> None:
-    tenant = f"t-{uuid.uuid4().hex[:12]}"
+async def drive_traffic(urls: dict[str, str], producer: AIOKafkaProducer, tenant: str) -> None:
     keys = {service: await create_api_key(service, tenant, ["admin"]) for service in SERVICES}
     clients = {
         service: httpx.AsyncClient(base_url=url, headers={"X-API-Key": keys[service]}, timeout=10)
@@ -254,6 +230,14 @@ async def drive_traffic(urls: dict[str, str], producer: AIOKafkaProducer) -> Non
     }
     try:
         await install(clients["rules"], keys["rules"], doc(BASE))
+        # Customers of last month (45 days ago is before this month's first day): active at the month's start,
+        # so the month has a retention rate; c-0-0 buys again below (a repeat buyer).
+        for customer in ("c-0-0", "c-old"):
+            event = purchase(tenant, customer, net="40.00", ordered_at=utcnow() - timedelta(days=45))
+            await producer.send(topic(PURCHASES), event.to_bytes(), key=event.key)
+        answer = SurveyAnswered(survey_id="nps-1", customer_id="c-old", nps=9)
+        survey = make_event("survey.answered", answer, tenant_id=tenant, source="tests")
+        await producer.send(topic(ENGAGEMENT), survey.to_bytes(), key=survey.key)
         # Two waves a few scrapes apart: a counter's first sample shows no increase, so a rate panel has a
         # finite value only once a series that already exists grows again.
         for wave in range(2):
@@ -333,9 +317,13 @@ async def panel_problems(stack: Stack, expressions: list[tuple[str, str]]) -> li
 
 
 async def test_every_panel_query_has_data(stack: Stack) -> None:
-    variables = {**GRAFANA_VARIABLES, **template_variables()}
-    expressions = [(title, substitute(expr, variables)) for title, expr in panel_targets()]
-    assert len(expressions) >= 10, "the dashboard's panels were not found"
+    boards = dashboards()
+    expressions = [
+        (q.name, promql(q, GRAFANA_VARIABLES, variables(boards[q.dashboard], tenant=stack.tenant)))
+        for q in queries()
+        if q.datasource == PROMETHEUS
+    ]
+    assert len(expressions) >= 25, "the dashboards' panels were not found"
 
     # Prometheus may not have scraped the last effects yet: the panels get a few scrapes to show them. A query
     # Prometheus refuses fails at once (in `query`).

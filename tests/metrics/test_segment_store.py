@@ -10,7 +10,7 @@ import json
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import text
@@ -19,9 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from metrics.app import create_app
 from metrics.service import encode_cursor, segment_service
 from metrics.tasks import classify_all
+from shared.consumer import Inbound
 from shared.db import AsyncSession, create_sessionmaker, transaction
-from shared.events import SegmentChanged, decode_event
+from shared.events import SegmentChanged, decode_event, utcnow
 from tests.conftest import create_api_key, running_app, service_settings
+from tests.factories import purchase
 from tests.metrics.helpers import NOW, add_customer, ago, metrics_engine
 
 pytestmark = [pytest.mark.db]
@@ -134,6 +136,50 @@ class TestReclassify:
         assert (await stored(engine, tenant))["c"][0] == "leaver"  # 100 days > a window of 90
 
 
+class TestPending:
+    async def test_marked_customers_are_classified_and_a_failing_tenant_holds_back_no_other(
+        self, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], tenant: str
+    ) -> None:
+        broken, now = f"{tenant}-broken", utcnow()
+        await add_customer(engine, tenant, "c-1", [10], now=now)
+        await add_customer(engine, tenant, "c-2", [200, 100], now=now)
+        await add_customer(engine, broken, "c-1", [10], now=now)
+        await break_thresholds(engine, broken)
+        batch = [
+            Inbound(e, "purchases", 0, n, cast(Any, None))
+            for n, e in enumerate(
+                [purchase(tenant, "c-1"), purchase(tenant, "c-1"), purchase(tenant, "c-2"), purchase(broken, "c-1")]
+            )
+        ]
+        async with transaction(sessions) as session:
+            await segment_service.mark_batch(session, batch)
+        assert await pending(engine, tenant, broken) == {(tenant, "c-1"), (tenant, "c-2"), (broken, "c-1")}
+        taken, failed = await segment_service.reclassify_pending(sessions, namespace=NS, limit=100_000)
+        assert taken >= 3
+        assert failed == [broken]
+        assert {c: s for c, (s, _) in (await stored(engine, tenant)).items()} == {"c-1": "new", "c-2": "loyal_passive"}
+        assert await stored(engine, broken) == {}
+        assert await pending(engine, tenant, broken) == set()  # the broken tenant's marks go (the daily run retries)
+
+
+async def break_thresholds(engine: AsyncEngine, tenant: str) -> None:
+    """Stores thresholds no PUT would accept (as an older version might have): classifying the tenant fails."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("insert into metrics.tenant_config (tenant_id, segment_thresholds) values (:t, cast(:s as jsonb))"),
+            {"t": tenant, "s": json.dumps({"new_days": 0})},
+        )
+
+
+async def pending(engine: AsyncEngine, *tenants: str) -> set[tuple[str, str]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text("select tenant_id, customer_id from metrics.segments_pending where tenant_id = any(:t)"),
+            {"t": list(tenants)},
+        )
+        return {(r.tenant_id, r.customer_id) for r in rows}
+
+
 class TestScheduledRun:
     async def test_every_customer_of_each_tenant_in_pages_and_a_failing_tenant_holds_back_no_other(
         self, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], tenant: str
@@ -142,13 +188,7 @@ class TestScheduledRun:
         for n in range(7):
             await add_customer(engine, tenant, f"c-{n}", [300])
         await add_customer(engine, broken, "c-0", [300])
-        async with engine.begin() as conn:  # thresholds no PUT would accept: that tenant's run fails
-            await conn.execute(
-                text(
-                    "insert into metrics.tenant_config (tenant_id, segment_thresholds) values (:t, '{\"new_days\": 0}')"
-                ),
-                {"t": broken},
-            )
+        await break_thresholds(engine, broken)
         outcome = await classify_all(sessions, now=NOW, namespace=NS, page=3, tenants=[broken, tenant])
         assert outcome == {broken: None, tenant: (7, 7)}
         assert {s for s, _ in (await stored(engine, tenant)).values()} == {"loyal_passive"}

@@ -1,7 +1,12 @@
+from typing import Annotated
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import ServiceSettings
+
+# A bound on the tenants one process exports as Prometheus gauges (the label set's size).
+MAX_GAUGE_TENANTS = 1000
 
 
 class Settings(ServiceSettings):
@@ -18,8 +23,34 @@ class Settings(ServiceSettings):
     segments_first_run_seconds: float = Field(
         default=60.0, ge=0, description="Wait after start before the first scheduled classification"
     )
+    segments_pending_seconds: float = Field(
+        default=1.0, gt=0, description="Wait after a round of the pending loop that was not full"
+    )
+    segments_pending_batch: int = Field(
+        default=2000, ge=1, le=100_000, description="Marked customers one round of the pending loop classifies"
+    )
     segments_page_size: int = Field(
         default=1000, ge=1, le=10_000, description="Customers classified per transaction in the scheduled run"
+    )
+
+    kpi_gauges_enabled: bool = Field(
+        default=True, description="Refresh the KPI gauges of /metrics in the background (one replica is enough)"
+    )
+    kpi_gauges_interval_seconds: float = Field(default=60.0, gt=0, le=86400, description="Pause between refreshes")
+    kpi_gauges_max_tenants: int = Field(
+        default=50,
+        ge=1,
+        le=MAX_GAUGE_TENANTS,
+        description="Tenants exported per refresh: the pinned ones, then the most recently active; the rest are "
+        'dropped and counted (loyalty_kpi_tenants{state="dropped"})',
+    )
+    kpi_gauges_tenants: list[Annotated[str, Field(min_length=1, max_length=63)]] = Field(
+        default_factory=list,
+        max_length=MAX_GAUGE_TENANTS,
+        description="Tenants always exported (within the maximum), e.g. the largest accounts",
+    )
+    kpi_gauges_statement_timeout_ms: int = Field(
+        default=5000, ge=100, le=600_000, description="Bound on each tenant's queries in one refresh"
     )
 
 

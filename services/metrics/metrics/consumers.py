@@ -20,8 +20,8 @@ GROUPS: dict[str, tuple[str, Handle]] = {
     LEDGER_ENTRIES: ("metrics-ledger-entries", metrics_service.handle_ledger_entries),
     CUSTOMERS: ("metrics-customers", metrics_service.handle_customers),
 }
-# The topics whose events change a customer's segment: its customers are classified again in the same
-# transaction (segment.changed goes to the outbox with the aggregates it follows from).
+# The topics whose events change a customer's segment: their customers are marked in the same transaction and
+# classified again by the pending loop (metrics.tasks) moments later.
 SEGMENT_TOPICS = frozenset({PURCHASES, ENGAGEMENT})
 
 
@@ -29,13 +29,11 @@ def consumer(topic: str) -> Callable[[Runtime], ConsumerRunner]:
     group, handle = GROUPS[topic]
 
     def make(runtime: Runtime) -> ConsumerRunner:
-        namespace = runtime.settings.topic_namespace
-
         async def on_batch(batch: Sequence[Inbound[Any]]) -> Sequence[Rejection]:
             async with transaction(runtime.sessionmaker) as session:
                 rejections = await handle(session, batch)
                 if topic in SEGMENT_TOPICS:
-                    await segment_service.reclassify_batch(session, batch, namespace=namespace)
+                    await segment_service.mark_batch(session, batch)
                 return rejections
 
         return runtime.make_consumer(group=group, topics=[topic], handler=on_batch)

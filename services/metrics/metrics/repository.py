@@ -13,9 +13,10 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from asyncpg import Record
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 
+from metrics import kpis
 from metrics.models import (
     LIST_SORTS,
     SEGMENT_COLUMNS,
@@ -56,6 +57,8 @@ TENANT_TABLES = (
     "period_active",
     "period_members",
     "engagements",
+    "survey_periods",
+    "period_surveys",
 )
 # The per-period counts: table -> its count column.
 PeriodTable = Literal["period_members", "period_active"]
@@ -106,6 +109,32 @@ class ConfigRepository(RepositoryBase[SessionT]):
             [first[t] for t in tenants],
         )
         return {r[0]: r[1] for r in rows}
+
+
+# Tenants with business on or before today, the pinned ones first, then the most recently active; `total`
+# counts them all (what is not exported is dropped and counted).
+_GAUGE_TENANTS = text(
+    """
+    select tenant_id, count(*) over () as total
+    from metrics.daily
+    where day <= :today and (orders > 0 or points_issued > 0 or points_redeemed > 0)
+    group by tenant_id
+    order by tenant_id = any(:pinned) desc, max(day) desc, tenant_id
+    limit :limit
+    """
+)
+
+
+class GaugeRepository(RepositoryBase[SessionT]):
+    async def gauge_tenants(self, *, today: date, pinned: Sequence[str], limit: int) -> tuple[list[str], int]:
+        """Up to `limit` tenants to export, and how many have business at all."""
+        params = {"today": today, "pinned": list(pinned), "limit": limit}
+        found = (await self.session.execute(_GAUGE_TENANTS, params)).all()
+        return [r.tenant_id for r in found], (found[0].total if found else 0)
+
+    async def bound(self, timeout_ms: int) -> None:
+        """Bounds every statement of the session's transaction (the setting is gone at its end)."""
+        await self.session.execute(text(f"set local statement_timeout = {int(timeout_ms)}"))
 
 
 class AggregatesRepository(RepositoryBase[SessionT]):
@@ -364,6 +393,52 @@ class AggregatesRepository(RepositoryBase[SessionT]):
             [rows[k] for k in keys],
         )
 
+    async def stored_answers(self, keys: Sequence[tuple[str, str, date, str]]) -> dict[tuple[str, str, date, str], Any]:
+        """The latest answers kept for (tenant, period kind, start, customer) keys: (time, event id, nps)."""
+        if not keys:
+            return {}
+        rows = await (await self.driver()).fetch(
+            """select s.tenant_id, s.period, s.start, s.customer_id, s.occurred_at, s.event_id, s.nps
+               from metrics.survey_periods s
+               join unnest($1::text[], $2::text[], $3::date[], $4::text[]) k(tenant_id, period, start, customer_id)
+                 on k.tenant_id = s.tenant_id and k.period = s.period and k.start = s.start
+                   and k.customer_id = s.customer_id""",
+            *_columns(sorted(set(keys)), 4),
+        )
+        return {(r[0], r[1], r[2], r[3]): (r[4], r[5], r[6]) for r in rows}
+
+    async def keep_answers(
+        self: AggregatesRepository[AsyncSession],
+        latest: Mapping[tuple[str, str, date, str], tuple[datetime, str, int]],
+        counts: Mapping[tuple[str, str, date], Sequence[int]],
+    ) -> None:
+        """Stores each key's latest answer and adds to the periods' survey counts."""
+        driver = await self.driver()
+        if latest:
+            keys = sorted(latest)
+            await driver.execute(
+                """insert into metrics.survey_periods as s (tenant_id, period, start, customer_id, occurred_at,
+                     event_id, nps)
+                   select * from unnest($1::text[], $2::text[], $3::date[], $4::text[], $5::timestamptz[],
+                     $6::text[], $7::smallint[])
+                   on conflict (tenant_id, period, start, customer_id) do update set
+                     occurred_at = excluded.occurred_at, event_id = excluded.event_id, nps = excluded.nps""",
+                *_columns([(*k, *latest[k]) for k in keys], 7),
+            )
+        periods = sorted(k for k, v in counts.items() if any(v))
+        if periods:
+            await driver.execute(
+                """insert into metrics.period_surveys as p (tenant_id, period, start, responses, promoters,
+                     detractors, effort_sum, efforts)
+                   select * from unnest($1::text[], $2::text[], $3::date[], $4::int[], $5::int[], $6::int[],
+                     $7::bigint[], $8::int[])
+                   on conflict (tenant_id, period, start) do update set
+                     responses = p.responses + excluded.responses, promoters = p.promoters + excluded.promoters,
+                     detractors = p.detractors + excluded.detractors,
+                     effort_sum = p.effort_sum + excluded.effort_sum, efforts = p.efforts + excluded.efforts""",
+                *_columns([(*k, *counts[k]) for k in periods], 8),
+            )
+
     # --- engagement and customers -------------------------------------------------------------------
 
     async def add_engagements(self: AggregatesRepository[AsyncSession], rows: Sequence[Sequence[Any]]) -> None:
@@ -485,6 +560,17 @@ class KpiRepository(RepositoryBase[SessionT]):
         )
         return {r[0]: r[1] for r in rows}
 
+    async def active_before(self, tenant_id: str, kind: str, start: date) -> int:
+        """The running sum of period_active's changes over the periods before `start`."""
+        value = await (await self.driver()).fetchval(
+            """select coalesce(sum(customers), 0) from metrics.period_active
+               where tenant_id = $1 and period = $2 and start < $3""",
+            tenant_id,
+            kind,
+            start,
+        )
+        return int(value)
+
     async def cells(self, tenant_id: str, kind: str, start: date, end: date) -> dict[tuple[date, date], int]:
         rows = await (await self.driver()).fetch(
             """select cohort, start, customers from metrics.period_cells
@@ -496,32 +582,16 @@ class KpiRepository(RepositoryBase[SessionT]):
         )
         return {(r[0], r[1]): r[2] for r in rows}
 
-    async def surveys(self, tenant_id: str, periods: Sequence[tuple[date, date]]) -> list[Any]:
-        """Per period start: answers (each customer's latest with an NPS), promoters, detractors, the sum and
-        count of effort scores."""
+    async def surveys(self, tenant_id: str, kind: str, start: date, end: date) -> list[Any]:
+        """Per period start: responses (each customer's latest answer with an NPS), promoters, detractors, the
+        sum and count of effort scores."""
         rows: list[Any] = await (await self.driver()).fetch(
-            """with p as (select * from unnest($2::date[], $3::date[]) p(start, stop)),
-               s as (
-                 select p.start, e.customer_id, e.occurred_at, e.event_id, e.nps, e.effort_score
-                 from metrics.engagements e
-                 join p on e.occurred_at >= p.start and e.occurred_at < p.stop
-                 where e.tenant_id = $1 and e.kind = 'survey' and e.occurred_at >= $4 and e.occurred_at < $5),
-               latest as (
-                 select distinct on (start, customer_id) start, nps from s where nps is not null
-                 order by start, customer_id, occurred_at desc, event_id desc),
-               n as (
-                 select start, count(*) answers, count(*) filter (where nps >= 9) promoters,
-                   count(*) filter (where nps <= 6) detractors from latest group by start),
-               c as (
-                 select start, sum(effort_score) effort_sum, count(effort_score) efforts from s group by start)
-               select coalesce(n.start, c.start), coalesce(answers, 0), coalesce(promoters, 0),
-                 coalesce(detractors, 0), coalesce(effort_sum, 0), coalesce(efforts, 0)
-               from n full join c on c.start = n.start""",
+            """select start, responses, promoters, detractors, effort_sum, efforts from metrics.period_surveys
+               where tenant_id = $1 and period = $2 and start >= $3 and start < $4""",
             tenant_id,
-            [p[0] for p in periods],
-            [p[1] for p in periods],
-            periods[0][0],
-            periods[-1][1],
+            kind,
+            start,
+            end,
         )
         return rows
 
@@ -540,35 +610,67 @@ class KpiRepository(RepositoryBase[SessionT]):
         )
         return rows
 
-    async def customer_values(self, tenant_id: str, as_of: date | None) -> list[tuple[str, int, Decimal]]:
-        """(customer, orders, net revenue) of each customer with an order: now (the per-customer summary),
-        or up to and including the day `as_of` (summed from customer_days)."""
+    async def customers(self, tenant_id: str, as_of: date | None) -> kpis.Customers:
+        """The lifetime figures of the customers with an order: now (from the per-customer summary), or up to
+        and including the day `as_of` (summed from customer_days: slower)."""
+        source = (
+            "select customer_id, orders, net_revenue from metrics.customers where tenant_id = $1 and orders > 0"
+            if as_of is None
+            else """select customer_id, sum(orders)::int orders, sum(net_revenue) net_revenue
+                    from metrics.customer_days where tenant_id = $1 and day <= $2 group by customer_id"""
+        )
+        args: list[Any] = [tenant_id] if as_of is None else [tenant_id, as_of]
         driver = await self.driver()
-        if as_of is None:
-            rows = await driver.fetch(
-                """select customer_id, orders, net_revenue from metrics.customers
-                   where tenant_id = $1 and orders > 0""",
-                tenant_id,
-            )
-        else:
-            rows = await driver.fetch(
-                """select customer_id, sum(orders)::int, sum(net_revenue) from metrics.customer_days
-                   where tenant_id = $1 and day <= $2 group by customer_id""",
-                tenant_id,
-                as_of,
-            )
-        return [(r[0], r[1], r[2]) for r in rows]
+        counts = await driver.fetchrow(
+            f"""select count(*), coalesce(sum(orders), 0), coalesce(sum(net_revenue), 0),
+                  count(*) filter (where orders >= 2), count(*) filter (where orders >= 3),
+                  count(*) filter (where orders >= 4), count(*) filter (where orders >= 5)
+                from ({source}) c""",
+            *args,
+        )
+        out = kpis.Customers(n=counts[0], orders=counts[1], total=counts[2])
+        out.at_least = {1: counts[0], 2: counts[3], 3: counts[4], 4: counts[5], 5: counts[6]}
+        if not out.n:
+            return out
+        cuts, ranks = kpis.cut_ranks(out.n), kpis.quantile_ranks(out.n)
+        first = len(args) + 1
+        # One pass over the customers by rank (ties in any order: tied values sum the same): the revenue above
+        # each cut and the values at the quantiles.
+        sums = ", ".join(f"coalesce(sum(net_revenue) filter (where rn <= ${first + i}), 0)" for i in range(len(cuts)))
+        picks = ", ".join(f"max(net_revenue) filter (where rn = ${first + len(cuts) + i})" for i in range(len(ranks)))
+        row = await driver.fetchrow(
+            f"""select {sums}, {picks} from (
+                  select net_revenue, row_number() over (order by net_revenue desc) rn
+                  from ({source}) c) r""",
+            *args,
+            *cuts,
+            *ranks,
+        )
+        out.prefix = dict(zip(cuts, row[: len(cuts)], strict=True))
+        out.values = dict(zip(ranks, row[len(cuts) :], strict=True))
+        top = await driver.fetch(
+            f"select customer_id, orders, net_revenue from ({source}) c "
+            f'order by net_revenue desc, customer_id collate "C" limit {kpis.TOP_CUSTOMERS}',
+            *args,
+        )
+        out.top = [(r[0], r[1], r[2]) for r in top]
+        return out
 
 
 # --- segments -----------------------------------------------------------------------------------------
 
 # What the classification reads of each customer with a purchase: its summary, the median gap between its
-# orders and how many carried a discount (from its orders), and its latest CLV prediction.
+# orders and how many carried a discount (from its orders), and its latest CLV prediction. Each part is an
+# index probe per customer (lateral; `limit 1` keeps the planner from flattening it), whatever the statistics
+# say (a fresh CLV fit has none).
 _FACTS = """
 select c.customer_id, c.first_purchase_at, c.last_purchase_at, c.orders, c.net_revenue, c.last_nps,
        c.last_nps_at, c.last_review_at, c.last_referral_at, g.median_gap_s, g.priced, g.discounted,
        p.p_alive, p.clv
-from metrics.customers c
+from unnest($2::text[]) as k(customer_id)
+cross join lateral (
+  select * from metrics.customers c where c.tenant_id = $1 and c.customer_id = k.customer_id limit 1
+) c
 cross join lateral (
   select percentile_cont(0.5) within group (order by gap) as median_gap_s,
          count(discount_share) as priced, count(*) filter (where discount_share > 0) as discounted
@@ -576,8 +678,11 @@ cross join lateral (
                extract(epoch from o.ordered_at - lag(o.ordered_at) over (order by o.ordered_at)) as gap
         from metrics.orders o where o.tenant_id = c.tenant_id and o.customer_id = c.customer_id) x
 ) g
-left join {predictions} p on p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
-where c.tenant_id = $1 and c.customer_id = any($2::text[]) and c.first_purchase_at is not null
+left join lateral (
+  select p.p_alive, p.clv from {predictions} p where p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
+  limit 1
+) p on true
+where c.first_purchase_at is not null
 """
 # The CLV job's table comes with the predictive CLV's own migration; where it does not exist (yet), no customer
 # has a prediction and the queries read this empty stand-in.
@@ -619,6 +724,29 @@ class SegmentRepository(RepositoryBase[SessionT]):
     async def facts(self, tenant_id: str, customer_ids: Sequence[str]) -> list[Record]:
         sql = _FACTS.format(predictions=await self._predictions())
         return list(await (await self.driver()).fetch(sql, tenant_id, list(customer_ids)))
+
+    async def mark_pending(self: SegmentRepository[AsyncSession], keys: Sequence[tuple[str, str]]) -> None:
+        """Notes (tenant, customer) pairs to classify again; one row per customer however often marked."""
+        if keys:
+            tenants, customers = zip(*sorted(set(keys)), strict=True)
+            await (await self.driver()).execute(
+                """insert into metrics.segments_pending (tenant_id, customer_id)
+                   select * from unnest($1::text[], $2::text[]) on conflict do nothing""",
+                list(tenants),
+                list(customers),
+            )
+
+    async def claim_pending(self: SegmentRepository[AsyncSession], limit: int) -> list[tuple[str, str]]:
+        """Takes up to `limit` pending customers (skipping those another loop holds), oldest tenant key first."""
+        rows = await (await self.driver()).fetch(
+            """delete from metrics.segments_pending p using (
+                 select tenant_id, customer_id from metrics.segments_pending
+                 order by tenant_id, customer_id limit $1 for update skip locked
+               ) q where p.tenant_id = q.tenant_id and p.customer_id = q.customer_id
+               returning p.tenant_id, p.customer_id""",
+            limit,
+        )
+        return sorted((r[0], r[1]) for r in rows)
 
     async def lock_current(
         self: SegmentRepository[AsyncSession], tenant_id: str, customer_ids: Sequence[str]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from metrics import domain, kpis, schemas
 from metrics.errors import CustomerNotFound, InvalidCursor, InvalidParameter, InvalidPeriod
+from metrics.exporter import Headline
 from metrics.models import LIST_SORTS, processed_events
 from metrics.repository import (
     DAILY_COLUMNS,
@@ -52,8 +54,12 @@ from shared.events import (
     make_event,
     utcnow,
 )
+from shared.faults import is_infrastructure_error
+from shared.outbox import describe_error
 from shared.topics import CUSTOMERS
 from shared.tracking import Admission, claim_batch, release
+
+log = logging.getLogger(__name__)
 
 # The tracking name (shared.tracking): the service's, not the consumer group's.
 TRACKING_NAME = "metrics"
@@ -330,6 +336,7 @@ class MetricsService:
         money = await self._money(session, first) if first else {}
         refused: list[Rejection] = []
         rows: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        answers: list[tuple[str, str, datetime, str, int | None, int | None]] = []
         latest: dict[tuple[str, str], list[Any]] = {}
         for m in admission.messages:
             event, data = m.event, m.event.data
@@ -351,6 +358,7 @@ class MetricsService:
             facts = latest.setdefault((event.tenantid, data.customer_id), [None] * 7)
             if isinstance(data, SurveyAnswered):
                 nps, effort = data.nps, data.effort_score
+                answers.append((event.tenantid, data.customer_id, at, event.id, nps, effort))
                 if nps is not None and (facts[1] is None or at > facts[1]):
                     facts[0], facts[1] = nps, at
                 if effort is not None and (facts[3] is None or at > facts[3]):
@@ -370,7 +378,32 @@ class MetricsService:
         advocacy = [(t, c, *v) for (t, c), v in sorted(latest.items()) if any(x is not None for x in v)]
         await repo.note_engagement(advocacy)
         await repo.add_engagements(list(rows.values()))
+        await self._count_answers(repo, answers)
         return await self._finish(session, admission, refused)
+
+    async def _count_answers(
+        self,
+        repo: AggregatesRepository[AsyncSession],
+        answers: Sequence[tuple[str, str, datetime, str, int | None, int | None]],
+    ) -> None:
+        """NPS and effort per period of every kind: each customer's latest NPS answer counts, every effort."""
+        counts: dict[tuple[str, str, date], list[int]] = defaultdict(lambda: [0] * domain.SURVEY_COUNTS)
+        with_nps: list[tuple[tuple[str, str, date, str], domain.Answer]] = []
+        for tenant, customer, at, event_id, nps, effort in answers:
+            for kind in domain.PERIODS:
+                start = domain.period_start(kind, at.date())
+                if effort is not None:
+                    counts[(tenant, kind, start)][3] += effort
+                    counts[(tenant, kind, start)][4] += 1
+                if nps is not None:
+                    with_nps.append(((tenant, kind, start, customer), (at, event_id, nps)))
+        stored = await repo.stored_answers([k for k, _ in with_nps])
+        latest, changes = domain.latest_answers(stored, with_nps)
+        for (tenant, period, day, _), delta in changes.items():
+            row = counts[(tenant, period, day)]
+            for i, value in enumerate(delta):
+                row[i] += value
+        await repo.keep_answers(latest, counts)
 
     async def handle_customers(
         self, session: AsyncSession, batch: Sequence[Inbound[CustomersPayload]]
@@ -407,8 +440,7 @@ class MetricsService:
         range_end = periods[-1][1]
         days = {r[0]: kpis.Day(*r[1:]) for r in await repo.days(tenant_id, first_day, range_end)}
         before = await repo.sums_before(tenant_id, first_day)
-        starts = {p[0] for p in periods}
-        surveys = {r[0]: kpis.Survey(*r[1:]) for r in await repo.surveys(tenant_id, periods) if r[0] in starts}
+        surveys = {r[0]: kpis.Survey(*r[1:]) for r in await repo.surveys(tenant_id, kind, periods[0][0], range_end)}
         wallets: dict[date, kpis.Wallet] = defaultdict(kpis.Wallet)
         for period_end, estimate, ours in await repo.wallets(tenant_id, periods[0][0], range_end):
             wallet = wallets[domain.period_start(kind, period_end - timedelta(days=1))]
@@ -423,9 +455,7 @@ class MetricsService:
             first_day=first_day,
             buyers={} if kind == "day" else await repo.buyers(tenant_id, kind, periods[0][0], range_end),
             members=await repo.period_counts("period_members", tenant_id, kind, periods[0][0], range_end),
-            active={}
-            if kind == "day"
-            else await repo.period_counts("period_active", tenant_id, kind, periods[0][0], range_end),
+            active={} if kind == "day" else await self._active_periods(repo, tenant_id, kind, periods),
             surveys=surveys,
             wallets=wallets,
         )
@@ -437,13 +467,29 @@ class MetricsService:
             items=items,
         )
 
+    async def _active_periods(
+        self,
+        repo: KpiRepository[AsyncReadSession],
+        tenant_id: str,
+        kind: domain.Period,
+        periods: list[tuple[date, date]],
+    ) -> dict[date, int]:
+        """Customers active in each period: period_active keeps the changes from one period to the next."""
+        running = await repo.active_before(tenant_id, kind, periods[0][0])
+        changes = await repo.period_counts("period_active", tenant_id, kind, periods[0][0], periods[-1][1])
+        out: dict[date, int] = {}
+        for start, _ in periods:
+            running += changes.get(start, 0)
+            out[start] = running
+        return out
+
     async def lifetime(self, session: AsyncReadSession, tenant_id: str, as_of: date | None) -> schemas.Lifetime:
         today = utcnow().date()
         current = as_of is None or as_of >= today
         day = today if as_of is None else as_of
         config = await self.config(session, tenant_id)
         repo = KpiRepository.from_session(session)
-        values = await repo.customer_values(tenant_id, None if current else day)
+        customers = await repo.customers(tenant_id, None if current else day)
         following = day + timedelta(days=1)
         balances = await repo.sums_before(tenant_id, following)
         programme = await repo.programme(tenant_id, _year_before(following), following)
@@ -453,7 +499,7 @@ class MetricsService:
             {
                 "as_of": day,
                 "currency": config.reporting_currency,
-                **kpis.lifetime(values),
+                **kpis.lifetime(customers),
                 "liability": {
                     "available_points": balances["available"],
                     "pending_points": balances["pending"],
@@ -490,6 +536,14 @@ class MetricsService:
         return schemas.Cohorts(period=kind, items=[schemas.Cohort.model_validate(c) for c in matrix])
 
     # --- configuration ------------------------------------------------------------------------------
+
+    async def headline(self, session: AsyncReadSession, tenant_id: str, *, today: date) -> Headline:
+        """The KPI gauges' figures of a tenant: the month of `today`, lifetime as of `today`, segments now."""
+        month = domain.period_start("month", today)
+        period = await self.kpis(session, tenant_id, start=month, end=today + timedelta(days=1), kind="month")
+        lifetime = await self.lifetime(session, tenant_id, today)
+        overview = await segment_service.overview(session, tenant_id)
+        return Headline(period=period.items[0], lifetime=lifetime, segments=overview.counts)
 
     async def config(self, session: AsyncReadSession, tenant_id: str) -> schemas.TenantConfig:
         row = await ConfigRepository.from_session(session).get(tenant_id)
@@ -673,23 +727,40 @@ class SegmentService:
         await OutboxRepository.from_session(session).add(outbox)
         return len(outbox)
 
-    async def reclassify_batch(
-        self,
-        session: AsyncSession,
-        batch: Sequence[Inbound[PurchasesPayload | EngagementPayload]],
-        *,
-        namespace: str,
-    ) -> int:
-        """After an ingested batch: the customers its events name, classified again as of now, tenant by tenant
-        in order (the lock order every writer of segments keeps). A customer whose event was refused or skipped
-        is classified all the same: unchanged facts change nothing."""
-        touched: dict[str, set[str]] = defaultdict(set)
-        for message in batch:
-            touched[message.event.tenantid].add(message.event.data.customer_id)
-        changed = 0
-        for tenant_id in sorted(touched):
-            changed += await self.reclassify(session, tenant_id, sorted(touched[tenant_id]), namespace=namespace)
-        return changed
+    async def mark_batch(
+        self, session: AsyncSession, batch: Sequence[Inbound[PurchasesPayload | EngagementPayload]]
+    ) -> None:
+        """After an ingested batch, in its transaction: its customers are to be classified again (by the pending
+        loop, `reclassify_pending`, so ingestion does not wait for it). A customer whose event was refused or
+        skipped is marked all the same: unchanged facts change nothing."""
+        keys = [(m.event.tenantid, m.event.data.customer_id) for m in batch]
+        await SegmentRepository.from_session(session).mark_pending(keys)
+
+    async def reclassify_pending(
+        self, sessionmaker: async_sessionmaker[AsyncSession], *, namespace: str, limit: int
+    ) -> tuple[int, list[str]]:
+        """One round of the pending loop: up to `limit` marked customers classified again in one transaction,
+        tenant by tenant in order, each tenant in a savepoint of its own. A tenant that fails (a stored threshold
+        no PUT would accept) loses its marks (the scheduled run classifies it again) and holds back no other.
+        Returns (customers taken, tenants that failed)."""
+        failed: list[str] = []
+        async with transaction(sessionmaker) as session:
+            pending = await SegmentRepository.from_session(session).claim_pending(limit)
+            by_tenant: dict[str, list[str]] = defaultdict(list)
+            for tenant_id, customer_id in pending:
+                by_tenant[tenant_id].append(customer_id)
+            for tenant_id, customer_ids in by_tenant.items():
+                try:
+                    async with session.begin_nested():
+                        await self.reclassify(session, tenant_id, customer_ids, namespace=namespace)
+                except Exception as exc:
+                    if is_infrastructure_error(exc):
+                        raise
+                    failed.append(tenant_id)
+                    log.error(
+                        "segments of a tenant failed", extra={"tenant_id": tenant_id, "error": describe_error(exc)}
+                    )
+        return len(pending), failed
 
     async def reclassify_tenant(
         self,

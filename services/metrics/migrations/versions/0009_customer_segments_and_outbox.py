@@ -1,9 +1,10 @@
 """value segments: customer_segments (each customer's current segment, reason and since when, with the customer
-list's sort keys and an index per sort, with and without the segment), and the outbox (segment.changed) with
-its quarantine, relayed by shared.outbox
+list's sort keys and an index per sort, with and without the segment), segments_pending (customers an ingested
+batch touched, for the pending loop), and the outbox (segment.changed) with its quarantine, relayed by
+shared.outbox
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-05 07:10:00
 """
 
@@ -12,8 +13,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | None = "0007"
+revision: str = "0009"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -50,6 +51,14 @@ def upgrade() -> None:
             f"on metrics.customer_segments (tenant_id, segment, {keys})"
         )
     op.create_table(
+        "segments_pending",
+        sa.Column("tenant_id", sa.String(length=63), nullable=False),
+        sa.Column("customer_id", sa.String(length=200), nullable=False),
+        sa.Column("marked_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.PrimaryKeyConstraint("tenant_id", "customer_id", name=op.f("pk_segments_pending")),
+        schema="metrics",
+    )
+    op.create_table(
         "outbox",
         sa.Column("id", sa.BigInteger(), autoincrement=True, nullable=False),
         sa.Column("topic", sa.String(length=200), nullable=False),
@@ -77,4 +86,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("outbox_quarantine", schema="metrics")
     op.drop_table("outbox", schema="metrics")
+    op.drop_table("segments_pending", schema="metrics")
     op.drop_table("customer_segments", schema="metrics")
