@@ -35,6 +35,7 @@ setup: $(VENV)/.installed kafka-jars native prometheus ## Create .venv, install 
 NATIVE := LOYALTY_NATIVE=1
 native: $(VENV)/.installed ## Compile the modules listed for mypyc into .local/native (part of setup; again on change)
 	@mkdir -p $(LOCAL)
+	@rm -f services/rules/rules/*.build  # the stamps of the per-file build this replaced
 	@$(PY) -m shared.native > $(LOCAL)/mypyc.log 2>&1 || { cat $(LOCAL)/mypyc.log; exit 1; }
 	@tail -n 1 $(LOCAL)/mypyc.log
 
