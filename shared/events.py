@@ -14,10 +14,11 @@ settings or on the message around the event (future skew, the Kafka key) is chec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Context, Decimal, Inexact, InvalidOperation
 from typing import Annotated, Any, Generic, Literal, TypeAlias, TypeVar
 
@@ -214,6 +215,30 @@ class EventAttended(Payload):
     event_name: Identifier
 
 
+MAX_WALLET_DAYS = 3660
+
+
+class WalletEstimated(Payload):
+    """A customer's estimated total spend in the category over [period_start, period_end), from an ERP or an
+    account manager: our net revenue of that period / the estimate is the share of wallet. A later estimate
+    of the same customer and period replaces an earlier one."""
+
+    customer_id: Identifier
+    member_id: Identifier | None = None
+    period_start: date
+    period_end: date = Field(description="Exclusive")
+    estimated_spend: Money
+    currency: Currency
+
+    @model_validator(mode="after")
+    def _period(self) -> WalletEstimated:
+        if not EARLIEST.date() <= self.period_start < self.period_end < LATEST.date():
+            raise ValueError("period_start must be before period_end, both from 1900-01-01 to before 9000-01-01")
+        if (self.period_end - self.period_start).days > MAX_WALLET_DAYS:
+            raise ValueError(f"the period spans at most {MAX_WALLET_DAYS} days")
+        return self
+
+
 class CustomEngagement(Payload):
     """An engagement type that a ruleset declares (`type` = `custom.<name>`)."""
 
@@ -307,6 +332,7 @@ EVENT_TYPES: dict[str, dict[int, type[Payload]]] = {
     "referral.converted": {1: ReferralConverted},
     "survey.answered": {1: SurveyAnswered},
     "event.attended": {1: EventAttended},
+    "wallet.estimated": {1: WalletEstimated},
     "points.earn": {1: EarnPoints},
     "points.clawback": {1: ClawbackPoints},
     "ledger.entry.posted": {1: LedgerEntryPosted},
@@ -499,7 +525,9 @@ def make_event(
 # (shared.consumer), which holds because the runner admits only `TOPIC_EVENT_TYPES` below (a test checks
 # that each union has exactly the payload models of its topic's types).
 PurchasesPayload: TypeAlias = PurchaseCompleted | PurchaseRefunded
-EngagementPayload: TypeAlias = ReviewPosted | ReferralConverted | SurveyAnswered | EventAttended | CustomEngagement
+EngagementPayload: TypeAlias = (
+    ReviewPosted | ReferralConverted | SurveyAnswered | EventAttended | WalletEstimated | CustomEngagement
+)
 PointsCommand: TypeAlias = EarnPoints | ClawbackPoints
 LedgerEntriesPayload: TypeAlias = LedgerEntryPosted
 CustomersPayload: TypeAlias = TierChanged | SegmentChanged
@@ -508,9 +536,43 @@ CustomersPayload: TypeAlias = TierChanged | SegmentChanged
 TOPIC_EVENT_TYPES: dict[str, frozenset[str]] = {
     "loyalty.purchases.v1": frozenset({"purchase.completed", "purchase.refunded"}),
     "loyalty.engagement.v1": frozenset(
-        {"review.posted", "referral.converted", "survey.answered", "event.attended", CUSTOM_TYPE_PREFIX}
+        {
+            "review.posted",
+            "referral.converted",
+            "survey.answered",
+            "event.attended",
+            "wallet.estimated",
+            CUSTOM_TYPE_PREFIX,
+        }
     ),
     "loyalty.points-commands.v1": frozenset({"points.earn", "points.clawback"}),
     "loyalty.ledger-entries.v1": frozenset({"ledger.entry.posted"}),
     "loyalty.customers.v1": frozenset({"tier.changed", "segment.changed"}),
 }
+
+
+# The longest business id the tracking rows hold (shared.tracking); a longer composite one is hashed.
+MAX_BUSINESS_ID = 200
+
+
+def business_id(event: CloudEvent[Any]) -> tuple[str, str] | None:
+    """The business id an event names, as (field, value): processed once per tenant, whatever the event's id
+    (shared.tracking refuses a second event naming it). None for a purchase (each service goes by its order
+    id its own way), for a wallet estimate (a later one replaces it) and for custom engagement (no id)."""
+    data = event.data
+    if isinstance(data, PurchaseRefunded):
+        return ("refund_id", data.refund_id)
+    if isinstance(data, ReviewPosted):
+        return ("review_id", data.review_id)
+    if isinstance(data, ReferralConverted):
+        return ("referral_id", data.referral_id)
+    if isinstance(data, EventAttended):
+        return ("attendance_id", data.attendance_id)
+    if isinstance(data, SurveyAnswered):
+        # A survey is answered by many: what counts once is one respondent's answer. JSON: ids may hold
+        # any character, and no two triples may read the same.
+        answer = json.dumps([data.survey_id, data.customer_id, data.member_id], separators=(",", ":"))
+        if len(answer) > MAX_BUSINESS_ID:
+            answer = f"survey-{hashlib.sha256(answer.encode()).hexdigest()[:32]}"
+        return ("survey_answer", answer)
+    return None

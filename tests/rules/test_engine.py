@@ -26,7 +26,6 @@ from rules.engine import (
     _kept_from,
     _months_back_from,
     apply_event,
-    business_id,
     check_referral,
     check_refund,
     command_id,
@@ -35,7 +34,7 @@ from rules.engine import (
     plan_clawbacks,
     review_tier,
 )
-from shared.events import EventAttended, SurveyAnswered, make_event
+from shared.events import EventAttended, SurveyAnswered, business_id, make_event
 from tests.rules.helpers import interpreted_engine
 from tests.rules.samples import (
     BASE,

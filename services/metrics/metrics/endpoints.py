@@ -7,12 +7,13 @@ from metrics import schemas
 from metrics.errors import InvalidPeriod
 from metrics.service import metrics_service
 from shared.auth import Principal, require
-from shared.db import ReadSessionDep
+from shared.db import ReadSessionDep, SessionDep
 from shared.errors import DocumentedRoute, raises
 
 router = APIRouter(prefix="/v1", tags=["kpis"], route_class=DocumentedRoute)
 
 MetricsRead = Annotated[Principal, Depends(require("metrics:read"))]
+Admin = Annotated[Principal, Depends(require("admin"))]
 
 
 @router.get("/kpis/daily-purchases", response_model=schemas.DailyPurchasesList)
@@ -27,3 +28,17 @@ async def daily_purchases(
     rows = await metrics_service.daily(session, tenant_id=principal.tenant_id, start=start, end=end)
     items = [schemas.DailyPurchases.model_validate(r) for r in rows]
     return schemas.DailyPurchasesList(items=items, total_orders=sum(i.orders for i in items))
+
+
+@router.get("/config", response_model=schemas.TenantConfig, tags=["config"])
+async def get_config(principal: MetricsRead, session: ReadSessionDep) -> schemas.TenantConfig:
+    """The tenant's metrics configuration (the defaults until a PUT)."""
+    return await metrics_service.config(session, principal.tenant_id)
+
+
+@router.put("/config", response_model=schemas.TenantConfig, tags=["config"])
+async def put_config(principal: Admin, session: SessionDep, body: schemas.TenantConfigUpdate) -> schemas.TenantConfig:
+    """Replaces the tenant's metrics configuration (scope `admin`). A new activity window recomputes the
+    activity aggregates at once; new currencies or factors apply to events processed from then on (`loyalty
+    metrics rebuild --tenant T` recomputes the history)."""
+    return await metrics_service.put_config(session, principal.tenant_id, body)

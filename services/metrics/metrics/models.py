@@ -1,7 +1,14 @@
-from datetime import date
-from decimal import Decimal
+"""The metrics service's tables (schema `metrics`). Amounts are in the tenant's reporting currency unless a
+column says `original_`; days are UTC dates of the business time (a purchase's `ordered_at`, else the event's
+`time`). Everything but `orders`, `refunds`, `engagements`, `customer_days` and `member_days` is an aggregate
+that `loyalty metrics rebuild` recomputes from the topics."""
 
-from sqlalchemy import Date, Integer, Numeric, String
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import BigInteger, Boolean, Date, DateTime, Index, Integer, Numeric, SmallInteger, String, func, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.auth import api_keys_table
@@ -15,6 +22,190 @@ class Base(DeclarativeBase):
 
 api_keys = api_keys_table(Base.metadata)
 processed_events = processed_events_table(Base.metadata)
+
+TENANT = 63
+ID = 200
+ZERO = text("0")
+
+
+class TenantConfig(Base):
+    """A tenant's settings (PUT /v1/config); a tenant without a row has the defaults of `schemas.TenantConfig`."""
+
+    __tablename__ = "tenant_config"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    activity_window_days: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("365"))
+    # None until set, or until the tenant's first purchase sets it to that purchase's currency.
+    reporting_currency: Mapped[str | None] = mapped_column(String(3))
+    # {"USD": "0.92"}: one unit of the key currency is worth that many units of the reporting currency.
+    conversion_factors: Mapped[dict[str, str]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'"))
+    point_value: Mapped[Decimal] = mapped_column(Numeric, nullable=False, server_default=text("0.01"))
+    clv_discount_rate: Mapped[Decimal] = mapped_column(Numeric, nullable=False, server_default=text("0.10"))
+    clv_horizon_months: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("12"))
+    # Owned by the segments logic; stored as given.
+    segment_thresholds: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'"))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+class Order(Base):
+    """One row per order (its first event; another event naming it is dead-lettered)."""
+
+    __tablename__ = "orders"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    order_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(ID), nullable=False)
+    ordered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    day: Mapped[date] = mapped_column(Date, nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    original_amount: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    amount: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    # All refunds applied to the order; its net revenue is amount - least(refunded, amount).
+    refunded: Mapped[Decimal] = mapped_column(Numeric, nullable=False, server_default=ZERO)
+    # Discounted value / gross line value (0..1); None without lines.
+    discount_share: Mapped[Decimal | None] = mapped_column(Numeric)
+    channel: Mapped[str] = mapped_column(String(20), nullable=False)
+
+    __table_args__ = (Index("ix_metrics_orders_customer", "tenant_id", "customer_id", "day"),)
+
+
+class Refund(Base):
+    """Every refund once (by refund_id); `applied` once its order is known (a refund may come first)."""
+
+    __tablename__ = "refunds"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    refund_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    order_id: Mapped[str] = mapped_column(String(ID), nullable=False)
+    customer_id: Mapped[str] = mapped_column(String(ID), nullable=False)
+    refunded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    original_amount: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    amount: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    applied: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+
+    __table_args__ = (Index("ix_metrics_refunds_order", "tenant_id", "order_id"),)
+
+
+class Customer(Base):
+    """A per-customer summary, maintained incrementally (times are business times)."""
+
+    __tablename__ = "customers"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    first_purchase_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_purchase_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    orders: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    net_revenue: Mapped[Decimal] = mapped_column(Numeric, nullable=False, server_default=ZERO)
+    # Mean discount share over the orders that have lines (sum and count kept to average incrementally).
+    discount_share_sum: Mapped[Decimal] = mapped_column(Numeric, nullable=False, server_default=ZERO)
+    discount_orders: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    last_nps: Mapped[int | None] = mapped_column(SmallInteger)
+    last_nps_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_effort_score: Mapped[int | None] = mapped_column(SmallInteger)
+    last_effort_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_review_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_referral_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_attendance_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    points_available: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
+    points_pending: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
+    tier: Mapped[str | None] = mapped_column(String(ID))
+    tier_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_metrics_customers_revenue", "tenant_id", "net_revenue"),)
+
+
+class CustomerDay(Base):
+    """A customer's purchases on one day: the source of activity (active on day t), cohorts and as-of views."""
+
+    __tablename__ = "customer_days"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    orders: Mapped[int] = mapped_column(Integer, nullable=False)
+    net_revenue: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+
+
+class MemberDay(Base):
+    """A day on which a customer earned or redeemed points (active members)."""
+
+    __tablename__ = "member_days"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+
+
+class Daily(Base):
+    """Per tenant and day: additive counters a period's KPIs sum (deltas are summed from the beginning)."""
+
+    __tablename__ = "daily"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    orders: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    amount: Mapped[Decimal] = mapped_column(Numeric, nullable=False, server_default=ZERO)
+    # Refunds applied to the orders of this day (capped at each order's amount).
+    refunded: Mapped[Decimal] = mapped_column(Numeric, nullable=False, server_default=ZERO)
+    buyers: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    new_customers: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    # Active customers on day t = the sum of active_delta over days <= t (activity spells start: +1, end: -1).
+    active_delta: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    # Activity spells starting on this day (customers active on some day of [a, b] = active(a) + starts in (a, b]).
+    spell_starts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    points_issued: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
+    points_redeemed: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
+    points_expired: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
+    points_clawed_back: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
+    # Net change of the customers' available, pending and held points (liability = the running sum).
+    available_delta: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
+    pending_delta: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
+    held_delta: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
+
+
+class PeriodCell(Base):
+    """Customers of the cohort starting `cohort` (first purchase in that period) who bought in the period
+    starting `start`, per period kind (week, month, quarter, year): cohort matrices and buyers per period."""
+
+    __tablename__ = "period_cells"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)
+    cohort: Mapped[date] = mapped_column(Date, primary_key=True)
+    start: Mapped[date] = mapped_column(Date, primary_key=True)
+    customers: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+
+
+class Engagement(Base):
+    """Engagement facts. `kind`: survey, review, referral, attendance, custom, wallet; `business_id`: the
+    review/referral/attendance id, the survey answer (survey, customer, member), the event's source and id
+    (custom), customer and period (wallet: a later estimate of the same period replaces the earlier)."""
+
+    __tablename__ = "engagements"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(12), primary_key=True)
+    business_id: Mapped[str] = mapped_column(String(500), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(ID), nullable=False)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    event_type: Mapped[str] = mapped_column(String(ID), nullable=False)
+    event_id: Mapped[str] = mapped_column(String(ID), nullable=False)
+    nps: Mapped[int | None] = mapped_column(SmallInteger)
+    effort_score: Mapped[int | None] = mapped_column(SmallInteger)
+    rating: Mapped[int | None] = mapped_column(SmallInteger)
+    # wallet.estimated: the estimate's period [period_start, period_end) and spend.
+    period_start: Mapped[date | None] = mapped_column(Date)
+    period_end: Mapped[date | None] = mapped_column(Date)
+    currency: Mapped[str | None] = mapped_column(String(3))
+    original_amount: Mapped[Decimal | None] = mapped_column(Numeric)
+    amount: Mapped[Decimal | None] = mapped_column(Numeric)
+
+    __table_args__ = (
+        Index("ix_metrics_engagements_time", "tenant_id", "kind", "occurred_at"),
+        Index("ix_metrics_engagements_customer", "tenant_id", "customer_id"),
+    )
 
 
 class DailyPurchases(Base):

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import date
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 
-from metrics.models import DailyPurchases
+from metrics.models import DailyPurchases, TenantConfig
 from shared.db import AsyncSession, SessionT
 from shared.repository import RepositoryBase
 
@@ -40,3 +41,23 @@ class DailyPurchasesRepository(RepositoryBase[SessionT]):
             .order_by(DailyPurchases.day, DailyPurchases.currency)
         )
         return await self.get_all(stmt)
+
+
+class ConfigRepository(RepositoryBase[SessionT]):
+    async def get(self, tenant_id: str) -> TenantConfig | None:
+        return await self.session.get(TenantConfig, tenant_id)
+
+    async def get_many(self, tenant_ids: Sequence[str]) -> Sequence[TenantConfig]:
+        return await self.get_all(select(TenantConfig).where(TenantConfig.tenant_id.in_(tenant_ids)))
+
+    async def put(self: ConfigRepository[AsyncSession], tenant_id: str, values: dict[str, Any]) -> TenantConfig:
+        upsert = insert(TenantConfig).values(tenant_id=tenant_id, **values, updated_at=func.now())
+        stmt = (
+            upsert.on_conflict_do_update(
+                index_elements=[TenantConfig.tenant_id], set_={**values, "updated_at": func.now()}
+            )
+            .returning(TenantConfig)
+            .execution_options(populate_existing=True)
+        )
+        row: TenantConfig = (await self.session.execute(stmt)).scalar_one()
+        return row

@@ -5,9 +5,10 @@ from collections.abc import Sequence
 from datetime import date
 from decimal import Decimal
 
+from metrics import schemas
 from metrics.errors import InvalidPeriod
 from metrics.models import DailyPurchases, processed_events
-from metrics.repository import DailyPurchasesRepository
+from metrics.repository import ConfigRepository, DailyPurchasesRepository
 from shared.consumer import Inbound, Rejection
 from shared.db import AsyncReadSession, AsyncSession
 from shared.events import CloudEvent, PurchaseCompleted, PurchasesPayload
@@ -48,6 +49,17 @@ class MetricsService:
         if start > end:
             raise InvalidPeriod(start, end)
         return await DailyPurchasesRepository.from_session(session).between(tenant_id, start, end)
+
+    async def config(self, session: AsyncReadSession, tenant_id: str) -> schemas.TenantConfig:
+        row = await ConfigRepository.from_session(session).get(tenant_id)
+        return schemas.TenantConfig() if row is None else schemas.TenantConfig.model_validate(row)
+
+    async def put_config(
+        self, session: AsyncSession, tenant_id: str, update: schemas.TenantConfigUpdate
+    ) -> schemas.TenantConfig:
+        values = update.model_dump(mode="json")
+        row = await ConfigRepository.from_session(session).put(tenant_id, values)
+        return schemas.TenantConfig.model_validate(row)
 
 
 metrics_service = MetricsService()

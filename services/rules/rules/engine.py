@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 import operator
 import re
@@ -40,15 +39,12 @@ from shared.events import (
     CUSTOM_TYPE_PREFIX,
     MAX_POINTS,
     CloudEvent,
-    EventAttended,
     Payload,
     PurchaseCompleted,
     PurchaseLine,
     PurchaseRefunded,
     ReferralConverted,
-    ReviewPosted,
     RuleAward,
-    SurveyAnswered,
 )
 
 # Module constants are Final: compiled code reads them from C statics (or inlines them), not from the
@@ -871,33 +867,6 @@ class Evaluation:
 class EventRefused(ValueError):
     """The event cannot be evaluated under this ruleset (unknown currency, undeclared type), or cannot be
     taken at all (a self-referral, a refund naming another customer than the order's): DLQ."""
-
-
-# The longest business id the tracking rows hold (shared.tracking); a longer composite one is hashed.
-_BUSINESS_ID_LENGTH: Final = 200
-
-
-def business_id(event: CloudEvent[Any]) -> tuple[str, str] | None:
-    """The business id an event names, as (field, value): processed once per tenant, whatever the event's id
-    (shared.tracking refuses a second event naming it). None for a purchase (its order row records its
-    order id) and for custom engagement (no id to go by)."""
-    data = event.data
-    if isinstance(data, PurchaseRefunded):
-        return ("refund_id", data.refund_id)
-    if isinstance(data, ReviewPosted):
-        return ("review_id", data.review_id)
-    if isinstance(data, ReferralConverted):
-        return ("referral_id", data.referral_id)
-    if isinstance(data, EventAttended):
-        return ("attendance_id", data.attendance_id)
-    if isinstance(data, SurveyAnswered):
-        # A survey is answered by many: what counts once is one respondent's answer. JSON: ids may hold
-        # any character, and no two triples may read the same.
-        answer = json.dumps([data.survey_id, data.customer_id, data.member_id], separators=(",", ":"))
-        if len(answer) > _BUSINESS_ID_LENGTH:
-            answer = command_id("survey", answer)
-        return ("survey_answer", answer)
-    return None
 
 
 def check_referral(referral: ReferralConverted) -> None:
