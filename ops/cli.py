@@ -21,6 +21,7 @@ from rich.table import Table as RichTable
 from sqlalchemy import Table, select
 
 from ledger.cli import app as ledger_app
+from metrics.cli import app as metrics_app
 from shared.auth import SCOPES, generate_key, revoke_key, store_key, validate_scopes
 from shared.db import create_engine
 from shared.events import PurchaseCompleted, PurchaseLine, make_event
@@ -32,6 +33,7 @@ app = typer.Typer(help="Operate the loyalty platform.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys: bound to one tenant, with scopes.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(metrics_app, name="metrics")
 console = Console()
 err = Console(stderr=True)
 

@@ -3,6 +3,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from metrics import tasks
 from metrics.config import Settings, settings
 from metrics.consumers import purchases_consumer
 from metrics.endpoints import router
@@ -14,6 +15,7 @@ def create_app(app_settings: Settings = settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         async with Runtime(app_settings, api_keys=api_keys, consumers=[purchases_consumer]) as runtime:
+            tasks.start(app_settings, runtime)
             yield runtime.state()
 
     app = base_app(

@@ -13,16 +13,21 @@ No I/O here and no model: `metrics.clv_model` fits the models (in the fit job's 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
 
 # Quanta of what is stored: money to the cent, probabilities and expected counts to six decimals.
 MONEY_QUANTUM = Decimal("0.01")
 RATE_QUANTUM = Decimal("0.000001")
 # The largest value a model output may take when stored (a degenerate fit can overflow to inf).
 MAX_STORED = Decimal(10**15)
+
+
+class FitError(ValueError):
+    """The data cannot support a fit (too few repeat customers, no currency) or the fit is degenerate."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,3 +77,59 @@ def quantize(value: float, quantum: Decimal) -> Decimal:
     clipped = min(max(value, -float(MAX_STORED)), float(MAX_STORED))
     return Decimal(repr(clipped)).quantize(quantum, rounding=ROUND_HALF_EVEN)
 
+
+@dataclass(frozen=True, slots=True)
+class Predictions:
+    """The models' per-customer outputs, in the order of the summary they were fitted on."""
+
+    customer_ids: Sequence[str]
+    p_alive: Sequence[float]
+    purchases_90d: Sequence[float]
+    purchases_365d: Sequence[float]
+    expected_spend: Sequence[float]
+    clv: Sequence[float]
+
+
+def prediction_rows(
+    tenant_id: str,
+    *,
+    fitted_at: datetime,
+    currency: str,
+    summary: Sequence[CustomerRfm],
+    predictions: Predictions,
+) -> list[tuple[Any, ...]]:
+    """The rows of `metrics.clv_predictions` (its columns in `repository.PREDICTION_COLUMNS` order): money to
+    the cent, probabilities and expected purchases to six decimals."""
+    if list(predictions.customer_ids) != [c.customer_id for c in summary]:
+        raise ValueError("the predictions are not in the order of the summary")
+    return [
+        (
+            tenant_id,
+            c.customer_id,
+            fitted_at,
+            c.frequency,
+            c.recency,
+            c.T,
+            currency,
+            c.monetary_value.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN),
+            quantize(spend, MONEY_QUANTUM),
+            quantize(alive, RATE_QUANTUM),
+            quantize(p90, RATE_QUANTUM),
+            quantize(p365, RATE_QUANTUM),
+            quantize(value, MONEY_QUANTUM),
+        )
+        for c, alive, p90, p365, spend, value in zip(
+            summary,
+            predictions.p_alive,
+            predictions.purchases_90d,
+            predictions.purchases_365d,
+            predictions.expected_spend,
+            predictions.clv,
+            strict=True,
+        )
+    ]
+
+
+def monthly_rate(yearly: Decimal) -> float:
+    """The monthly discount rate compounding to a yearly one: (1 + y)^(1/12) - 1."""
+    return float((1.0 + float(yearly)) ** (1.0 / 12.0) - 1.0)

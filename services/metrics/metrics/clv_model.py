@@ -24,26 +24,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from metrics.clv import CustomerRfm
+from metrics.clv import CustomerRfm, FitError, Predictions
 
 # Fewer customers with a repeat purchase than this and the spend model has next to nothing to learn from.
 MIN_REPEAT_CUSTOMERS = 10
 HORIZONS_DAYS = (90, 365)
-CLV_MONTHS = 12
-
-
-class FitError(ValueError):
-    """The data cannot support a fit (too few repeat customers) or the fit is degenerate."""
-
-
-@dataclass(frozen=True, slots=True)
-class Predictions:
-    customer_ids: list[str]
-    p_alive: np.ndarray[Any, np.dtype[np.float64]]
-    purchases_90d: np.ndarray[Any, np.dtype[np.float64]]
-    purchases_365d: np.ndarray[Any, np.dtype[np.float64]]
-    expected_spend: np.ndarray[Any, np.dtype[np.float64]]
-    clv_12m: np.ndarray[Any, np.dtype[np.float64]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,24 +53,24 @@ def _point(result: Any, names: Sequence[str]) -> dict[str, float]:
     return {n: float(np.asarray(result[n]).mean()) for n in names}
 
 
-def _mean(values: Any) -> np.ndarray[Any, np.dtype[np.float64]]:
+def _mean(values: Any) -> list[float]:
     # MAP gives one chain of one draw; MCMC many: the point prediction is their mean either way.
-    return np.asarray(values.mean(("chain", "draw")).to_numpy(), dtype=np.float64)
+    return [float(v) for v in values.mean(("chain", "draw")).to_numpy()]
 
 
-def fit(summary: Sequence[CustomerRfm], *, monthly_discount_rate: float) -> FitResult:
+def fit(summary: Sequence[CustomerRfm], *, monthly_discount_rate: float, horizon_months: int = 12) -> FitResult:
     """Fits both models to one tenant's summary and predicts every customer's P(alive), expected purchases
-    in the next 90 and 365 days, expected spend per purchase and discounted 12-month CLV."""
-    # Imported here: importing this module stays cheap for the `loyalty` CLI, which mounts the fit command.
-    from pymc_extras.prior import Prior
-    from pymc_marketing.clv import BetaGeoModel, GammaGammaModel
-
+    in the next 90 and 365 days, expected spend per purchase and CLV over `horizon_months`, discounted monthly."""
     data = _frame(summary)
     repeat = data[data["frequency"] > 0]
     if len(repeat) < MIN_REPEAT_CUSTOMERS:
         raise FitError(
             f"{len(repeat)} customers with a repeat purchase; at least {MIN_REPEAT_CUSTOMERS} are needed to fit"
         )
+    # Imported once the data can be fitted: pymc takes seconds to load, a refusal should not.
+    from pymc_extras.prior import Prior
+    from pymc_marketing.clv import BetaGeoModel, GammaGammaModel
+
     flat = Prior("HalfFlat")
     bg = BetaGeoModel(model_config={"r": flat, "alpha": flat, "a": flat, "b": flat})
     bg.fit(data[["customer_id", "frequency", "recency", "T"]], method="map", progressbar=False)
@@ -100,7 +85,7 @@ def fit(summary: Sequence[CustomerRfm], *, monthly_discount_rate: float) -> FitR
         raise FitError(f"degenerate fit: parameters {bad} not finite and positive")
     spend = _mean(gg.expected_customer_spend(data))
     clv = gg.expected_customer_lifetime_value(
-        bg, data, future_t=CLV_MONTHS, discount_rate=monthly_discount_rate, time_unit="D"
+        bg, data, future_t=horizon_months, discount_rate=monthly_discount_rate, time_unit="D"
     )
     predictions = Predictions(
         customer_ids=list(data["customer_id"]),
@@ -108,6 +93,6 @@ def fit(summary: Sequence[CustomerRfm], *, monthly_discount_rate: float) -> FitR
         purchases_90d=_mean(bg.expected_purchases(data, future_t=HORIZONS_DAYS[0])),
         purchases_365d=_mean(bg.expected_purchases(data, future_t=HORIZONS_DAYS[1])),
         expected_spend=spend,
-        clv_12m=_mean(clv),
+        clv=_mean(clv),
     )
     return FitResult(parameters={"bg_nbd": bg_params, "gamma_gamma": gg_params}, predictions=predictions)

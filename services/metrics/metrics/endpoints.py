@@ -4,8 +4,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 
 from metrics import schemas
-from metrics.errors import InvalidPeriod
-from metrics.service import metrics_service
+from metrics.errors import ClvNotFitted, InvalidPeriod
+from metrics.service import clv_service, metrics_service
 from shared.auth import Principal, require
 from shared.db import ReadSessionDep, SessionDep
 from shared.errors import DocumentedRoute, raises
@@ -42,3 +42,11 @@ async def put_config(principal: Admin, session: SessionDep, body: schemas.Tenant
     activity aggregates at once; new currencies or factors apply to events processed from then on (`loyalty
     metrics rebuild --tenant T` recomputes the history)."""
     return await metrics_service.put_config(session, principal.tenant_id, body)
+
+
+@router.get("/clv", response_model=schemas.ClvFit, tags=["clv"])
+@raises(ClvNotFitted)
+async def clv_fit(principal: MetricsRead, session: ReadSessionDep) -> schemas.ClvFit:
+    """The tenant's latest predictive CLV fit: its parameters, when it ran and on how many customers (the
+    per-customer predictions are in `metrics.clv_predictions`)."""
+    return await clv_service.latest(session, principal.tenant_id)

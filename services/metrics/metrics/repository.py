@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 
-from metrics.models import DailyPurchases, TenantConfig
+from metrics.models import ClvFit, ClvPrediction, DailyPurchases, Order, TenantConfig
 from shared.db import AsyncSession, SessionT
 from shared.repository import RepositoryBase
 
@@ -61,3 +61,59 @@ class ConfigRepository(RepositoryBase[SessionT]):
         )
         row: TenantConfig = (await self.session.execute(stmt)).scalar_one()
         return row
+
+
+class ClvRepository(RepositoryBase[SessionT]):
+    async def daily_net(self, tenant_id: str, as_of: date) -> Sequence[tuple[str, date, Decimal]]:
+        """(customer, day, net revenue) of the tenant's orders up to `as_of`, refunds subtracted."""
+        net = func.sum(Order.amount - func.least(Order.refunded, Order.amount))
+        stmt = (
+            select(Order.customer_id, Order.day, net)
+            .where(Order.tenant_id == tenant_id, Order.day <= as_of)
+            .group_by(Order.customer_id, Order.day)
+        )
+        return [(c, d, n) for c, d, n in (await self.session.execute(stmt)).tuples()]
+
+    async def replace_predictions(
+        self: ClvRepository[AsyncSession], tenant_id: str, rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """The tenant's predictions become `rows` (in `PREDICTION_COLUMNS` order): the old ones go whole."""
+        await self.session.execute(delete(ClvPrediction).where(ClvPrediction.tenant_id == tenant_id))
+        await self.copy(ClvPrediction.__tablename__, PREDICTION_COLUMNS, rows, schema="metrics")
+
+    async def add_fit(self: ClvRepository[AsyncSession], fit: ClvFit) -> None:
+        self.session.add(fit)
+        await self.session.flush()
+
+    async def latest_fit(self, tenant_id: str) -> ClvFit | None:
+        stmt = select(ClvFit).where(ClvFit.tenant_id == tenant_id).order_by(ClvFit.fitted_at.desc()).limit(1)
+        return (await self.session.execute(stmt)).scalar_one_or_none()
+
+    async def tenants_due(self, fitted_before: datetime) -> Sequence[str]:
+        """Tenants with orders whose latest fit (attempted or not, by `clv_fits`) is older than `fitted_before`."""
+        latest = select(ClvFit.tenant_id, func.max(ClvFit.fitted_at).label("at")).group_by(ClvFit.tenant_id).subquery()
+        stmt = (
+            select(Order.tenant_id)
+            .distinct()
+            .outerjoin(latest, latest.c.tenant_id == Order.tenant_id)
+            .where((latest.c.at.is_(None)) | (latest.c.at < fitted_before))
+            .order_by(Order.tenant_id)
+        )
+        return (await self.session.execute(stmt)).scalars().all()
+
+
+PREDICTION_COLUMNS = (
+    "tenant_id",
+    "customer_id",
+    "fitted_at",
+    "frequency",
+    "recency",
+    "t",
+    "currency",
+    "monetary_value",
+    "expected_spend",
+    "p_alive",
+    "purchases_90d",
+    "purchases_365d",
+    "clv",
+)
