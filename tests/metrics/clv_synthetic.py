@@ -14,14 +14,14 @@ BG = {"r": 0.9, "alpha": 30.0, "a": 0.7, "b": 2.5}
 GG = {"p": 6.0, "q": 4.0, "v": 300.0}
 
 
-def synthetic_orders(n: int, seed: int) -> list[tuple[str, date, Decimal]]:
+def synthetic_orders(n: int, seed: int, bg: dict[str, float] = BG) -> list[tuple[str, date, Decimal]]:
     """(customer, day, net) rows: each customer's first purchase 60 to 720 days before AS_OF, then the BG/NBD
     process (exponential gaps at rate λ, dropout with probability p after each repeat purchase)."""
     rng = np.random.default_rng(seed)
     rows: list[tuple[str, date, Decimal]] = []
     for i in range(n):
-        lam = rng.gamma(BG["r"], 1 / BG["alpha"])
-        p_drop = rng.beta(BG["a"], BG["b"])
+        lam = rng.gamma(bg["r"], 1 / bg["alpha"])
+        p_drop = rng.beta(bg["a"], bg["b"])
         nu = rng.gamma(GG["q"], 1 / GG["v"])
         age = float(rng.integers(60, 720))
         t = 0.0

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metrics.clv import MAX_STORED, CustomerRfm, quantize, rfm_summary
+from metrics.clv import MAX_STORED, CustomerRfm, Predictions, monthly_rate, prediction_rows, quantize, rfm_summary
+from metrics.repository import PREDICTION_COLUMNS
 
 AS_OF = date(2026, 6, 30)
 
@@ -91,3 +92,36 @@ class TestQuantize:
         assert quantize(float("inf"), Decimal("0.01")) == MAX_STORED
         with pytest.raises(ValueError, match="NaN"):
             quantize(float("nan"), Decimal("0.01"))
+
+
+class TestPredictionRows:
+    def test_rows_in_column_order_with_fixed_quanta(self) -> None:
+        summary = [CustomerRfm("a", 2, 10, 40, d("33.335")), CustomerRfm("b", 0, 0, 5, d("0"))]
+        predictions = Predictions(
+            customer_ids=["a", "b"],
+            p_alive=[0.91234567, 1.0],
+            purchases_90d=[1.5, 0.25],
+            purchases_365d=[4.0000004, 0.75],
+            expected_spend=[31.005, 28.4],
+            clv=[123.4567, 20.0],
+        )
+        at = datetime(2026, 7, 1, tzinfo=UTC)
+        rows = prediction_rows("t", fitted_at=at, currency="EUR", summary=summary, predictions=predictions)
+        assert rows[0] == (
+            "t", "a", at, 2, 10, 40, "EUR",
+            d("33.34"), d("31.00"), d("0.912346"), d("1.500000"), d("4.000000"), d("123.46"),
+        )  # fmt: skip
+        assert rows[1][7:] == (d("0.00"), d("28.40"), d("1.000000"), d("0.250000"), d("0.750000"), d("20.00"))
+        assert len(rows[0]) == len(PREDICTION_COLUMNS)
+
+    def test_predictions_out_of_order_are_refused(self) -> None:
+        summary = [CustomerRfm("a", 0, 0, 1, d("0")), CustomerRfm("b", 0, 0, 1, d("0"))]
+        swapped = Predictions(["b", "a"], [1, 1], [0, 0], [0, 0], [1, 1], [0, 0])
+        with pytest.raises(ValueError, match="order"):
+            prediction_rows("t", fitted_at=datetime.now(UTC), currency="EUR", summary=summary, predictions=swapped)
+
+
+def test_monthly_rate_compounds_to_the_yearly_one() -> None:
+    monthly = monthly_rate(d("0.10"))
+    assert (1 + monthly) ** 12 == pytest.approx(1.10, abs=1e-12)
+    assert monthly_rate(d("0")) == 0
