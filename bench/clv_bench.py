@@ -28,6 +28,7 @@ from metrics import clv_model
 from metrics.clv import monthly_rate
 from metrics.config import settings
 from metrics.models import ClvFit, ClvPrediction, Order, TenantConfig
+from metrics.repository import ClvRepository
 from metrics.service import clv_service
 from shared.db import create_engine, create_sessionmaker, transaction
 from tests.metrics.clv_synthetic import AS_OF, synthetic_orders
@@ -48,12 +49,9 @@ async def load(tenant: str) -> int:
         async with transaction(create_sessionmaker(engine)) as session:
             session.add(TenantConfig(tenant_id=tenant, reporting_currency="EUR"))
             await session.flush()
-            driver = await (await session.connection()).get_raw_connection()
             columns = ["tenant_id", "order_id", "customer_id", "ordered_at", "day", "currency"]
             columns += ["original_amount", "amount", "refunded", "channel"]
-            await driver.driver_connection.copy_records_to_table(
-                Order.__tablename__, schema_name="metrics", columns=columns, records=records
-            )
+            await ClvRepository.from_session(session).copy(Order.__tablename__, columns, records, schema="metrics")
     finally:
         await engine.dispose()
     return len(records)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -125,3 +127,12 @@ def test_monthly_rate_compounds_to_the_yearly_one() -> None:
     monthly = monthly_rate(d("0.10"))
     assert (1 + monthly) ** 12 == pytest.approx(1.10, abs=1e-12)
     assert monthly_rate(d("0")) == 0
+
+
+def test_the_service_and_the_cli_load_no_model_library() -> None:
+    # The fit runs in a process of its own: the service's (and every `loyalty` command's) memory stays small.
+    heavy = {"numpy", "pandas", "scipy", "xarray", "pytensor", "pymc", "pymc_marketing"}
+    code = "import sys, metrics.app, ops.cli; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert "metrics" in loaded.stdout.split()
+    assert heavy.isdisjoint(loaded.stdout.split())
