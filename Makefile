@@ -18,7 +18,7 @@ SERVICE_PORTS := ledger:$${LEDGER_HTTP_PORT:-8001} rules:$${RULES_HTTP_PORT:-800
 PYTEST_ARGS ?=
 
 .PHONY: help setup prometheus kafka-jars kafka-up kafka-down db-up db-down db-migrate topics infra up down run test test-fast \
-        lint fmt typecheck schemas check-schemas bench bench-ledger bench-rules bench-clv clean native
+        lint fmt typecheck schemas check-schemas bench bench-ledger bench-rules bench-metrics bench-clv clean native
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -138,13 +138,16 @@ fmt: $(VENV)/.installed ## Format and autofix
 typecheck: $(VENV)/.installed ## mypy (strict) over shared, services, ops and tests
 	$(BIN)/mypy shared services/ledger/ledger services/rules/rules services/metrics/metrics ops tests
 
-bench: bench-ledger bench-rules bench-clv ## Every benchmark (prints figures)
+bench: bench-ledger bench-rules bench-metrics bench-clv ## Every benchmark (prints figures)
 
 bench-ledger: setup infra db-migrate ## Ledger benchmark: earn entries/s from Kafka, redeem p50/p99, balance reads/s
 	$(PY) bench/ledger_bench.py
 
 bench-rules: setup infra db-migrate ## Rules benchmark: in-process events/s per core, consume→produce events/s
 	$(PY) bench/rules_bench.py
+
+bench-metrics: setup infra db-migrate ## Metrics benchmark: ingestion events/s through Kafka, KPI query p95 on 1M purchases, RSS
+	$(PY) bench/metrics_bench.py
 
 bench-clv: setup infra db-migrate ## CLV benchmark: fit time and peak RSS for 50,000 customers (1,000,000 orders)
 	$(PY) bench/clv_bench.py

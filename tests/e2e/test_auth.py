@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.db]
 PROTECTED: dict[str, tuple[str, str, Callable[..., FastAPI]]] = {
     "ledger": ("/v1/commands/cmd-1", "points:read", ledger_app),
     "rules": ("/v1/customers/c-1/state", "points:read", rules_app),
-    "metrics": ("/v1/kpis/daily-purchases?from=2026-01-01&to=2026-01-31", "metrics:read", metrics_app),
+    "metrics": ("/v1/kpis?from=2026-01-01&to=2026-02-01", "metrics:read", metrics_app),
 }
 
 

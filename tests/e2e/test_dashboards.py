@@ -276,7 +276,7 @@ async def drive_traffic(urls: dict[str, str], producer: AIOKafkaProducer) -> Non
             await eventually(earned, timeout_s=60, interval_s=0.3)
             assert (await clients["rules"].get(f"/v1/customers/{customers[0]}/state")).status_code == 200
             kpis = await clients["metrics"].get(
-                "/v1/kpis/daily-purchases", params={"from": "2026-01-01", "to": "2030-01-01"}
+                "/v1/kpis", params={"from": "2026-01-01", "to": "2030-01-01", "period": "year"}
             )
             assert kpis.status_code == 200, kpis.text
             assert (await clients["ledger"].get("/v1/accounts/nobody")).status_code == 404

@@ -1,100 +1,291 @@
-"""Metrics aggregates purchases per day and currency, each event once."""
+"""The four inputs through Kafka into the aggregates, and the KPI endpoints over them, against numbers
+computed by hand (the comments show the arithmetic)."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
 from metrics.app import create_app
-from shared.events import CloudEvent, make_event
-from shared.topics import PURCHASES
+from shared.events import (
+    CloudEvent,
+    LedgerEntryPosted,
+    PurchaseRefunded,
+    SurveyAnswered,
+    TierChanged,
+    WalletEstimated,
+    make_event,
+)
+from shared.topics import CUSTOMERS, ENGAGEMENT, LEDGER_ENTRIES, PURCHASES
 from tests.conftest import create_api_key, dead_letters_for, eventually, running_app, service_settings, topic
 from tests.factories import purchase
 
 pytestmark = [pytest.mark.kafka, pytest.mark.db]
 
 
+def at(day: str, hour: int = 12) -> datetime:
+    return datetime.fromisoformat(day).replace(hour=hour, tzinfo=UTC)
+
+
 def with_id(event: CloudEvent[Any], event_id: str) -> CloudEvent[Any]:
-    return make_event(event.type, event.data, tenant_id=event.tenantid, source=event.source, event_id=event_id)
+    return make_event(
+        event.type, event.data, tenant_id=event.tenantid, source=event.source, event_id=event_id, time=event.time
+    )
 
 
-class TestDailyPurchases:
-    async def test_purchases_are_aggregated_once(self, raw_producer: AIOKafkaProducer, tenant: str) -> None:
-        key = await create_api_key("metrics", tenant, ["metrics:read"])
-        day = datetime(2026, 3, 14, 10, 0, tzinfo=UTC)
-        events = [
-            purchase(tenant, "c-1", net="10.10", ordered_at=day),
-            purchase(tenant, "c-2", net="5.05", ordered_at=day),
-            purchase(tenant, "c-3", net="7.00", currency="USD", ordered_at=day),
+def refund(tenant: str, customer: str, order_id: str, amount: str, when: datetime) -> CloudEvent[Any]:
+    data = PurchaseRefunded(
+        refund_id=f"R-{uuid.uuid4().hex[:8]}",
+        original_order_id=order_id,
+        customer_id=customer,
+        currency="EUR",
+        amount=Decimal(amount),
+    )
+    return make_event("purchase.refunded", data, tenant_id=tenant, source="tests", time=when)
+
+
+def survey(tenant: str, customer: str, nps: int | None, effort: int | None, when: datetime) -> CloudEvent[Any]:
+    data = SurveyAnswered(survey_id=f"S-{uuid.uuid4().hex[:6]}", customer_id=customer, nps=nps, effort_score=effort)
+    return make_event("survey.answered", data, tenant_id=tenant, source="tests", time=when)
+
+
+def entry(
+    tenant: str, account: str, kind: str, points: int, when: datetime, bucket: Any = "available"
+) -> CloudEvent[Any]:
+    customer = None if account.startswith("system:") else account
+    data = LedgerEntryPosted(
+        entry_id=str(uuid.uuid4()),
+        transaction_id=str(uuid.uuid4()),
+        account_id=account,
+        customer_id=customer,
+        kind=kind,
+        points=points,
+        balance_after=0,
+        created_at=when,
+        bucket=bucket,
+    )
+    return make_event(
+        "ledger.entry.posted", data, tenant_id=tenant, source="loyalty/ledger", subject=account, time=when
+    )
+
+
+def wallet(tenant: str, customer: str, spend: str, when: datetime) -> CloudEvent[Any]:
+    data = WalletEstimated(
+        customer_id=customer,
+        period_start=date(2025, 1, 1),
+        period_end=date(2025, 3, 1),
+        estimated_spend=Decimal(spend),
+        currency="EUR",
+    )
+    return make_event("wallet.estimated", data, tenant_id=tenant, source="tests", time=when)
+
+
+async def send(producer: AIOKafkaProducer, name: str, events: list[CloudEvent[Any]]) -> None:
+    for event in events:
+        await producer.send_and_wait(topic(name), event.to_bytes(), key=event.key)
+
+
+class TestKpisThroughKafka:
+    async def test_a_small_programme_by_hand(self, raw_producer: AIOKafkaProducer, tenant: str) -> None:
+        admin = await create_api_key("metrics", tenant, ["admin"])
+        headers = {"X-API-Key": admin}
+        # c-3 bought in February 2024 (sent last: history arrives late): active up to 2025-02-08.
+        c3 = purchase(tenant, "c-3", net="200.00", ordered_at=at("2024-02-10"))
+        c1_jan = purchase(tenant, "c-1", net="100.00", ordered_at=at("2025-01-10"))
+        c1_feb = purchase(tenant, "c-1", net="50.00", ordered_at=at("2025-02-05"))
+        # The refund comes before its order: kept, and applied when the order arrives.
+        c1_refund = refund(tenant, "c-1", c1_feb.data.order_id, "20.00", at("2025-02-06"))
+        # 30 USD at 0.5 = 15 EUR.
+        c2 = purchase(tenant, "c-2", net="30.00", currency="USD", ordered_at=at("2025-02-20"))
+        unknown = purchase(tenant, "c-4", net="10.00", currency="GBP", ordered_at=at("2025-02-21"))
+        resent = with_id(c1_jan, f"resent-{uuid.uuid4().hex[:8]}")
+        purchases = [c1_refund, c1_jan, c1_jan, c1_feb, c2, unknown, resent, c3]
+        engagement = [
+            survey(tenant, "c-1", 10, 2, at("2025-02-01")),
+            survey(tenant, "c-1", 3, 4, at("2025-02-15")),  # c-1's latest answer in February: a detractor
+            survey(tenant, "c-2", 9, None, at("2025-02-16")),
+            wallet(tenant, "c-1", "1000", at("2025-02-27", 8)),
+            wallet(tenant, "c-1", "650", at("2025-02-27", 9)),  # replaces the estimate of 1000
         ]
+        ledger = [
+            entry(tenant, "c-1", "earn", 100, at("2025-01-10")),
+            entry(tenant, "c-1", "earn", 50, at("2025-02-05"), "pending"),
+            entry(tenant, "c-1", "redeem", -30, at("2025-02-10")),
+            entry(tenant, "c-1", "expire", -10, at("2025-02-11")),
+            entry(tenant, "c-1", "clawback", -20, at("2025-02-12")),
+            entry(tenant, "system:issuance/03", "clawback", 20, at("2025-02-12")),
+            entry(tenant, "system:redemption/03", "redeem", 30, at("2025-02-10")),
+        ]
+        tier = make_event(
+            "tier.changed",
+            TierChanged(customer_id="c-1", tier="gold", reason="spend"),
+            tenant_id=tenant,
+            source="tests",
+            time=at("2025-02-01"),
+        )
         settings = service_settings("metrics", consumer_group_suffix=f"-{tenant}")
         async with running_app(create_app(settings)) as client:
-            for event in [*events, events[0]]:  # the first one redelivered
-                await raw_producer.send_and_wait(topic(PURCHASES), event.to_bytes(), key=event.key)
+            config = {"reporting_currency": "EUR", "conversion_factors": {"USD": "0.5"}}
+            assert (await client.put("/v1/config", json=config, headers=headers)).status_code == 200
+            await send(raw_producer, PURCHASES, purchases)
+            await send(raw_producer, ENGAGEMENT, engagement)
+            await send(raw_producer, LEDGER_ENTRIES, ledger)
+            await send(raw_producer, CUSTOMERS, [tier])
 
-            async def totals() -> dict[str, object] | None:
+            async def settled() -> dict[str, Any] | None:
                 response = await client.get(
-                    "/v1/kpis/daily-purchases?from=2026-03-14&to=2026-03-14", headers={"X-API-Key": key}
-                )
-                body = response.json()
-                return body if body.get("total_orders") == 3 else None
-
-            body = await eventually(totals)
-        eur = next(i for i in body["items"] if i["currency"] == "EUR")
-        assert eur["orders"] == 2
-        assert Decimal(eur["net_revenue"]) == Decimal("15.15")
-
-    async def test_one_event_id_from_two_tenants_counts_for_both_and_an_order_counts_once(
-        self, raw_producer: AIOKafkaProducer, tenant: str
-    ) -> None:
-        other = f"{tenant}-b"
-        keys = {t: await create_api_key("metrics", t, ["metrics:read"]) for t in (tenant, other)}
-        day = datetime(2026, 3, 15, 10, 0, tzinfo=UTC)
-        shared, later = f"e-{uuid.uuid4().hex[:8]}", f"l-{uuid.uuid4().hex[:8]}"
-        first = purchase(tenant, "c-1", net="10.00", ordered_at=day)
-        # One event id for both tenants: sent together (one batch, as far as the broker allows) ...
-        together = [with_id(first, shared), with_id(purchase(other, "c-1", net="20.00", ordered_at=day), shared)]
-        # ... and across batches, the second tenant's after the first's was counted.
-        mine_later = with_id(purchase(tenant, "c-2", net="1.00", ordered_at=day), later)
-        theirs_later = with_id(purchase(other, "c-2", net="2.00", ordered_at=day), later)
-        # The first tenant's order again under a new event id: counted once (dead-lettered with a reason).
-        resent = with_id(first, f"r-{uuid.uuid4().hex[:8]}")
-        settings = service_settings("metrics", consumer_group_suffix=f"-{tenant}")
-        async with running_app(create_app(settings)) as client:
-
-            async def totals(t: str, orders: int) -> dict[str, Any] | None:
-                response = await client.get(
-                    "/v1/kpis/daily-purchases?from=2026-03-15&to=2026-03-15", headers={"X-API-Key": keys[t]}
+                    "/v1/kpis", params={"from": "2025-01-01", "to": "2025-03-01", "period": "month"}, headers=headers
                 )
                 body: dict[str, Any] = response.json()
-                return body if body.get("total_orders") == orders else None
+                feb = body["items"][1]
+                done = (feb["orders"], feb["refunds"], feb["points_clawed_back"], feb["share_of_wallet"])
+                jan = body["items"][0]
+                return body if done == (2, "20.00", 20, "20.00") and jan["customers_start"] == 1 else None
 
-            for event in together:
-                await raw_producer.send(topic(PURCHASES), event.to_bytes(), key=event.key)
-            await raw_producer.flush()
-            await eventually(lambda: totals(tenant, 1))
-            await eventually(lambda: totals(other, 1))
-            for event in (mine_later, resent):
-                await raw_producer.send_and_wait(topic(PURCHASES), event.to_bytes(), key=event.key)
-            await eventually(lambda: totals(tenant, 2))
-            await raw_producer.send_and_wait(topic(PURCHASES), theirs_later.to_bytes(), key=theirs_later.key)
-            theirs = await eventually(lambda: totals(other, 2))
-            [letter] = await dead_letters_for(resent.id.encode())
-            mine = await eventually(lambda: totals(tenant, 2))  # the resent order's batch has committed
-        assert letter.reason == f"order_id {first.data.order_id!r} was already processed under another event id"
-        assert [Decimal(i["net_revenue"]) for i in mine["items"]] == [Decimal("11.00")]
-        assert [Decimal(i["net_revenue"]) for i in theirs["items"]] == [Decimal("22.00")]
+            body = await eventually(settled)
+            lifetime = (await client.get("/v1/kpis/lifetime", params={"as_of": "2025-03-01"}, headers=headers)).json()
+            now = (await client.get("/v1/kpis/lifetime", headers=headers)).json()
+            cohorts = (
+                await client.get(
+                    "/v1/kpis/cohorts",
+                    params={"period": "month", "from": "2024-01-01", "to": "2025-03-01"},
+                    headers=headers,
+                )
+            ).json()
+            [gbp] = await dead_letters_for(unknown.id.encode())
+            [again] = await dead_letters_for(resent.id.encode())
+        jan, feb = body["items"]
+        assert body["currency"] == "EUR"
+        assert (jan["start"], jan["end"]) == ("2025-01-01", "2025-02-01")
+        # January: S = {c-3}, E = {c-3, c-1}, N = {c-1}: CRR = (2 - 1) / 1 = 100 %.
+        assert (jan["customers_start"], jan["customers_end"], jan["new_customers"]) == (1, 2, 1)
+        assert (jan["crr"], jan["churn_rate"]) == ("100.00", "0.00")
+        assert (jan["orders"], Decimal(jan["net_revenue"]), jan["buyers"], jan["active_customers"]) == (
+            1,
+            Decimal(100),
+            1,
+            2,
+        )
+        # February: S = {c-3, c-1}, E = {c-1, c-2} (c-3 inactive after 2025-02-08), N = {c-2}: (2 - 1) / 2.
+        assert (feb["customers_start"], feb["customers_end"], feb["new_customers"]) == (2, 2, 1)
+        assert (feb["crr"], feb["churn_rate"]) == ("50.00", "50.00")
+        assert feb["active_customers"] == 3
+        # Orders 50 (refunded 20) + 15: net 45, two orders, two buyers.
+        assert (feb["orders"], Decimal(feb["net_revenue"]), Decimal(feb["refunds"])) == (2, Decimal(45), Decimal(20))
+        assert Decimal(feb["average_order_value"]) == Decimal("22.5")
+        assert (feb["buyers"], feb["purchase_frequency"]) == (2, "1.00")
+        # Latest answers: c-1 3 (detractor), c-2 9 (promoter): NPS 0; efforts 2 and 4: CES 3.
+        assert (feb["nps"], feb["nps_responses"], feb["promoters"], feb["detractors"]) == ("0.00", 2, 1, 1)
+        assert (feb["ces"], feb["ces_responses"]) == ("3.00", 2)
+        # c-1's net revenue over January and February, 100 + 50 - 20 = 130, of the latest estimate, 650.
+        assert (feb["share_of_wallet"], feb["wallet_estimates"]) == ("20.00", 1)
+        assert (jan["points_issued"], jan["active_members"]) == (100, 1)
+        assert (feb["points_issued"], feb["points_redeemed"], feb["points_expired"], feb["points_clawed_back"]) == (
+            50,
+            30,
+            10,
+            20,
+        )
+        assert feb["active_members"] == 1
+        # Lifetime: c-1 2 orders 130, c-2 1 order 15, c-3 1 order 200.
+        for view in (lifetime, now):
+            assert (view["customers"], view["orders"], Decimal(view["net_revenue"])) == (3, 4, Decimal(345))
+            assert view["repeat_purchase_rate"] == "33.33"
+            assert view["p_nth_purchase"] == {"2": "33.33", "3": "0.00", "4": None, "5": None}
+            assert view["pareto_top20_share"] == "0.00"  # floor(0.2 x 3) = 0 customers
+            shares = [p["revenue_share"] for p in view["pareto_curve"]]
+            assert shares == ["0.00"] * 3 + ["57.97"] * 3 + ["95.65"] * 3 + ["100.00"]
+            clv = view["clv"]
+            assert (Decimal(clv["mean"]), Decimal(clv["median"]), Decimal(clv["p90"])) == (
+                Decimal(115),
+                Decimal(130),
+                Decimal(186),  # rank 1.8 of [15, 130, 200]: 130 + 0.8 x 70
+            )
+            assert [c["customer_id"] for c in clv["top"]] == ["c-3", "c-1", "c-2"]
+            # Available 100 - 30 - 10 - 20 = 40, pending 50; a point is worth 0.01.
+            assert (view["liability"]["available_points"], view["liability"]["pending_points"]) == (40, 50)
+            assert Decimal(view["liability"]["available_value"]) == Decimal("0.40")
+        # Trailing 12 months up to 2025-03-01: issued 150, redeemed 30, expired 10.
+        assert (lifetime["redemption_rate"], lifetime["breakage_rate"]) == ("20.00", "6.67")
+        assert (now["points_issued_12m"], now["redemption_rate"]) == (0, None)
+        matrix = {c["cohort"]: c for c in cohorts["items"]}
+        assert sorted(matrix) == ["2024-02-01", "2025-01-01", "2025-02-01"]
+        assert matrix["2024-02-01"]["active"][:13] == [1] + [0] * 12
+        assert matrix["2025-01-01"]["active"][:3] == [1, 1, 0]
+        assert matrix["2025-01-01"]["retention"][:3] == ["100.00", "100.00", "0.00"]
+        assert matrix["2025-02-01"]["active"][:2] == [1, 0]
+        assert "currency GBP has no conversion factor to the reporting currency EUR" in gbp.reason
+        assert again.reason == f"order_id {c1_jan.data.order_id!r} was already processed under another event id"
 
-    async def test_reversed_period_is_a_clear_422(self, tenant: str) -> None:
+    async def test_a_tenant_without_configuration_reports_in_its_first_currency(
+        self, raw_producer: AIOKafkaProducer, tenant: str
+    ) -> None:
+        key = await create_api_key("metrics", tenant, ["metrics:read"])
+        settings = service_settings("metrics", consumer_group_suffix=f"-{tenant}")
+        async with running_app(create_app(settings)) as client:
+            await send(raw_producer, PURCHASES, [purchase(tenant, "c-1", net="12.34", currency="CHF")])
+
+            async def config() -> dict[str, Any] | None:
+                body: dict[str, Any] = (await client.get("/v1/config", headers={"X-API-Key": key})).json()
+                return body if body["reporting_currency"] else None
+
+            body = await eventually(config)
+        assert body["reporting_currency"] == "CHF"
+
+
+class TestKpiParameters:
+    @pytest.mark.parametrize(
+        ("path", "params", "status"),
+        [
+            ("/v1/kpis", {"from": "2025-03-01", "to": "2025-01-01"}, 422),
+            ("/v1/kpis", {"from": "2025-01-01", "to": "2025-01-01"}, 422),
+            ("/v1/kpis", {"from": "2020-01-01", "to": "2025-01-01", "period": "day"}, 422),
+            ("/v1/kpis", {"from": "2025-01-01", "to": "2025-02-01", "period": "fortnight"}, 422),
+            ("/v1/kpis", {"from": "0001-01-01", "to": "2025-02-01"}, 422),
+            ("/v1/kpis", {"from": "2025-01-01"}, 422),
+            ("/v1/kpis/lifetime", {"as_of": "9999-12-31"}, 422),
+            ("/v1/kpis/cohorts", {"period": "day"}, 422),
+            ("/v1/kpis/cohorts", {"from": "2025-03-01", "to": "2025-01-01"}, 422),
+        ],
+    )
+    async def test_bad_parameters_are_422_problems(
+        self, tenant: str, path: str, params: dict[str, str], status: int
+    ) -> None:
         key = await create_api_key("metrics", tenant, ["metrics:read"])
         async with running_app(create_app(service_settings("metrics", consumers_enabled=False))) as client:
-            response = await client.get(
-                "/v1/kpis/daily-purchases?from=2026-03-14&to=2026-03-01", headers={"X-API-Key": key}
+            response = await client.get(path, params=params, headers={"X-API-Key": key})
+        assert response.status_code == status, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+
+    async def test_an_empty_tenant_has_zeros_and_nulls(self, tenant: str) -> None:
+        key = await create_api_key("metrics", tenant, ["metrics:read"])
+        async with running_app(create_app(service_settings("metrics", consumers_enabled=False))) as client:
+            kpis = await client.get(
+                "/v1/kpis",
+                params={"from": "2025-01-01", "to": "2026-01-01", "period": "quarter"},
+                headers={"X-API-Key": key},
             )
-        assert response.status_code == 422
-        assert "after its end" in response.json()["detail"]
+            lifetime = await client.get("/v1/kpis/lifetime", headers={"X-API-Key": key})
+        assert_empty(kpis, lifetime)
+
+
+def assert_empty(kpis: httpx.Response, lifetime: httpx.Response) -> None:
+    items = kpis.json()["items"]
+    assert [i["start"] for i in items] == ["2025-01-01", "2025-04-01", "2025-07-01", "2025-10-01"]
+    for item in items:
+        assert (item["customers_start"], item["orders"], item["crr"], item["nps"], item["average_order_value"]) == (
+            0,
+            0,
+            None,
+            None,
+            None,
+        )
+    body = lifetime.json()
+    assert (body["customers"], body["repeat_purchase_rate"], body["pareto_top20_share"]) == (0, None, None)
+    assert body["clv"] == {"mean": None, "median": None, "p90": None, "top": []}

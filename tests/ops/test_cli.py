@@ -35,7 +35,7 @@ class TestKeys:
         assert token.rsplit("_", 1)[1] not in listed.stdout, "the secret is never listed"
 
         async with running_app(create_app(service_settings("metrics", consumers_enabled=False))) as client:
-            path = "/v1/kpis/daily-purchases?from=2026-01-01&to=2026-01-02"
+            path = "/v1/kpis?from=2026-01-01&to=2026-01-02"
             assert (await client.get(path, headers={"X-API-Key": token})).status_code == 200
             key_id = token.split("_")[1]
             revoked = loyalty("keys", "revoke", key_id, "--service", "metrics")

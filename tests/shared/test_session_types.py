@@ -13,7 +13,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "pyproject.toml"
 SNIPPET = """
 from shared.db import AsyncReadSession, AsyncSession
 from ledger.repository import LedgerRepository
-from metrics.repository import DailyPurchasesRepository
+from metrics.repository import AggregatesRepository, KpiRepository
 from rules.repository import OutboxRepository
 
 
@@ -42,7 +42,7 @@ from sqlalchemy import select
 from shared.db import AsyncReadSession, AsyncSession
 from ledger.models import Balance
 from ledger.repository import LedgerRepository
-from metrics.repository import DailyPurchasesRepository
+from metrics.repository import AggregatesRepository, KpiRepository
 from rules.repository import OutboxRepository
 
 
@@ -50,12 +50,12 @@ async def endpoint(read: AsyncReadSession, write: AsyncSession) -> None:
     ledger: LedgerRepository[AsyncReadSession] = LedgerRepository.from_session(read)
     outbox: OutboxRepository[AsyncSession] = OutboxRepository.from_session(write)
     balances: list[Balance] = list(await ledger.get_all(select(Balance)))
-    await DailyPurchasesRepository.from_session(read).between("t", date(2026, 1, 1), date(2026, 1, 2))
+    await KpiRepository.from_session(read).days("t", date(2026, 1, 1), date(2026, 1, 2))
     await outbox.add([])
     await outbox.copy("outbox", ["id"], [], schema="rules")
     await OutboxRepository.from_session(read).oldest()
     await OutboxRepository.from_session(read).add([])  # line 20
-    await DailyPurchasesRepository.from_session(read).add("t", date(2026, 1, 1), "EUR", 1, Decimal(1))  # line 21
+    await AggregatesRepository.from_session(read).add_cells({})  # line 21
     await ledger.copy("entries", ["entry_id"], [], schema="ledger")  # line 22
 """
 
@@ -82,7 +82,7 @@ class TestSessionTypes:
         errors = _errors(BASE_SNIPPET)
         assert [e.split(":")[1] for e in errors] == ["20", "21", "22"], errors
         assert 'Invalid self argument "OutboxRepository[AsyncSession]"' in errors[0], errors
-        assert 'Invalid self argument "DailyPurchasesRepository[AsyncSession]"' in errors[1], errors
+        assert 'Invalid self argument "AggregatesRepository[AsyncSession]"' in errors[1], errors
         assert 'Invalid self argument "LedgerRepository[AsyncSession]" to attribute function "copy"' in errors[2], (
             errors
         )

@@ -5,7 +5,7 @@ from fastapi import FastAPI
 
 from metrics import tasks
 from metrics.config import Settings, settings
-from metrics.consumers import purchases_consumer
+from metrics.consumers import CONSUMERS
 from metrics.endpoints import router
 from metrics.models import api_keys
 from shared.runtime import Runtime, State, base_app
@@ -14,7 +14,7 @@ from shared.runtime import Runtime, State, base_app
 def create_app(app_settings: Settings = settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        async with Runtime(app_settings, api_keys=api_keys, consumers=[purchases_consumer]) as runtime:
+        async with Runtime(app_settings, api_keys=api_keys, consumers=CONSUMERS) as runtime:
             tasks.start(app_settings, runtime)
             yield runtime.state()
 

@@ -1,4 +1,5 @@
-"""`loyalty metrics …` (and `python -m metrics.cli …`, what the service's schedule runs): the predictive CLV fit."""
+"""`loyalty metrics …` (and `python -m metrics.cli …`, what the service's CLV schedule runs): rebuild a tenant's
+aggregates from the topics, fit its predictive CLV."""
 
 from __future__ import annotations
 
@@ -12,17 +13,22 @@ from rich.console import Console
 from metrics import schemas
 from metrics.clv import FitError
 from metrics.config import settings
+from metrics.rebuild import rebuild
 from metrics.tasks import fit_clv
 from shared.db import create_engine, create_sessionmaker
 
-app = typer.Typer(help="The metrics service: predictive CLV.", no_args_is_help=True)
+app = typer.Typer(help="The KPI aggregates and the predictive CLV.", no_args_is_help=True)
 console = Console()
 err = Console(stderr=True)
 
 
-@app.callback()
-def metrics() -> None:
-    """The metrics service: predictive CLV."""  # a group, so `python -m metrics.cli fit-clv` names its command
+@app.command("rebuild")
+def rebuild_command(tenant: Annotated[str, typer.Option(help="The programme to rebuild")]) -> None:
+    """Delete the tenant's aggregates and replay the input topics from the beginning into fresh ones."""
+    replayed = asyncio.run(rebuild(settings, tenant))
+    for topic, count in sorted(replayed.events.items()):
+        console.print(f"{topic}: {count} events")
+    console.print(f"refused again (already in the DLQ): {replayed.refused}")
 
 
 @app.command("fit-clv")

@@ -4,11 +4,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 
 from metrics import schemas
-from metrics.errors import ClvNotFitted, InvalidPeriod
+from metrics.domain import Period
+from metrics.errors import ClvNotFitted, InvalidParameter, InvalidPeriod
 from metrics.service import clv_service, metrics_service
 from shared.auth import Principal, require
 from shared.db import ReadSessionDep, SessionDep
 from shared.errors import DocumentedRoute, raises
+from shared.events import EARLIEST, LATEST
 
 router = APIRouter(prefix="/v1", tags=["kpis"], route_class=DocumentedRoute)
 
@@ -16,18 +18,55 @@ MetricsRead = Annotated[Principal, Depends(require("metrics:read"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
 
 
-@router.get("/kpis/daily-purchases", response_model=schemas.DailyPurchasesList)
-@raises(InvalidPeriod)
-async def daily_purchases(
+@router.get("/kpis", response_model=schemas.KpiList)
+@raises(InvalidPeriod, InvalidParameter)
+async def kpis(
     principal: MetricsRead,
     session: ReadSessionDep,
-    start: Annotated[date, Query(alias="from")],
-    end: Annotated[date, Query(alias="to")],
-) -> schemas.DailyPurchasesList:
-    """Orders and net revenue per day and currency for the caller's tenant."""
-    rows = await metrics_service.daily(session, tenant_id=principal.tenant_id, start=start, end=end)
-    items = [schemas.DailyPurchases.model_validate(r) for r in rows]
-    return schemas.DailyPurchasesList(items=items, total_orders=sum(i.orders for i in items))
+    start: Annotated[date, Query(alias="from", ge=EARLIEST.date(), lt=LATEST.date(), description="First day")],
+    end: Annotated[
+        date, Query(alias="to", ge=EARLIEST.date(), lt=LATEST.date(), description="First day after the range")
+    ],
+    period: Annotated[Period, Query(description="The length of each period")] = "month",
+) -> schemas.KpiList:
+    """The programme's KPIs per period: one object per whole period (day, week from Monday, month, quarter,
+    year) holding a day of [from, to), at most 1,100 periods. Definitions (docs/metrics.md): a customer is
+    active on day t with a purchase in the tenant's activity window (W days, default 365) up to t; S
+    (`customers_start`) = active on the day before the period, E (`customers_end`) = active on its last day,
+    N (`new_customers`) = first purchases in it; CRR = (E - N) / S x 100, churn = 100 - CRR (null when S =
+    0). Net revenue = orders minus the refunds applied to them, in the tenant's reporting currency, by the
+    time of the order. NPS over each customer's latest answer in the period."""
+    return await metrics_service.kpis(session, principal.tenant_id, start=start, end=end, kind=period)
+
+
+@router.get("/kpis/lifetime", response_model=schemas.Lifetime)
+async def lifetime(
+    principal: MetricsRead,
+    session: ReadSessionDep,
+    as_of: Annotated[
+        date | None, Query(ge=EARLIEST.date(), lt=LATEST.date(), description="Up to and including; default today")
+    ] = None,
+) -> schemas.Lifetime:
+    """Lifetime KPIs as of a day: repeat-purchase rate, the probability of an n-th purchase (n = 2..5) beside
+    the retail benchmarks, the Pareto share of the top 20 % of customers and the concentration curve, the
+    historical CLV distribution (net revenue to date), the points liability (times the point value) and the
+    redemption and breakage rates over the trailing 12 months."""
+    return await metrics_service.lifetime(session, principal.tenant_id, as_of)
+
+
+@router.get("/kpis/cohorts", response_model=schemas.Cohorts)
+@raises(InvalidPeriod, InvalidParameter)
+async def cohorts(
+    principal: MetricsRead,
+    session: ReadSessionDep,
+    period: Annotated[Period, Query(description="week, month, quarter or year")] = "month",
+    start: Annotated[date | None, Query(alias="from", ge=EARLIEST.date(), lt=LATEST.date())] = None,
+    end: Annotated[date | None, Query(alias="to", ge=EARLIEST.date(), lt=LATEST.date())] = None,
+) -> schemas.Cohorts:
+    """The retention matrix: per cohort (the customers whose first purchase falls in a period of [from,
+    to)), its size and, for each period since, how many of them bought then and their share (at most 240
+    cohorts)."""
+    return await metrics_service.cohorts(session, principal.tenant_id, kind=period, start=start, end=end)
 
 
 @router.get("/config", response_model=schemas.TenantConfig, tags=["config"])

@@ -14,6 +14,12 @@ class InvalidPeriod(MetricsError):
         super().__init__(f"the period start {start} is after its end {end}", start=str(start), end=str(end))
 
 
+class InvalidParameter(MetricsError):
+    """A query parameter is out of its range (a period kind, a range too long)."""
+
+    status_code = 422
+
+
 class ClvNotFitted(MetricsError):
     """The tenant's CLV models were never fitted (`loyalty metrics fit-clv`, or the service's schedule)."""
 

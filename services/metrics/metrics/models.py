@@ -137,6 +137,30 @@ class MemberDay(Base):
     day: Mapped[date] = mapped_column(Date, primary_key=True)
     customer_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
 
+    __table_args__ = (Index("ix_metrics_member_days_customer", "tenant_id", "customer_id", "day"),)
+
+
+class PeriodActive(Base):
+    """Customers active on at least one day of the period of kind `period` (week to year) starting `start`."""
+
+    __tablename__ = "period_active"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)
+    start: Mapped[date] = mapped_column(Date, primary_key=True)
+    customers: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+
+
+class PeriodMembers(Base):
+    """Customers that earned or redeemed points in the period of kind `period` starting `start`."""
+
+    __tablename__ = "period_members"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)
+    start: Mapped[date] = mapped_column(Date, primary_key=True)
+    members: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+
 
 class Daily(Base):
     """Per tenant and day: additive counters a period's KPIs sum (deltas are summed from the beginning)."""
@@ -153,8 +177,6 @@ class Daily(Base):
     new_customers: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
     # Active customers on day t = the sum of active_delta over days <= t (activity spells start: +1, end: -1).
     active_delta: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
-    # Activity spells starting on this day (customers active on some day of [a, b] = active(a) + starts in (a, b]).
-    spell_starts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
     points_issued: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
     points_redeemed: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
     points_expired: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
@@ -206,16 +228,6 @@ class Engagement(Base):
         Index("ix_metrics_engagements_time", "tenant_id", "kind", "occurred_at"),
         Index("ix_metrics_engagements_customer", "tenant_id", "customer_id"),
     )
-
-
-class DailyPurchases(Base):
-    __tablename__ = "daily_purchases"
-
-    tenant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
-    day: Mapped[date] = mapped_column(Date, primary_key=True)
-    currency: Mapped[str] = mapped_column(String(3), primary_key=True)
-    orders: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    net_revenue: Mapped[Decimal] = mapped_column(Numeric, nullable=False, default=Decimal(0))
 
 
 class ClvPrediction(Base):

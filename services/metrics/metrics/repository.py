@@ -1,54 +1,66 @@
-"""All SQL of the metrics service."""
+"""All SQL of the metrics service. The consumers' batch statements go straight to the driver with array
+parameters (one statement per table and batch); every multi-row write takes its rows sorted by key, so two
+batches touching common rows lock them in one order and wait rather than deadlock (customers before daily
+before period_cells, in every handler)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 
-from metrics.models import ClvFit, ClvPrediction, DailyPurchases, Order, TenantConfig
+from metrics.models import ClvFit, ClvPrediction, Order, TenantConfig
 from shared.db import AsyncSession, SessionT
 from shared.repository import RepositoryBase
 
+# The additive columns of metrics.daily, in the order `add_daily` takes them.
+DAILY_COLUMNS: tuple[str, ...] = (
+    "orders",
+    "amount",
+    "refunded",
+    "buyers",
+    "new_customers",
+    "active_delta",
+    "points_issued",
+    "points_redeemed",
+    "points_expired",
+    "points_clawed_back",
+    "available_delta",
+    "pending_delta",
+    "held_delta",
+)
+# What `forget` deletes of a tenant: everything the topics rebuild.
+TENANT_TABLES = (
+    "orders",
+    "refunds",
+    "customers",
+    "customer_days",
+    "member_days",
+    "daily",
+    "period_cells",
+    "period_active",
+    "period_members",
+    "engagements",
+)
+# The per-period counts: table -> its count column.
+PeriodTable = Literal["period_members", "period_active"]
+PERIOD_TABLES: dict[str, str] = {"period_members": "members", "period_active": "customers"}
+_DAILY_TYPES = {"amount": "numeric", "refunded": "numeric"}
 
-class DailyPurchasesRepository(RepositoryBase[SessionT]):
-    async def add(
-        self: DailyPurchasesRepository[AsyncSession],
-        tenant_id: str,
-        day: date,
-        currency: str,
-        orders: int,
-        net_revenue: Decimal,
-    ) -> None:
-        table = DailyPurchases
-        stmt = insert(table).values(
-            tenant_id=tenant_id, day=day, currency=currency, orders=orders, net_revenue=net_revenue
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[table.tenant_id, table.day, table.currency],
-            set_={"orders": table.orders + orders, "net_revenue": table.net_revenue + net_revenue},
-        )
-        await self.session.execute(stmt)
 
-    async def between(self, tenant_id: str, start: date, end: date) -> Sequence[DailyPurchases]:
-        stmt = (
-            select(DailyPurchases)
-            .where(DailyPurchases.tenant_id == tenant_id, DailyPurchases.day >= start, DailyPurchases.day <= end)
-            .order_by(DailyPurchases.day, DailyPurchases.currency)
-        )
-        return await self.get_all(stmt)
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
 class ConfigRepository(RepositoryBase[SessionT]):
     async def get(self, tenant_id: str) -> TenantConfig | None:
         return await self.session.get(TenantConfig, tenant_id)
-
-    async def get_many(self, tenant_ids: Sequence[str]) -> Sequence[TenantConfig]:
-        return await self.get_all(select(TenantConfig).where(TenantConfig.tenant_id.in_(tenant_ids)))
 
     async def put(self: ConfigRepository[AsyncSession], tenant_id: str, values: dict[str, Any]) -> TenantConfig:
         upsert = insert(TenantConfig).values(tenant_id=tenant_id, **values, updated_at=func.now())
@@ -61,6 +73,482 @@ class ConfigRepository(RepositoryBase[SessionT]):
         )
         row: TenantConfig = (await self.session.execute(stmt)).scalar_one()
         return row
+
+    async def currencies(self, tenant_ids: Sequence[str]) -> dict[str, tuple[int, str | None, dict[str, str]]]:
+        """Per tenant with a configuration: (activity window, reporting currency, conversion factors)."""
+        rows = await (await self.driver()).fetch(
+            "select tenant_id, activity_window_days, reporting_currency, conversion_factors::text "
+            "from metrics.tenant_config where tenant_id = any($1::text[])",
+            sorted(set(tenant_ids)),
+        )
+        return {r[0]: (r[1], r[2], json.loads(r[3])) for r in rows}
+
+    async def adopt_currencies(self: ConfigRepository[AsyncSession], first: Mapping[str, str]) -> dict[str, str]:
+        """Sets each tenant's reporting currency to the one given where it has none yet; returns the
+        reporting currency each tenant has afterwards (an earlier writer's may win)."""
+        tenants = sorted(first)
+        rows = await (await self.driver()).fetch(
+            """insert into metrics.tenant_config as c (tenant_id, reporting_currency)
+               select * from unnest($1::text[], $2::text[])
+               on conflict (tenant_id) do update
+                 set reporting_currency = coalesce(c.reporting_currency, excluded.reporting_currency)
+               returning tenant_id, reporting_currency""",
+            tenants,
+            [first[t] for t in tenants],
+        )
+        return {r[0]: r[1] for r in rows}
+
+
+class AggregatesRepository(RepositoryBase[SessionT]):
+    # --- purchases ----------------------------------------------------------------------------------
+
+    async def insert_orders(
+        self: AggregatesRepository[AsyncSession], rows: Sequence[Sequence[Any]]
+    ) -> set[tuple[str, str]]:
+        """rows: (tenant, order, customer, ordered_at, day, currency, original_amount, amount, discount_share,
+        channel); returns the (tenant, order) inserted (an order already there is left as it is)."""
+        found = await (await self.driver()).fetch(
+            """insert into metrics.orders (tenant_id, order_id, customer_id, ordered_at, day, currency,
+                 original_amount, amount, discount_share, channel)
+               select * from unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::date[], $6::text[],
+                 $7::numeric[], $8::numeric[], $9::numeric[], $10::text[])
+               on conflict do nothing returning tenant_id, order_id""",
+            *_columns(rows, 10),
+        )
+        return {(r[0], r[1]) for r in found}
+
+    async def insert_refunds(
+        self: AggregatesRepository[AsyncSession], rows: Sequence[Sequence[Any]]
+    ) -> set[tuple[str, str]]:
+        """rows: (tenant, refund, order, customer, refunded_at, currency, original_amount, amount)."""
+        found = await (await self.driver()).fetch(
+            """insert into metrics.refunds (tenant_id, refund_id, order_id, customer_id, refunded_at, currency,
+                 original_amount, amount)
+               select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
+                 $7::numeric[], $8::numeric[])
+               on conflict do nothing returning tenant_id, refund_id""",
+            *_columns(rows, 8),
+        )
+        return {(r[0], r[1]) for r in found}
+
+    async def refunds_to_apply(
+        self: AggregatesRepository[AsyncSession], orders: Sequence[tuple[str, str]]
+    ) -> list[Any]:
+        """The refunds not yet applied of these (tenant, order) pairs whose order is known, with the order,
+        locked: (tenant, refund, amount, order, customer, day, order amount, order refunded)."""
+        if not orders:
+            return []
+        pairs = sorted(set(orders))
+        rows: list[Any] = await (await self.driver()).fetch(
+            """select r.tenant_id, r.refund_id, r.amount, o.order_id, o.customer_id, o.day, o.amount, o.refunded
+               from metrics.refunds r
+               join metrics.orders o on o.tenant_id = r.tenant_id and o.order_id = r.order_id
+               join unnest($1::text[], $2::text[]) k(tenant_id, order_id)
+                 on k.tenant_id = r.tenant_id and k.order_id = r.order_id
+               where not r.applied
+               order by o.tenant_id, o.order_id, r.refund_id
+               for update of r, o""",
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+        )
+        return rows
+
+    async def apply_refunds(
+        self: AggregatesRepository[AsyncSession],
+        orders: Sequence[tuple[str, str, Decimal]],
+        refunds: Sequence[tuple[str, str]],
+    ) -> None:
+        driver = await self.driver()
+        await driver.execute(
+            """update metrics.orders o set refunded = o.refunded + k.amount
+               from unnest($1::text[], $2::text[], $3::numeric[]) k(tenant_id, order_id, amount)
+               where o.tenant_id = k.tenant_id and o.order_id = k.order_id""",
+            *_columns(orders, 3),
+        )
+        await driver.execute(
+            """update metrics.refunds r set applied = true
+               from unnest($1::text[], $2::text[]) k(tenant_id, refund_id)
+               where r.tenant_id = k.tenant_id and r.refund_id = k.refund_id""",
+            *_columns(refunds, 2),
+        )
+
+    async def add_purchases_to_customers(
+        self: AggregatesRepository[AsyncSession], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """rows, sorted: (tenant, customer, first purchase at, last purchase at, orders, net revenue,
+        discount share sum, orders with a discount share); first/last None leave them as they are."""
+        await (await self.driver()).execute(
+            """insert into metrics.customers as c (tenant_id, customer_id, first_purchase_at, last_purchase_at,
+                 orders, net_revenue, discount_share_sum, discount_orders)
+               select * from unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::int[],
+                 $6::numeric[], $7::numeric[], $8::int[])
+               on conflict (tenant_id, customer_id) do update set
+                 first_purchase_at = least(c.first_purchase_at, excluded.first_purchase_at),
+                 last_purchase_at = greatest(c.last_purchase_at, excluded.last_purchase_at),
+                 orders = c.orders + excluded.orders,
+                 net_revenue = c.net_revenue + excluded.net_revenue,
+                 discount_share_sum = c.discount_share_sum + excluded.discount_share_sum,
+                 discount_orders = c.discount_orders + excluded.discount_orders""",
+            *_columns(rows, 8),
+        )
+
+    async def purchase_days(self, customers: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[date]]:
+        """Each customer's purchase days, sorted."""
+        out: dict[tuple[str, str], list[date]] = {c: [] for c in customers}
+        if not customers:
+            return out
+        pairs = sorted(set(customers))
+        rows = await (await self.driver()).fetch(
+            """select d.tenant_id, d.customer_id, d.day from metrics.customer_days d
+               join unnest($1::text[], $2::text[]) k(tenant_id, customer_id)
+                 on k.tenant_id = d.tenant_id and k.customer_id = d.customer_id
+               order by d.tenant_id, d.customer_id, d.day""",
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+        )
+        for r in rows:
+            out[(r[0], r[1])].append(r[2])
+        return out
+
+    async def add_customer_days(self: AggregatesRepository[AsyncSession], rows: Sequence[Sequence[Any]]) -> None:
+        """rows, sorted: (tenant, customer, day, orders, net revenue) added to what is there."""
+        if not rows:
+            return
+        await (await self.driver()).execute(
+            """insert into metrics.customer_days as d (tenant_id, customer_id, day, orders, net_revenue)
+               select * from unnest($1::text[], $2::text[], $3::date[], $4::int[], $5::numeric[])
+               on conflict (tenant_id, customer_id, day) do update set
+                 orders = d.orders + excluded.orders, net_revenue = d.net_revenue + excluded.net_revenue""",
+            *_columns(rows, 5),
+        )
+
+    async def add_daily(
+        self: AggregatesRepository[AsyncSession], rows: Mapping[tuple[str, date], Sequence[Any]]
+    ) -> None:
+        """Adds per (tenant, day) the values of DAILY_COLUMNS."""
+        if not rows:
+            return
+        keys = sorted(rows)
+        names = ", ".join(DAILY_COLUMNS)
+        arrays = ", ".join(f"${i + 3}::{_DAILY_TYPES.get(c, 'bigint')}[]" for i, c in enumerate(DAILY_COLUMNS))
+        updates = ", ".join(f"{c} = d.{c} + excluded.{c}" for c in DAILY_COLUMNS)
+        values = [[rows[k][i] for k in keys] for i in range(len(DAILY_COLUMNS))]
+        await (await self.driver()).execute(
+            f"""insert into metrics.daily as d (tenant_id, day, {names})
+                select * from unnest($1::text[], $2::date[], {arrays})
+                on conflict (tenant_id, day) do update set {updates}""",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            *values,
+        )
+
+    async def add_cells(
+        self: AggregatesRepository[AsyncSession], rows: Mapping[tuple[str, str, date, date], int]
+    ) -> None:
+        """Adds customers per (tenant, period kind, cohort, period start)."""
+        keys = sorted(k for k, v in rows.items() if v)
+        if not keys:
+            return
+        await (await self.driver()).execute(
+            """insert into metrics.period_cells as p (tenant_id, period, cohort, start, customers)
+               select * from unnest($1::text[], $2::text[], $3::date[], $4::date[], $5::int[])
+               on conflict (tenant_id, period, cohort, start)
+                 do update set customers = p.customers + excluded.customers""",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+            [k[3] for k in keys],
+            [rows[k] for k in keys],
+        )
+
+    async def tenant_days(self, tenant_id: str) -> dict[str, list[date]]:
+        """Every customer's purchase days, sorted."""
+        out: dict[str, list[date]] = defaultdict(list)
+        rows = await (await self.driver()).fetch(
+            "select customer_id, day from metrics.customer_days where tenant_id = $1 order by customer_id, day",
+            tenant_id,
+        )
+        for r in rows:
+            out[r[0]].append(r[1])
+        return out
+
+    async def reset_activity(self: AggregatesRepository[AsyncSession], tenant_id: str) -> None:
+        """Zeroes what depends on the activity window (before it is summed again under a new one)."""
+        driver = await self.driver()
+        await driver.execute(
+            "update metrics.daily set active_delta = 0 where tenant_id = $1 and active_delta <> 0", tenant_id
+        )
+        await driver.execute("delete from metrics.period_active where tenant_id = $1", tenant_id)
+
+    async def forget(self: AggregatesRepository[AsyncSession], tenant_id: str) -> None:
+        """Deletes the tenant's aggregates, facts and tracking rows (not its configuration)."""
+        driver = await self.driver()
+        for table in TENANT_TABLES:
+            await driver.execute(f"delete from metrics.{table} where tenant_id = $1", tenant_id)
+        await driver.execute(
+            """delete from metrics.processed_events where tenant_id = $1
+               and (consumer_group = 'metrics' or consumer_group like 'metrics:%')""",
+            tenant_id,
+        )
+
+    # --- points -------------------------------------------------------------------------------------
+
+    async def add_points_to_customers(
+        self: AggregatesRepository[AsyncSession], rows: Sequence[tuple[str, str, int, int]]
+    ) -> None:
+        """rows, sorted: (tenant, customer, available delta, pending delta)."""
+        if not rows:
+            return
+        await (await self.driver()).execute(
+            """insert into metrics.customers as c (tenant_id, customer_id, points_available, points_pending)
+               select * from unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+               on conflict (tenant_id, customer_id) do update set
+                 points_available = c.points_available + excluded.points_available,
+                 points_pending = c.points_pending + excluded.points_pending""",
+            *_columns(rows, 4),
+        )
+
+    async def add_member_days(
+        self: AggregatesRepository[AsyncSession], rows: Sequence[tuple[str, date, str]]
+    ) -> set[tuple[str, date, str]]:
+        """Records (tenant, day, customer) member days; returns those that are new."""
+        if not rows:
+            return set()
+        found = await (await self.driver()).fetch(
+            """insert into metrics.member_days (tenant_id, day, customer_id)
+               select * from unnest($1::text[], $2::date[], $3::text[]) on conflict do nothing
+               returning tenant_id, day, customer_id""",
+            *_columns(sorted(set(rows)), 3),
+        )
+        return {(r[0], r[1], r[2]) for r in found}
+
+    async def member_days(self, customers: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[date]]:
+        """Each customer's member days."""
+        out: dict[tuple[str, str], list[date]] = {c: [] for c in customers}
+        pairs = sorted(set(customers))
+        rows = await (await self.driver()).fetch(
+            """select d.tenant_id, d.customer_id, d.day from metrics.member_days d
+               join unnest($1::text[], $2::text[]) k(tenant_id, customer_id)
+                 on k.tenant_id = d.tenant_id and k.customer_id = d.customer_id""",
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+        )
+        for r in rows:
+            out[(r[0], r[1])].append(r[2])
+        return out
+
+    async def add_period_counts(
+        self: AggregatesRepository[AsyncSession], table: PeriodTable, rows: Mapping[tuple[str, str, date], int]
+    ) -> None:
+        """Adds per (tenant, period kind, period start) to period_members' or period_active's count."""
+        keys = sorted(k for k, v in rows.items() if v)
+        if not keys:
+            return
+        column = PERIOD_TABLES[table]
+        await (await self.driver()).execute(
+            f"""insert into metrics.{table} as p (tenant_id, period, start, {column})
+                select * from unnest($1::text[], $2::text[], $3::date[], $4::int[])
+                on conflict (tenant_id, period, start) do update set {column} = p.{column} + excluded.{column}""",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+            [rows[k] for k in keys],
+        )
+
+    # --- engagement and customers -------------------------------------------------------------------
+
+    async def add_engagements(self: AggregatesRepository[AsyncSession], rows: Sequence[Sequence[Any]]) -> None:
+        """rows: (tenant, kind, business id, customer, occurred_at, event type, event id, nps, effort score,
+        rating, period start, period end, currency, original amount, amount). A fact is kept once; a wallet
+        estimate is replaced by a later one (by time, then event id) of the same customer and period."""
+        if not rows:
+            return
+        await (await self.driver()).execute(
+            """insert into metrics.engagements as e (tenant_id, kind, business_id, customer_id, occurred_at,
+                 event_type, event_id, nps, effort_score, rating, period_start, period_end, currency,
+                 original_amount, amount)
+               select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
+                 $7::text[], $8::smallint[], $9::smallint[], $10::smallint[], $11::date[], $12::date[], $13::text[],
+                 $14::numeric[], $15::numeric[])
+               order by 1, 2, 3
+               on conflict (tenant_id, kind, business_id) do update set
+                 occurred_at = excluded.occurred_at, event_id = excluded.event_id, currency = excluded.currency,
+                 original_amount = excluded.original_amount, amount = excluded.amount
+               where e.kind = 'wallet' and (excluded.occurred_at, excluded.event_id) > (e.occurred_at, e.event_id)""",
+            *_columns(rows, 15),
+        )
+
+    async def note_engagement(self: AggregatesRepository[AsyncSession], rows: Sequence[Sequence[Any]]) -> None:
+        """rows, sorted, one per customer: (tenant, customer, nps, nps at, effort score, effort at, review at,
+        referral at, attendance at); each fact kept when later than the stored one."""
+        if not rows:
+            return
+        await (await self.driver()).execute(
+            """insert into metrics.customers as c (tenant_id, customer_id, last_nps, last_nps_at, last_effort_score,
+                 last_effort_at, last_review_at, last_referral_at, last_attendance_at)
+               select * from unnest($1::text[], $2::text[], $3::smallint[], $4::timestamptz[], $5::smallint[],
+                 $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[])
+               on conflict (tenant_id, customer_id) do update set
+                 last_nps = case when excluded.last_nps_at > coalesce(c.last_nps_at, '-infinity')
+                   then excluded.last_nps else c.last_nps end,
+                 last_nps_at = greatest(c.last_nps_at, excluded.last_nps_at),
+                 last_effort_score = case when excluded.last_effort_at > coalesce(c.last_effort_at, '-infinity')
+                   then excluded.last_effort_score else c.last_effort_score end,
+                 last_effort_at = greatest(c.last_effort_at, excluded.last_effort_at),
+                 last_review_at = greatest(c.last_review_at, excluded.last_review_at),
+                 last_referral_at = greatest(c.last_referral_at, excluded.last_referral_at),
+                 last_attendance_at = greatest(c.last_attendance_at, excluded.last_attendance_at)""",
+            *_columns(rows, 9),
+        )
+
+    async def note_tiers(
+        self: AggregatesRepository[AsyncSession], rows: Sequence[tuple[str, str, str, datetime]]
+    ) -> None:
+        """rows, sorted, one per customer: (tenant, customer, tier, changed at); kept when later."""
+        if not rows:
+            return
+        await (await self.driver()).execute(
+            """insert into metrics.customers as c (tenant_id, customer_id, tier, tier_changed_at)
+               select * from unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
+               on conflict (tenant_id, customer_id) do update set
+                 tier = excluded.tier, tier_changed_at = excluded.tier_changed_at
+               where c.tier_changed_at is null or excluded.tier_changed_at > c.tier_changed_at""",
+            *_columns(rows, 4),
+        )
+
+
+class KpiRepository(RepositoryBase[SessionT]):
+    """The reads of the KPI endpoints; each one statement on the tenant's aggregates."""
+
+    async def days(self, tenant_id: str, start: date, end: date) -> list[Any]:
+        rows: list[Any] = await (await self.driver()).fetch(
+            """select day, orders, amount, refunded, buyers, new_customers, active_delta,
+                  points_issued, points_redeemed, points_expired, points_clawed_back
+                from metrics.daily where tenant_id = $1 and day >= $2 and day < $3""",
+            tenant_id,
+            start,
+            end,
+        )
+        return rows
+
+    async def sums_before(self, tenant_id: str, day: date) -> Any:
+        """Sums of the running columns over the days before `day`."""
+        return await (await self.driver()).fetchrow(
+            """select coalesce(sum(active_delta), 0) active, coalesce(sum(available_delta), 0) available,
+                 coalesce(sum(pending_delta), 0) pending, coalesce(sum(held_delta), 0) held
+               from metrics.daily where tenant_id = $1 and day < $2""",
+            tenant_id,
+            day,
+        )
+
+    async def programme(self, tenant_id: str, start: date, end: date) -> Any:
+        return await (await self.driver()).fetchrow(
+            """select coalesce(sum(points_issued), 0) issued, coalesce(sum(points_redeemed), 0) redeemed,
+                 coalesce(sum(points_expired), 0) expired, coalesce(sum(points_clawed_back), 0) clawed_back
+               from metrics.daily where tenant_id = $1 and day >= $2 and day < $3""",
+            tenant_id,
+            start,
+            end,
+        )
+
+    async def buyers(self, tenant_id: str, kind: str, start: date, end: date) -> dict[date, int]:
+        rows = await (await self.driver()).fetch(
+            """select start, sum(customers) from metrics.period_cells
+               where tenant_id = $1 and period = $2 and start >= $3 and start < $4 group by start""",
+            tenant_id,
+            kind,
+            start,
+            end,
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def period_counts(
+        self, table: PeriodTable, tenant_id: str, kind: str, start: date, end: date
+    ) -> dict[date, int]:
+        """period_members' or period_active's counts by period start."""
+        rows = await (await self.driver()).fetch(
+            f"""select start, {PERIOD_TABLES[table]} from metrics.{table}
+                where tenant_id = $1 and period = $2 and start >= $3 and start < $4""",
+            tenant_id,
+            kind,
+            start,
+            end,
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def cells(self, tenant_id: str, kind: str, start: date, end: date) -> dict[tuple[date, date], int]:
+        rows = await (await self.driver()).fetch(
+            """select cohort, start, customers from metrics.period_cells
+               where tenant_id = $1 and period = $2 and cohort >= $3 and cohort < $4""",
+            tenant_id,
+            kind,
+            start,
+            end,
+        )
+        return {(r[0], r[1]): r[2] for r in rows}
+
+    async def surveys(self, tenant_id: str, periods: Sequence[tuple[date, date]]) -> list[Any]:
+        """Per period start: answers (each customer's latest with an NPS), promoters, detractors, the sum and
+        count of effort scores."""
+        rows: list[Any] = await (await self.driver()).fetch(
+            """with p as (select * from unnest($2::date[], $3::date[]) p(start, stop)),
+               s as (
+                 select p.start, e.customer_id, e.occurred_at, e.event_id, e.nps, e.effort_score
+                 from metrics.engagements e
+                 join p on e.occurred_at >= p.start and e.occurred_at < p.stop
+                 where e.tenant_id = $1 and e.kind = 'survey' and e.occurred_at >= $4 and e.occurred_at < $5),
+               latest as (
+                 select distinct on (start, customer_id) start, nps from s where nps is not null
+                 order by start, customer_id, occurred_at desc, event_id desc),
+               n as (
+                 select start, count(*) answers, count(*) filter (where nps >= 9) promoters,
+                   count(*) filter (where nps <= 6) detractors from latest group by start),
+               c as (
+                 select start, sum(effort_score) effort_sum, count(effort_score) efforts from s group by start)
+               select coalesce(n.start, c.start), coalesce(answers, 0), coalesce(promoters, 0),
+                 coalesce(detractors, 0), coalesce(effort_sum, 0), coalesce(efforts, 0)
+               from n full join c on c.start = n.start""",
+            tenant_id,
+            [p[0] for p in periods],
+            [p[1] for p in periods],
+            periods[0][0],
+            periods[-1][1],
+        )
+        return rows
+
+    async def wallets(self, tenant_id: str, start: date, end: date) -> list[Any]:
+        """The wallet estimates ending in (start, end]: (end, estimate, our net revenue over its period)."""
+        rows: list[Any] = await (await self.driver()).fetch(
+            """select w.period_end, w.amount,
+                 (select coalesce(sum(d.net_revenue), 0) from metrics.customer_days d
+                  where d.tenant_id = w.tenant_id and d.customer_id = w.customer_id
+                    and d.day >= w.period_start and d.day < w.period_end)
+               from metrics.engagements w
+               where w.tenant_id = $1 and w.kind = 'wallet' and w.period_end > $2 and w.period_end <= $3""",
+            tenant_id,
+            start,
+            end,
+        )
+        return rows
+
+    async def customer_values(self, tenant_id: str, as_of: date | None) -> list[tuple[str, int, Decimal]]:
+        """(customer, orders, net revenue) of each customer with an order: now (the per-customer summary),
+        or up to and including the day `as_of` (summed from customer_days)."""
+        driver = await self.driver()
+        if as_of is None:
+            rows = await driver.fetch(
+                """select customer_id, orders, net_revenue from metrics.customers
+                   where tenant_id = $1 and orders > 0""",
+                tenant_id,
+            )
+        else:
+            rows = await driver.fetch(
+                """select customer_id, sum(orders)::int, sum(net_revenue) from metrics.customer_days
+                   where tenant_id = $1 and day <= $2 group by customer_id""",
+                tenant_id,
+                as_of,
+            )
+        return [(r[0], r[1], r[2]) for r in rows]
 
 
 class ClvRepository(RepositoryBase[SessionT]):

@@ -74,18 +74,110 @@ class TenantConfig(TenantConfigUpdate):
     updated_at: datetime | None = Field(default=None, description="Last PUT; None while the defaults apply")
 
 
-class DailyPurchases(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+Percent = Annotated[Amount | None, Field(description="A percentage with 2 decimals; null when undefined")]
 
-    day: date
-    currency: str
+
+class PeriodKpis(BaseModel):
+    start: date = Field(description="First day of the period")
+    end: date = Field(description="First day after the period")
+    customers_start: int = Field(description="S: customers active on the day before `start`")
+    customers_end: int = Field(description="E: customers active on the period's last day")
+    new_customers: int = Field(description="N: customers whose first purchase ever falls in the period")
+    crr: Percent = Field(description="Customer retention rate (E - N) / S x 100; null when S = 0")
+    churn_rate: Percent = Field(description="100 - CRR; null when S = 0")
+    active_customers: int = Field(description="Customers active on at least one day of the period")
+    buyers: int = Field(description="Customers with at least one order in the period")
+    orders: int = Field(description="Orders placed in the period (business time)")
+    net_revenue: Amount = Field(description="Order amounts minus the refunds applied to them (reporting currency)")
+    refunds: Amount = Field(description="Refunds applied to the period's orders")
+    average_order_value: Amount | None = Field(description="net_revenue / orders; null without orders")
+    purchase_frequency: Amount | None = Field(description="orders / buyers; null without buyers")
+    nps: Percent = Field(description="% promoters (9-10) - % detractors (0-6) over each customer's latest answer")
+    nps_responses: int = Field(description="Customers with an NPS answer in the period (their latest counts)")
+    promoters: int
+    detractors: int
+    ces: Amount | None = Field(description="Mean customer-effort score (1-7) of the period's answers")
+    ces_responses: int
+    share_of_wallet: Percent = Field(
+        description="Our net revenue over the periods of the wallet estimates ending in this period / their "
+        "estimated spend x 100"
+    )
+    wallet_estimates: int
+    points_issued: int
+    points_redeemed: int
+    points_expired: int
+    points_clawed_back: int
+    active_members: int = Field(description="Customers that earned or redeemed points in the period")
+
+
+class KpiList(BaseModel):
+    period: str
+    currency: str | None = Field(description="The reporting currency of every amount")
+    activity_window_days: int
+    items: list[PeriodKpis]
+
+
+class CurvePoint(BaseModel):
+    customers_share: Amount = Field(description="The top share of customers by net revenue, in %")
+    revenue_share: Percent = Field(description="Their share of all net revenue, in %")
+
+
+class TopCustomer(BaseModel):
+    customer_id: str
     orders: int
     net_revenue: Amount
 
 
-class DailyPurchasesList(BaseModel):
-    items: list[DailyPurchases]
-    total_orders: int
+class ClvDistribution(BaseModel):
+    """Historical CLV: each customer's net revenue to date."""
+
+    mean: Amount | None
+    median: Amount | None
+    p90: Amount | None = Field(description="90th percentile, interpolated between the closest ranks")
+    top: list[TopCustomer]
+
+
+class Liability(BaseModel):
+    available_points: int
+    pending_points: int
+    held_points: int
+    point_value: Amount
+    available_value: Amount
+    pending_value: Amount
+
+
+class Lifetime(BaseModel):
+    as_of: date
+    currency: str | None
+    customers: int = Field(description="Customers with at least one order")
+    orders: int
+    net_revenue: Amount
+    repeat_purchase_rate: Percent = Field(description="Customers with >= 2 orders / customers with >= 1, in %")
+    p_nth_purchase: dict[str, Amount | None] = Field(
+        description="n -> customers with >= n orders / customers with >= n - 1, in %, n = 2..5"
+    )
+    p_nth_purchase_benchmark: dict[str, Amount | None] = Field(description="Retail benchmarks: 27 %, 45 %, 54 %")
+    pareto_top20_share: Percent = Field(description="Net revenue of the top floor(0.2 n) customers / all, in %")
+    pareto_curve: list[CurvePoint] = Field(description="The concentration curve in 10 % steps of customers")
+    clv: ClvDistribution
+    liability: Liability
+    points_issued_12m: int
+    points_redeemed_12m: int
+    points_expired_12m: int
+    redemption_rate: Percent = Field(description="Points redeemed / issued over the 12 months up to as_of, in %")
+    breakage_rate: Percent = Field(description="Points expired / issued over the 12 months up to as_of, in %")
+
+
+class Cohort(BaseModel):
+    cohort: date = Field(description="First day of the cohort's period (its customers' first purchase)")
+    customers: int
+    active: list[int] = Field(description="Per period from the cohort's own: its customers who bought then")
+    retention: list[Amount | None] = Field(description="active / customers x 100, per period")
+
+
+class Cohorts(BaseModel):
+    period: str
+    items: list[Cohort]
 
 
 class ClvFit(BaseModel):

@@ -1,57 +1,479 @@
+"""The metrics use cases: fold the topics' events into the aggregates (each event once, by business time),
+and answer the KPI queries from them."""
+
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import date, datetime
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
-from metrics import schemas
+from metrics import domain, kpis, schemas
 from metrics.clv import CustomerRfm, FitError, Predictions, prediction_rows, rfm_summary
-from metrics.errors import ClvNotFitted, InvalidPeriod
-from metrics.models import ClvFit, DailyPurchases, processed_events
-from metrics.repository import ClvRepository, ConfigRepository, DailyPurchasesRepository
+from metrics.errors import ClvNotFitted, InvalidParameter, InvalidPeriod
+from metrics.models import ClvFit, processed_events
+from metrics.repository import DAILY_COLUMNS, AggregatesRepository, ClvRepository, ConfigRepository, KpiRepository
 from shared.consumer import Inbound, Rejection
 from shared.db import AsyncReadSession, AsyncSession
-from shared.events import CloudEvent, PurchaseCompleted, PurchasesPayload, utcnow
-from shared.tracking import claim_batch, release
+from shared.events import (
+    EARLIEST,
+    LATEST,
+    CloudEvent,
+    CustomersPayload,
+    EngagementPayload,
+    EventAttended,
+    LedgerEntriesPayload,
+    PurchaseCompleted,
+    PurchasesPayload,
+    ReferralConverted,
+    ReviewPosted,
+    SurveyAnswered,
+    TierChanged,
+    WalletEstimated,
+    business_id,
+    utcnow,
+)
+from shared.tracking import Admission, claim_batch, release
 
 # The tracking name (shared.tracking): the service's, not the consumer group's.
 TRACKING_NAME = "metrics"
+DEFAULT_WINDOW = schemas.TenantConfigUpdate.model_fields["activity_window_days"].default
+# Bounds of a query: periods of one /v1/kpis answer (three years of days), cohorts of one matrix.
+MAX_PERIODS = 1100
+MAX_COHORTS = 240
+_COLUMN = {name: i for i, name in enumerate(DAILY_COLUMNS)}
 
 
-def _order_id(event: CloudEvent[PurchasesPayload]) -> tuple[str, str] | None:
+def _purchase_business_id(event: CloudEvent[PurchasesPayload]) -> tuple[str, str] | None:
     # An order counts once per tenant, whatever event ids it arrives under (as in the rules service).
-    return ("order_id", event.data.order_id) if isinstance(event.data, PurchaseCompleted) else None
+    if isinstance(event.data, PurchaseCompleted):
+        return ("order_id", event.data.order_id)
+    return business_id(event)
+
+
+@dataclass(frozen=True)
+class Money:
+    """A tenant's activity window and currencies, as the aggregation needs them."""
+
+    window: int
+    reporting: str
+    factors: dict[str, str]
+
+    def convert(self, amount: Decimal, currency: str) -> Decimal:
+        return domain.convert(amount, currency, self.reporting, self.factors)
+
+
+@dataclass
+class Changes:
+    """What one batch adds to the aggregates, summed in memory first (one write per row and table)."""
+
+    daily: dict[tuple[str, date], list[Any]] = field(default_factory=dict)
+    cells: dict[tuple[str, str, date, date], int] = field(default_factory=lambda: defaultdict(int))
+    active: dict[tuple[str, str, date], int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, tenant: str, day: date, column: str, value: Any) -> None:
+        row = self.daily.get((tenant, day))
+        if row is None:
+            row = self.daily[(tenant, day)] = [0] * len(DAILY_COLUMNS)
+        row[_COLUMN[column]] += value
+
+    def add_footprint(self, tenant: str, diff: dict[domain.Key, int]) -> None:
+        for key, value in diff.items():
+            if len(key) == 4:
+                self.cells[(tenant, key[1], key[2], key[3])] += value
+            elif len(key) == 3:
+                self.active[(tenant, key[1], key[2])] += value
+            else:
+                self.add(tenant, key[1], _FOOTPRINT_COLUMN[key[0]], value)
+
+    async def save(self, repo: AggregatesRepository[AsyncSession]) -> None:
+        await repo.add_daily(self.daily)
+        await repo.add_cells(self.cells)
+        await repo.add_period_counts("period_active", self.active)
+
+
+_FOOTPRINT_COLUMN = {"active": "active_delta", "new": "new_customers", "buyers": "buyers"}
+
+
+@dataclass
+class CustomerTotals:
+    first: datetime | None = None
+    last: datetime | None = None
+    orders: int = 0
+    net: Decimal = Decimal(0)
+    discount_sum: Decimal = Decimal(0)
+    discount_orders: int = 0
+    days: dict[date, list[Any]] = field(default_factory=dict)  # day -> [orders, net]
+
+    def day(self, day: date) -> list[Any]:
+        return self.days.setdefault(day, [0, Decimal(0)])
 
 
 class MetricsService:
-    async def handle_batch(self, session: AsyncSession, batch: Sequence[Inbound[PurchasesPayload]]) -> list[Rejection]:
-        admission = await claim_batch(session, processed_events, TRACKING_NAME, batch, business_id=_order_id)
-        # Aggregate in memory first: one upsert per (tenant, day, currency) instead of one per event.
-        totals: dict[tuple[str, date, str], tuple[int, Decimal]] = defaultdict(lambda: (0, Decimal(0)))
-        for message in admission.messages:
-            event = message.event
-            if not isinstance(event.data, PurchaseCompleted):
-                continue
-            day = (event.data.ordered_at or event.time).date()
-            key = (event.tenantid, day, event.data.currency)
-            orders, revenue = totals[key]
-            totals[key] = (orders + 1, revenue + event.data.net_amount)
-        repo = DailyPurchasesRepository.from_session(session)
-        for (tenant_id, day, currency), (orders, revenue) in sorted(totals.items()):
-            await repo.add(tenant_id, day, currency, orders, revenue)
-        # A duplicate order changed nothing: its event's claim goes, so a replay from the DLQ is not skipped.
-        await release(session, processed_events, admission.release_keys(admission.rejections))
-        return admission.rejections
+    # --- ingestion ----------------------------------------------------------------------------------
 
-    async def daily(
-        self, session: AsyncReadSession, *, tenant_id: str, start: date, end: date
-    ) -> Sequence[DailyPurchases]:
-        if start > end:
+    async def _money(self, session: AsyncSession, first: dict[str, str]) -> dict[str, Money]:
+        """Each tenant's window and currencies; a tenant without a reporting currency adopts `first[tenant]`."""
+        repo = ConfigRepository.from_session(session)
+        known = await repo.currencies(list(first))
+        unset = {t: c for t, c in first.items() if t not in known or known[t][1] is None}
+        adopted = await repo.adopt_currencies(unset) if unset else {}
+        out: dict[str, Money] = {}
+        for tenant in first:
+            window, reporting, factors = known.get(tenant, (DEFAULT_WINDOW, None, {}))
+            out[tenant] = Money(window, reporting or adopted[tenant], factors)
+        return out
+
+    async def _finish(
+        self, session: AsyncSession, admission: Admission[Any], refused: list[Rejection]
+    ) -> list[Rejection]:
+        # A refused event changed nothing: its claims go, so a replay from the DLQ is processed.
+        await release(session, processed_events, admission.release_keys(refused))
+        return [*admission.rejections, *refused]
+
+    async def handle_purchases(
+        self, session: AsyncSession, batch: Sequence[Inbound[PurchasesPayload]]
+    ) -> list[Rejection]:
+        admission = await claim_batch(
+            session, processed_events, TRACKING_NAME, batch, business_id=_purchase_business_id
+        )
+        first: dict[str, str] = {}
+        for m in admission.messages:
+            first.setdefault(m.event.tenantid, m.event.data.currency)
+        money = await self._money(session, first) if first else {}
+        refused: list[Rejection] = []
+        orders: list[tuple[Any, ...]] = []
+        refunds: list[tuple[Any, ...]] = []
+        for m in admission.messages:
+            event, data = m.event, m.event.data
+            tenant = money[event.tenantid]
+            try:
+                if isinstance(data, PurchaseCompleted):
+                    at = data.ordered_at or event.time
+                    amount = tenant.convert(data.net_amount, data.currency)
+                    orders.append(
+                        (
+                            event.tenantid,
+                            data.order_id,
+                            data.customer_id,
+                            at,
+                            at.date(),
+                            data.currency,
+                            data.net_amount,
+                            amount,
+                            domain.discount_share(data),
+                            data.channel,
+                        )
+                    )
+                else:
+                    original = domain.refund_amount(data)
+                    amount = tenant.convert(original, data.currency)
+                    refunds.append(
+                        (
+                            event.tenantid,
+                            data.refund_id,
+                            data.original_order_id,
+                            data.customer_id,
+                            event.time,
+                            data.currency,
+                            original,
+                            amount,
+                        )
+                    )
+            except domain.UnknownCurrency as exc:
+                refused.append(Rejection(m, str(exc)))
+        repo = AggregatesRepository.from_session(session)
+        inserted = await repo.insert_orders(orders)
+        new_orders = [o for o in orders if (o[0], o[1]) in inserted]
+        await repo.insert_refunds(refunds)
+        pending = await repo.refunds_to_apply([(o[0], o[1]) for o in new_orders] + [(r[0], r[2]) for r in refunds])
+
+        changes = Changes()
+        customers: dict[tuple[str, str], CustomerTotals] = defaultdict(CustomerTotals)
+        for tenant_id, _order, customer, at, day, _currency, _original, amount, share, _channel in new_orders:
+            totals = customers[(tenant_id, customer)]
+            totals.first = at if totals.first is None else min(totals.first, at)
+            totals.last = at if totals.last is None else max(totals.last, at)
+            totals.orders += 1
+            totals.net += amount
+            if share is not None:
+                totals.discount_sum += share
+                totals.discount_orders += 1
+            cell = totals.day(day)
+            cell[0] += 1
+            cell[1] += amount
+            changes.add(tenant_id, day, "orders", 1)
+            changes.add(tenant_id, day, "amount", amount)
+        await self._apply_refunds(repo, pending, changes, customers)
+
+        keys = sorted(customers)
+        await repo.add_purchases_to_customers(
+            [
+                (t, c, v.first, v.last, v.orders, v.net, v.discount_sum, v.discount_orders)
+                for (t, c), v in ((k, customers[k]) for k in keys)
+            ]
+        )
+        buying = [k for k in keys if customers[k].orders]
+        known_days = await repo.purchase_days(buying)
+        for key in buying:
+            before = known_days[key]
+            after = domain.merge_days(before, customers[key].days)
+            if len(after) != len(before):
+                window = money[key[0]].window
+                changes.add_footprint(
+                    key[0], domain.difference(domain.footprint(after, window), domain.footprint(before, window))
+                )
+        await repo.add_customer_days(
+            [(t, c, d, v[0], v[1]) for (t, c) in keys for d, v in sorted(customers[(t, c)].days.items())]
+        )
+        await changes.save(repo)
+        return await self._finish(session, admission, refused)
+
+    async def _apply_refunds(
+        self,
+        repo: AggregatesRepository[AsyncSession],
+        pending: Sequence[Any],
+        changes: Changes,
+        customers: dict[tuple[str, str], CustomerTotals],
+    ) -> None:
+        """Applies refunds whose order is known: the order's net revenue, its day and its customer drop by
+        what the refunds take off (never more than the order's amount)."""
+        by_order: dict[tuple[str, str], list[Any]] = {}
+        for tenant_id, _refund_id, amount, order_id, customer, day, order_amount, refunded in pending:
+            entry = by_order.setdefault((tenant_id, order_id), [customer, day, order_amount, refunded, Decimal(0)])
+            entry[4] += amount
+        for (tenant_id, _), (customer, day, order_amount, refunded, added) in by_order.items():
+            taken = domain.applied(order_amount, refunded + added) - domain.applied(order_amount, refunded)
+            if taken:
+                changes.add(tenant_id, day, "refunded", taken)
+                totals = customers[(tenant_id, customer)]
+                totals.net -= taken
+                totals.day(day)[1] -= taken
+        await repo.apply_refunds(
+            [(t, o, v[4]) for (t, o), v in sorted(by_order.items())], sorted({(r[0], r[1]) for r in pending})
+        )
+
+    async def handle_ledger_entries(
+        self, session: AsyncSession, batch: Sequence[Inbound[LedgerEntriesPayload]]
+    ) -> list[Rejection]:
+        admission = await claim_batch(session, processed_events, TRACKING_NAME, batch)
+        changes = Changes()
+        balances: dict[tuple[str, str], list[int]] = {}
+        members: list[tuple[str, date, str]] = []
+        for m in admission.messages:
+            fact = domain.points_fact(m.event.data)
+            if fact is None:
+                continue
+            tenant = m.event.tenantid
+            for column, value in (
+                ("points_issued", fact.issued),
+                ("points_redeemed", fact.redeemed),
+                ("points_expired", fact.expired),
+                ("points_clawed_back", fact.clawed_back),
+                ("available_delta", fact.available),
+                ("pending_delta", fact.pending),
+                ("held_delta", fact.held),
+            ):
+                if value:
+                    changes.add(tenant, fact.day, column, value)
+            if fact.customer_id is not None and (fact.available or fact.pending):
+                balance = balances.setdefault((tenant, fact.customer_id), [0, 0])
+                balance[0] += fact.available
+                balance[1] += fact.pending
+            if fact.member and fact.customer_id is not None:
+                members.append((tenant, fact.day, fact.customer_id))
+        repo = AggregatesRepository.from_session(session)
+        await repo.add_points_to_customers([(t, c, v[0], v[1]) for (t, c), v in sorted(balances.items())])
+        await changes.save(repo)
+        new = await repo.add_member_days(members)
+        if new:
+            # A customer counts once per period: the periods their days cover, after minus before.
+            counts: dict[tuple[str, str, date], int] = defaultdict(int)
+            known = await repo.member_days(sorted({(t, c) for t, _, c in new}))
+            for (tenant, customer), days in known.items():
+                before = [d for d in days if (tenant, d, customer) not in new]
+                diff = domain.difference(domain.periods_of(days), domain.periods_of(before))
+                for (kind, start), value in diff.items():
+                    counts[(tenant, kind, start)] += value
+            await repo.add_period_counts("period_members", counts)
+        return await self._finish(session, admission, [])
+
+    async def handle_engagement(
+        self, session: AsyncSession, batch: Sequence[Inbound[EngagementPayload]]
+    ) -> list[Rejection]:
+        admission = await claim_batch(session, processed_events, TRACKING_NAME, batch, business_id=business_id)
+        first = {
+            m.event.tenantid: m.event.data.currency
+            for m in admission.messages
+            if isinstance(m.event.data, WalletEstimated)
+        }
+        money = await self._money(session, first) if first else {}
+        refused: list[Rejection] = []
+        rows: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        latest: dict[tuple[str, str], list[Any]] = {}
+        for m in admission.messages:
+            event, data = m.event, m.event.data
+            at = event.time
+            nps = effort = rating = start = end = currency = original = amount = None
+            if isinstance(data, WalletEstimated):
+                try:
+                    amount = money[event.tenantid].convert(data.estimated_spend, data.currency)
+                except domain.UnknownCurrency as exc:
+                    refused.append(Rejection(m, str(exc)))
+                    continue
+                kind, start, end = "wallet", data.period_start, data.period_end
+                currency, original = data.currency, data.estimated_spend
+                key = json.dumps([data.customer_id, str(start), str(end)], separators=(",", ":"))
+            else:
+                found = business_id(event)
+                kind = _ENGAGEMENT_KIND.get(type(data), "custom")
+                key = found[1] if found else json.dumps([event.source, event.id], separators=(",", ":"))
+            facts = latest.setdefault((event.tenantid, data.customer_id), [None] * 7)
+            if isinstance(data, SurveyAnswered):
+                nps, effort = data.nps, data.effort_score
+                if nps is not None and (facts[1] is None or at > facts[1]):
+                    facts[0], facts[1] = nps, at
+                if effort is not None and (facts[3] is None or at > facts[3]):
+                    facts[2], facts[3] = effort, at
+            elif isinstance(data, ReviewPosted):
+                rating = data.rating
+            slot = _LAST_SLOT.get(kind)
+            if slot is not None and (facts[slot] is None or at > facts[slot]):
+                facts[slot] = at
+            row = (event.tenantid, kind, key, data.customer_id, at, event.type, event.id, nps, effort, rating,
+                   start, end, currency, original, amount)  # fmt: skip
+            earlier = rows.get(row[:3])
+            # Two estimates of one period in a batch: the later stays (as add_engagements keeps across batches).
+            if earlier is None or (at, event.id) > (earlier[4], earlier[6]):
+                rows[row[:3]] = row
+        repo = AggregatesRepository.from_session(session)
+        advocacy = [(t, c, *v) for (t, c), v in sorted(latest.items()) if any(x is not None for x in v)]
+        await repo.note_engagement(advocacy)
+        await repo.add_engagements(list(rows.values()))
+        return await self._finish(session, admission, refused)
+
+    async def handle_customers(
+        self, session: AsyncSession, batch: Sequence[Inbound[CustomersPayload]]
+    ) -> list[Rejection]:
+        admission = await claim_batch(session, processed_events, TRACKING_NAME, batch)
+        tiers: dict[tuple[str, str], tuple[str, datetime]] = {}
+        for m in admission.messages:
+            data = m.event.data
+            # segment.changed is this service's own output; only tiers are news here.
+            if isinstance(data, TierChanged):
+                key = (m.event.tenantid, data.customer_id)
+                if key not in tiers or m.event.time > tiers[key][1]:
+                    tiers[key] = (data.tier, m.event.time)
+        await AggregatesRepository.from_session(session).note_tiers([(t, c, *v) for (t, c), v in sorted(tiers.items())])
+        return await self._finish(session, admission, [])
+
+    # --- KPIs ----------------------------------------------------------------------------------------
+
+    async def kpis(
+        self, session: AsyncReadSession, tenant_id: str, *, start: date, end: date, kind: domain.Period
+    ) -> schemas.KpiList:
+        if start >= end:
             raise InvalidPeriod(start, end)
-        return await DailyPurchasesRepository.from_session(session).between(tenant_id, start, end)
+        periods = kpis.period_list(kind, start, end)
+        if len(periods) > MAX_PERIODS:
+            raise InvalidParameter(
+                f"{len(periods)} periods of a {kind} asked for; at most {MAX_PERIODS}: choose a longer period "
+                "or a shorter range",
+                periods=len(periods),
+            )
+        config = await self.config(session, tenant_id)
+        repo = KpiRepository.from_session(session)
+        first_day = periods[0][0] - timedelta(days=1)
+        range_end = periods[-1][1]
+        days = {r[0]: kpis.Day(*r[1:]) for r in await repo.days(tenant_id, first_day, range_end)}
+        before = await repo.sums_before(tenant_id, first_day)
+        starts = {p[0] for p in periods}
+        surveys = {r[0]: kpis.Survey(*r[1:]) for r in await repo.surveys(tenant_id, periods) if r[0] in starts}
+        wallets: dict[date, kpis.Wallet] = defaultdict(kpis.Wallet)
+        for period_end, estimate, ours in await repo.wallets(tenant_id, periods[0][0], range_end):
+            wallet = wallets[domain.period_start(kind, period_end - timedelta(days=1))]
+            wallet.ours += ours
+            wallet.estimated += estimate
+            wallet.estimates += 1
+        data = kpis.PeriodInput(
+            kind=kind,
+            periods=periods,
+            days=days,
+            active_before=before["active"],
+            first_day=first_day,
+            buyers={} if kind == "day" else await repo.buyers(tenant_id, kind, periods[0][0], range_end),
+            members=await repo.period_counts("period_members", tenant_id, kind, periods[0][0], range_end),
+            active={}
+            if kind == "day"
+            else await repo.period_counts("period_active", tenant_id, kind, periods[0][0], range_end),
+            surveys=surveys,
+            wallets=wallets,
+        )
+        items = [schemas.PeriodKpis.model_validate(k) for k in kpis.period_kpis(data)]
+        return schemas.KpiList(
+            period=kind,
+            currency=config.reporting_currency,
+            activity_window_days=config.activity_window_days,
+            items=items,
+        )
+
+    async def lifetime(self, session: AsyncReadSession, tenant_id: str, as_of: date | None) -> schemas.Lifetime:
+        today = utcnow().date()
+        current = as_of is None or as_of >= today
+        day = today if as_of is None else as_of
+        config = await self.config(session, tenant_id)
+        repo = KpiRepository.from_session(session)
+        values = await repo.customer_values(tenant_id, None if current else day)
+        following = day + timedelta(days=1)
+        balances = await repo.sums_before(tenant_id, following)
+        programme = await repo.programme(tenant_id, _year_before(following), following)
+        value = config.point_value
+        issued = programme["issued"]
+        return schemas.Lifetime.model_validate(
+            {
+                "as_of": day,
+                "currency": config.reporting_currency,
+                **kpis.lifetime(values),
+                "liability": {
+                    "available_points": balances["available"],
+                    "pending_points": balances["pending"],
+                    "held_points": balances["held"],
+                    "point_value": value,
+                    "available_value": balances["available"] * value,
+                    "pending_value": balances["pending"] * value,
+                },
+                "points_issued_12m": issued,
+                "points_redeemed_12m": programme["redeemed"],
+                "points_expired_12m": programme["expired"],
+                "redemption_rate": kpis.percent(programme["redeemed"], issued),
+                "breakage_rate": kpis.percent(programme["expired"], issued),
+            }
+        )
+
+    async def cohorts(
+        self, session: AsyncReadSession, tenant_id: str, *, kind: domain.Period, start: date | None, end: date | None
+    ) -> schemas.Cohorts:
+        if kind not in domain.CELL_PERIODS:
+            raise InvalidParameter(f"cohorts are kept by {', '.join(domain.CELL_PERIODS)}, not by {kind}")
+        low = domain.period_start(kind, start) if start is not None else EARLIEST.date()
+        high = end if end is not None else LATEST.date()
+        if low >= high:
+            raise InvalidPeriod(low, high)
+        cells = await KpiRepository.from_session(session).cells(tenant_id, kind, low, high)
+        cohorts = sorted({c for c, _ in cells})
+        if len(cohorts) > MAX_COHORTS:
+            raise InvalidParameter(
+                f"{len(cohorts)} cohorts in the range; at most {MAX_COHORTS}: narrow it with from and to",
+                cohorts=len(cohorts),
+            )
+        matrix = kpis.cohort_matrix(kind, cohorts, cells, utcnow().date())
+        return schemas.Cohorts(period=kind, items=[schemas.Cohort.model_validate(c) for c in matrix])
+
+    # --- configuration ------------------------------------------------------------------------------
 
     async def config(self, session: AsyncReadSession, tenant_id: str) -> schemas.TenantConfig:
         row = await ConfigRepository.from_session(session).get(tenant_id)
@@ -61,9 +483,43 @@ class MetricsService:
         self, session: AsyncSession, tenant_id: str, update: schemas.TenantConfigUpdate
     ) -> schemas.TenantConfig:
         values = update.model_dump(mode="json")
-        row = await ConfigRepository.from_session(session).put(tenant_id, values)
+        configs = ConfigRepository.from_session(session)
+        before = await configs.get(tenant_id)
+        # Read before the put refreshes the same object.
+        window = before.activity_window_days if before is not None else DEFAULT_WINDOW
+        row = await configs.put(tenant_id, values)
+        if update.activity_window_days != window:
+            await self._recompute_activity(session, tenant_id, update.activity_window_days)
         return schemas.TenantConfig.model_validate(row)
 
+    async def _recompute_activity(self, session: AsyncSession, tenant_id: str, window: int) -> None:
+        """Sums what depends on the window again from every customer's days (active per day and period)."""
+        repo = AggregatesRepository.from_session(session)
+        changes = Changes()
+        for days in (await repo.tenant_days(tenant_id)).values():
+            activity = {k: v for k, v in domain.footprint(days, window).items() if k[0] in ("active", "period")}
+            changes.add_footprint(tenant_id, activity)
+        await repo.reset_activity(tenant_id)
+        await changes.save(repo)
+
+
+def _year_before(day: date) -> date:
+    """The same date a year earlier (28 February for 29 February)."""
+    try:
+        return day.replace(year=day.year - 1)
+    except ValueError:
+        return day.replace(year=day.year - 1, day=28)
+
+
+_ENGAGEMENT_KIND: dict[type[Any], str] = {
+    SurveyAnswered: "survey",
+    ReviewPosted: "review",
+    ReferralConverted: "referral",
+    EventAttended: "attendance",
+}
+# Where in a customer's advocacy facts (nps, nps at, effort, effort at, review, referral, attendance) the
+# time of the latest engagement of a kind goes.
+_LAST_SLOT = {"review": 4, "referral": 5, "attendance": 6}
 
 metrics_service = MetricsService()
 
