@@ -1,9 +1,9 @@
 """Metrics benchmark (`make bench-metrics`): prints figures, asserts nothing.
 
 1. Ingestion: purchases and their ledger entries (two per purchase: the customer's earn and the issuance
-   posting) and survey answers, produced to fresh topics first, then consumed by the metrics service
-   (uvicorn in a subprocess, its four consumers) into the aggregates; events/s from the first to the last
-   event processed, and the service's peak RSS.
+   posting) and survey answers over the last 90 days (BENCH_INGEST_DAYS), produced to fresh topics first,
+   then consumed by the metrics service (uvicorn in a subprocess, its four consumers) into the aggregates;
+   events/s from the first to the last event processed, and the service's peak RSS.
 2. Queries on a generated tenant of 1,000,000 purchases of 50,000 customers over three years, written
    straight into the tables with COPY (aggregates computed by the service's own pure functions):
    GET /v1/kpis (8 quarters, 24 months), /v1/kpis/lifetime (now and as of a past day), /v1/kpis/cohorts,
@@ -33,6 +33,7 @@ from typing import Any
 
 import uvloop
 from aiokafka import AIOKafkaProducer
+from cpumeter import CpuMeter
 
 from metrics import domain
 from metrics.config import Settings
@@ -48,6 +49,9 @@ from shared.topics import ALL_TOPICS, ENGAGEMENT, LEDGER_ENTRIES, PURCHASES
 ROOT = Path(__file__).resolve().parent.parent
 PURCHASE_EVENTS = int(os.environ.get("BENCH_PURCHASES", "50000"))
 INGEST_CUSTOMERS = 5000
+# The ingested purchases' days: the last INGEST_DAYS days (a live stream; 1095 for a three-year history import).
+INGEST_DAYS = int(os.environ.get("BENCH_INGEST_DAYS", "90"))
+TODAY = datetime.now(UTC).date() - timedelta(days=1)
 QUERY_PURCHASES = int(os.environ.get("BENCH_QUERY_PURCHASES", "1000000"))
 QUERY_CUSTOMERS = int(os.environ.get("BENCH_QUERY_CUSTOMERS", "50000"))
 REQUESTS = int(os.environ.get("BENCH_REQUESTS", "100"))
@@ -123,7 +127,7 @@ def ingestion_events(tenant: str) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for i in range(PURCHASE_EVENTS):
         customer = f"c-{rng.randrange(INGEST_CUSTOMERS)}"
-        day = FIRST_DAY + timedelta(days=rng.randrange(DAYS))
+        day = TODAY - timedelta(days=rng.randrange(INGEST_DAYS))
         at = datetime(day.year, day.month, day.day, 10, tzinfo=UTC)
         net = Decimal(rng.randrange(1000, 100000)) / 100
         line = PurchaseLine(sku="SKU-1", category="tools", quantity=Decimal(1), unit_price=net)
@@ -172,6 +176,7 @@ async def ingestion(settings: Settings, tenant: str) -> None:
     engine = create_engine(settings.database_url, pool_size=1)
     server = start_server(settings, consumers=True)
     peak = 0.0
+    cpu = CpuMeter([server.pid]).__enter__()
     try:
         first: float | None = None
         async with engine.connect() as conn:
@@ -192,13 +197,17 @@ async def ingestion(settings: Settings, tenant: str) -> None:
                 if server.poll() is not None:
                     raise RuntimeError("the metrics server died")
                 await asyncio.sleep(0.2)
+        cpu.__exit__()
         elapsed = now - (first or now)
         rate = len(events) / elapsed if elapsed else float("inf")
         print(
             f"    {len(events):,} events ({PURCHASE_EVENTS:,} purchases, {2 * PURCHASE_EVENTS:,} ledger entries, "
-            f"{len(events) - 3 * PURCHASE_EVENTS:,} survey answers) in {elapsed:.1f} s: {rate:,.0f} events/s; "
+            f"{len(events) - 3 * PURCHASE_EVENTS:,} survey answers; {INGEST_CUSTOMERS:,} customers, "
+            f"{INGEST_DAYS} days) in {elapsed:.1f} s: {rate:,.0f} events/s; "
             f"service peak RSS {peak:.0f} MB"
         )
+        # Start-up included; PostgreSQL counts every backend, other load on the machine too.
+        cpu.report(len(events), "event", servers="service")
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -264,13 +273,23 @@ def generate(tenant: str) -> dict[str, list[tuple[Any, ...]]]:
         customer_days += [(tenant, customer, d, v[0], v[1]) for d, v in days_of.items()]
         member_days += [(tenant, d, customer) for d in days]
     surveys = []
+    answers: list[tuple[tuple[str, str, date, str], domain.Answer]] = []
+    survey_counts: dict[tuple[str, str, date], list[int]] = defaultdict(lambda: [0] * domain.SURVEY_COUNTS)
     for i in range(QUERY_CUSTOMERS):
         day = FIRST_DAY + timedelta(days=rng.randrange(DAYS))
         at = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
-        surveys.append(
-            (tenant, "survey", f"S-{i}", f"c-{rng.randrange(QUERY_CUSTOMERS)}", at, "survey.answered", f"e-{i}",
-             rng.randrange(11), rng.randrange(1, 8))
-        )  # fmt: skip
+        customer, nps, effort = f"c-{rng.randrange(QUERY_CUSTOMERS)}", rng.randrange(11), rng.randrange(1, 8)
+        surveys.append((tenant, "survey", f"S-{i}", customer, at, "survey.answered", f"e-{i}", nps, effort))
+        for kind in domain.PERIODS:
+            start_day = domain.period_start(kind, day)
+            answers.append(((tenant, kind, start_day, customer), (at, f"e-{i}", nps)))
+            survey_counts[(tenant, kind, start_day)][3] += effort
+            survey_counts[(tenant, kind, start_day)][4] += 1
+    latest, changes = domain.latest_answers({}, answers)
+    for (t, kind, start_day, _), delta in changes.items():
+        row = survey_counts[(t, kind, start_day)]
+        for i, value in enumerate(delta):
+            row[i] += value
     return {
         "orders": orders,
         "customers": customers,
@@ -281,6 +300,8 @@ def generate(tenant: str) -> dict[str, list[tuple[Any, ...]]]:
         "period_active": [(tenant, k[0], k[1], v) for k, v in active.items() if v],
         "period_members": [(tenant, k[0], k[1], v) for k, v in members.items() if v],
         "engagements": surveys,
+        "survey_periods": [(*k, *v) for k, v in latest.items()],
+        "period_surveys": [(*k, *v) for k, v in survey_counts.items()],
     }
 
 
@@ -297,6 +318,9 @@ COLUMNS = {
     "period_members": ["tenant_id", "period", "start", "members"],
     "engagements": ["tenant_id", "kind", "business_id", "customer_id", "occurred_at", "event_type", "event_id", "nps",
                     "effort_score"],
+    "survey_periods": ["tenant_id", "period", "start", "customer_id", "occurred_at", "event_id", "nps"],
+    "period_surveys": ["tenant_id", "period", "start", "responses", "promoters", "detractors", "effort_sum",
+                       "efforts"],
 }  # fmt: skip
 
 
@@ -347,11 +371,13 @@ async def queries(settings: Settings, tenant: str) -> None:
                 status, body = await conn.get(path, headers)
                 assert status == 200, body[:500]
             latencies = []
-            for _ in range(REQUESTS):
-                t0 = time.perf_counter()
-                await conn.get(path, headers)
-                latencies.append((time.perf_counter() - t0) * 1000)
+            with CpuMeter([server.pid]) as cpu:
+                for _ in range(REQUESTS):
+                    t0 = time.perf_counter()
+                    await conn.get(path, headers)
+                    latencies.append((time.perf_counter() - t0) * 1000)
             print(f"    {name:42s} p50 {pct(latencies, 0.5):6.1f} ms   p95 {pct(latencies, 0.95):6.1f} ms")
+            cpu.report(REQUESTS, "request", servers="service")
         writer.close()
         print(f"    service RSS {rss_mb(server.pid):.0f} MB (peak {rss_mb(server.pid, 'VmHWM'):.0f} MB)")
     finally:

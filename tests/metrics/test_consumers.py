@@ -144,9 +144,20 @@ class TestKpisThroughKafka:
                 )
                 body: dict[str, Any] = response.json()
                 feb = body["items"][1]
-                done = (feb["orders"], feb["refunds"], feb["points_clawed_back"], feb["share_of_wallet"])
+                # Every input has arrived (the topics' partitions are consumed in no set order).
+                done = (
+                    feb["orders"],
+                    feb["refunds"],
+                    feb["share_of_wallet"],
+                    feb["nps_responses"],
+                    feb["ces_responses"],
+                )
+                points = (feb["points_redeemed"], feb["points_expired"], feb["points_clawed_back"])
                 jan = body["items"][0]
-                return body if done == (2, "20.00", 20, "20.00") and jan["customers_start"] == 1 else None
+                complete = done == (2, "20.00", "20.00", 2, 2) and points == (30, 10, 20)
+                liability = (await client.get("/v1/kpis/lifetime", headers=headers)).json()["liability"]
+                complete = complete and (liability["available_points"], liability["pending_points"]) == (40, 50)
+                return body if complete and (jan["customers_start"], jan["points_issued"]) == (1, 100) else None
 
             body = await eventually(settled)
             lifetime = (await client.get("/v1/kpis/lifetime", params={"as_of": "2025-03-01"}, headers=headers)).json()

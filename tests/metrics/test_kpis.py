@@ -49,10 +49,11 @@ class TestFootprint:
         assert fp[("active", D("2025-01-21"))] == -1
         assert fp[("active", D("2025-02-01"))] == 1
         assert fp[("active", D("2025-02-11"))] == -1
-        # Active in January (1-20) and February (1-10): one customer per month, though two spells.
-        assert {k for k in fp if k[:2] == ("period", "month")} == {
-            ("period", "month", D("2025-01-01")),
-            ("period", "month", D("2025-02-01")),
+        # Active in January (1-20) and February (1-10): one customer per month, though two spells; as
+        # changes, +1 from January, -1 from March.
+        assert {k: v for k, v in fp.items() if k[:2] == ("period", "month")} == {
+            ("period", "month", D("2025-01-01")): 1,
+            ("period", "month", D("2025-03-01")): -1,
         }
         assert fp[("cell", "month", D("2025-01-01"), D("2025-02-01"))] == 1
         assert ("cell", "month", D("2025-01-01"), D("2025-03-01")) not in fp
@@ -102,13 +103,18 @@ class TestFootprint:
             running += sums.get(("active", t), 0)
             expected = sum(1 for ds in bought.values() if any(t - timedelta(days=window - 1) <= d <= t for d in ds))
             assert running == expected, t
-        # Customers active on at least one day of a month: a purchase in [month start - W + 1, month end - 1].
-        for month in {domain.period_start("month", t) for t in horizon}:
-            stop = domain.next_start("month", month)
-            expected = sum(
-                1 for ds in bought.values() if any(month - timedelta(days=window - 1) <= d < stop for d in ds)
-            )
-            assert sums.get(("period", "month", month), 0) == expected, month
+        # Customers active on at least one day of a period: a purchase in [start - W + 1, end - 1].
+        for kind in domain.CELL_PERIODS:
+            running = 0
+            start = domain.period_start(kind, horizon[0])
+            while start <= horizon[-1]:
+                stop = domain.next_start(kind, start)
+                running += sums.get(("period", kind, start), 0)
+                expected = sum(
+                    1 for ds in bought.values() if any(start - timedelta(days=window - 1) <= d < stop for d in ds)
+                )
+                assert running == expected, (kind, start)
+                start = stop
         for t in horizon:
             firsts = sum(1 for ds in bought.values() if min(ds) == t)
             assert sums.get(("new", t), 0) == firsts
@@ -119,7 +125,7 @@ class TestFootprint:
             for month in {domain.period_start("month", d) for d in ds}:
                 cells[("cell", "month", cohort, month)] += 1
         assert {k: v for k, v in sums.items() if k[:2] == ("cell", "month") and v} == dict(cells)
-        assert all(v >= 0 for k, v in sums.items() if k[0] != "active")
+        assert all(v >= 0 for k, v in sums.items() if k[0] not in ("active", "period"))
 
 
 class TestMoney:
@@ -240,9 +246,24 @@ class TestPeriodKpis:
         assert (item["nps"], item["ces"], item["share_of_wallet"]) == (Decimal(25), Decimal("4.5"), Decimal(30))
 
 
+def summary(customers: list[tuple[str, int, Decimal]]) -> kpis.Customers:
+    """The figures the repository reads, taken from a plain list."""
+    ranked = sorted(customers, key=lambda c: (-c[2], c[0]))
+    n = len(ranked)
+    return kpis.Customers(
+        n=n,
+        orders=sum(c[1] for c in ranked),
+        total=sum((c[2] for c in ranked), Decimal(0)),
+        at_least={k: sum(1 for c in ranked if c[1] >= k) for k in range(1, 6)},
+        prefix={r: sum((c[2] for c in ranked[:r]), Decimal(0)) for r in kpis.cut_ranks(n)},
+        values={r: ranked[r - 1][2] for r in kpis.quantile_ranks(n)} if n else {},
+        top=ranked[: kpis.TOP_CUSTOMERS],
+    )
+
+
 class TestLifetime:
     def test_one_customer(self) -> None:
-        out = kpis.lifetime([("c", 3, Decimal("120"))])
+        out = kpis.lifetime(summary([("c", 3, Decimal("120"))]))
         assert (out["customers"], out["repeat_purchase_rate"]) == (1, Decimal(100))
         assert out["p_nth_purchase"] == {"2": Decimal(100), "3": Decimal(100), "4": Decimal(0), "5": None}
         assert out["pareto_top20_share"] == Decimal(0)  # floor(0.2) = 0 customers
@@ -251,7 +272,7 @@ class TestLifetime:
     def test_ten_customers_pareto(self) -> None:
         # Net revenues 1..10 (sum 55): the top 2 (10 + 9) make 34.55 %; the curve's 50 % point 40/55.
         customers = [(f"c{i}", 1 if i < 7 else 2, Decimal(i)) for i in range(1, 11)]
-        out = kpis.lifetime(customers)
+        out = kpis.lifetime(summary(customers))
         assert out["pareto_top20_share"] == Decimal("34.55")
         curve = out["pareto_curve"]
         assert curve[4] == {"customers_share": Decimal(50), "revenue_share": Decimal("72.73")}  # type: ignore[index]
@@ -260,8 +281,47 @@ class TestLifetime:
         clv = out["clv"]
         assert (clv["mean"], clv["median"], clv["p90"]) == (Decimal("5.5"), Decimal("5.5"), Decimal("9.1"))  # type: ignore[index]
 
+    def test_no_customers(self) -> None:
+        out = kpis.lifetime(kpis.Customers())
+        assert (out["customers"], out["repeat_purchase_rate"], out["pareto_top20_share"]) == (0, None, None)
+        assert out["clv"] == {"mean": None, "median": None, "p90": None, "top": []}
+
     def test_cohort_matrix(self) -> None:
         cells = {(D("2025-01-01"), D("2025-01-01")): 4, (D("2025-01-01"), D("2025-03-01")): 1}
         [row] = kpis.cohort_matrix("month", [D("2025-01-01")], cells, D("2025-03-15"))
         assert row["active"] == [4, 0, 1]
         assert row["retention"] == [Decimal(100), Decimal(0), Decimal(25)]
+
+
+class TestLatestAnswers:
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(st.integers(0, 3), st.integers(0, 60), st.integers(0, 10)),  # customer, day, nps
+            max_size=30,
+        ),
+        st.integers(min_value=1, max_value=5),
+        st.randoms(),
+    )
+    def test_counts_folded_in_batches_equal_the_latest_answers(
+        self, raw: list[tuple[int, int, int]], batch: int, rnd: object
+    ) -> None:
+        base = datetime(2025, 1, 1, tzinfo=UTC)
+        answers = [((f"c{c}", domain.period_start("month", (base + timedelta(days=d)).date())),
+                    (base + timedelta(days=d), f"e{i}", nps)) for i, (c, d, nps) in enumerate(raw)]  # fmt: skip
+        rnd.shuffle(answers)  # type: ignore[attr-defined]
+        stored: dict[tuple[str, date], domain.Answer] = {}
+        counts: dict[date, list[int]] = defaultdict(lambda: [0] * domain.SURVEY_COUNTS)
+        for i in range(0, len(answers), batch):
+            latest, changes = domain.latest_answers(stored, answers[i : i + batch])
+            stored.update(latest)
+            for (_, month), delta in changes.items():
+                counts[month] = [a + b for a, b in zip(counts[month], delta, strict=True)]
+        expected: dict[date, list[int]] = defaultdict(lambda: [0] * domain.SURVEY_COUNTS)
+        best: dict[tuple[str, date], domain.Answer] = {}
+        for key, answer in answers:
+            if key not in best or answer[:2] > best[key][:2]:
+                best[key] = answer
+        for (_, month), (_, _, nps) in best.items():
+            expected[month] = [a + b for a, b in zip(expected[month], domain.nps_counts(nps, 1), strict=True)]
+        assert {k: v for k, v in counts.items() if any(v)} == dict(expected)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Literal, TypeVar
 
@@ -31,7 +31,7 @@ PERIODS: tuple[Period, ...] = ("day", "week", "month", "quarter", "year")
 CELL_PERIODS: tuple[Period, ...] = ("week", "month", "quarter", "year")
 
 # Footprint keys: ("active", day), ("new", day), ("buyers", day) for the day's sums; ("period", kind, start)
-# for the periods a customer is active in; ("cell", kind, cohort, start) for the cohorts.
+# for the change in the periods a customer is active in; ("cell", kind, cohort, start) for the cohorts.
 Key = tuple[str, date] | tuple[str, str, date] | tuple[str, str, date, date]
 K = TypeVar("K")
 
@@ -60,17 +60,6 @@ def next_start(kind: Period, start: date) -> date:
     return date(index // 12, index % 12 + 1, 1)
 
 
-def periods(kind: Period, start: date, end: date) -> list[tuple[date, date]]:
-    """The periods of `kind` overlapping [start, end), each as [its start, its end), clipped to the range."""
-    out: list[tuple[date, date]] = []
-    current = period_start(kind, start)
-    while current < end:
-        following = next_start(kind, current)
-        out.append((max(current, start), min(following, end)))
-        current = following
-    return out
-
-
 def footprint(days: Sequence[date], window: int) -> dict[Key, int]:
     """What one customer adds to the tenant's sums, from their sorted distinct purchase days."""
     out: dict[Key, int] = {}
@@ -79,6 +68,7 @@ def footprint(days: Sequence[date], window: int) -> dict[Key, int]:
     first = days[0]
     out[("new", first)] = 1
     cohorts = {kind: period_start(kind, first) for kind in CELL_PERIODS}
+    spells: list[tuple[date, date]] = []
     spell_start = first
     for i, day in enumerate(days):
         out[("buyers", day)] = 1
@@ -88,18 +78,30 @@ def footprint(days: Sequence[date], window: int) -> dict[Key, int]:
         # days after the previous one continues its spell: the coverage is adjacent).
         following = days[i + 1] if i + 1 < len(days) else None
         if following is None or (following - day).days > window:
-            end = day + timedelta(days=window)
-            out[("active", spell_start)] = out.get(("active", spell_start), 0) + 1
-            out[("active", end)] = out.get(("active", end), 0) - 1
-            # The periods the customer is active in at least one day of (a day's are active(t) itself).
-            for kind in CELL_PERIODS:
-                current = period_start(kind, spell_start)
-                while current < end:
-                    out[("period", kind, current)] = 1
-                    current = next_start(kind, current)
+            spells.append((spell_start, day + timedelta(days=window)))
             if following is not None:
                 spell_start = following
-    return out
+    for start, end in spells:
+        _bump(out, ("active", start), 1)
+        _bump(out, ("active", end), -1)
+    # The periods of each kind the customer is active in, as a run of changes: +1 at the first period of a
+    # run of consecutive periods, -1 at the period after it (the count of a period is the running sum).
+    for kind in CELL_PERIODS:
+        runs: list[list[date]] = []
+        for start, end in spells:
+            low, high = period_start(kind, start), period_start(kind, end - timedelta(days=1))
+            if runs and low <= next_start(kind, runs[-1][1]):
+                runs[-1][1] = max(runs[-1][1], high)
+            else:
+                runs.append([low, high])
+        for low, high in runs:
+            _bump(out, ("period", kind, low), 1)
+            _bump(out, ("period", kind, next_start(kind, high)), -1)
+    return {k: v for k, v in out.items() if v}
+
+
+def _bump(out: dict[Key, int], key: Key, value: int) -> None:
+    out[key] = out.get(key, 0) + value
 
 
 def periods_of(days: Iterable[date]) -> dict[tuple[Period, date], int]:
@@ -205,3 +207,33 @@ def points_fact(entry: LedgerEntryPosted) -> PointsFact | None:
 
 def merge_days(days: Iterable[date], new: Iterable[date]) -> list[date]:
     return sorted(set(days) | set(new))
+
+
+# A survey answer with an NPS: (time, event id, nps); the later (time, then event id) is the latest.
+Answer = tuple[datetime, str, int]
+# Counts of a period's survey facts: responses, promoters, detractors, effort sum, efforts.
+SURVEY_COUNTS = 5
+
+
+def nps_counts(nps: int, sign: int) -> list[int]:
+    return [sign, sign if nps >= 9 else 0, sign if nps <= 6 else 0, 0, 0]
+
+
+def latest_answers(
+    stored: Mapping[K, Answer], answers: Iterable[tuple[K, Answer]]
+) -> tuple[dict[K, Answer], dict[K, list[int]]]:
+    """Folds answers into each key's latest (key: a customer in a period): the rows that change and, per
+    key, the change of the period's counts (the old latest answer out, the new one in)."""
+    latest: dict[K, Answer] = {}
+    for key, answer in answers:
+        current = latest.get(key, stored.get(key))
+        if current is None or answer[:2] > current[:2]:
+            latest[key] = answer
+    changes: dict[K, list[int]] = {}
+    for key, answer in latest.items():
+        old = stored.get(key)
+        delta = nps_counts(answer[2], 1)
+        if old is not None:
+            delta = [a + b for a, b in zip(delta, nps_counts(old[2], -1), strict=True)]
+        changes[key] = delta
+    return latest, changes

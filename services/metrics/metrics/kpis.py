@@ -164,49 +164,70 @@ def period_kpis(data: PeriodInput) -> list[dict[str, object]]:
     return out
 
 
-def interpolated(values: Sequence[Decimal], q: Decimal) -> Decimal | None:
-    """The q-quantile (0..1) of ascending `values`, interpolated linearly between the closest ranks
-    (PostgreSQL's percentile_cont, numpy's default)."""
-    if not values:
-        return None
-    position = (len(values) - 1) * q
-    low = int(position)
-    high = min(low + 1, len(values) - 1)
-    return values[low] + (values[high] - values[low]) * (position - low)
+QUANTILES = (Decimal("0.5"), Decimal("0.9"))
 
 
-def lifetime(customers: Sequence[tuple[str, int, Decimal]]) -> dict[str, object]:
-    """Lifetime KPIs over (customer, orders, net revenue) of the customers with at least one order."""
-    n = len(customers)
-    total = sum((c[2] for c in customers), Decimal(0))
-    orders = sum(c[1] for c in customers)
-    at_least = {k: sum(1 for c in customers if c[1] >= k) for k in range(1, 6)}
+def cut_ranks(n: int) -> list[int]:
+    """The ranks (1 = the highest net revenue) whose revenue prefix the lifetime KPIs need: floor(k/10 n)."""
+    return [(n * step) // 10 for step in range(1, 11)]
+
+
+def quantile_ranks(n: int) -> list[int]:
+    """The ranks (1 = the highest) of the values the quantiles interpolate between: positions floor and ceil
+    of (n - 1) q in ascending order."""
+    out: list[int] = []
+    for q in QUANTILES:
+        position = (n - 1) * q
+        low = int(position)
+        out += [n - low, n - min(low + 1, n - 1)]
+    return out
+
+
+@dataclass
+class Customers:
+    """What the lifetime KPIs need of the customers with at least one order, ranked by net revenue (highest
+    first): counts, the revenue of the top `cut_ranks(n)`, the values at `quantile_ranks(n)`, the top ones."""
+
+    n: int = 0
+    orders: int = 0
+    total: Decimal = Decimal(0)
+    at_least: dict[int, int] = field(default_factory=dict)  # k -> customers with >= k orders, k = 1..5
+    prefix: dict[int, Decimal] = field(default_factory=dict)  # rank -> revenue of the top `rank`
+    values: dict[int, Decimal] = field(default_factory=dict)  # rank -> that customer's revenue
+    top: list[tuple[str, int, Decimal]] = field(default_factory=list)
+
+
+def lifetime(c: Customers) -> dict[str, object]:
+    n, total = c.n, c.total
+    at_least = {k: c.at_least.get(k, 0) for k in range(1, 6)}
     p_nth = {str(k): percent(at_least[k], at_least[k - 1]) for k in range(2, 6)}
-    ranked = sorted(customers, key=lambda c: (-c[2], c[0]))
-    prefix = [Decimal(0)]
-    for c in ranked:
-        prefix.append(prefix[-1] + c[2])
     curve = [
-        {"customers_share": Decimal(10 * step), "revenue_share": percent(prefix[(n * step) // 10], total)}
-        for step in range(1, 11)
+        {"customers_share": Decimal(10 * step), "revenue_share": percent(c.prefix.get(rank, Decimal(0)), total)}
+        for step, rank in enumerate(cut_ranks(n), start=1)
     ]
-    ascending = [c[2] for c in reversed(ranked)]
-    median = interpolated(ascending, Decimal("0.5"))
-    p90 = interpolated(ascending, Decimal("0.9"))
+    quantiles: list[Decimal | None] = []
+    if n:
+        ranks = quantile_ranks(n)
+        for i, q in enumerate(QUANTILES):
+            position = (n - 1) * q
+            low, high = c.values[ranks[2 * i]], c.values[ranks[2 * i + 1]]
+            quantiles.append(money(low + (high - low) * (position - int(position))))
+    else:
+        quantiles = [None, None]
     return {
         "customers": n,
-        "orders": orders,
+        "orders": c.orders,
         "net_revenue": total,
         "repeat_purchase_rate": percent(at_least[2], at_least[1]),
         "p_nth_purchase": p_nth,
         "p_nth_purchase_benchmark": BENCHMARKS,
-        "pareto_top20_share": percent(prefix[n // 5], total),
+        "pareto_top20_share": percent(c.prefix.get(n // 5, Decimal(0)), total),
         "pareto_curve": curve,
         "clv": {
             "mean": money(total / n) if n else None,
-            "median": None if median is None else money(median),
-            "p90": None if p90 is None else money(p90),
-            "top": [{"customer_id": c[0], "orders": c[1], "net_revenue": c[2]} for c in ranked[:TOP_CUSTOMERS]],
+            "median": quantiles[0],
+            "p90": quantiles[1],
+            "top": [{"customer_id": t[0], "orders": t[1], "net_revenue": t[2]} for t in c.top],
         },
     }
 

@@ -141,7 +141,8 @@ class MemberDay(Base):
 
 
 class PeriodActive(Base):
-    """Customers active on at least one day of the period of kind `period` (week to year) starting `start`."""
+    """Customers active on at least one day of a period of kind `period` (week to year), as changes: the
+    customers active in the period starting `start` are the sum of `customers` over the periods up to it."""
 
     __tablename__ = "period_active"
 
@@ -228,6 +229,35 @@ class Engagement(Base):
         Index("ix_metrics_engagements_time", "tenant_id", "kind", "occurred_at"),
         Index("ix_metrics_engagements_customer", "tenant_id", "customer_id"),
     )
+
+
+class SurveyPeriod(Base):
+    """A customer's latest answer with an NPS in the period of kind `period` starting `start`."""
+
+    __tablename__ = "survey_periods"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)
+    start: Mapped[date] = mapped_column(Date, primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    event_id: Mapped[str] = mapped_column(String(ID), nullable=False)
+    nps: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+
+
+class PeriodSurveys(Base):
+    """Per period: the customers' latest NPS answers (responses, promoters, detractors) and every effort score."""
+
+    __tablename__ = "period_surveys"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)
+    start: Mapped[date] = mapped_column(Date, primary_key=True)
+    responses: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    promoters: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    detractors: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    effort_sum: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
+    efforts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
 
 
 class ClvPrediction(Base):

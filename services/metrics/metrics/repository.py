@@ -15,6 +15,7 @@ from typing import Any, Literal
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 
+from metrics import kpis
 from metrics.models import ClvFit, ClvPrediction, Order, TenantConfig
 from shared.db import AsyncSession, SessionT
 from shared.repository import RepositoryBase
@@ -47,6 +48,8 @@ TENANT_TABLES = (
     "period_active",
     "period_members",
     "engagements",
+    "survey_periods",
+    "period_surveys",
 )
 # The per-period counts: table -> its count column.
 PeriodTable = Literal["period_members", "period_active"]
@@ -355,6 +358,52 @@ class AggregatesRepository(RepositoryBase[SessionT]):
             [rows[k] for k in keys],
         )
 
+    async def stored_answers(self, keys: Sequence[tuple[str, str, date, str]]) -> dict[tuple[str, str, date, str], Any]:
+        """The latest answers kept for (tenant, period kind, start, customer) keys: (time, event id, nps)."""
+        if not keys:
+            return {}
+        rows = await (await self.driver()).fetch(
+            """select s.tenant_id, s.period, s.start, s.customer_id, s.occurred_at, s.event_id, s.nps
+               from metrics.survey_periods s
+               join unnest($1::text[], $2::text[], $3::date[], $4::text[]) k(tenant_id, period, start, customer_id)
+                 on k.tenant_id = s.tenant_id and k.period = s.period and k.start = s.start
+                   and k.customer_id = s.customer_id""",
+            *_columns(sorted(set(keys)), 4),
+        )
+        return {(r[0], r[1], r[2], r[3]): (r[4], r[5], r[6]) for r in rows}
+
+    async def keep_answers(
+        self: AggregatesRepository[AsyncSession],
+        latest: Mapping[tuple[str, str, date, str], tuple[datetime, str, int]],
+        counts: Mapping[tuple[str, str, date], Sequence[int]],
+    ) -> None:
+        """Stores each key's latest answer and adds to the periods' survey counts."""
+        driver = await self.driver()
+        if latest:
+            keys = sorted(latest)
+            await driver.execute(
+                """insert into metrics.survey_periods as s (tenant_id, period, start, customer_id, occurred_at,
+                     event_id, nps)
+                   select * from unnest($1::text[], $2::text[], $3::date[], $4::text[], $5::timestamptz[],
+                     $6::text[], $7::smallint[])
+                   on conflict (tenant_id, period, start, customer_id) do update set
+                     occurred_at = excluded.occurred_at, event_id = excluded.event_id, nps = excluded.nps""",
+                *_columns([(*k, *latest[k]) for k in keys], 7),
+            )
+        periods = sorted(k for k, v in counts.items() if any(v))
+        if periods:
+            await driver.execute(
+                """insert into metrics.period_surveys as p (tenant_id, period, start, responses, promoters,
+                     detractors, effort_sum, efforts)
+                   select * from unnest($1::text[], $2::text[], $3::date[], $4::int[], $5::int[], $6::int[],
+                     $7::bigint[], $8::int[])
+                   on conflict (tenant_id, period, start) do update set
+                     responses = p.responses + excluded.responses, promoters = p.promoters + excluded.promoters,
+                     detractors = p.detractors + excluded.detractors,
+                     effort_sum = p.effort_sum + excluded.effort_sum, efforts = p.efforts + excluded.efforts""",
+                *_columns([(*k, *counts[k]) for k in periods], 8),
+            )
+
     # --- engagement and customers -------------------------------------------------------------------
 
     async def add_engagements(self: AggregatesRepository[AsyncSession], rows: Sequence[Sequence[Any]]) -> None:
@@ -476,6 +525,17 @@ class KpiRepository(RepositoryBase[SessionT]):
         )
         return {r[0]: r[1] for r in rows}
 
+    async def active_before(self, tenant_id: str, kind: str, start: date) -> int:
+        """The running sum of period_active's changes over the periods before `start`."""
+        value = await (await self.driver()).fetchval(
+            """select coalesce(sum(customers), 0) from metrics.period_active
+               where tenant_id = $1 and period = $2 and start < $3""",
+            tenant_id,
+            kind,
+            start,
+        )
+        return int(value)
+
     async def cells(self, tenant_id: str, kind: str, start: date, end: date) -> dict[tuple[date, date], int]:
         rows = await (await self.driver()).fetch(
             """select cohort, start, customers from metrics.period_cells
@@ -487,32 +547,16 @@ class KpiRepository(RepositoryBase[SessionT]):
         )
         return {(r[0], r[1]): r[2] for r in rows}
 
-    async def surveys(self, tenant_id: str, periods: Sequence[tuple[date, date]]) -> list[Any]:
-        """Per period start: answers (each customer's latest with an NPS), promoters, detractors, the sum and
-        count of effort scores."""
+    async def surveys(self, tenant_id: str, kind: str, start: date, end: date) -> list[Any]:
+        """Per period start: responses (each customer's latest answer with an NPS), promoters, detractors, the
+        sum and count of effort scores."""
         rows: list[Any] = await (await self.driver()).fetch(
-            """with p as (select * from unnest($2::date[], $3::date[]) p(start, stop)),
-               s as (
-                 select p.start, e.customer_id, e.occurred_at, e.event_id, e.nps, e.effort_score
-                 from metrics.engagements e
-                 join p on e.occurred_at >= p.start and e.occurred_at < p.stop
-                 where e.tenant_id = $1 and e.kind = 'survey' and e.occurred_at >= $4 and e.occurred_at < $5),
-               latest as (
-                 select distinct on (start, customer_id) start, nps from s where nps is not null
-                 order by start, customer_id, occurred_at desc, event_id desc),
-               n as (
-                 select start, count(*) answers, count(*) filter (where nps >= 9) promoters,
-                   count(*) filter (where nps <= 6) detractors from latest group by start),
-               c as (
-                 select start, sum(effort_score) effort_sum, count(effort_score) efforts from s group by start)
-               select coalesce(n.start, c.start), coalesce(answers, 0), coalesce(promoters, 0),
-                 coalesce(detractors, 0), coalesce(effort_sum, 0), coalesce(efforts, 0)
-               from n full join c on c.start = n.start""",
+            """select start, responses, promoters, detractors, effort_sum, efforts from metrics.period_surveys
+               where tenant_id = $1 and period = $2 and start >= $3 and start < $4""",
             tenant_id,
-            [p[0] for p in periods],
-            [p[1] for p in periods],
-            periods[0][0],
-            periods[-1][1],
+            kind,
+            start,
+            end,
         )
         return rows
 
@@ -531,24 +575,51 @@ class KpiRepository(RepositoryBase[SessionT]):
         )
         return rows
 
-    async def customer_values(self, tenant_id: str, as_of: date | None) -> list[tuple[str, int, Decimal]]:
-        """(customer, orders, net revenue) of each customer with an order: now (the per-customer summary),
-        or up to and including the day `as_of` (summed from customer_days)."""
+    async def customers(self, tenant_id: str, as_of: date | None) -> kpis.Customers:
+        """The lifetime figures of the customers with an order: now (from the per-customer summary), or up to
+        and including the day `as_of` (summed from customer_days: slower)."""
+        source = (
+            "select customer_id, orders, net_revenue from metrics.customers where tenant_id = $1 and orders > 0"
+            if as_of is None
+            else """select customer_id, sum(orders)::int orders, sum(net_revenue) net_revenue
+                    from metrics.customer_days where tenant_id = $1 and day <= $2 group by customer_id"""
+        )
+        args: list[Any] = [tenant_id] if as_of is None else [tenant_id, as_of]
         driver = await self.driver()
-        if as_of is None:
-            rows = await driver.fetch(
-                """select customer_id, orders, net_revenue from metrics.customers
-                   where tenant_id = $1 and orders > 0""",
-                tenant_id,
-            )
-        else:
-            rows = await driver.fetch(
-                """select customer_id, sum(orders)::int, sum(net_revenue) from metrics.customer_days
-                   where tenant_id = $1 and day <= $2 group by customer_id""",
-                tenant_id,
-                as_of,
-            )
-        return [(r[0], r[1], r[2]) for r in rows]
+        counts = await driver.fetchrow(
+            f"""select count(*), coalesce(sum(orders), 0), coalesce(sum(net_revenue), 0),
+                  count(*) filter (where orders >= 2), count(*) filter (where orders >= 3),
+                  count(*) filter (where orders >= 4), count(*) filter (where orders >= 5)
+                from ({source}) c""",
+            *args,
+        )
+        out = kpis.Customers(n=counts[0], orders=counts[1], total=counts[2])
+        out.at_least = {1: counts[0], 2: counts[3], 3: counts[4], 4: counts[5], 5: counts[6]}
+        if not out.n:
+            return out
+        cuts, ranks = kpis.cut_ranks(out.n), kpis.quantile_ranks(out.n)
+        first = len(args) + 1
+        # One pass over the customers by rank (ties in any order: tied values sum the same): the revenue above
+        # each cut and the values at the quantiles.
+        sums = ", ".join(f"coalesce(sum(net_revenue) filter (where rn <= ${first + i}), 0)" for i in range(len(cuts)))
+        picks = ", ".join(f"max(net_revenue) filter (where rn = ${first + len(cuts) + i})" for i in range(len(ranks)))
+        row = await driver.fetchrow(
+            f"""select {sums}, {picks} from (
+                  select net_revenue, row_number() over (order by net_revenue desc) rn
+                  from ({source}) c) r""",
+            *args,
+            *cuts,
+            *ranks,
+        )
+        out.prefix = dict(zip(cuts, row[: len(cuts)], strict=True))
+        out.values = dict(zip(ranks, row[len(cuts) :], strict=True))
+        top = await driver.fetch(
+            f"select customer_id, orders, net_revenue from ({source}) c "
+            f'order by net_revenue desc, customer_id collate "C" limit {kpis.TOP_CUSTOMERS}',
+            *args,
+        )
+        out.top = [(r[0], r[1], r[2]) for r in top]
+        return out
 
 
 class ClvRepository(RepositoryBase[SessionT]):

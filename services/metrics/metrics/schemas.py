@@ -71,7 +71,11 @@ class TenantConfigUpdate(BaseModel):
 class TenantConfig(TenantConfigUpdate):
     model_config = ConfigDict(from_attributes=True, extra="forbid")
 
-    updated_at: datetime | None = Field(default=None, description="Last PUT; None while the defaults apply")
+    updated_at: datetime | None = Field(
+        default=None,
+        description="Last change (a PUT, or the reporting currency taken from the first purchase); None while "
+        "the defaults apply",
+    )
 
 
 Percent = Annotated[Amount | None, Field(description="A percentage with 2 decimals; null when undefined")]

@@ -314,6 +314,7 @@ class MetricsService:
         money = await self._money(session, first) if first else {}
         refused: list[Rejection] = []
         rows: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        answers: list[tuple[str, str, datetime, str, int | None, int | None]] = []
         latest: dict[tuple[str, str], list[Any]] = {}
         for m in admission.messages:
             event, data = m.event, m.event.data
@@ -335,6 +336,7 @@ class MetricsService:
             facts = latest.setdefault((event.tenantid, data.customer_id), [None] * 7)
             if isinstance(data, SurveyAnswered):
                 nps, effort = data.nps, data.effort_score
+                answers.append((event.tenantid, data.customer_id, at, event.id, nps, effort))
                 if nps is not None and (facts[1] is None or at > facts[1]):
                     facts[0], facts[1] = nps, at
                 if effort is not None and (facts[3] is None or at > facts[3]):
@@ -354,7 +356,32 @@ class MetricsService:
         advocacy = [(t, c, *v) for (t, c), v in sorted(latest.items()) if any(x is not None for x in v)]
         await repo.note_engagement(advocacy)
         await repo.add_engagements(list(rows.values()))
+        await self._count_answers(repo, answers)
         return await self._finish(session, admission, refused)
+
+    async def _count_answers(
+        self,
+        repo: AggregatesRepository[AsyncSession],
+        answers: Sequence[tuple[str, str, datetime, str, int | None, int | None]],
+    ) -> None:
+        """NPS and effort per period of every kind: each customer's latest NPS answer counts, every effort."""
+        counts: dict[tuple[str, str, date], list[int]] = defaultdict(lambda: [0] * domain.SURVEY_COUNTS)
+        with_nps: list[tuple[tuple[str, str, date, str], domain.Answer]] = []
+        for tenant, customer, at, event_id, nps, effort in answers:
+            for kind in domain.PERIODS:
+                start = domain.period_start(kind, at.date())
+                if effort is not None:
+                    counts[(tenant, kind, start)][3] += effort
+                    counts[(tenant, kind, start)][4] += 1
+                if nps is not None:
+                    with_nps.append(((tenant, kind, start, customer), (at, event_id, nps)))
+        stored = await repo.stored_answers([k for k, _ in with_nps])
+        latest, changes = domain.latest_answers(stored, with_nps)
+        for (tenant, period, day, _), delta in changes.items():
+            row = counts[(tenant, period, day)]
+            for i, value in enumerate(delta):
+                row[i] += value
+        await repo.keep_answers(latest, counts)
 
     async def handle_customers(
         self, session: AsyncSession, batch: Sequence[Inbound[CustomersPayload]]
@@ -391,8 +418,7 @@ class MetricsService:
         range_end = periods[-1][1]
         days = {r[0]: kpis.Day(*r[1:]) for r in await repo.days(tenant_id, first_day, range_end)}
         before = await repo.sums_before(tenant_id, first_day)
-        starts = {p[0] for p in periods}
-        surveys = {r[0]: kpis.Survey(*r[1:]) for r in await repo.surveys(tenant_id, periods) if r[0] in starts}
+        surveys = {r[0]: kpis.Survey(*r[1:]) for r in await repo.surveys(tenant_id, kind, periods[0][0], range_end)}
         wallets: dict[date, kpis.Wallet] = defaultdict(kpis.Wallet)
         for period_end, estimate, ours in await repo.wallets(tenant_id, periods[0][0], range_end):
             wallet = wallets[domain.period_start(kind, period_end - timedelta(days=1))]
@@ -407,9 +433,7 @@ class MetricsService:
             first_day=first_day,
             buyers={} if kind == "day" else await repo.buyers(tenant_id, kind, periods[0][0], range_end),
             members=await repo.period_counts("period_members", tenant_id, kind, periods[0][0], range_end),
-            active={}
-            if kind == "day"
-            else await repo.period_counts("period_active", tenant_id, kind, periods[0][0], range_end),
+            active={} if kind == "day" else await self._active_periods(repo, tenant_id, kind, periods),
             surveys=surveys,
             wallets=wallets,
         )
@@ -421,13 +445,29 @@ class MetricsService:
             items=items,
         )
 
+    async def _active_periods(
+        self,
+        repo: KpiRepository[AsyncReadSession],
+        tenant_id: str,
+        kind: domain.Period,
+        periods: list[tuple[date, date]],
+    ) -> dict[date, int]:
+        """Customers active in each period: period_active keeps the changes from one period to the next."""
+        running = await repo.active_before(tenant_id, kind, periods[0][0])
+        changes = await repo.period_counts("period_active", tenant_id, kind, periods[0][0], periods[-1][1])
+        out: dict[date, int] = {}
+        for start, _ in periods:
+            running += changes.get(start, 0)
+            out[start] = running
+        return out
+
     async def lifetime(self, session: AsyncReadSession, tenant_id: str, as_of: date | None) -> schemas.Lifetime:
         today = utcnow().date()
         current = as_of is None or as_of >= today
         day = today if as_of is None else as_of
         config = await self.config(session, tenant_id)
         repo = KpiRepository.from_session(session)
-        values = await repo.customer_values(tenant_id, None if current else day)
+        customers = await repo.customers(tenant_id, None if current else day)
         following = day + timedelta(days=1)
         balances = await repo.sums_before(tenant_id, following)
         programme = await repo.programme(tenant_id, _year_before(following), following)
@@ -437,7 +477,7 @@ class MetricsService:
             {
                 "as_of": day,
                 "currency": config.reporting_currency,
-                **kpis.lifetime(values),
+                **kpis.lifetime(customers),
                 "liability": {
                     "available_points": balances["available"],
                     "pending_points": balances["pending"],
