@@ -2,7 +2,11 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-PYTHON ?= python3
+# Python 3.12, the project's one interpreter: the first of these that runs and is 3.12 (pyenv's shim fails
+# without a PYENV_VERSION that names it, so its versions are tried directly too); PYTHON=... overrides.
+PYTHON ?= $(shell for p in python3.12 "$${PYENV_ROOT:-$$HOME/.pyenv}"/versions/3.12*/bin/python3.12 \
+            /usr/local/bin/python3.12 /usr/bin/python3.12 python3; do \
+            "$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { echo "$$p"; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
@@ -14,13 +18,16 @@ SERVICE_PORTS := ledger:$${LEDGER_HTTP_PORT:-8001} rules:$${RULES_HTTP_PORT:-800
 PYTEST_ARGS ?=
 
 .PHONY: help setup prometheus kafka-jars kafka-up kafka-down db-up db-down db-migrate topics infra up down run test test-fast \
-        lint fmt typecheck schemas check-schemas bench bench-ledger bench-rules bench-metrics bench-segments clean native chaos
+        lint fmt typecheck schemas check-schemas bench bench-ledger bench-rules bench-metrics bench-segments bench-clv clean native chaos
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml requirements.lock
+	@test -n "$(PYTHON)" || { echo "Python 3.12 not found: install it or run make PYTHON=/path/to/python3.12"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' || \
+	  { echo "$(VENV) runs Python $$($(PY) -c 'import platform; print(platform.python_version())'), not 3.12: remove it (rm -rf $(VENV)) and run make again"; exit 1; }
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
@@ -126,7 +133,7 @@ CHAOS_ARGS ?=
 chaos: $(VENV)/.installed kafka-jars native ## Kill -9 each service, restart Kafka and PostgreSQL under a stream of events; reconcile every point
 	$(PY) -m tests.chaos.chaos $(CHAOS_ARGS)
 
-bench: bench-ledger bench-rules bench-metrics bench-segments ## Every benchmark (prints figures)
+bench: bench-ledger bench-rules bench-metrics bench-segments bench-clv ## Every benchmark (prints figures)
 
 bench-ledger: setup infra db-migrate ## Ledger benchmark: earn entries/s from Kafka, redeem p50/p99, balance reads/s
 	$(NATIVE) $(PY) bench/ledger_bench.py
@@ -139,6 +146,9 @@ bench-segments: setup infra db-migrate ## Segments benchmark: classification of 
 
 bench-metrics: setup infra db-migrate ## Metrics benchmark: ingestion events/s through Kafka, KPI query p95 on 1M purchases, RSS
 	$(PY) bench/metrics_bench.py
+
+bench-clv: setup infra db-migrate ## CLV benchmark: fit time and peak RSS for 50,000 customers (1,000,000 orders)
+	$(PY) bench/clv_bench.py
 
 schemas: $(VENV)/.installed ## Re-export the event JSON Schemas into shared/schemas
 	$(PY) -m shared.schema_export

@@ -45,12 +45,6 @@ ORDERS = int(os.environ.get("BENCH_SEGMENT_ORDERS", "1000000"))
 REQUESTS = int(os.environ.get("BENCH_SEGMENT_REQUESTS", "200"))
 PORT = 8093
 NOW = datetime.now(UTC)
-# Where the CLV job's table is missing (its migration not in this tree): a stand-in of the columns read here.
-CLV_STAND_IN = """create table metrics.clv_predictions (tenant_id varchar(63) not null, customer_id varchar(200)
-  not null, fitted_at timestamptz not null, frequency int not null, recency int not null, t int not null,
-  currency varchar(3) not null, monetary_value numeric not null, expected_spend numeric not null,
-  p_alive numeric not null, purchases_90d numeric not null, purchases_365d numeric not null,
-  clv numeric not null, primary key (tenant_id, customer_id))"""
 PREDICTION_COLUMNS = ("tenant_id customer_id fitted_at frequency recency t currency monetary_value expected_spend "
                       "p_alive purchases_90d purchases_365d clv").split()  # fmt: skip
 
@@ -159,9 +153,6 @@ async def main() -> None:
     tenant = f"bench-seg-{uuid.uuid4().hex[:8]}"
     dsn = URL.replace("+asyncpg", "")
     conn = await asyncpg.connect(dsn)
-    stand_in = await conn.fetchval("select to_regclass('metrics.clv_predictions') is null")
-    if stand_in:  # the CLV job's table where its migration is not in this tree
-        await conn.execute(CLV_STAND_IN)
     engine = create_engine(URL, pool_size=4)
     server = None
     try:
@@ -232,8 +223,6 @@ async def main() -> None:
             server.wait(timeout=30)
         for table in ("orders", "customers", "clv_predictions", "customer_segments", "api_keys"):
             await conn.execute(f"delete from metrics.{table} where tenant_id = $1", tenant)
-        if stand_in:
-            await conn.execute("drop table metrics.clv_predictions")
         await conn.close()
         await engine.dispose()
 

@@ -16,14 +16,6 @@ from tests.conftest import database_url
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
-# The CLV job's table (the clv branch's migration): where it is missing, a stand-in with its columns lives
-# while the tests need it and goes after them.
-CLV_TABLE = """create table metrics.clv_predictions (
-  tenant_id varchar(63) not null, customer_id varchar(200) not null, fitted_at timestamptz not null,
-  frequency int not null, recency int not null, t int not null, currency varchar(3) not null,
-  monetary_value numeric not null, expected_spend numeric not null, p_alive numeric not null,
-  purchases_90d numeric not null, purchases_365d numeric not null, clv numeric not null,
-  primary key (tenant_id, customer_id))"""
 PREDICTION = """insert into metrics.clv_predictions (tenant_id, customer_id, fitted_at, frequency, recency, t, currency,
   monetary_value, expected_spend, p_alive, purchases_90d, purchases_365d, clv)
   values (:t, :c, now(), 1, 10, 100, 'EUR', 100, 100, :p, 0.5, 2, :v)"""
@@ -31,18 +23,11 @@ PREDICTION = """insert into metrics.clv_predictions (tenant_id, customer_id, fit
 
 @asynccontextmanager
 async def metrics_engine() -> AsyncIterator[AsyncEngine]:
-    """An engine on the metrics test database, where metrics.clv_predictions exists."""
+    """An engine on the metrics test database."""
     engine = create_engine(database_url("metrics"), pool_size=2)
-    async with engine.begin() as conn:
-        missing = (await conn.execute(text("select to_regclass('metrics.clv_predictions') is null"))).scalar_one()
-        if missing:
-            await conn.execute(text(CLV_TABLE))
     try:
         yield engine
     finally:
-        if missing:
-            async with engine.begin() as conn:
-                await conn.execute(text("drop table metrics.clv_predictions"))
         await engine.dispose()
 
 

@@ -53,5 +53,10 @@ class Settings(ServiceSettings):
         default=5000, ge=100, le=600_000, description="Bound on each tenant's queries in one refresh"
     )
 
+    clv_fit_enabled: bool = Field(default=True, description="Fit each tenant's predictive CLV models periodically")
+    clv_fit_interval_s: float = Field(default=86_400.0, gt=0, description="A tenant's fit is renewed this often")
+    clv_fit_check_s: float = Field(default=600.0, gt=0, description="How often to look for tenants due for a fit")
+    clv_fit_timeout_s: float = Field(default=1_800.0, gt=0, description="A fit process running longer is killed")
+
 
 settings = Settings()

@@ -9,9 +9,9 @@ from fastapi.responses import StreamingResponse
 
 from metrics import schemas
 from metrics.domain import Period
-from metrics.errors import CustomerNotFound, InvalidCursor, InvalidParameter, InvalidPeriod
+from metrics.errors import ClvNotFitted, CustomerNotFound, InvalidCursor, InvalidParameter, InvalidPeriod
 from metrics.segments import Segment
-from metrics.service import LIST_MAX, metrics_service, segment_service
+from metrics.service import LIST_MAX, clv_service, metrics_service, segment_service
 from shared.auth import Principal, require
 from shared.db import ReadSessionDep, SessionDep
 from shared.errors import DocumentedRoute, raises
@@ -171,3 +171,11 @@ async def customer_metrics(
 ) -> schemas.CustomerMetrics:
     """One customer's summary, current segment and latest CLV prediction."""
     return await segment_service.customer_metrics(session, principal.tenant_id, customer_id)
+
+
+@router.get("/clv", response_model=schemas.ClvFit, tags=["clv"])
+@raises(ClvNotFitted)
+async def clv_fit(principal: MetricsRead, session: ReadSessionDep) -> schemas.ClvFit:
+    """The tenant's latest predictive CLV fit: its parameters, when it ran and on how many customers (the
+    per-customer predictions are in `metrics.clv_predictions`)."""
+    return await clv_service.latest(session, principal.tenant_id)

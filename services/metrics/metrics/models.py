@@ -355,3 +355,42 @@ class PeriodSurveys(Base):
     detractors: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
     effort_sum: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
     efforts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+
+
+class ClvPrediction(Base):
+    """A customer's predictive CLV from the tenant's latest fit (`loyalty metrics fit-clv`), replaced whole per fit;
+    days are the time unit, money is in `currency` (the tenant's reporting currency)."""
+
+    __tablename__ = "clv_predictions"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    fitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    frequency: Mapped[int] = mapped_column(Integer, nullable=False)
+    recency: Mapped[int] = mapped_column(Integer, nullable=False)
+    t: Mapped[int] = mapped_column(Integer, nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    monetary_value: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    expected_spend: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    p_alive: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    purchases_90d: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    purchases_365d: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    clv: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+
+
+class ClvFit(Base):
+    """One fit of a tenant's CLV models: when, on what, with which parameters, how long it took."""
+
+    __tablename__ = "clv_fits"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    fitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    as_of: Mapped[date] = mapped_column(Date, nullable=False)
+    method: Mapped[str] = mapped_column(String(20), nullable=False)
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    customers: Mapped[int] = mapped_column(Integer, nullable=False)
+    repeat_customers: Mapped[int] = mapped_column(Integer, nullable=False)
+    duration_seconds: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    discount_rate: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    horizon_months: Mapped[int] = mapped_column(Integer, nullable=False)

@@ -20,7 +20,10 @@ from metrics import kpis
 from metrics.models import (
     LIST_SORTS,
     SEGMENT_COLUMNS,
+    ClvFit,
+    ClvPrediction,
     CustomerSegment,
+    Order,
     OutboxMessage,
     TenantConfig,
     outbox_quarantine,
@@ -679,17 +682,11 @@ cross join lateral (
         from metrics.orders o where o.tenant_id = c.tenant_id and o.customer_id = c.customer_id) x
 ) g
 left join lateral (
-  select p.p_alive, p.clv from {predictions} p where p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
+  select p.p_alive, p.clv from metrics.clv_predictions p where p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
   limit 1
 ) p on true
 where c.first_purchase_at is not null
 """
-# The CLV job's table comes with the predictive CLV's own migration; where it does not exist (yet), no customer
-# has a prediction and the queries read this empty stand-in.
-_NO_PREDICTIONS = (
-    "(select null::text as tenant_id, null::text as customer_id, null::numeric as p_alive, null::numeric as clv "
-    "where false)"
-)
 
 _SAVE_SEGMENTS = f"""
 insert into metrics.customer_segments as s ({", ".join(SEGMENT_COLUMNS)})
@@ -717,13 +714,8 @@ class SegmentRepository(RepositoryBase[SessionT]):
         )
         return [r["customer_id"] for r in rows]
 
-    async def _predictions(self) -> str:
-        exists = await (await self.driver()).fetchval("select to_regclass('metrics.clv_predictions') is not null")
-        return "metrics.clv_predictions" if exists else _NO_PREDICTIONS
-
     async def facts(self, tenant_id: str, customer_ids: Sequence[str]) -> list[Record]:
-        sql = _FACTS.format(predictions=await self._predictions())
-        return list(await (await self.driver()).fetch(sql, tenant_id, list(customer_ids)))
+        return list(await (await self.driver()).fetch(_FACTS, tenant_id, list(customer_ids)))
 
     async def mark_pending(self: SegmentRepository[AsyncSession], keys: Sequence[tuple[str, str]]) -> None:
         """Notes (tenant, customer) pairs to classify again; one row per customer however often marked."""
@@ -802,11 +794,10 @@ class SegmentRepository(RepositoryBase[SessionT]):
 
     async def summary(self, tenant_id: str, customer_id: str) -> Record | None:
         """A customer's summary and latest CLV prediction, or None when metrics never saw the customer."""
-        predictions = await self._predictions()
         return await (await self.driver()).fetchrow(
-            f"""select c.*, to_jsonb(p) - 'tenant_id' - 'customer_id' as prediction, t.reporting_currency
+            """select c.*, to_jsonb(p) - 'tenant_id' - 'customer_id' as prediction, t.reporting_currency
                from metrics.customers c
-               left join {predictions} p on p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
+               left join metrics.clv_predictions p on p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
                left join metrics.tenant_config t on t.tenant_id = c.tenant_id
                where c.tenant_id = $1 and c.customer_id = $2""",
             tenant_id,
@@ -861,3 +852,59 @@ class OutboxRepository(RepositoryBase[SessionT]):
             .limit(1)
         )
         return (await self.session.execute(stmt)).scalar_one_or_none()
+
+
+class ClvRepository(RepositoryBase[SessionT]):
+    async def daily_net(self, tenant_id: str, as_of: date) -> Sequence[tuple[str, date, Decimal]]:
+        """(customer, day, net revenue) of the tenant's orders up to `as_of`, refunds subtracted."""
+        net = func.sum(Order.amount - func.least(Order.refunded, Order.amount))
+        stmt = (
+            select(Order.customer_id, Order.day, net)
+            .where(Order.tenant_id == tenant_id, Order.day <= as_of)
+            .group_by(Order.customer_id, Order.day)
+        )
+        return [(c, d, n) for c, d, n in (await self.session.execute(stmt)).tuples()]
+
+    async def replace_predictions(
+        self: ClvRepository[AsyncSession], tenant_id: str, rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """The tenant's predictions become `rows` (in `PREDICTION_COLUMNS` order): the old ones go whole."""
+        await self.session.execute(delete(ClvPrediction).where(ClvPrediction.tenant_id == tenant_id))
+        await self.copy(ClvPrediction.__tablename__, PREDICTION_COLUMNS, rows, schema="metrics")
+
+    async def add_fit(self: ClvRepository[AsyncSession], fit: ClvFit) -> None:
+        self.session.add(fit)
+        await self.session.flush()
+
+    async def latest_fit(self, tenant_id: str) -> ClvFit | None:
+        stmt = select(ClvFit).where(ClvFit.tenant_id == tenant_id).order_by(ClvFit.fitted_at.desc()).limit(1)
+        return (await self.session.execute(stmt)).scalar_one_or_none()
+
+    async def tenants_due(self, fitted_before: datetime) -> Sequence[str]:
+        """Tenants with orders whose latest fit (attempted or not, by `clv_fits`) is older than `fitted_before`."""
+        latest = select(ClvFit.tenant_id, func.max(ClvFit.fitted_at).label("at")).group_by(ClvFit.tenant_id).subquery()
+        stmt = (
+            select(Order.tenant_id)
+            .distinct()
+            .outerjoin(latest, latest.c.tenant_id == Order.tenant_id)
+            .where((latest.c.at.is_(None)) | (latest.c.at < fitted_before))
+            .order_by(Order.tenant_id)
+        )
+        return (await self.session.execute(stmt)).scalars().all()
+
+
+PREDICTION_COLUMNS = (
+    "tenant_id",
+    "customer_id",
+    "fitted_at",
+    "frequency",
+    "recency",
+    "t",
+    "currency",
+    "monetary_value",
+    "expected_spend",
+    "p_alive",
+    "purchases_90d",
+    "purchases_365d",
+    "clv",
+)

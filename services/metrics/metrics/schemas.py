@@ -240,3 +240,24 @@ class CustomerMetrics(BaseModel):
             segment=None if segment is None else CustomerSegmentInfo.model_validate(segment),
             clv_prediction=summary["prediction"],
         )
+
+
+class ClvFit(BaseModel):
+    """The latest fit of the tenant's predictive CLV models (BG/NBD and Gamma-Gamma, a day as the time unit)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    fitted_at: datetime = Field(description="When the fit was stored (UTC)")
+    as_of: date = Field(description="The observation day: orders up to and including it were used")
+    method: str = Field(description="`map`: maximum a posteriori under flat priors (the maximum likelihood)")
+    customers: int = Field(description="Customers with at least one purchase, all of them predicted")
+    repeat_customers: int = Field(description="Customers with a repeat purchase (the Gamma-Gamma model's input)")
+    duration_seconds: float = Field(
+        description="The fit job's wall time, from reading the orders to the stored predictions"
+    )
+    currency: str = Field(description="The currency of the monetary values (the reporting currency)")
+    discount_rate: Amount = Field(description="The yearly discount rate the CLV used")
+    horizon_months: int = Field(description="The CLV's horizon")
+    parameters: dict[str, dict[str, float]] = Field(
+        description='The fitted parameters: `{"bg_nbd": {"r", "alpha", "a", "b"}, "gamma_gamma": {"p", "q", "v"}}`'
+    )

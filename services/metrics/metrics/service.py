@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import math
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,12 +19,14 @@ from asyncpg import Record
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from metrics import domain, kpis, schemas
-from metrics.errors import CustomerNotFound, InvalidCursor, InvalidParameter, InvalidPeriod
+from metrics.clv import CustomerRfm, FitError, Predictions, prediction_rows, rfm_summary
+from metrics.errors import ClvNotFitted, CustomerNotFound, InvalidCursor, InvalidParameter, InvalidPeriod
 from metrics.exporter import Headline
-from metrics.models import LIST_SORTS, processed_events
+from metrics.models import LIST_SORTS, ClvFit, processed_events
 from metrics.repository import (
     DAILY_COLUMNS,
     AggregatesRepository,
+    ClvRepository,
     ConfigRepository,
     KpiRepository,
     OutboxRepository,
@@ -831,3 +834,73 @@ class SegmentService:
 
 
 segment_service = SegmentService()
+
+
+@dataclass(frozen=True, slots=True)
+class ClvInputs:
+    summary: list[CustomerRfm]
+    currency: str
+    discount_rate: Decimal
+    horizon_months: int
+
+
+class ClvService:
+    """Predictive CLV: the fit job (`metrics.tasks.fit_clv`) loads the inputs, fits in its own process and
+    saves; the service only reads the latest fit."""
+
+    async def inputs(self, session: AsyncReadSession, tenant_id: str, *, as_of: date) -> ClvInputs:
+        config = await metrics_service.config(session, tenant_id)
+        if config.reporting_currency is None:
+            raise FitError(f"tenant {tenant_id!r} has no reporting currency yet (no purchase processed)")
+        rows = await ClvRepository.from_session(session).daily_net(tenant_id, as_of)
+        return ClvInputs(
+            summary=rfm_summary(rows, as_of=as_of),
+            currency=config.reporting_currency,
+            discount_rate=config.clv_discount_rate,
+            horizon_months=config.clv_horizon_months,
+        )
+
+    async def save(
+        self,
+        session: AsyncSession,
+        tenant_id: str,
+        *,
+        as_of: date,
+        inputs: ClvInputs,
+        parameters: dict[str, dict[str, float]],
+        predictions: Predictions,
+        started: float,
+    ) -> schemas.ClvFit:
+        fitted_at = utcnow()
+        repo = ClvRepository.from_session(session)
+        rows = prediction_rows(
+            tenant_id, fitted_at=fitted_at, currency=inputs.currency, summary=inputs.summary, predictions=predictions
+        )
+        await repo.replace_predictions(tenant_id, rows)
+        fit = ClvFit(
+            tenant_id=tenant_id,
+            fitted_at=fitted_at,
+            as_of=as_of,
+            method="map",
+            parameters=parameters,
+            customers=len(inputs.summary),
+            repeat_customers=sum(1 for c in inputs.summary if c.frequency > 0),
+            duration_seconds=Decimal(f"{time.perf_counter() - started:.3f}"),
+            currency=inputs.currency,
+            discount_rate=inputs.discount_rate,
+            horizon_months=inputs.horizon_months,
+        )
+        await repo.add_fit(fit)
+        return schemas.ClvFit.model_validate(fit)
+
+    async def latest(self, session: AsyncReadSession, tenant_id: str) -> schemas.ClvFit:
+        fit = await ClvRepository.from_session(session).latest_fit(tenant_id)
+        if fit is None:
+            raise ClvNotFitted(tenant_id)
+        return schemas.ClvFit.model_validate(fit)
+
+    async def tenants_due(self, session: AsyncReadSession, *, fitted_before: datetime) -> Sequence[str]:
+        return await ClvRepository.from_session(session).tenants_due(fitted_before)
+
+
+clv_service = ClvService()
