@@ -682,8 +682,8 @@ cross join lateral (
         from metrics.orders o where o.tenant_id = c.tenant_id and o.customer_id = c.customer_id) x
 ) g
 left join lateral (
-  select p.p_alive, p.clv from metrics.clv_predictions p where p.tenant_id = c.tenant_id and p.customer_id = c.customer_id
-  limit 1
+  select p.p_alive, p.clv from metrics.clv_predictions p
+  where p.tenant_id = c.tenant_id and p.customer_id = c.customer_id limit 1
 ) p on true
 where c.first_purchase_at is not null
 """
