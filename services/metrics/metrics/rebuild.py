@@ -70,7 +70,16 @@ def _only(
 
 
 async def _ends(feed: AIOKafkaConsumer, topic: str) -> dict[TopicPartition, int]:
-    partitions = feed.partitions_for_topic(topic) or set()
+    partitions = feed.partitions_for_topic(topic)
+    for _ in range(100):
+        if partitions:
+            break
+        # No metadata yet (a consumer just started): no partitions would read as "caught up" at once.
+        await feed.topics()
+        partitions = feed.partitions_for_topic(topic)
+        await asyncio.sleep(0.1)
+    if not partitions:
+        raise RuntimeError(f"topic {topic} has no partitions to replay")
     ends: dict[TopicPartition, int] = await feed.end_offsets([TopicPartition(topic, p) for p in partitions])
     return ends
 
