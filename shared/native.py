@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -148,10 +149,24 @@ def overlay(package: str, path: list[str], root: Path = ROOT) -> list[str]:
         if native_dir(root).exists() or _beside_sources(root):
             warnings.warn(message, StaleNative, stacklevel=2)
         return path
-    native = str(native_dir(root))
-    if native not in sys.path:
-        sys.path.append(native)  # mypyc's shared library of the group (last: it holds nothing else to find)
+    _load_group(native_dir(root))
     return [str(native_dir(root) / package.replace(".", os.sep)), *path]
+
+
+def _load_group(native: Path) -> None:
+    """Loads mypyc's shared library of the group, which each compiled module imports by its top-level name.
+    Not by putting the build on sys.path: there its package directories would be namespace packages that
+    shadow the source packages of a process finding them through an editable install (and sys.path passes
+    to child processes)."""
+    for library in native.glob(f"{GROUP}__mypyc.*"):
+        name = library.name.split(".")[0]
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, library)
+            assert spec is not None
+            assert spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
 
 
 def extensions(root: Path = ROOT, build_dir: Path | None = None) -> list[Any]:

@@ -238,8 +238,9 @@ class TestGuard:
             "src/pkg/sub/a.py",
             "src/pkg/types.py",  # imported by a compiled module
         }
+        before = list(sys.path)
         assert self._path(root) == [str(root / ".local" / "native" / "pkg"), str(root / "src" / "pkg")]
-        assert str(root / ".local" / "native") in sys.path  # for mypyc's shared library
+        assert sys.path == before, "the build is never a path entry (its packages would shadow the sources')"
 
     @pytest.mark.parametrize(
         ("change", "reason"),
