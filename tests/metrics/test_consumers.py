@@ -249,6 +249,32 @@ class TestKpisThroughKafka:
             body = await eventually(config)
         assert body["reporting_currency"] == "CHF"
 
+    async def test_a_first_purchase_that_arrives_late_leaves_no_empty_cohort(
+        self, raw_producer: AIOKafkaProducer, tenant: str
+    ) -> None:
+        key = await create_api_key("metrics", tenant, ["metrics:read"])
+        settings = service_settings("metrics", consumer_group_suffix=f"-{tenant}")
+        params = {"period": "month", "from": "2025-01-01", "to": "2025-06-01"}
+        async with running_app(create_app(settings)) as client:
+            # The March order first: the customer is in March's cohort until January's order arrives.
+            await send(raw_producer, PURCHASES, [purchase(tenant, "c-1", net="10.00", ordered_at=at("2025-03-05"))])
+
+            async def cohorts(count: int) -> list[Any] | None:
+                r = await client.get("/v1/kpis/cohorts", params=params, headers={"X-API-Key": key})
+                items: list[Any] = r.json()["items"]
+                return items if sum(i["customers"] for i in items) == count else None
+
+            assert [i["cohort"] for i in await eventually(lambda: cohorts(1))] == ["2025-03-01"]
+            await send(raw_producer, PURCHASES, [purchase(tenant, "c-1", net="10.00", ordered_at=at("2025-01-05"))])
+
+            async def moved() -> list[Any] | None:
+                items = await cohorts(1)
+                return items if items and items[0]["cohort"] == "2025-01-01" else None
+
+            items = await eventually(moved)
+        assert [(i["cohort"], i["customers"]) for i in items] == [("2025-01-01", 1)]
+        assert items[0]["active"][:3] == [1, 0, 1]
+
 
 class TestKpiParameters:
     @pytest.mark.parametrize(
