@@ -206,7 +206,8 @@ ROUTES: dict[str, dict[str, Route]] = {
         "GET /v1/segments": Route("metrics:read", "/v1/segments", 200),
         "GET /v1/customers": Route("metrics:read", "/v1/customers", 200),
         "GET /v1/customers.csv": Route("metrics:read", "/v1/customers.csv", 200),
-        "GET /v1/customers/{customer_id}/metrics": Route("metrics:read", "/v1/customers/{customer}/metrics", 404),
+        # The shopper, whom B never books points for (B's ledger writes on A's names make B customers of those).
+        "GET /v1/customers/{customer_id}/metrics": Route("metrics:read", "/v1/customers/{shopper}/metrics", 404),
     },
 }
 
@@ -226,7 +227,7 @@ SNAPSHOT = {
     ],
     "rules": ["/v1/rulesets", "/v1/customers/{customer}/state"],
     # Purchase figures only: the ledger's entries reach metrics' point figures in their own time.
-    "metrics": ["/v1/config", "/v1/kpis/cohorts", "/v1/customers/{customer}/metrics"],
+    "metrics": ["/v1/config", "/v1/kpis/cohorts"],
 }
 
 
@@ -386,10 +387,11 @@ async def _programme_of_a(world: World, raw_producer: AIOKafkaProducer) -> None:
         day = {"from": o["today"], "to": o["tomorrow"], "period": "day"}
         kpis = await c["metrics"].get("/v1/kpis", params=day, headers=metrics)
         summary = await c["metrics"].get(f"/v1/customers/{o['customer']}/metrics", headers=metrics)
+        shopper = await c["metrics"].get(f"/v1/customers/{o['shopper']}/metrics", headers=metrics)
         return (
             state.status_code == account.status_code == applied.status_code == kpis.status_code == 200
             and kpis.json()["items"][0]["orders"] == 1
-            and summary.status_code == 200
+            and summary.status_code == shopper.status_code == 200
             and summary.json()["orders"] == 1
         )
 
