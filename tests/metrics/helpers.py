@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db import create_engine
-from tests.conftest import database_url
+from tests.conftest import database_url, owner_url
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
@@ -33,16 +33,22 @@ PREDICTION = """insert into metrics.clv_predictions (tenant_id, customer_id, fit
 async def metrics_engine() -> AsyncIterator[AsyncEngine]:
     """An engine on the metrics test database, where metrics.clv_predictions exists."""
     engine = create_engine(database_url("metrics"), pool_size=2)
-    async with engine.begin() as conn:
+    # The schema belongs to the owner role (as after the migrations): it creates the stand-in, the service
+    # role gets its rows.
+    owner = create_engine(owner_url("metrics"), pool_size=1)
+    role = make_url(database_url("metrics")).username
+    async with owner.begin() as conn:
         missing = (await conn.execute(text("select to_regclass('metrics.clv_predictions') is null"))).scalar_one()
         if missing:
             await conn.execute(text(CLV_TABLE))
+            await conn.execute(text(f'grant select, insert, update, delete on metrics.clv_predictions to "{role}"'))
     try:
         yield engine
     finally:
         if missing:
-            async with engine.begin() as conn:
+            async with owner.begin() as conn:
                 await conn.execute(text("drop table metrics.clv_predictions"))
+        await owner.dispose()
         await engine.dispose()
 
 
