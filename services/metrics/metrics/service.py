@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from asyncpg import Record
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -75,6 +75,10 @@ def _purchase_business_id(event: CloudEvent[PurchasesPayload]) -> tuple[str, str
     if isinstance(event.data, PurchaseCompleted):
         return ("order_id", event.data.order_id)
     return business_id(event)
+
+
+# The events that change a customer's segment (purchases, engagement).
+Segmenting = TypeVar("Segmenting", bound=PurchasesPayload | EngagementPayload)
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,7 @@ class MetricsService:
             [(t, c, d, v[0], v[1]) for (t, c) in keys for d, v in sorted(customers[(t, c)].days.items())]
         )
         await changes.save(repo)
+        await segment_service.mark_batch(session, admission.messages)
         return await self._finish(session, admission, refused)
 
     async def _apply_refunds(
@@ -379,6 +384,7 @@ class MetricsService:
         await repo.note_engagement(advocacy)
         await repo.add_engagements(list(rows.values()))
         await self._count_answers(repo, answers)
+        await segment_service.mark_batch(session, admission.messages)
         return await self._finish(session, admission, refused)
 
     async def _count_answers(
@@ -727,12 +733,11 @@ class SegmentService:
         await OutboxRepository.from_session(session).add(outbox)
         return len(outbox)
 
-    async def mark_batch(
-        self, session: AsyncSession, batch: Sequence[Inbound[PurchasesPayload | EngagementPayload]]
-    ) -> None:
-        """After an ingested batch, in its transaction: its customers are to be classified again (by the pending
-        loop, `reclassify_pending`, so ingestion does not wait for it). A customer whose event was refused or
-        skipped is marked all the same: unchanged facts change nothing."""
+    async def mark_batch(self, session: AsyncSession, batch: Sequence[Inbound[Segmenting]]) -> None:
+        """In an ingested batch's transaction, with the events it admitted: their customers are to be classified
+        again (by the pending loop, `reclassify_pending`, so ingestion does not wait for it). A customer whose
+        event was refused is marked all the same (unchanged facts change nothing); a duplicate the tracking
+        skipped marks no one, so a replay changes nothing, not even a customer's `classified_at`."""
         keys = [(m.event.tenantid, m.event.data.customer_id) for m in batch]
         await SegmentRepository.from_session(session).mark_pending(keys)
 
