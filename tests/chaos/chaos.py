@@ -213,10 +213,11 @@ class Service:
 
 
 def cli(config: Config, *args: str, service_env: bool = True) -> subprocess.CompletedProcess[str]:
-    """The `loyalty` command line against the run's databases."""
+    """The `loyalty` command line against the run's databases and broker (`ledger verify` reads the anchors)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if service_env:
         env.update({f"{s.upper()}_DATABASE_URL": config.database_url(s) for s in SERVICES})
+        env.update({f"{s.upper()}_KAFKA_BOOTSTRAP_SERVERS": config.kafka for s in SERVICES})
     return subprocess.run(
         [sys.executable, "-m", "ops.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
     )
