@@ -532,7 +532,9 @@ class MetricsService:
         if low >= high:
             raise InvalidPeriod(low, high)
         cells = await KpiRepository.from_session(session).cells(tenant_id, kind, low, high)
-        cohorts = sorted({c for c, _ in cells})
+        # A cohort is its customers: one whose customers all moved to an earlier first purchase (an order that
+        # arrived late) keeps zero cells, which are not a cohort (a rebuild has none).
+        cohorts = sorted({c for (c, start), n in cells.items() if c == start and n > 0})
         if len(cohorts) > MAX_COHORTS:
             raise InvalidParameter(
                 f"{len(cohorts)} cohorts in the range; at most {MAX_COHORTS}: narrow it with from and to",
