@@ -6,8 +6,9 @@ broker and PostgreSQL. When the stream has drained it reconciles exactly: every 
 pending + held) equal what the ruleset gives for the events sent, computed by `tests.chaos.stream.Reference`
 (not by the rules engine); each customer has one ledger posting per command and the number of commands the
 reference expects; `verify` passes for every customer account (REST) and for the tenant (`loyalty ledger
-verify`); the metrics' order count and revenue equal what was sent; the DLQ is empty. It prints a summary table
-and exits 1 when anything differs.
+verify`); metrics' KPIs over the run's days equal the reference's: orders, net revenue after refunds, refunds,
+points issued and clawed back, customers with an order and the points liability; the DLQ is empty. It prints a
+summary table and exits 1 when anything differs.
 
 It runs on infrastructure of its own, so restarting it disturbs no one else on the machine (or in CI): a Kafka
 broker (`deploy/kafka/kafka.sh` with its own home, `.local/chaos/kafka`, fresh data every run, port 19092), a
@@ -212,10 +213,11 @@ class Service:
 
 
 def cli(config: Config, *args: str, service_env: bool = True) -> subprocess.CompletedProcess[str]:
-    """The `loyalty` command line against the run's databases."""
+    """The `loyalty` command line against the run's databases and broker (`ledger verify` reads the anchors)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if service_env:
         env.update({f"{s.upper()}_DATABASE_URL": config.database_url(s) for s in SERVICES})
+        env.update({f"{s.upper()}_KAFKA_BOOTSTRAP_SERVERS": config.kafka for s in SERVICES})
     return subprocess.run(
         [sys.executable, "-m", "ops.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
     )
@@ -331,9 +333,20 @@ async def all_ready(run: Run, client: httpx.AsyncClient) -> None:
 
 @dataclass
 class Books:
+    """The ledger's customer balances and metrics' figures for the run (its KPIs over the run's days)."""
+
     points: dict[str, int]
-    revenue: Decimal
     orders: int
+    net_revenue: Decimal  # after the refunds
+    refunds: Decimal
+    currency: str | None
+    issued: int
+    clawed_back: int
+    buyers: int  # lifetime: customers with an order
+    liability: int  # lifetime: available + pending + held
+
+    def kpis(self) -> tuple[object, ...]:
+        return (self.orders, self.net_revenue, self.refunds, self.issued, self.clawed_back, self.buyers, self.liability)
 
 
 async def read_books(run: Run, client: httpx.AsyncClient, headers: dict[str, str]) -> Books:
@@ -349,11 +362,30 @@ async def read_books(run: Run, client: httpx.AsyncClient, headers: dict[str, str
         cursor = page["next_cursor"]
         if not cursor:
             break
+    # The run's days (a run may cross midnight); amounts count on their order's day, points on their entry's.
     today = utcnow().date()
-    params = {"from": str(today - timedelta(days=1)), "to": str(today + timedelta(days=1))}
-    kpis = await _get(client, f"{run.config.base_url('metrics')}/v1/kpis/daily-purchases", headers, params)
-    revenue = sum((Decimal(i["net_revenue"]) for i in kpis["items"]), Decimal(0))
-    return Books(points, revenue, kpis["total_orders"])
+    params = {"from": str(today - timedelta(days=1)), "to": str(today + timedelta(days=1)), "period": "day"}
+    metrics = run.config.base_url("metrics")
+    days = (await _get(client, f"{metrics}/v1/kpis", headers, params))["items"]
+    lifetime = await _get(client, f"{metrics}/v1/kpis/lifetime", headers)
+    liability = lifetime["liability"]
+    return Books(
+        points,
+        orders=sum(d["orders"] for d in days),
+        net_revenue=sum((Decimal(d["net_revenue"]) for d in days), Decimal(0)),
+        refunds=sum((Decimal(d["refunds"]) for d in days), Decimal(0)),
+        currency=lifetime["currency"],
+        issued=sum(d["points_issued"] for d in days),
+        clawed_back=sum(d["points_clawed_back"] for d in days),
+        buyers=lifetime["customers"],
+        liability=liability["available_points"] + liability["pending_points"] + liability["held_points"],
+    )
+
+
+def expected_kpis(ref: Reference) -> tuple[object, ...]:
+    """`Books.kpis()` as the reference has them: net revenue is what was ordered minus what was refunded."""
+    net = ref.revenue - ref.refunded
+    return (ref.purchases, net, ref.refunded, ref.issued, ref.clawed, len(ref.buyers), sum(ref.points.values()))
 
 
 async def _get(client: httpx.AsyncClient, url: str, headers: dict[str, str], params: Any = None) -> Any:
@@ -365,11 +397,7 @@ async def _get(client: httpx.AsyncClient, url: str, headers: dict[str, str], par
 def matches(run: Run, books: Books) -> bool:
     ref = run.reference
     customers = set(ref.points) | set(books.points)
-    return (
-        all(books.points.get(c, 0) == ref.points.get(c, 0) for c in customers)
-        and books.orders == ref.purchases
-        and books.revenue == ref.revenue
-    )
+    return all(books.points.get(c, 0) == ref.points.get(c, 0) for c in customers) and books.kpis() == expected_kpis(ref)
 
 
 async def dead_letters(config: Config) -> list[DeadLetter]:
@@ -443,9 +471,18 @@ async def reconcile(run: Run, client: httpx.AsyncClient, headers: dict[str, str]
         log(f"loyalty ledger verify --tenant {run.tenant} failed:\n{tenant_verify.stdout}{tenant_verify.stderr}")
     checks += [
         Check("verify ok, tenant (loyalty ledger verify)", 0, tenant_verify.returncode),
-        Check("metrics: orders", ref.purchases, books.orders),
-        Check("metrics: net revenue (EUR)", ref.revenue, books.revenue),
+        Check("metrics: reporting currency", "EUR", books.currency),
     ]
+    names = [
+        "metrics: orders",
+        "metrics: net revenue after refunds (EUR)",
+        "metrics: refunds (EUR)",
+        "metrics: points issued",
+        "metrics: points clawed back",
+        "metrics: customers with an order",
+        "metrics: points liability (customers)",
+    ]
+    checks += [Check(n, e, f) for n, e, f in zip(names, expected_kpis(ref), books.kpis(), strict=True)]
     letters = await dead_letters(run.config)
     for letter in letters[:10]:
         log(f"dead letter: {letter.code}: {letter.reason}")

@@ -73,9 +73,12 @@ class Reference:
     orders: dict[str, Order] = field(default_factory=dict)
     buyers: set[str] = field(default_factory=set)
     purchases: int = 0
-    revenue: Decimal = Decimal(0)
+    revenue: Decimal = Decimal(0)  # the orders' net amounts as sent
+    refunded: Decimal = Decimal(0)  # the refunds' amounts (never more than their order's)
     refunds: int = 0
     engagements: int = 0
+    issued: int = 0  # points of every earn command
+    clawed: int = 0  # points of every clawback command
 
     def purchase(self, customer: str, order_id: str, net: Decimal) -> None:
         award = int(net.to_integral_value(ROUND_FLOOR)) + (0 if customer in self.buyers else WELCOME_BONUS)
@@ -89,12 +92,14 @@ class Reference:
         order = self.orders[order_id]
         assert 0 < amount <= order.remaining, (order, amount)
         order.refunded += amount
+        self.refunded += amount
         share = min(order.refunded / order.net, Decimal(1))
         target = int((order.award * share).to_integral_value(ROUND_HALF_UP))
         claw = min(target, order.award) - order.clawed
         order.clawed += claw
         self.refunds += 1
         if claw > 0:
+            self.clawed += claw
             self.points[order.customer] -= claw
             self.clawbacks[order.customer] += 1
 
@@ -105,6 +110,7 @@ class Reference:
     def _earn(self, customer: str, points: int) -> None:
         self.points[customer] += points
         if points > 0:
+            self.issued += points
             self.earns[customer] += 1
 
 

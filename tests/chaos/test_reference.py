@@ -18,6 +18,7 @@ def test_awards_and_clawbacks_by_hand() -> None:
     ref.engagement("c", 20)
     assert (ref.points["c"], ref.earns["c"], ref.clawbacks["c"]) == (30, 3, 2)
     assert (ref.purchases, ref.revenue, ref.refunds, ref.engagements) == (2, Decimal("134.44"), 2, 1)
+    assert (ref.refunded, ref.issued, ref.clawed) == (Decimal("123.45"), 173 + 10 + 20, 70 + 103)
 
 
 def test_half_a_point_rounds_up_and_a_refund_worth_nothing_books_no_command() -> None:
@@ -26,6 +27,7 @@ def test_half_a_point_rounds_up_and_a_refund_worth_nothing_books_no_command() ->
     ref.refund("o1", Decimal("0.01"))  # 51 * 0.01 = 0.51 -> 1
     ref.refund("o1", Decimal("0.001"))  # cumulative 0.011 -> 0.561 -> 1: nothing more
     assert (ref.points["c"], ref.clawbacks["c"]) == (50, 1)
+    assert (ref.refunded, ref.issued, ref.clawed) == (Decimal("0.011"), 51, 1)
 
 
 def test_the_stream_is_seeded_and_refunds_never_exceed_their_order() -> None:

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -119,6 +119,51 @@ ROUTES: dict[str, dict[str, Route]] = {
             "admin", "/v1/accounts/{customer}/adjustments", OWN, body={"points": 2, "reason": "probe"}, idempotent=True
         ),
         "PUT /v1/policy": Route("admin", "/v1/policy", OWN, body={"hold_timeout_seconds": 60}),
+        "GET /v1/verify": Route("admin", "/v1/verify", 200),
+        "GET /v1/reward-settings": Route("points:read", "/v1/reward-settings", 200),
+        "PUT /v1/reward-settings": Route("admin", "/v1/reward-settings", OWN, body={"tiers": ["bronze"]}),
+        "GET /v1/rewards": Route("points:read", "/v1/rewards", 200),
+        "GET /v1/rewards/{reward_id}": Route("points:read", "/v1/rewards/{reward}", 404),
+        "PUT /v1/rewards/{reward_id}": Route("admin", "/v1/rewards/{reward}", 404, body={"name": "b", "points": 1}),
+        "DELETE /v1/rewards/{reward_id}": Route("admin", "/v1/rewards/{reward}", 404),
+        "POST /v1/rewards/{reward_id}/coupons": Route(
+            "admin", "/v1/rewards/{reward}/coupons", 404, body={"codes": ["B-CODE-0001"]}
+        ),
+        "GET /v1/customers/{customer_id}/rewards": Route("points:read", "/v1/customers/{shopper}/rewards", 404),
+        # Entitlements and redeemers of a customer B does not know: its own empty answer, nothing of A's.
+        "GET /v1/customers/{customer_id}/entitlements": Route(
+            "points:read", "/v1/customers/{shopper}/entitlements", 200
+        ),
+        "GET /v1/customers/{customer_id}/redeemers": Route("points:read", "/v1/customers/{shopper}/redeemers", 200),
+        "PUT /v1/customers/{customer_id}/redeemers": Route(
+            "admin", "/v1/customers/{shopper}/redeemers", OWN, body={"all_members": True}
+        ),
+        "POST /v1/redemptions": Route(
+            "points:write",
+            "/v1/redemptions",
+            404,
+            body={"customer_id": "{shopper}", "reward_id": "{reward}"},
+            idempotent=True,
+        ),
+        "GET /v1/redemptions/{order_id}": Route("points:read", "/v1/redemptions/{order}", 404),
+        "POST /v1/redemptions/{order_id}/confirm": Route(
+            "points:write", "/v1/redemptions/{order}/confirm", 404, idempotent=True
+        ),
+        "POST /v1/redemptions/{order_id}/cancel": Route(
+            "points:write", "/v1/redemptions/{order}/cancel", 404, idempotent=True
+        ),
+        "POST /v1/coupons/validate": Route("points:read", "/v1/coupons/validate", 404, body={"code": "{coupon}"}),
+        "POST /v1/coupons/consume": Route(
+            "points:write",
+            "/v1/coupons/consume",
+            404,
+            body={"code": "{coupon}", "purchase_order_id": "SO-b"},
+            idempotent=True,
+        ),
+        # B's reward of the same id, after B's requests above that expect A's reward to be missing.
+        "POST /v1/rewards": Route(
+            "admin", "/v1/rewards", OWN, body={"reward_id": "{reward}", "kind": "gift", "name": "b", "points": 1}
+        ),
     },
     "rules": {
         "GET /v1/customers/{customer_id}/state": Route("points:read", "/v1/customers/{customer}/state", 404),
@@ -151,17 +196,38 @@ ROUTES: dict[str, dict[str, Route]] = {
         ),
     },
     "metrics": {
-        "GET /v1/kpis/daily-purchases": Route(
-            "metrics:read", "/v1/kpis/daily-purchases", 200, query={"from": "{today}", "to": "{today}"}
+        "GET /v1/kpis": Route(
+            "metrics:read", "/v1/kpis", 200, query={"from": "{today}", "to": "{tomorrow}", "period": "day"}
         ),
+        "GET /v1/kpis/lifetime": Route("metrics:read", "/v1/kpis/lifetime", 200),
+        "GET /v1/kpis/cohorts": Route("metrics:read", "/v1/kpis/cohorts", 200),
+        "GET /v1/config": Route("metrics:read", "/v1/config", 200),
+        "PUT /v1/config": Route("admin", "/v1/config", OWN, body={"activity_window_days": 30}),
+        "GET /v1/segments": Route("metrics:read", "/v1/segments", 200),
+        "GET /v1/customers": Route("metrics:read", "/v1/customers", 200),
+        "GET /v1/customers.csv": Route("metrics:read", "/v1/customers.csv", 200),
+        # The shopper, whom B never books points for (B's ledger writes on A's names make B customers of those).
+        "GET /v1/customers/{customer_id}/metrics": Route("metrics:read", "/v1/customers/{shopper}/metrics", 404),
     },
 }
 
 # What tenant A's key reads before and after B's requests: equal, or B changed A's data.
 SNAPSHOT = {
-    "ledger": ["/v1/accounts", "/v1/accounts/{account}", "/v1/accounts/{customer}", "/v1/policy", "/v1/liability"],
+    "ledger": [
+        "/v1/accounts",
+        "/v1/accounts/{account}",
+        "/v1/accounts/{customer}",
+        "/v1/accounts/{shopper}",
+        "/v1/policy",
+        "/v1/liability",
+        "/v1/reward-settings",
+        "/v1/rewards",
+        "/v1/redemptions/{order}",
+        "/v1/customers/{shopper}/redeemers",
+    ],
     "rules": ["/v1/rulesets", "/v1/customers/{customer}/state"],
-    "metrics": ["/v1/kpis/daily-purchases?from={today}&to={today}"],
+    # Purchase figures only: the ledger's entries reach metrics' point figures in their own time.
+    "metrics": ["/v1/config", "/v1/kpis/cohorts"],
 }
 
 
@@ -251,13 +317,17 @@ async def world(kafka_topics: list[str], raw_producer: AIOKafkaProducer) -> Asyn
             for name, create in APPS.items()
         }
         marker = uuid.uuid4().hex[:10]
+        today = datetime.now(UTC).date()
         objects = {
             "tenant": tenant_a,
             "account": f"acct-{marker}",
             "customer": f"cust-{marker}",
             "ruleset": f"rs-{marker}",
             "command": f"cmd-{marker}",
-            "today": datetime.now(UTC).date().isoformat(),
+            "shopper": f"shop-{marker}",
+            "reward": f"rw-{marker}",
+            "today": today.isoformat(),
+            "tomorrow": (today + timedelta(days=1)).isoformat(),
         }
         world = World(clients, tenant_a, tenant_b, objects)
         await _programme_of_a(world, raw_producer)
@@ -266,7 +336,8 @@ async def world(kafka_topics: list[str], raw_producer: AIOKafkaProducer) -> Asyn
 
 async def _programme_of_a(world: World, raw_producer: AIOKafkaProducer) -> None:
     """Tenant A: an account with points, a hold and an adjustment, a Kafka command applied, a policy, two ruleset
-    versions (the second active), a customer whose purchase reached rules, the ledger and metrics."""
+    versions (the second active), a customer whose purchase reached rules, the ledger and metrics, and a reward
+    with a redemption (`_rewards_of_a`)."""
     o, c = world.objects, world.clients
     ledger = {"X-API-Key": await world.key("ledger", world.tenant_a)}
     rules = {"X-API-Key": await world.key("rules", world.tenant_a)}
@@ -292,6 +363,7 @@ async def _programme_of_a(world: World, raw_producer: AIOKafkaProducer) -> None:
         headers={**ledger, **idem()},
     )
     assert adjusted.status_code == 201, adjusted.text
+    await _rewards_of_a(world, ledger)
     command = earn(world.tenant_a, o["account"], points=9, command_id=o["command"])
     await raw_producer.send_and_wait(topic(POINTS_COMMANDS), command.to_bytes(), key=command.key)
 
@@ -312,12 +384,15 @@ async def _programme_of_a(world: World, raw_producer: AIOKafkaProducer) -> None:
         state = await c["rules"].get(f"/v1/customers/{o['customer']}/state", headers=rules)
         account = await c["ledger"].get(f"/v1/accounts/{o['customer']}/entries", headers=ledger)
         applied = await c["ledger"].get(f"/v1/commands/{o['command']}", headers=ledger)
-        kpis = await c["metrics"].get(
-            "/v1/kpis/daily-purchases", params={"from": o["today"], "to": o["today"]}, headers=metrics
-        )
+        day = {"from": o["today"], "to": o["tomorrow"], "period": "day"}
+        kpis = await c["metrics"].get("/v1/kpis", params=day, headers=metrics)
+        summary = await c["metrics"].get(f"/v1/customers/{o['customer']}/metrics", headers=metrics)
+        shopper = await c["metrics"].get(f"/v1/customers/{o['shopper']}/metrics", headers=metrics)
         return (
             state.status_code == account.status_code == applied.status_code == kpis.status_code == 200
-            and kpis.json()["total_orders"] == 1
+            and kpis.json()["items"][0]["orders"] == 1
+            and summary.status_code == shopper.status_code == 200
+            and summary.json()["orders"] == 1
         )
 
     await eventually(arrived, timeout_s=60)
@@ -325,10 +400,35 @@ async def _programme_of_a(world: World, raw_producer: AIOKafkaProducer) -> None:
     o["earn"] = entries.json()["items"][0]["transaction_id"]
 
 
+async def _rewards_of_a(world: World, ledger: dict[str, str]) -> None:
+    """A coupon reward, a shopper's reserved redemption of it (its coupon issued) and the shopper's redeemers."""
+    o, c = world.objects, world.clients["ledger"]
+
+    def idem() -> dict[str, str]:
+        return {"Idempotency-Key": f"idem-{uuid.uuid4().hex}"}
+
+    settings = await c.put("/v1/reward-settings", json={"tiers": ["tier-a1", "tier-a2"]}, headers=ledger)
+    assert settings.status_code == 200, settings.text
+    reward = {"reward_id": o["reward"], "kind": "coupon", "name": f"name-{o['reward']}", "points": 3_456_789}
+    created = await c.post("/v1/rewards", json=reward, headers=ledger)
+    assert created.status_code == 201, created.text
+    earned = await c.post(f"/v1/accounts/{o['shopper']}/earn", json={"points": 6_913_578}, headers={**ledger, **idem()})
+    assert earned.status_code == 201, earned.text
+    redeemed = await c.post(
+        "/v1/redemptions", json={"customer_id": o["shopper"], "reward_id": o["reward"]}, headers={**ledger, **idem()}
+    )
+    assert redeemed.status_code == 201, redeemed.text
+    o["order"], o["coupon"] = redeemed.json()["order_id"], redeemed.json()["coupon_code"]
+    members = {"all_members": False, "members": [{"member_id": f"member-{o['shopper']}", "max_points": 5_000}]}
+    redeemers = await c.put(f"/v1/customers/{o['shopper']}/redeemers", json=members, headers=ledger)
+    assert redeemers.status_code == 200, redeemers.text
+
+
 def markers(world: World, request: str) -> list[str]:
     """Tenant A's identifiers and figures that B must never see, but those B's own requests named."""
-    figures = ["7654321", "777777", "98765.43", f"reason-{world.objects['account']}"]
-    own = [world.objects[k] for k in ("tenant", "account", "customer", "ruleset", "command", "hold", "earn")]
+    figures = ["7654321", "777777", "98765.43", "3456789", "6913578", f"reason-{world.objects['account']}", "tier-a1"]
+    names = ("tenant", "account", "customer", "ruleset", "command", "hold", "earn", "shopper", "reward", "order")
+    own = [world.objects[k] for k in (*names, "coupon")]
     return [m for m in own + figures if m not in request]
 
 

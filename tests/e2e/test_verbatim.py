@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
@@ -147,11 +148,19 @@ async def test_kafka_events_carry_hostile_ids_verbatim_into_rules_the_ledger_and
         members = {e["member_id"] for e in entries["items"]}
         assert text in members, entries
 
-    today = utcnow().date().isoformat()
-    kpis = await clients["metrics"].get(
-        "/v1/kpis/daily-purchases", params={"from": today, "to": today}, headers=keys["metrics"]
-    )
-    assert kpis.json()["total_orders"] == len(HOSTILE)
+    today = utcnow().date()
+    day = {"from": today.isoformat(), "to": (today + timedelta(days=1)).isoformat(), "period": "day"}
+
+    async def counted() -> bool:
+        kpis = await clients["metrics"].get("/v1/kpis", params=day, headers=keys["metrics"])
+        return kpis.status_code == 200 and kpis.json()["items"][0]["orders"] == len(HOSTILE)
+
+    # Metrics consumes the purchases on its own, not after the ledger.
+    await eventually(counted, timeout_s=60)
+    for text in HOSTILE:
+        summary = await clients["metrics"].get(f"/v1/customers/{path(text)}/metrics", headers=keys["metrics"])
+        assert summary.status_code == 200, summary.text
+        assert (summary.json()["customer_id"], summary.json()["orders"]) == (text, 1)
 
     def posted(records: list[Any]) -> dict[str, list[dict[str, Any]]]:
         found: dict[str, list[dict[str, Any]]] = {}

@@ -11,8 +11,10 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
+from sqlalchemy import text
 
 from metrics.app import create_app
+from shared.db import create_engine
 from shared.events import (
     CloudEvent,
     LedgerEntryPosted,
@@ -23,7 +25,15 @@ from shared.events import (
     make_event,
 )
 from shared.topics import CUSTOMERS, ENGAGEMENT, LEDGER_ENTRIES, PURCHASES
-from tests.conftest import create_api_key, dead_letters_for, eventually, running_app, service_settings, topic
+from tests.conftest import (
+    create_api_key,
+    database_url,
+    dead_letters_for,
+    eventually,
+    running_app,
+    service_settings,
+    topic,
+)
 from tests.factories import purchase
 
 pytestmark = [pytest.mark.kafka, pytest.mark.db]
@@ -299,6 +309,29 @@ class TestKpiParameters:
             response = await client.get(path, params=params, headers={"X-API-Key": key})
         assert response.status_code == status, response.text
         assert response.headers["content-type"] == "application/problem+json"
+
+    async def test_a_cohort_left_with_zero_customers_is_not_listed(self, tenant: str) -> None:
+        # As ingestion leaves the cells when a customer's earlier order arrives after a later one: the later
+        # order's cohort drops to zero customers, the earlier one's has the customer.
+        cells = [("2025-03-01", "2025-03-01", 0), ("2025-03-01", "2025-04-01", 0), ("2025-01-01", "2025-01-01", 1)]
+        engine = create_engine(database_url("metrics"), pool_size=1)
+        try:
+            async with engine.begin() as conn:
+                for cohort, start, customers in cells:
+                    await conn.execute(
+                        text(
+                            "insert into metrics.period_cells (tenant_id, period, cohort, start, customers) "
+                            "values (:t, 'month', :c, :s, :n)"
+                        ),
+                        {"t": tenant, "c": date.fromisoformat(cohort), "s": date.fromisoformat(start), "n": customers},
+                    )
+        finally:
+            await engine.dispose()
+        key = await create_api_key("metrics", tenant, ["metrics:read"])
+        params = {"period": "month", "from": "2025-01-01", "to": "2025-06-01"}
+        async with running_app(create_app(service_settings("metrics", consumers_enabled=False))) as client:
+            body = (await client.get("/v1/kpis/cohorts", params=params, headers={"X-API-Key": key})).json()
+        assert [(c["cohort"], c["customers"]) for c in body["items"]] == [("2025-01-01", 1)]
 
     async def test_an_empty_tenant_has_zeros_and_nulls(self, tenant: str) -> None:
         key = await create_api_key("metrics", tenant, ["metrics:read"])

@@ -4,6 +4,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Path, Query
 from pydantic import BaseModel
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -50,8 +51,17 @@ IdempotencyKey = Annotated[
 ]
 AccountId = Annotated[str, Path(min_length=1, max_length=MAX_IDENTIFIER, pattern=NO_NUL)]
 # The reads take an account id with slashes (a system account's shard, `system:redemption/07`, or
-# `system:redemption%2F07`, which arrives decoded): `{account_id:path}`. The balance route is declared
+# `system:redemption%2F07`, which arrives decoded): `{account_id:account}`. The balance route is declared
 # after `/entries`, `/expiring` and `/verify`, so those suffixes name the routes, not an account.
+
+
+class AccountPathConvertor(PathConvertor):
+    """Starlette's `path` with a line break too (its `.*` stops there; the earn route's id may hold one)."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("account", AccountPathConvertor())
 Limit = Annotated[int, Query(ge=1, le=500)]
 # Entry sequence numbers are 32-bit (their column): a larger cursor is a 422, not a database error.
 MAX_SEQ = 2**31 - 1
@@ -113,7 +123,7 @@ async def list_accounts(
     return await ledger_service.list_accounts(session, principal.tenant_id, kind=kind, cursor=cursor, limit=limit)
 
 
-@router.get("/accounts/{account_id:path}/entries", response_model=schemas.Page[schemas.Entry])
+@router.get("/accounts/{account_id:account}/entries", response_model=schemas.Page[schemas.Entry])
 @raises(AccountNotFound)
 async def history(
     account_id: AccountId,
@@ -132,7 +142,7 @@ async def history(
     return _found(page, AccountNotFound(account_id))
 
 
-@router.get("/accounts/{account_id:path}/expiring", response_model=schemas.Expiring)
+@router.get("/accounts/{account_id:account}/expiring", response_model=schemas.Expiring)
 @raises(UnprocessableEntity, AccountNotFound)
 async def expiring(
     account_id: AccountId,
@@ -164,7 +174,7 @@ async def _tenant_anchors(request: Request, principal: Admin) -> Anchors:
     return await read_anchors(_settings(request), principal.tenant_id)
 
 
-@router.get("/accounts/{account_id:path}/verify", response_model=schemas.Verification)
+@router.get("/accounts/{account_id:account}/verify", response_model=schemas.Verification)
 @raises(AccountNotFound)
 async def verify(
     account_id: AccountId,
@@ -178,7 +188,7 @@ async def verify(
     return _found(result, AccountNotFound(account_id))
 
 
-@router.get("/accounts/{account_id:path}", response_model=schemas.Balance)
+@router.get("/accounts/{account_id:account}", response_model=schemas.Balance)
 @raises(AccountNotFound)
 async def get_account(
     account_id: AccountId, principal: PointsRead, session: ReadSessionDep, as_of: UtcDatetime | None = None

@@ -15,6 +15,9 @@ class Settings(ServiceSettings):
     service_name: str = "metrics"
     http_port: int = 8003
     database_url: str = "postgresql+asyncpg://loyalty:loyalty@127.0.0.1:5432/loyalty_metrics"
+    outbox_relay_enabled: bool = Field(
+        default=True, description="Relay segment.changed to loyalty.customers.v1 (with or without the consumers)"
+    )
     outbox_poll_seconds: float = Field(default=1.0, gt=0, description="Wait after an outbox round that was not full")
     outbox_batch_size: int = Field(default=1000, ge=1, description="segment.changed rows one relay round sends")
     segments_interval_seconds: float = Field(

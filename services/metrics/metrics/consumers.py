@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from metrics.service import metrics_service, segment_service
+from metrics.service import metrics_service
 from shared.consumer import ConsumerRunner, Inbound, Rejection
 from shared.db import AsyncSession, transaction
 from shared.runtime import Runtime
@@ -20,9 +20,6 @@ GROUPS: dict[str, tuple[str, Handle]] = {
     LEDGER_ENTRIES: ("metrics-ledger-entries", metrics_service.handle_ledger_entries),
     CUSTOMERS: ("metrics-customers", metrics_service.handle_customers),
 }
-# The topics whose events change a customer's segment: their customers are marked in the same transaction and
-# classified again by the pending loop (metrics.tasks) moments later.
-SEGMENT_TOPICS = frozenset({PURCHASES, ENGAGEMENT})
 
 
 def consumer(topic: str) -> Callable[[Runtime], ConsumerRunner]:
@@ -31,10 +28,7 @@ def consumer(topic: str) -> Callable[[Runtime], ConsumerRunner]:
     def make(runtime: Runtime) -> ConsumerRunner:
         async def on_batch(batch: Sequence[Inbound[Any]]) -> Sequence[Rejection]:
             async with transaction(runtime.sessionmaker) as session:
-                rejections = await handle(session, batch)
-                if topic in SEGMENT_TOPICS:
-                    await segment_service.mark_batch(session, batch)
-                return rejections
+                return await handle(session, batch)
 
         return runtime.make_consumer(group=group, topics=[topic], handler=on_batch)
 

@@ -576,9 +576,8 @@ class KpiRepository(RepositoryBase[SessionT]):
 
     async def cells(self, tenant_id: str, kind: str, start: date, end: date) -> dict[tuple[date, date], int]:
         rows = await (await self.driver()).fetch(
-            # A cell a customer left (a later first purchase arrived first) keeps 0: the same as no cell.
             """select cohort, start, customers from metrics.period_cells
-               where tenant_id = $1 and period = $2 and cohort >= $3 and cohort < $4 and customers <> 0""",
+               where tenant_id = $1 and period = $2 and cohort >= $3 and cohort < $4""",
             tenant_id,
             kind,
             start,

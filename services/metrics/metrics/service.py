@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from asyncpg import Record
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -78,6 +78,10 @@ def _purchase_business_id(event: CloudEvent[PurchasesPayload]) -> tuple[str, str
     if isinstance(event.data, PurchaseCompleted):
         return ("order_id", event.data.order_id)
     return business_id(event)
+
+
+# The events that change a customer's segment (purchases, engagement).
+Segmenting = TypeVar("Segmenting", bound=PurchasesPayload | EngagementPayload)
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,7 @@ class MetricsService:
             [(t, c, d, v[0], v[1]) for (t, c) in keys for d, v in sorted(customers[(t, c)].days.items())]
         )
         await changes.save(repo)
+        await segment_service.mark_batch(session, admission.messages)
         return await self._finish(session, admission, refused)
 
     async def _apply_refunds(
@@ -382,6 +387,7 @@ class MetricsService:
         await repo.note_engagement(advocacy)
         await repo.add_engagements(list(rows.values()))
         await self._count_answers(repo, answers)
+        await segment_service.mark_batch(session, admission.messages)
         return await self._finish(session, admission, refused)
 
     async def _count_answers(
@@ -529,7 +535,9 @@ class MetricsService:
         if low >= high:
             raise InvalidPeriod(low, high)
         cells = await KpiRepository.from_session(session).cells(tenant_id, kind, low, high)
-        cohorts = sorted({c for c, _ in cells})
+        # A cohort is its customers: one whose customers all moved to an earlier first purchase (an order that
+        # arrived late) keeps zero cells, which are not a cohort (a rebuild has none).
+        cohorts = sorted({c for (c, start), n in cells.items() if c == start and n > 0})
         if len(cohorts) > MAX_COHORTS:
             raise InvalidParameter(
                 f"{len(cohorts)} cohorts in the range; at most {MAX_COHORTS}: narrow it with from and to",
@@ -730,12 +738,11 @@ class SegmentService:
         await OutboxRepository.from_session(session).add(outbox)
         return len(outbox)
 
-    async def mark_batch(
-        self, session: AsyncSession, batch: Sequence[Inbound[PurchasesPayload | EngagementPayload]]
-    ) -> None:
-        """After an ingested batch, in its transaction: its customers are to be classified again (by the pending
-        loop, `reclassify_pending`, so ingestion does not wait for it). A customer whose event was refused or
-        skipped is marked all the same: unchanged facts change nothing."""
+    async def mark_batch(self, session: AsyncSession, batch: Sequence[Inbound[Segmenting]]) -> None:
+        """In an ingested batch's transaction, with the events it admitted: their customers are to be classified
+        again (by the pending loop, `reclassify_pending`, so ingestion does not wait for it). A customer whose
+        event was refused is marked all the same (unchanged facts change nothing); a duplicate the tracking
+        skipped marks no one, so a replay changes nothing, not even a customer's `classified_at`."""
         keys = [(m.event.tenantid, m.event.data.customer_id) for m in batch]
         await SegmentRepository.from_session(session).mark_pending(keys)
 

@@ -276,9 +276,12 @@ def start(settings: Settings, runtime: Runtime) -> None:
     """The service's background work for the runtime's life: the outbox relay, the segment schedule and pending
     loop, the KPI gauges' refresh and the CLV fit schedule."""
     relay = outbox_relay(settings, runtime)
+    # Checked whether this process relays or not: the outbox's age is the database's, whoever relays it. A
+    # process without consumers relays too: what a stopped process left is not stuck behind an API replica.
     runtime.add_check("outbox", relay.readiness(settings.outbox_max_age_seconds))
-    if settings.consumers_enabled:
+    if settings.outbox_relay_enabled:
         runtime.spawn("metrics:outbox", relay.run(idle_s=settings.outbox_poll_seconds))
+    if settings.consumers_enabled:
         runtime.spawn("metrics:segments", segment_schedule(settings, runtime.sessionmaker))
         runtime.spawn("metrics:segments-pending", pending_loop(settings, runtime.sessionmaker))
     if settings.kpi_gauges_enabled:
