@@ -21,13 +21,15 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
+from sqlalchemy import text
 
 from ledger.app import create_app as ledger_app
 from metrics.app import create_app as metrics_app
 from rules.app import create_app as rules_app
 from shared.auth import SCOPES
+from shared.db import create_engine
 from shared.topics import POINTS_COMMANDS
-from tests.conftest import create_api_key, eventually, running_app, service_settings, topic
+from tests.conftest import create_api_key, database_url, eventually, running_app, service_settings, topic
 from tests.factories import earn
 
 APPS: dict[str, Callable[..., FastAPI]] = {"ledger": ledger_app, "rules": rules_app, "metrics": metrics_app}
@@ -208,6 +210,8 @@ ROUTES: dict[str, dict[str, Route]] = {
         "GET /v1/customers.csv": Route("metrics:read", "/v1/customers.csv", 200),
         # The shopper, whom B never books points for (B's ledger writes on A's names make B customers of those).
         "GET /v1/customers/{customer_id}/metrics": Route("metrics:read", "/v1/customers/{shopper}/metrics", 404),
+        # A has a stored fit (the fit job itself is tests/metrics/test_clv_job.py); B was never fitted.
+        "GET /v1/clv": Route("metrics:read", "/v1/clv", 404),
     },
 }
 
@@ -398,6 +402,24 @@ async def _programme_of_a(world: World, raw_producer: AIOKafkaProducer) -> None:
     await eventually(arrived, timeout_s=60)
     entries = await c["ledger"].get(f"/v1/accounts/{o['customer']}/entries", headers=ledger)
     o["earn"] = entries.json()["items"][0]["transaction_id"]
+    await _clv_fit_of_a(world)
+
+
+async def _clv_fit_of_a(world: World) -> None:
+    """A stored CLV fit of A's, as the fit job leaves it (running the model is the CLV tests' business)."""
+    engine = create_engine(database_url("metrics"), pool_size=1)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    """insert into metrics.clv_fits (tenant_id, fitted_at, as_of, method, parameters, customers,
+                       repeat_customers, duration_seconds, currency, discount_rate, horizon_months)
+                       values (:t, now(), current_date, 'map', '{"bg_nbd": {"r": 0.24}}', 1, 0, 1.5, 'EUR', 0.1, 12)"""
+                ),
+                {"t": world.tenant_a},
+            )
+    finally:
+        await engine.dispose()
 
 
 async def _rewards_of_a(world: World, ledger: dict[str, str]) -> None:
