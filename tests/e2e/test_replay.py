@@ -104,7 +104,8 @@ class Platform:
                 response = await self.clients["metrics"].get(
                     route.path.format(**values), params=params, headers=self.keys["metrics"]
                 )
-                assert response.status_code == 200, (name, response.text)
+                # The CLV fit is a scheduled job, not a consequence of events: this tenant is never fitted.
+                assert response.status_code == (404 if name == "GET /v1/clv" else 200), (name, response.text)
                 seen[name] = response.text
         return seen
 
