@@ -414,5 +414,6 @@ if __name__ == "__main__":
     base = Settings()
     # No TLS on the loopback connection to PostgreSQL: asyncpg would otherwise negotiate it (`prefer`).
     url = base.database_url if "?" in base.database_url else f"{base.database_url}?ssl=disable"
-    upgrade(str(ROOT / "services" / "metrics" / "alembic.ini"), url)
+    # Migrations run as the owner role; the service role gets its rows (as `loyalty migrate` does).
+    upgrade(str(ROOT / "services" / "metrics" / "alembic.ini"), base.migration_url, service_role=base.service_role)
     uvloop.run(main(url))
