@@ -328,28 +328,16 @@ class RewardsService(LedgerService):
         )
         order_id = uuid.uuid4()
         code = await self._issue_coupon(session, tenant_id, reward, order_id) if reward.kind == "coupon" else None
-        timeout = reward.reserve_seconds or config.hold_timeout_seconds
-        hold = HoldState(
-            hold_id=uuid.uuid4(),
-            account_id=customer_id,
-            points=reward.points,
-            captured=0,
-            status="active",
-            allocations=[],
+        hold, _ = self._hold(
+            book,
+            customer_id,
+            reward.points,
             member_id=body.member_id,
             reference=f"redemption:{order_id}",
-            expires_at=book.now + timedelta(seconds=timeout),
-            created_at=book.now,
-        )
-        meta = Meta(
-            kind="hold",
+            timeout_s=reward.reserve_seconds or config.hold_timeout_seconds,
             source=source,
-            member_id=body.member_id,
-            reference_id=hold.reference,
             actor_key_id=actor_key_id,
-            hold_id=hold.hold_id,
         )
-        book.reserve(hold, meta)
         await self._save(session, book)
         value, currency = money_value(reward, config)
         order = RedemptionOrder(

@@ -353,6 +353,41 @@ class LedgerService:
         txn = book.redeem(account_id, body.points, meta)
         return await self._post(session, book, txn, account_id, pending)
 
+    @staticmethod
+    def _hold(
+        book: Book,
+        account_id: str,
+        points: int,
+        *,
+        member_id: str | None,
+        reference: str | None,
+        timeout_s: int,
+        source: str,
+        actor_key_id: str | None,
+    ) -> tuple[HoldState, uuid.UUID]:
+        """A new active hold of `points` on the account, reserved in the book: the hold and its transaction."""
+        hold = HoldState(
+            hold_id=uuid.uuid4(),
+            account_id=account_id,
+            points=points,
+            captured=0,
+            status="active",
+            allocations=[],
+            member_id=member_id,
+            reference=reference,
+            expires_at=book.now + timedelta(seconds=timeout_s),
+            created_at=book.now,
+        )
+        meta = Meta(
+            kind="hold",
+            source=source,
+            member_id=member_id,
+            reference_id=reference,
+            actor_key_id=actor_key_id,
+            hold_id=hold.hold_id,
+        )
+        return hold, book.reserve(hold, meta)
+
     async def reserve(
         self,
         session: AsyncSession,
@@ -366,28 +401,16 @@ class LedgerService:
         pending: PendingResponse | None = None,
     ) -> schemas.HoldPosted:
         book = await self._open(session, tenant_id, [account_id], now=now, lots_of=[account_id])
-        timeout = body.timeout_seconds or book.policy.hold_timeout_seconds
-        hold = HoldState(
-            hold_id=uuid.uuid4(),
-            account_id=account_id,
-            points=body.points,
-            captured=0,
-            status="active",
-            allocations=[],
+        hold, txn = self._hold(
+            book,
+            account_id,
+            body.points,
             member_id=body.member_id,
             reference=body.reference,
-            expires_at=book.now + timedelta(seconds=timeout),
-            created_at=book.now,
-        )
-        meta = Meta(
-            kind="hold",
+            timeout_s=body.timeout_seconds or book.policy.hold_timeout_seconds,
             source=source,
-            member_id=body.member_id,
-            reference_id=body.reference,
             actor_key_id=actor_key_id,
-            hold_id=hold.hold_id,
         )
-        txn = book.reserve(hold, meta)
         posted = await self._post(session, book, txn, account_id, pending)
         return schemas.HoldPosted(**posted.model_dump(), hold=schemas.Hold.model_validate(hold, from_attributes=True))
 
