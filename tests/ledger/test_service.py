@@ -16,8 +16,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ledger import schemas
+from ledger.domain import HoldState
 from ledger.errors import ClawbackExceedsEarn, HoldExpired, LedgerError
 from ledger.models import Entry
+from ledger.repository import LedgerRepository
 from ledger.service import PendingResponse, ledger_service
 from shared.db import AsyncSession, create_engine, transaction
 from shared.events import ClawbackPoints, make_event
@@ -312,6 +314,45 @@ class TestHolds:
         assert (voided.hold.status, voided.balance.available, voided.balance.held) == ("expired", 100, 0)
         assert [e.kind for e in voided.entries] == ["hold_expired", "hold_expired"]
         await check_books(db, tenant)
+
+    async def test_holds_saved_by_a_batch_posting_are_inserted_then_updated(
+        self, db: async_sessionmaker[AsyncSession]
+    ) -> None:
+        # A handful of entries saves holds in the posting's one statement (the tests above); a batch (or no
+        # entries at all) saves them in a statement of their own: the same upsert.
+        tenant = new_tenant()
+        hold = HoldState(
+            hold_id=uuid.uuid4(),
+            account_id="acme",
+            points=30,
+            captured=0,
+            status="active",
+            allocations=[["lot-1", 30]],
+            member_id="buyer-7",
+            reference="order-9",
+            expires_at=T0 + timedelta(minutes=5),
+            created_at=T0,
+        )
+        async with transaction(db) as session:
+            await LedgerRepository.from_session(session).post(tenant, [], [], T0, holds=[hold])
+        hold.status, hold.captured, hold.closed_at = "captured", 30, T0 + timedelta(minutes=1)
+        async with transaction(db) as session:
+            await LedgerRepository.from_session(session).post(tenant, [], [], T0, holds=[hold])
+        async with db() as session:
+            saved = await LedgerRepository.from_session(session).get_hold(tenant, hold.hold_id)
+        assert saved == HoldState(
+            hold_id=hold.hold_id,
+            account_id="acme",
+            points=30,
+            captured=30,
+            status="captured",
+            allocations=[["lot-1", 30]],
+            member_id="buyer-7",
+            reference="order-9",
+            expires_at=T0 + timedelta(minutes=5),
+            created_at=T0,
+            closed_at=T0 + timedelta(minutes=1),
+        )
 
 
 async def _clawback(

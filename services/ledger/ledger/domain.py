@@ -165,7 +165,6 @@ class HoldState:
     expires_at: datetime
     created_at: datetime
     closed_at: datetime | None = None
-    is_new: bool = False
 
     def check_active(self) -> None:
         if self.status != "active":
@@ -281,7 +280,6 @@ class Book:
     def reserve(self, hold: HoldState, meta: Meta) -> uuid.UUID:
         self.account(hold.account_id).check_available(hold.points)
         hold.allocations = [[lot.lot_id, taken] for lot, taken in self._consume(hold.account_id, hold.points)]
-        hold.is_new = True
         self.holds[hold.hold_id] = hold
         self.dirty_holds.add(hold.hold_id)
         return self._transaction(

@@ -11,7 +11,7 @@ from dataclasses import asdict, fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, or_, select, true, tuple_, union, update
+from sqlalchemy import Select, and_, delete, func, or_, select, true, tuple_, union
 from sqlalchemy.dialects.postgresql import insert
 
 from ledger.domain import AccountState, HoldState, LotState, LotTotals, Policy, is_system
@@ -22,7 +22,7 @@ from shared.repository import RepositoryBase
 
 _ACCOUNT_FIELDS = [f.name for f in fields(AccountState)]
 _LOT_FIELDS = [f.name for f in fields(LotState) if f.name != "is_new"]
-_HOLD_FIELDS = [f.name for f in fields(HoldState) if f.name != "is_new"]
+_HOLD_FIELDS = [f.name for f in fields(HoldState)]
 _ENTRY_COLUMNS = [c.name for c in Entry.__table__.columns]
 
 
@@ -101,9 +101,29 @@ _ENTRY_TYPES = {
     "created_at": "timestamptz",
 }
 _COPY_THRESHOLD = 64
+_HOLD_TYPES = {
+    "hold_id": "uuid",
+    "points": "bigint",
+    "captured": "bigint",
+    "allocations": "text",
+    "expires_at": "timestamptz",
+    "created_at": "timestamptz",
+    "closed_at": "timestamptz",
+}
+# New holds are inserted, changed ones (capture, void, expiry) get their status; one statement for any number.
+_UPSERT_HOLDS = f"""
+    INSERT INTO ledger.holds (tenant_id, {", ".join(_HOLD_FIELDS)})
+    SELECT :tenant, {", ".join("u.allocations::jsonb" if c == "allocations" else f"u.{c}" for c in _HOLD_FIELDS)}
+    FROM unnest({", ".join(f"CAST(:h_{c} AS {_HOLD_TYPES.get(c, 'text')}[])" for c in _HOLD_FIELDS)})
+        AS u({", ".join(_HOLD_FIELDS)})
+    ON CONFLICT (tenant_id, hold_id) DO UPDATE
+    SET status = EXCLUDED.status, captured = EXCLUDED.captured, closed_at = EXCLUDED.closed_at
+"""
+_SAVE_HOLDS = _Sql(_UPSERT_HOLDS)
 _INSERT_ENTRIES = _Sql(
     f"""
-    WITH entry AS (
+    WITH holds AS ({_UPSERT_HOLDS}
+    ), entry AS (
         INSERT INTO ledger.entries ({", ".join(_ENTRY_COLUMNS)})
         SELECT {", ".join("u.breakdown::jsonb" if c == "breakdown" else f"u.{c}" for c in _ENTRY_COLUMNS)}
         FROM unnest({", ".join(f"CAST(:{c} AS {_ENTRY_TYPES.get(c, 'text')}[])" for c in _ENTRY_COLUMNS)})
@@ -167,6 +187,16 @@ _SAVE_LOTS = _Sql(
     WHERE l.tenant_id = :tenant AND l.lot_id = u.lot_id
     """
 )
+
+
+def _hold_columns(holds: Sequence[HoldState]) -> dict[str, list[Any]]:
+    """The holds as the `h_`-prefixed column arrays `_UPSERT_HOLDS` takes."""
+    columns: dict[str, list[Any]] = {f"h_{name}": [] for name in _HOLD_FIELDS}
+    for hold in holds:
+        for name in _HOLD_FIELDS:
+            value = getattr(hold, name)
+            columns[f"h_{name}"].append(json.dumps(value) if name == "allocations" else value)
+    return columns
 
 
 class LedgerRepository(RepositoryBase[SessionT]):
@@ -234,11 +264,13 @@ class LedgerRepository(RepositoryBase[SessionT]):
         now: datetime,
         *,
         lots: Sequence[LotState] = (),
+        holds: Sequence[HoldState] = (),
         response: tuple[str, str, int, str] | None = None,
     ) -> bool:
         """Writes the entries, their outbox rows and the accounts' new balances, plus the `lots` changed
-        (`save_lots(..., defer_changed=True)` left them) and the idempotency key's `response` (API key id,
-        key, status, body). Returns whether the response was stored (it is, with a handful of entries)."""
+        (`save_lots(..., defer_changed=True)` left them), the `holds` new or changed, and the idempotency
+        key's `response` (API key id, key, status, body). Returns whether the response was stored (it is,
+        with a handful of entries)."""
         balances: dict[str, Any] = {"tenant": tenant_id, "now": now, **{f"a_{n}": [] for n in _ACCOUNT_FIELDS}}
         for account in accounts:
             for name in _ACCOUNT_FIELDS:
@@ -248,8 +280,11 @@ class LedgerRepository(RepositoryBase[SessionT]):
             tuple(json.dumps(e[c]) if c == "breakdown" and e[c] is not None else e[c] for c in _ENTRY_COLUMNS)
             for e in entries
         ]
+        held = _hold_columns(holds)
         if not entries or len(entries) > _COPY_THRESHOLD:
             await self._save_changed_lots(tenant_id, lots)
+            if holds:
+                await _SAVE_HOLDS.fetch(self, {"tenant": tenant_id, **held})
             if entries:
                 await self.copy("entries", _ENTRY_COLUMNS, records, schema="ledger")
                 await self.copy("outbox", ["entry_id"], [(e["entry_id"],) for e in entries], schema="ledger")
@@ -270,7 +305,7 @@ class LedgerRepository(RepositoryBase[SessionT]):
             "status": status,
             "response": body,
         }
-        await _INSERT_ENTRIES.fetch(self, {**columns, **balances, **extra})
+        await _INSERT_ENTRIES.fetch(self, {**columns, **balances, **held, **extra})
         return response is not None
 
     def _entries(self, tenant_id: str, account_id: str) -> Select[Entry]:
@@ -492,19 +527,6 @@ class LedgerRepository(RepositoryBase[SessionT]):
             .limit(limit)
         )
         return [(row.tenant_id, row.hold_id) for row in await self.session.execute(stmt)]
-
-    async def save_holds(self: LedgerRepository[AsyncSession], tenant_id: str, holds: Iterable[HoldState]) -> None:
-        for hold in holds:
-            values = {n: getattr(hold, n) for n in _HOLD_FIELDS}
-            if hold.is_new:
-                await self.session.execute(insert(Hold).values(tenant_id=tenant_id, **values))
-                hold.is_new = False
-            else:
-                await self.session.execute(
-                    update(Hold)
-                    .where(Hold.tenant_id == tenant_id, Hold.hold_id == hold.hold_id)
-                    .values(status=hold.status, captured=hold.captured, closed_at=hold.closed_at)
-                )
 
     # --- idempotency ------------------------------------------------------------------------------
 

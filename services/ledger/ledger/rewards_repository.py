@@ -40,8 +40,7 @@ _COUNTED = "('reserved', 'confirmed', 'refunded')"
 # The listing for one customer is the hottest rewards read: two fixed statements straight on the driver,
 # the customer's whole context (balance, tier, redeemers, the programme's settings, redemptions per reward
 # and day) in the first.
-_CUSTOMER_CONTEXT = _Sql(
-    f"""
+_CONTEXT = f"""
     SELECT b.available,
         (SELECT t.tier FROM ledger.customer_tiers t WHERE t.tenant_id = :tenant AND t.customer_id = :customer) AS tier,
         (SELECT r.members::text FROM ledger.customer_redeemers r
@@ -55,23 +54,35 @@ _CUSTOMER_CONTEXT = _Sql(
             GROUP BY 1, 2) AS d) AS redeemed
     FROM ledger.balances b LEFT JOIN ledger.reward_settings s ON s.tenant_id = b.tenant_id
     WHERE b.tenant_id = :tenant AND b.account_id = :customer AND b.kind = 'customer'
+"""
+_CUSTOMER_CONTEXT = _Sql(_CONTEXT)
+# A redemption reads the reward with the customer's context: one round trip (the account is locked, so
+# the context's row exists; the reward's columns are null when there is no such reward).
+_REDEMPTION_CONTEXT = _Sql(
+    f"""
+    SELECT c.*, r.reward_id IS NOT NULL AS r_found, {", ".join(f"r.{c} AS r_{c}" for c in _REWARD_COLUMNS)}
+    FROM ({_CONTEXT}) AS c LEFT JOIN ledger.rewards r ON r.tenant_id = :tenant AND r.reward_id = :reward
     """
 )
 _ORDER_COLUMNS = [c.name for c in RedemptionOrder.__table__.columns]
-_REWARD = _Sql(
-    f"SELECT {', '.join(_REWARD_COLUMNS)} FROM ledger.rewards WHERE tenant_id = :tenant AND reward_id = :reward"
-)
-_INSERT_ORDER = _Sql(
-    f"INSERT INTO ledger.redemption_orders ({', '.join(_ORDER_COLUMNS)}) "
-    f"VALUES ({', '.join(':' + c for c in _ORDER_COLUMNS)})"
-)
 _ADD_OUTBOX = _Sql(
     "INSERT INTO ledger.rewards_outbox (key, value) "
     "SELECT * FROM unnest(CAST(:keys AS bytea[]), CAST(:values AS bytea[]))"
 )
-_TAKE_UNIT = _Sql(
-    """UPDATE ledger.rewards SET stock = stock - 1
-    WHERE tenant_id = :tenant AND reward_id = :reward AND stock > 0 RETURNING stock"""
+# A new order, its event and (for a stocked reward, `take`) a unit of stock in one statement, the
+# redemption's last: the reward's row stays locked only from here to the commit.
+_PLACE_ORDER = _Sql(
+    f"""
+    WITH placed AS (
+        INSERT INTO ledger.redemption_orders ({", ".join(_ORDER_COLUMNS)})
+        VALUES ({", ".join(":" + c for c in _ORDER_COLUMNS)})
+    ), event AS (
+        INSERT INTO ledger.rewards_outbox (key, value) VALUES (:event_key, :event_value)
+    )
+    UPDATE ledger.rewards SET stock = stock - 1
+    WHERE tenant_id = :tenant_id AND reward_id = :reward_id AND stock > 0 AND CAST(:take AS boolean)
+    RETURNING stock
+    """
 )
 _ACTIVE_REWARDS = _Sql(
     f"""
@@ -87,6 +98,20 @@ def terms(row: Reward | dict[str, Any]) -> RewardTerms:
     if isinstance(row, dict):
         return RewardTerms(**{name: row[name] for name in TERMS})
     return RewardTerms(**{name: getattr(row, name) for name in TERMS})
+
+
+def _context(row: Any) -> tuple[RewardsConfig, CustomerContext]:
+    tiers = tuple(json.loads(row["tiers"])) if row["tiers"] else ()
+    config = RewardsConfig(tiers, row["point_value"], row["currency"])
+    if row["hold_timeout"] is not None:
+        config = replace(config, hold_timeout_seconds=row["hold_timeout"])
+    redeemed: dict[str, list[tuple[datetime, int]]] = {}
+    for reward_id, day, count in json.loads(row["redeemed"] or "[]"):
+        redeemed.setdefault(reward_id, []).append((datetime.fromisoformat(day), int(count)))
+    members = json.loads(row["members"]) if row["members"] is not None else None
+    redeemers = None if members is None else tuple(Redeemer(m["member_id"], m.get("max_points")) for m in members)
+    customer = CustomerContext(row["available"], row["tier"], redeemers, redeemed)
+    return config, customer
 
 
 class RewardsRepository(RepositoryBase[SessionT]):
@@ -149,14 +174,26 @@ class RewardsRepository(RepositoryBase[SessionT]):
     async def delete_reward(self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str) -> None:
         await self.session.execute(delete(Reward).where(Reward.tenant_id == tenant_id, Reward.reward_id == reward_id))
 
-    async def reward_terms(self, tenant_id: str, reward_id: str) -> dict[str, Any] | None:
-        """A reward's row as a dict, in one fixed statement (the redemption's hot path)."""
-        rows = await _REWARD.fetch(self, {"tenant": tenant_id, "reward": reward_id})
-        return dict(rows[0]) if rows else None
+    async def redemption_context(
+        self, tenant_id: str, customer_id: str, reward_id: str
+    ) -> tuple[dict[str, Any] | None, RewardsConfig, CustomerContext] | None:
+        """The reward's row (None when there is no such reward), the programme's settings and the
+        customer's context in one statement; None without an account."""
+        params = {"tenant": tenant_id, "customer": customer_id, "reward": reward_id}
+        found = await _REDEMPTION_CONTEXT.fetch(self, params)
+        if not found:
+            return None
+        row = found[0]
+        reward = {c: row[f"r_{c}"] for c in _REWARD_COLUMNS} if row["r_found"] else None
+        return (reward, *_context(row))
 
-    async def take_unit(self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str) -> bool:
-        """Takes a unit of the reward's stock when one is left (a stocked reward); False when none is."""
-        return bool(await _TAKE_UNIT.fetch(self, {"tenant": tenant_id, "reward": reward_id}))
+    async def place_order(
+        self: RewardsRepository[AsyncSession], values: dict[str, Any], event: tuple[bytes, bytes], *, take: bool
+    ) -> bool:
+        """Inserts the order and its event; with `take`, takes a unit of the reward's stock. False when
+        `take` found no unit left (the caller rolls back)."""
+        params = {**values, "event_key": event[0], "event_value": event[1], "take": take}
+        return bool(await _PLACE_ORDER.fetch(self, params)) or not take
 
     async def return_unit(self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str) -> None:
         stmt = (
@@ -171,20 +208,7 @@ class RewardsRepository(RepositoryBase[SessionT]):
         """The programme's settings and the customer's context in one statement; None without an account."""
         params = {"tenant": tenant_id, "customer": customer_id}
         found = await _CUSTOMER_CONTEXT.fetch(self, params, begin=False)
-        if not found:
-            return None
-        row = found[0]
-        tiers = tuple(json.loads(row["tiers"])) if row["tiers"] else ()
-        config = RewardsConfig(tiers, row["point_value"], row["currency"])
-        if row["hold_timeout"] is not None:
-            config = replace(config, hold_timeout_seconds=row["hold_timeout"])
-        redeemed: dict[str, list[tuple[datetime, int]]] = {}
-        for reward_id, day, count in json.loads(row["redeemed"] or "[]"):
-            redeemed.setdefault(reward_id, []).append((datetime.fromisoformat(day), int(count)))
-        members = json.loads(row["members"]) if row["members"] is not None else None
-        redeemers = None if members is None else tuple(Redeemer(m["member_id"], m.get("max_points")) for m in members)
-        customer = CustomerContext(row["available"], row["tier"], redeemers, redeemed)
-        return config, customer
+        return _context(found[0]) if found else None
 
     async def active_rewards(self, tenant_id: str, *, after: str | None, limit: int) -> list[dict[str, Any]]:
         params = {"tenant": tenant_id, "after": after or "", "limit": limit}
@@ -252,9 +276,6 @@ class RewardsRepository(RepositoryBase[SessionT]):
                 set_={"members": members, "updated_at": now},
             )
         )
-
-    async def insert_order(self: RewardsRepository[AsyncSession], values: dict[str, Any]) -> None:
-        await _INSERT_ORDER.fetch(self, values)
 
     async def get_order(self, tenant_id: str, order_id: uuid.UUID, *, lock: bool = False) -> RedemptionOrder | None:
         stmt = select(RedemptionOrder).where(

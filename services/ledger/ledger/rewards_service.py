@@ -29,7 +29,6 @@ from ledger.errors import (
     RewardNotFound,
 )
 from ledger.models import RedemptionOrder, processed_events
-from ledger.repository import LedgerRepository
 from ledger.rewards import (
     Order,
     RewardsConfig,
@@ -304,17 +303,16 @@ class RewardsService(LedgerService):
         # The account's lock makes the balance and the customer's limits exact. The reward's stock is taken
         # by the transaction's last statement (a conditional decrement): its row is locked only from there
         # to the commit, so redemptions of one reward queue on it as briefly as possible.
-        # The policy's hold timeout comes with the customer's context (one statement fewer).
+        # The reward, the customer's context and the policy's hold timeout come in one statement.
         book = await self._open(session, tenant_id, [customer_id], now=now, lots_of=[customer_id], policy=False)
-        row = await repo.reward_terms(tenant_id, body.reward_id)
+        context = await repo.redemption_context(tenant_id, customer_id, body.reward_id)
+        assert context is not None, "the account is locked"
+        row, config, unlocked = context
         if row is None:
             raise RewardNotFound(body.reward_id)
         reward = terms(row)
         if reward.kind == "discount" and (body.purchase_order_id is None or body.order_amount is None):
             raise UnprocessableEntity("a discount redemption names its purchase_order_id and order_amount")
-        context = await repo.customer_context(tenant_id, customer_id)
-        assert context is not None, "the account is locked"
-        config, unlocked = context
         # The balance that counts is the locked account's, not the context's (read without the lock).
         customer = replace(unlocked, available=book.account(customer_id).available)
         check_redeemable(
@@ -338,7 +336,6 @@ class RewardsService(LedgerService):
             source=source,
             actor_key_id=actor_key_id,
         )
-        await self._save(session, book)
         value, currency = money_value(reward, config)
         order = RedemptionOrder(
             tenant_id=tenant_id,
@@ -361,17 +358,18 @@ class RewardsService(LedgerService):
             expires_at=hold.expires_at,
             updated_at=book.now,
         )
-        await repo.insert_order({c.name: getattr(order, c.name) for c in RedemptionOrder.__table__.columns})
-        await repo.add_outbox([_changed(order, "reserved", book.now)])
         response = rs.Redemption.model_validate(order)
-        if pending is not None:
-            # Stored before the stock is taken, so that nothing but the commit follows the row's lock.
-            stored = response.model_dump_json()
-            await LedgerRepository.from_session(session).store_response(
-                tenant_id, pending.api_key_id, pending.key, pending.status_code, stored
-            )
+
+        def respond() -> tuple[str, str, int, str]:
+            assert pending is not None
+            return pending.api_key_id, pending.key, pending.status_code, response.model_dump_json()
+
+        # The response is stored with the hold's entries (one statement), the order with its event after.
+        if await self._save(session, book, respond if pending is not None else None):
+            assert pending is not None
             pending.stored = response
-        if row["stock"] is not None and not await repo.take_unit(tenant_id, reward.reward_id):
+        values = {c.name: getattr(order, c.name) for c in RedemptionOrder.__table__.columns}
+        if not await repo.place_order(values, _changed(order, "reserved", book.now), take=row["stock"] is not None):
             raise OutOfStock(reward.reward_id)  # taken meanwhile: everything above rolls back
         return response
 

@@ -194,7 +194,6 @@ class LedgerService:
         changed = await repo.save_lots(
             book.tenant_id, (book.lots[i] for i in sorted(book.dirty_lots)), defer_changed=True
         )
-        await repo.save_holds(book.tenant_id, (book.holds[i] for i in sorted(book.dirty_holds)))
         # From here on the tenant's system accounts are locked: as few statements as possible follow.
         system = book.unsealed_accounts()
         if system:
@@ -205,6 +204,7 @@ class LedgerService:
             (book.accounts[a] for a in sorted(book.touched)),
             book.now,
             lots=changed,
+            holds=[book.holds[i] for i in sorted(book.dirty_holds)],
             response=respond() if respond is not None and book.entries else None,
         )
         book.entries, book.touched, book.dirty_lots, book.dirty_holds = [], set(), set(), set()
