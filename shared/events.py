@@ -605,8 +605,11 @@ MAX_BUSINESS_ID = 200
 def business_id(event: CloudEvent[Any]) -> tuple[str, str] | None:
     """The business id an event names, as (field, value): processed once per tenant, whatever the event's id
     (shared.tracking refuses a second event naming it). None for a purchase (each service goes by its order
-    id its own way), for a wallet estimate (a later one replaces it) and for custom engagement (no id)."""
+    id its own way), for a wallet estimate (a later one replaces it), for custom engagement (no id) and for a
+    partial refund of a redemption order (an order may have several)."""
     data = event.data
+    if isinstance(data, RedemptionChanged):
+        return _redemption_change(data)
     if isinstance(data, PurchaseRefunded):
         return ("refund_id", data.refund_id)
     if isinstance(data, ReviewPosted):
@@ -623,3 +626,14 @@ def business_id(event: CloudEvent[Any]) -> tuple[str, str] | None:
             answer = f"survey-{hashlib.sha256(answer.encode()).hexdigest()[:32]}"
         return ("survey_answer", answer)
     return None
+
+
+def _redemption_change(data: RedemptionChanged) -> tuple[str, str] | None:
+    # An order is reserved, confirmed, cancelled, expired, its coupon consumed and refunded in full at most once
+    # (the ledger's state machine); partial refunds repeat and carry no id of their own.
+    if data.change == "refunded" and data.state != "refunded":
+        return None
+    change = f"{data.change}:{data.order_id}"
+    if len(change) > MAX_BUSINESS_ID:
+        change = f"{data.change}-{hashlib.sha256(change.encode()).hexdigest()[:32]}"
+    return ("redemption_change", change)

@@ -6,7 +6,7 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
-from shared.events import CloudEvent, EarnPoints, PurchaseCompleted, PurchaseLine, make_event
+from shared.events import CloudEvent, EarnPoints, PurchaseCompleted, PurchaseLine, RedemptionChanged, make_event
 
 
 def purchase(
@@ -35,3 +35,21 @@ def earn(tenant: str, customer: str = "cust-1", *, points: int = 10, **overrides
     }
     fields.update(overrides)
     return make_event("points.earn", EarnPoints(**fields), tenant_id=tenant, source="tests")
+
+
+def redemption(
+    tenant: str, order_id: str, change: str, *, customer: str = "cust-1", **overrides: Any
+) -> CloudEvent[Any]:
+    """A `redemption.changed` as the ledger's rewards outbox publishes it (a gift of 100 points, reserved)."""
+    fields: dict[str, Any] = {
+        "order_id": order_id,
+        "customer_id": customer,
+        "reward_id": "gift-1",
+        "reward_kind": "gift",
+        "change": change,
+        "state": {"coupon_consumed": "confirmed"}.get(change, change),
+        "points": 100,
+    }
+    fields.update(overrides)
+    data = RedemptionChanged(**fields)
+    return make_event("redemption.changed", data, tenant_id=tenant, source="loyalty/ledger", time=data.occurred_at)

@@ -203,6 +203,10 @@ ROUTES: dict[str, dict[str, Route]] = {
         ),
         "GET /v1/kpis/lifetime": Route("metrics:read", "/v1/kpis/lifetime", 200),
         "GET /v1/kpis/cohorts": Route("metrics:read", "/v1/kpis/cohorts", 200),
+        # A's coupon redemption reached metrics through the ledger's rewards outbox; B's window is its own, empty.
+        "GET /v1/kpis/redemptions": Route(
+            "metrics:read", "/v1/kpis/redemptions", 200, query={"from": "{today}", "to": "{tomorrow}"}
+        ),
         "GET /v1/config": Route("metrics:read", "/v1/config", 200),
         "PUT /v1/config": Route("admin", "/v1/config", OWN, body={"activity_window_days": 30}),
         "GET /v1/segments": Route("metrics:read", "/v1/segments", 200),
@@ -230,8 +234,9 @@ SNAPSHOT = {
         "/v1/customers/{shopper}/redeemers",
     ],
     "rules": ["/v1/rulesets", "/v1/customers/{customer}/state"],
-    # Purchase figures only: the ledger's entries reach metrics' point figures in their own time.
-    "metrics": ["/v1/config", "/v1/kpis/cohorts"],
+    # Purchase figures and A's redemption (both awaited by `_programme_of_a`): the ledger's entries reach metrics'
+    # point figures in their own time.
+    "metrics": ["/v1/config", "/v1/kpis/cohorts", "/v1/kpis/redemptions?from={today}&to={tomorrow}"],
 }
 
 
@@ -392,11 +397,14 @@ async def _programme_of_a(world: World, raw_producer: AIOKafkaProducer) -> None:
         kpis = await c["metrics"].get("/v1/kpis", params=day, headers=metrics)
         summary = await c["metrics"].get(f"/v1/customers/{o['customer']}/metrics", headers=metrics)
         shopper = await c["metrics"].get(f"/v1/customers/{o['shopper']}/metrics", headers=metrics)
+        window = {"from": o["today"], "to": o["tomorrow"]}
+        redeemed = await c["metrics"].get("/v1/kpis/redemptions", params=window, headers=metrics)
         return (
             state.status_code == account.status_code == applied.status_code == kpis.status_code == 200
             and kpis.json()["items"][0]["orders"] == 1
             and summary.status_code == shopper.status_code == 200
             and summary.json()["orders"] == 1
+            and [(i["reward_id"], i["reserved"]) for i in redeemed.json()["items"]] == [(o["reward"], 1)]
         )
 
     await eventually(arrived, timeout_s=60)

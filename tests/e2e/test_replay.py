@@ -1,11 +1,11 @@
 """Duplicates and replays change nothing, through the three services on the real broker and PostgreSQL.
 
 A seeded stream of purchases, partial and full refunds and engagement (tests/chaos/stream.py, with its independent
-reference) goes through rules, the ledger and metrics; once the books match the reference, the same events are
-sent again, the consumer groups are reset to the earliest offsets, or the rules' outbox relay dies with a batch
-sent but not deleted and is restarted. Each time, after every group has caught up: every customer's balance and
-entries and every metrics read route (`ROUTES["metrics"]` of test_access.py, so new KPIs are included) answer
-exactly as before.
+reference), and redemption order changes on the rewards topic as the ledger publishes them, go through rules, the
+ledger and metrics; once the books match the reference, the same events are sent again, the consumer groups are
+reset to the earliest offsets, or the rules' outbox relay dies with a batch sent but not deleted and is restarted.
+Each time, after every group has caught up: every customer's balance and entries and every metrics read route
+(`ROUTES["metrics"]` of test_access.py, so new KPIs are included) answer exactly as before.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from rules.repository import OutboxRepository
 from rules.service import RulesOutbox
 from shared.db import AsyncSession, create_engine, create_sessionmaker, transaction
+from shared.events import utcnow
 from shared.outbox import OutboxRelay
-from shared.topics import POINTS_COMMANDS
+from shared.topics import POINTS_COMMANDS, REWARDS
 from tests.chaos.stream import RULESET, Sent, Stream
 from tests.conftest import (
     KAFKA,
@@ -41,7 +42,7 @@ from tests.conftest import (
     topic,
 )
 from tests.e2e.test_access import APPS, ROUTES
-from tests.factories import earn
+from tests.factories import earn, redemption
 from tests.groups import group_lag, reset_to_earliest
 
 pytestmark = [pytest.mark.kafka, pytest.mark.db]
@@ -159,15 +160,37 @@ async def settle(p: Platform, producer: AIOKafkaProducer, stream: Stream, events
             sum(i["points_clawed_back"] for i in items),
             segments["customers"],
         )
-        return found == (ref.purchases, ref.issued, ref.clawed, len(ref.buyers))
+        redeemed = await p.clients["metrics"].get("/v1/kpis/redemptions", params=days, headers=p.keys["metrics"])
+        kinds = {t["reward_kind"]: (t["reserved"], t["confirmed"], t["cancelled"]) for t in redeemed.json()["totals"]}
+        return found == (ref.purchases, ref.issued, ref.clawed, len(ref.buyers)) and kinds == REDEEMED
 
     await eventually(matches, timeout_s=180, interval_s=0.5)
     await p.caught_up()
 
 
+# What `redemptions` adds per kind today: (reserved, confirmed, cancelled).
+REDEEMED = {"gift": (2, 1, 1), "privilege": (0, 0, 0), "discount": (0, 0, 0), "coupon": (1, 1, 0)}
+
+
+def redemptions(tenant: str, customers: list[str]) -> list[Sent]:
+    """A gift confirmed, a gift cancelled and a coupon confirmed by its consumption, as the ledger publishes them."""
+    now = utcnow()
+    coupon: dict[str, Any] = {"reward_id": "cpn", "reward_kind": "coupon", "customer": customers[1], "occurred_at": now}
+    events = [
+        redemption(tenant, f"{tenant}-R1", "reserved", customer=customers[0], occurred_at=now),
+        redemption(tenant, f"{tenant}-R1", "confirmed", customer=customers[0], occurred_at=now),
+        redemption(tenant, f"{tenant}-R2", "reserved", customer=customers[1], occurred_at=now),
+        redemption(tenant, f"{tenant}-R2", "cancelled", customer=customers[1], occurred_at=now),
+        redemption(tenant, f"{tenant}-R3", "reserved", **coupon),
+        redemption(tenant, f"{tenant}-R3", "coupon_consumed", **coupon),
+    ]
+    return [Sent(REWARDS, e) for e in events]
+
+
 def stream_of(tenant: str, seed: int) -> tuple[Stream, list[Sent]]:
     stream = Stream(tenant, customers=4, seed=seed)
-    return stream, [stream.next() for _ in range(40)]
+    events = [stream.next() for _ in range(40)]
+    return stream, events + redemptions(tenant, stream.customers)
 
 
 @pytest.fixture
@@ -198,7 +221,9 @@ class TestReplay:
             before = await p.books(stream)
         # The groups are empty once the services stopped: every one of them reads its topics again.
         replayed = {svc: await reset_to_earliest(KAFKA, f"{svc}{suffix}") for svc in APPS}
-        assert replayed["rules"] >= len(events), replayed
+        replayed["metrics-rewards"] = await reset_to_earliest(KAFKA, f"metrics-rewards{suffix}")
+        assert replayed["rules"] >= len(events) - len(redemptions(tenant, stream.customers)), replayed
+        assert replayed["metrics-rewards"] >= len(redemptions(tenant, stream.customers)), replayed
         assert replayed["metrics"] >= stream.reference.purchases + stream.reference.refunds, replayed
         assert replayed["ledger"] >= 1, replayed
         async with platform(tenant, suffix) as p:

@@ -18,6 +18,8 @@ from metrics.models import (
     Engagement,
     PeriodActive,
     PeriodSurveys,
+    RedemptionsDaily,
+    RedemptionValuesDaily,
     TenantConfig,
 )
 from shared.db import AsyncSession, transaction
@@ -31,6 +33,15 @@ def at(day: str, hour: int = 12) -> datetime:
 
 def daily(tenant: str, day: str, **counters: Any) -> dict[str, Any]:
     return {"tenant_id": tenant, "day": date.fromisoformat(day), **counters}
+
+
+def redeemed(tenant: str, day: str, reward: str, kind: str, **counters: int) -> dict[str, Any]:
+    return {"tenant_id": tenant, "day": date.fromisoformat(day), "reward_id": reward, "reward_kind": kind, **counters}
+
+
+def valued(tenant: str, day: str, reward: str, kind: str, currency: str, value: str) -> dict[str, Any]:
+    row = {"tenant_id": tenant, "day": date.fromisoformat(day), "reward_id": reward, "reward_kind": kind}
+    return {**row, "currency": currency, "value": Decimal(value)}
 
 
 def survey(tenant: str, customer: str, nps: int, occurred_at: datetime) -> dict[str, Any]:
@@ -77,7 +88,11 @@ def segment_row(tenant: str, customer: str, segment: str, clv: str, p_alive: flo
 async def seed(sessionmaker: async_sessionmaker[AsyncSession], tenant: str) -> None:
     """March 2025 (TODAY the 15th): S = 3 (2 + 1 before March), E = 3 on the 31st (+1 new, -1 spell ended),
     N = 1; 4 customers active in March. Buyers: 5, of whom 2 with 2 or more orders; net revenue 600 (300, 150,
-    100, 50, 0). NPS in March: 2 promoters, 1 detractor. Points: 270 available, 50 pending; point value 0.5."""
+    100, 50, 0). NPS in March: 2 promoters, 1 detractor. Points: 270 available, 50 pending; point value 0.5.
+    Redemptions up to TODAY: mug (gift) 2 reserved, 2 confirmed, 1 cancelled, 200 points spent, 25.00 EUR; cpn
+    (coupon) 1 reserved and confirmed by its coupon, 300 points, 10.00 EUR; disc (discount) 1 confirmed and refunded
+    in full, 200 points spent and returned, 2.00 EUR; a privilege whose confirmation moved away (zeros); after
+    TODAY, 5 more mugs."""
     async with transaction(sessionmaker) as session:
         await session.execute(
             insert(Daily),
@@ -183,4 +198,56 @@ async def seed(sessionmaker: async_sessionmaker[AsyncSession], tenant: str) -> N
         )
         await session.execute(
             insert(TenantConfig).values(tenant_id=tenant, reporting_currency="EUR", point_value=Decimal("0.5"))
+        )
+        await session.execute(
+            insert(RedemptionsDaily),
+            [
+                redeemed(
+                    tenant,
+                    "2025-03-02",
+                    "mug",
+                    "gift",
+                    reserved=2,
+                    confirmed=1,
+                    cancelled=1,
+                    points_reserved=200,
+                    points_spent=100,
+                ),
+                redeemed(tenant, "2025-03-05", "mug", "gift", confirmed=1, points_spent=100),
+                redeemed(
+                    tenant,
+                    "2025-03-03",
+                    "cpn",
+                    "coupon",
+                    reserved=1,
+                    confirmed=1,
+                    coupons_consumed=1,
+                    points_reserved=300,
+                    points_spent=300,
+                ),
+                redeemed(
+                    tenant,
+                    "2025-03-04",
+                    "disc",
+                    "discount",
+                    reserved=1,
+                    confirmed=1,
+                    points_reserved=200,
+                    points_spent=200,
+                ),
+                redeemed(tenant, "2025-03-10", "disc", "discount", refunded=1, points_returned=200),
+                redeemed(tenant, "2025-02-01", "vip", "privilege"),
+                redeemed(tenant, "2025-03-20", "mug", "gift", reserved=5, points_reserved=500),
+            ],
+        )
+        await session.execute(
+            insert(RedemptionValuesDaily),
+            [
+                valued(tenant, "2025-03-02", "mug", "gift", "EUR", "12.50"),
+                valued(tenant, "2025-03-05", "mug", "gift", "EUR", "12.50"),
+                valued(tenant, "2025-03-03", "cpn", "coupon", "EUR", "10.00"),
+                valued(tenant, "2025-03-04", "disc", "discount", "EUR", "2.00"),
+                valued(tenant, "2025-02-01", "vip", "privilege", "USD", "0.00"),
+                valued(tenant, "2025-03-20", "mug", "gift", "USD", "99.00"),
+            ],
         )

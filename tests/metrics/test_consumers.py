@@ -299,6 +299,10 @@ class TestKpiParameters:
             ("/v1/kpis/lifetime", {"as_of": "9999-12-31"}, 422),
             ("/v1/kpis/cohorts", {"period": "day"}, 422),
             ("/v1/kpis/cohorts", {"from": "2025-03-01", "to": "2025-01-01"}, 422),
+            ("/v1/kpis/redemptions", {"from": "2025-03-01", "to": "2025-03-01"}, 422),
+            ("/v1/kpis/redemptions", {"from": "2022-01-01", "to": "2025-01-06"}, 422),  # 1,101 days
+            ("/v1/kpis/redemptions", {"from": "2025-01-01", "to": "9000-01-01"}, 422),
+            ("/v1/kpis/redemptions", {"to": "2025-01-01"}, 422),
         ],
     )
     async def test_bad_parameters_are_422_problems(
@@ -342,7 +346,16 @@ class TestKpiParameters:
                 headers={"X-API-Key": key},
             )
             lifetime = await client.get("/v1/kpis/lifetime", headers={"X-API-Key": key})
+            # 1,100 days: the longest window.
+            redemptions = await client.get(
+                "/v1/kpis/redemptions", params={"from": "2022-01-01", "to": "2025-01-05"}, headers={"X-API-Key": key}
+            )
         assert_empty(kpis, lifetime)
+        assert redemptions.status_code == 200, redemptions.text
+        body = redemptions.json()
+        assert body["items"] == []
+        assert [t["reward_kind"] for t in body["totals"]] == ["gift", "privilege", "discount", "coupon"]
+        assert {(t["reserved"], t["points_spent"], tuple(t["values"])) for t in body["totals"]} == {(0, 0, ())}
 
 
 def assert_empty(kpis: httpx.Response, lifetime: httpx.Response) -> None:

@@ -126,6 +126,19 @@ class TestFiguresByHand:
             ("n = 5", None, None),
         ]
 
+    async def test_redemptions_per_reward_and_kind(self, reader: AsyncEngine, seeded: str) -> None:
+        columns, rows = await run(reader, panel("Redemptions per reward and kind"), seeded)
+        assert columns[:2] == ["reward", "kind"]
+        assert columns[-1] == "value confirmed"
+        # Up to the 15th of March: the mugs of the 20th are after the range, the privilege's rows are zeros.
+        assert [tuple(int(v) if isinstance(v, Decimal) else v for v in row) for row in rows] == [
+            # reserved, confirmed, cancelled, expired, refunded in full, coupons consumed, points reserved,
+            # spent, returned, value: mug 2 x 12.50.
+            ("mug", "gift", 2, 2, 1, 0, 0, 0, 200, 200, 0, "25.00 EUR"),
+            ("cpn", "coupon", 1, 1, 0, 0, 0, 1, 300, 300, 0, "10.00 EUR"),
+            ("disc", "discount", 1, 1, 0, 0, 1, 0, 200, 200, 200, "2.00 EUR"),
+        ]
+
     async def test_the_reader_cannot_read_api_keys(self, reader: AsyncEngine) -> None:
         async with reader.connect() as conn:
             with pytest.raises(DBAPIError, match="permission denied"):

@@ -21,12 +21,13 @@ from shared.events import (
     PurchaseCompleted,
     PurchasesPayload,
     RewardsPayload,
+    business_id,
     decode_event,
     payload_model,
 )
 from shared.schema_export import SCHEMA_DIR, exported_schemas
 from shared.topics import CUSTOMERS, ENGAGEMENT, LEDGER_ENTRIES, POINTS_COMMANDS, PURCHASES, REWARDS
-from tests.factories import purchase
+from tests.factories import purchase, redemption
 
 
 class TestTopicPayloads:
@@ -95,6 +96,37 @@ class TestEnvelope:
         offset = event.time.utcoffset()
         assert offset is not None
         assert offset.total_seconds() == 0
+
+
+class TestRedemptionBusinessIds:
+    """An order has each change once, and its refund in full once; its partial refunds are several."""
+
+    WHEN = datetime.fromisoformat("2025-03-01T10:00:00+00:00")
+
+    @pytest.mark.parametrize(
+        ("change", "state", "expected"),
+        [
+            ("reserved", "reserved", "reserved:O-1"),
+            ("confirmed", "confirmed", "confirmed:O-1"),
+            ("coupon_consumed", "confirmed", "coupon_consumed:O-1"),
+            ("cancelled", "cancelled", "cancelled:O-1"),
+            ("expired", "expired", "expired:O-1"),
+            ("refunded", "refunded", "refunded:O-1"),
+            ("refunded", "confirmed", None),
+        ],
+    )
+    def test_each_change_of_an_order(self, change: str, state: str, expected: str | None) -> None:
+        event = redemption("acme", "O-1", change, state=state, occurred_at=self.WHEN)
+        assert business_id(event) == (None if expected is None else ("redemption_change", expected))
+
+    def test_a_long_order_id_is_hashed_within_the_tracking_column(self) -> None:
+        long_id, other = "O" * 200, "O" * 199 + "P"
+        found = [business_id(redemption("acme", o, "confirmed", occurred_at=self.WHEN)) for o in (long_id, other)]
+        assert found[0] is not None
+        assert found[1] is not None
+        assert found[0] != found[1]
+        assert found[0][1].startswith("confirmed-")
+        assert len(found[0][1]) == len("confirmed-") + 32
 
 
 class TestDecodeErrors:

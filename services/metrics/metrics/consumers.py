@@ -9,7 +9,7 @@ from metrics.service import metrics_service
 from shared.consumer import ConsumerRunner, Inbound, Rejection
 from shared.db import AsyncSession, transaction
 from shared.runtime import Runtime
-from shared.topics import CUSTOMERS, ENGAGEMENT, LEDGER_ENTRIES, PURCHASES
+from shared.topics import CUSTOMERS, ENGAGEMENT, LEDGER_ENTRIES, PURCHASES, REWARDS
 
 Handle = Callable[[AsyncSession, Sequence[Inbound[Any]]], Awaitable[list[Rejection]]]
 
@@ -19,6 +19,7 @@ GROUPS: dict[str, tuple[str, Handle]] = {
     ENGAGEMENT: ("metrics-engagement", metrics_service.handle_engagement),
     LEDGER_ENTRIES: ("metrics-ledger-entries", metrics_service.handle_ledger_entries),
     CUSTOMERS: ("metrics-customers", metrics_service.handle_customers),
+    REWARDS: ("metrics-rewards", metrics_service.handle_rewards),
 }
 
 

@@ -34,6 +34,7 @@ CELL_PERIODS: tuple[Period, ...] = ("week", "month", "quarter", "year")
 # for the change in the periods a customer is active in; ("cell", kind, cohort, start) for the cohorts.
 Key = tuple[str, date] | tuple[str, str, date] | tuple[str, str, date, date]
 K = TypeVar("K")
+N = TypeVar("N", int, Decimal)
 
 
 def period_start(kind: Period, day: date) -> date:
@@ -109,7 +110,7 @@ def periods_of(days: Iterable[date]) -> dict[tuple[Period, date], int]:
     return {(kind, period_start(kind, day)): 1 for day in days for kind in PERIODS}
 
 
-def difference(after: Mapping[K, int], before: Mapping[K, int]) -> dict[K, int]:
+def difference(after: Mapping[K, N], before: Mapping[K, N]) -> dict[K, N]:
     """after - before, without the keys that did not change."""
     out = {k: v - before.get(k, 0) for k, v in after.items()}
     for k, v in before.items():

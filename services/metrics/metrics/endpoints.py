@@ -21,6 +21,11 @@ router = APIRouter(prefix="/v1", tags=["kpis"], route_class=DocumentedRoute)
 
 MetricsRead = Annotated[Principal, Depends(require("metrics:read"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
+# A range of days [from, to), as the KPIs and the redemptions take it.
+FromDay = Annotated[date, Query(alias="from", ge=EARLIEST.date(), lt=LATEST.date(), description="First day")]
+ToDay = Annotated[
+    date, Query(alias="to", ge=EARLIEST.date(), lt=LATEST.date(), description="First day after the range")
+]
 
 
 @router.get("/kpis", response_model=schemas.KpiList)
@@ -28,10 +33,8 @@ Admin = Annotated[Principal, Depends(require("admin"))]
 async def kpis(
     principal: MetricsRead,
     session: ReadSessionDep,
-    start: Annotated[date, Query(alias="from", ge=EARLIEST.date(), lt=LATEST.date(), description="First day")],
-    end: Annotated[
-        date, Query(alias="to", ge=EARLIEST.date(), lt=LATEST.date(), description="First day after the range")
-    ],
+    start: FromDay,
+    end: ToDay,
     period: Annotated[Period, Query(description="The length of each period")] = "month",
 ) -> schemas.KpiList:
     """The programme's KPIs per period: one object per whole period (day, week from Monday, month, quarter,
@@ -72,6 +75,22 @@ async def cohorts(
     to)), its size and, for each period since, how many of them bought then and their share (at most 240
     cohorts)."""
     return await metrics_service.cohorts(session, principal.tenant_id, kind=period, start=start, end=end)
+
+
+@router.get("/kpis/redemptions", response_model=schemas.RedemptionSummary)
+@raises(InvalidPeriod, InvalidParameter)
+async def redemptions(
+    principal: MetricsRead,
+    session: ReadSessionDep,
+    start: FromDay,
+    end: ToDay,
+) -> schemas.RedemptionSummary:
+    """Redemption orders per reward and kind over the days of [from, to) (at most 1,100), and the totals per
+    kind: orders reserved, confirmed (by fulfilment or by the coupon of a reserved order), cancelled, expired,
+    refunded in full, coupons consumed; points reserved, spent (confirmed) and returned by refunds; the money
+    value of the confirmed orders per currency. Each change counts on the UTC day it occurred, from the ledger's
+    `redemption.changed` events (docs/metrics.md)."""
+    return await metrics_service.redemption_summary(session, principal.tenant_id, start=start, end=end)
 
 
 @router.get("/config", response_model=schemas.TenantConfig, tags=["config"])

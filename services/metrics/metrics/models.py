@@ -1,7 +1,8 @@
 """The metrics service's tables (schema `metrics`). Amounts are in the tenant's reporting currency unless a
-column says `original_`; days are UTC dates of the business time (a purchase's `ordered_at`, else the event's
-`time`). Everything but `orders`, `refunds`, `engagements`, `customer_days` and `member_days` is an aggregate
-that `loyalty metrics rebuild` recomputes from the topics."""
+column says `original_` (redemption values stay in their own currency, a column of the key); days are UTC dates
+of the business time (a purchase's `ordered_at`, a redemption change's `occurred_at`, else the event's `time`).
+Everything but `orders`, `refunds`, `engagements`, `customer_days`, `member_days`, `redemption_orders` and
+`redemption_changes` is an aggregate that `loyalty metrics rebuild` recomputes from the topics."""
 
 from datetime import date, datetime
 from decimal import Decimal
@@ -394,3 +395,67 @@ class ClvFit(Base):
     currency: Mapped[str] = mapped_column(String(3), nullable=False)
     discount_rate: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
     horizon_months: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
+class RedemptionOrder(Base):
+    """A redemption order of the ledger's (from its first `redemption.changed`): what every change of it repeats."""
+
+    __tablename__ = "redemption_orders"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    order_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(ID), nullable=False)
+    reward_id: Mapped[str] = mapped_column(String(ID), nullable=False)
+    reward_kind: Mapped[str] = mapped_column(String(12), nullable=False)
+    points: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    value: Mapped[Decimal | None] = mapped_column(Numeric)
+    currency: Mapped[str | None] = mapped_column(String(3))
+
+
+class RedemptionChange(Base):
+    """Every `redemption.changed` of an order, once: what its footprint is recomputed from (metrics/redemptions.py)."""
+
+    __tablename__ = "redemption_changes"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    order_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    source: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    change: Mapped[str] = mapped_column(String(20), nullable=False)
+    state: Mapped[str] = mapped_column(String(20), nullable=False)
+    points_returned: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class RedemptionsDaily(Base):
+    """Per tenant, day, reward and kind: the redemption counters a window sums (metrics/redemptions.py says what
+    each counts); a change that moves an order's confirmation to another day leaves zeros behind."""
+
+    __tablename__ = "redemptions_daily"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    reward_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    reward_kind: Mapped[str] = mapped_column(String(12), primary_key=True)
+    reserved: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    confirmed: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    cancelled: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    expired: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    refunded: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    coupons_consumed: Mapped[int] = mapped_column(Integer, nullable=False, server_default=ZERO)
+    points_reserved: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
+    points_spent: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
+    points_returned: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=ZERO)
+
+
+class RedemptionValuesDaily(Base):
+    """Per tenant, day, reward, kind and currency: the money value of the orders confirmed that day."""
+
+    __tablename__ = "redemption_values_daily"
+
+    tenant_id: Mapped[str] = mapped_column(String(TENANT), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    reward_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    reward_kind: Mapped[str] = mapped_column(String(12), primary_key=True)
+    currency: Mapped[str] = mapped_column(String(3), primary_key=True)
+    value: Mapped[Decimal] = mapped_column(Numeric, nullable=False, server_default=ZERO)

@@ -1,9 +1,10 @@
 """Rebuilding a tenant's aggregates from the topics (`loyalty metrics rebuild --tenant T`).
 
-The tenant's rows go (aggregates, facts and tracking rows, not its configuration), then the four input
-topics are read from their beginning up to the end they had when the rebuild started, each by a consumer
-runner of its own under a throwaway group id, and the tenant's events are folded in by the same handlers as
-the service's consumers (other tenants' events are read and skipped). Amounts are converted with the
+The tenant's rows go (aggregates, facts and tracking rows, not its configuration), then the input topics
+(every consumer's, `GROUPS`: purchases, engagement, ledger entries, customers, rewards) are read from their
+beginning up to the end they had when the rebuild started, each by a consumer runner of its own under a
+throwaway group id, and the tenant's events are folded in by the same handlers as the service's consumers
+(other tenants' events are read and skipped). Amounts are converted with the
 tenant's factors as they are now. Events the first pass dead-lettered are refused again and dropped (the
 DLQ already holds them). The service may keep running: an event both see counts once (tracking rows), and
 its KPIs for the tenant are partial until the rebuild ends."""

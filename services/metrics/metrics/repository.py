@@ -28,6 +28,7 @@ from metrics.models import (
     TenantConfig,
     outbox_quarantine,
 )
+from metrics.redemptions import COUNTERS, Change, OrderFacts
 from shared.db import AsyncSession, SessionT
 from shared.outbox import Unpublishable, insert_quarantined
 from shared.repository import RepositoryBase
@@ -62,6 +63,10 @@ TENANT_TABLES = (
     "engagements",
     "survey_periods",
     "period_surveys",
+    "redemption_orders",
+    "redemption_changes",
+    "redemptions_daily",
+    "redemption_values_daily",
 )
 # The per-period counts: table -> its count column.
 PeriodTable = Literal["period_members", "period_active"]
@@ -502,6 +507,129 @@ class AggregatesRepository(RepositoryBase[SessionT]):
                where c.tier_changed_at is null or excluded.tier_changed_at > c.tier_changed_at""",
             *_columns(rows, 4),
         )
+
+
+class RedemptionsRepository(RepositoryBase[SessionT]):
+    """The redemption orders, their changes and the sums per day, reward and kind (metrics/redemptions.py)."""
+
+    async def lock_orders(
+        self: RedemptionsRepository[AsyncSession], rows: Sequence[tuple[str, str, str, OrderFacts]]
+    ) -> dict[tuple[str, str], OrderFacts]:
+        """rows: (tenant, order, customer, facts) of a batch's orders, the first event's facts for each. Inserts
+        the unknown orders and returns every order's stored facts, locked: a concurrent batch with changes of one
+        of them (a rebuild beside the service) waits, so both fold the order's changes in one after the other."""
+        if not rows:
+            return {}
+        ordered = sorted(rows, key=lambda r: (r[0], r[1]))
+        driver = await self.driver()
+        await driver.execute(
+            """insert into metrics.redemption_orders (tenant_id, order_id, customer_id, reward_id, reward_kind,
+                 points, value, currency)
+               select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                 $7::numeric[], $8::text[])
+               on conflict do nothing""",
+            *_columns(
+                [(t, o, c, f.reward_id, f.reward_kind, f.points, f.value, f.currency) for t, o, c, f in ordered],
+                8,
+            ),
+        )
+        found = await driver.fetch(
+            """select o.tenant_id, o.order_id, o.reward_id, o.reward_kind, o.points, o.value, o.currency
+               from metrics.redemption_orders o
+               join unnest($1::text[], $2::text[]) k(tenant_id, order_id)
+                 on k.tenant_id = o.tenant_id and k.order_id = o.order_id
+               order by o.tenant_id, o.order_id
+               for update of o""",
+            [r[0] for r in ordered],
+            [r[1] for r in ordered],
+        )
+        return {(r[0], r[1]): OrderFacts(r[2], r[3], r[4], r[5], r[6]) for r in found}
+
+    async def changes(self, orders: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[Change]]:
+        """The stored changes of these (tenant, order) pairs."""
+        out: dict[tuple[str, str], list[Change]] = {o: [] for o in orders}
+        if not orders:
+            return out
+        pairs = sorted(set(orders))
+        rows = await (await self.driver()).fetch(
+            """select c.tenant_id, c.order_id, c.occurred_at, c.event_id, c.change, c.state, c.points_returned
+               from metrics.redemption_changes c
+               join unnest($1::text[], $2::text[]) k(tenant_id, order_id)
+                 on k.tenant_id = c.tenant_id and k.order_id = c.order_id""",
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+        )
+        for r in rows:
+            out[(r[0], r[1])].append(Change(r[2], r[3], r[4], r[5], r[6]))
+        return out
+
+    async def add_changes(
+        self: RedemptionsRepository[AsyncSession], rows: Sequence[Sequence[Any]]
+    ) -> set[tuple[str, str, str, str]]:
+        """rows: (tenant, order, source, event id, change, state, points returned, occurred_at); returns the
+        (tenant, order, source, event id) inserted (a change already there is left as it is)."""
+        if not rows:
+            return set()
+        found = await (await self.driver()).fetch(
+            """insert into metrics.redemption_changes (tenant_id, order_id, source, event_id, change, state,
+                 points_returned, occurred_at)
+               select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                 $7::bigint[], $8::timestamptz[])
+               on conflict do nothing returning tenant_id, order_id, source, event_id""",
+            *_columns(rows, 8),
+        )
+        return {(r[0], r[1], r[2], r[3]) for r in found}
+
+    async def add_sums(
+        self: RedemptionsRepository[AsyncSession],
+        counts: Mapping[tuple[str, date, str, str], Sequence[int]],
+        values: Mapping[tuple[str, date, str, str, str], Decimal],
+    ) -> None:
+        """Adds per (tenant, day, reward, kind) the COUNTERS, and per (..., currency) the money value."""
+        driver = await self.driver()
+        keys = sorted(k for k, v in counts.items() if any(v))
+        if keys:
+            names = ", ".join(COUNTERS)
+            arrays = ", ".join(f"${i + 5}::bigint[]" for i in range(len(COUNTERS)))
+            updates = ", ".join(f"{c} = d.{c} + excluded.{c}" for c in COUNTERS)
+            await driver.execute(
+                f"""insert into metrics.redemptions_daily as d (tenant_id, day, reward_id, reward_kind, {names})
+                    select * from unnest($1::text[], $2::date[], $3::text[], $4::text[], {arrays})
+                    on conflict (tenant_id, day, reward_id, reward_kind) do update set {updates}""",
+                *_columns([(*k, *counts[k]) for k in keys], 4 + len(COUNTERS)),
+            )
+        money = sorted(k for k, v in values.items() if v)
+        if money:
+            await driver.execute(
+                """insert into metrics.redemption_values_daily as d (tenant_id, day, reward_id, reward_kind, currency,
+                     value)
+                   select * from unnest($1::text[], $2::date[], $3::text[], $4::text[], $5::text[], $6::numeric[])
+                   on conflict (tenant_id, day, reward_id, reward_kind, currency)
+                     do update set value = d.value + excluded.value""",
+                *_columns([(*k, values[k]) for k in money], 6),
+            )
+
+    async def window(
+        self, tenant_id: str, start: date, end: date
+    ) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, str, Decimal]]]:
+        """The sums over the days of [start, end): (reward, kind, COUNTERS) and (reward, kind, currency, value)."""
+        driver = await self.driver()
+        sums = ", ".join(f"sum({c})::bigint" for c in COUNTERS)
+        counts = await driver.fetch(
+            f"""select reward_id, reward_kind, {sums} from metrics.redemptions_daily
+                where tenant_id = $1 and day >= $2 and day < $3 group by reward_id, reward_kind""",
+            tenant_id,
+            start,
+            end,
+        )
+        values = await driver.fetch(
+            """select reward_id, reward_kind, currency, sum(value) from metrics.redemption_values_daily
+               where tenant_id = $1 and day >= $2 and day < $3 group by reward_id, reward_kind, currency""",
+            tenant_id,
+            start,
+            end,
+        )
+        return [(r[0], r[1], list(r[2:])) for r in counts], [(r[0], r[1], r[2], r[3]) for r in values]
 
 
 class KpiRepository(RepositoryBase[SessionT]):

@@ -178,6 +178,51 @@ class Cohorts(BaseModel):
     items: list[Cohort]
 
 
+# --- redemptions (loyalty.rewards.v1) ------------------------------------------------------------------
+
+RewardKind = Literal["gift", "privilege", "discount", "coupon"]
+
+
+class RedemptionValue(BaseModel):
+    currency: str
+    value: Amount
+
+
+class RedemptionFigures(BaseModel):
+    """Redemption orders over the window, each change on its own day (docs/metrics.md, Redemptions)."""
+
+    reserved: int = Field(description="Orders reserved (their points held)")
+    confirmed: int = Field(
+        description="Orders confirmed (their points captured): by fulfilment, or by consuming a reserved order's coupon"
+    )
+    cancelled: int
+    expired: int
+    refunded: int = Field(description="Orders whose refunds gave back all their points")
+    coupons_consumed: int
+    points_reserved: int = Field(description="Points of the orders reserved")
+    points_spent: int = Field(description="Points of the orders confirmed")
+    points_returned: int = Field(description="Points given back by refunds (of the webshop orders discounts paid)")
+    values: list[RedemptionValue] = Field(
+        description="Money value of the orders confirmed, per currency (rewards without a value add nothing)"
+    )
+
+
+class RewardRedemptions(RedemptionFigures):
+    reward_id: str
+    reward_kind: RewardKind
+
+
+class KindRedemptions(RedemptionFigures):
+    reward_kind: RewardKind
+
+
+class RedemptionSummary(BaseModel):
+    start: date = Field(description="First day of the window")
+    end: date = Field(description="First day after the window")
+    items: list[RewardRedemptions] = Field(description="Per reward and kind with redemptions in the window, by id")
+    totals: list[KindRedemptions] = Field(description="Per kind, every kind (zeros too)")
+
+
 # --- value segments -----------------------------------------------------------------------------------
 
 CustomerSort = Literal["clv", "revenue", "p_alive", "last_purchase"]

@@ -18,7 +18,7 @@ from typing import Any, TypeVar, cast
 from asyncpg import Record
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from metrics import domain, kpis, schemas
+from metrics import domain, kpis, redemptions, schemas
 from metrics.clv import CustomerRfm, FitError, Predictions, prediction_rows, rfm_summary
 from metrics.errors import ClvNotFitted, CustomerNotFound, InvalidCursor, InvalidParameter, InvalidPeriod
 from metrics.exporter import Headline
@@ -30,6 +30,7 @@ from metrics.repository import (
     ConfigRepository,
     KpiRepository,
     OutboxRepository,
+    RedemptionsRepository,
     SegmentRepository,
     key_types,
 )
@@ -47,8 +48,10 @@ from shared.events import (
     LedgerEntriesPayload,
     PurchaseCompleted,
     PurchasesPayload,
+    RedemptionChanged,
     ReferralConverted,
     ReviewPosted,
+    RewardsPayload,
     SegmentChanged,
     SurveyAnswered,
     TierChanged,
@@ -429,6 +432,40 @@ class MetricsService:
         await AggregatesRepository.from_session(session).note_tiers([(t, c, *v) for (t, c), v in sorted(tiers.items())])
         return await self._finish(session, admission, [])
 
+    async def handle_rewards(self, session: AsyncSession, batch: Sequence[Inbound[RewardsPayload]]) -> list[Rejection]:
+        """Folds redemption order changes into the sums per day, reward and kind: each order's footprint after
+        minus before (metrics/redemptions.py), so the order the changes arrive in does not matter."""
+        admission = await claim_batch(session, processed_events, TRACKING_NAME, batch, business_id=business_id)
+        first: dict[tuple[str, str], tuple[str, str, str, redemptions.OrderFacts]] = {}
+        for m in admission.messages:
+            data = m.event.data
+            first.setdefault(
+                (m.event.tenantid, data.order_id), (m.event.tenantid, data.order_id, data.customer_id, _order(data))
+            )
+        repo = RedemptionsRepository.from_session(session)
+        orders = await repo.lock_orders(list(first.values()))
+        refused: list[Rejection] = []
+        rows: list[tuple[Any, ...]] = []
+        for m in admission.messages:
+            event, data = m.event, m.event.data
+            reason = redemptions.conflict(data.order_id, orders[(event.tenantid, data.order_id)], _order(data))
+            if reason is not None:
+                refused.append(Rejection(m, reason))
+                continue
+            rows.append((event.tenantid, data.order_id, event.source, event.id, data.change, data.state,
+                         data.points_returned, data.occurred_at))  # fmt: skip
+        stored = await repo.changes(sorted({(r[0], r[1]) for r in rows}))
+        inserted = await repo.add_changes(rows)
+        new: dict[tuple[str, str], list[redemptions.Change]] = defaultdict(list)
+        for r in rows:
+            if r[:4] in inserted:
+                new[(r[0], r[1])].append(redemptions.Change(r[7], r[3], r[4], r[5], r[6]))
+        sums = redemptions.Sums()
+        for (tenant, order_id), changes in sorted(new.items()):
+            sums.add_order(tenant, orders[(tenant, order_id)], stored[(tenant, order_id)], changes)
+        await repo.add_sums(sums.counts, sums.values)
+        return await self._finish(session, admission, refused)
+
     # --- KPIs ----------------------------------------------------------------------------------------
 
     async def kpis(
@@ -546,6 +583,26 @@ class MetricsService:
         matrix = kpis.cohort_matrix(kind, cohorts, cells, utcnow().date())
         return schemas.Cohorts(period=kind, items=[schemas.Cohort.model_validate(c) for c in matrix])
 
+    async def redemption_summary(
+        self, session: AsyncReadSession, tenant_id: str, *, start: date, end: date
+    ) -> schemas.RedemptionSummary:
+        if start >= end:
+            raise InvalidPeriod(start, end)
+        days = (end - start).days
+        if days > MAX_PERIODS:
+            raise InvalidParameter(f"{days} days asked for; at most {MAX_PERIODS}: ask for a shorter range", days=days)
+        counts, values = await RedemptionsRepository.from_session(session).window(tenant_id, start, end)
+        rewards, kinds = redemptions.summarize(counts, values)
+        return schemas.RedemptionSummary(
+            start=start,
+            end=end,
+            items=[
+                schemas.RewardRedemptions(reward_id=reward, reward_kind=kind, **_figures(f))
+                for (reward, kind), f in rewards.items()
+            ],
+            totals=[schemas.KindRedemptions(reward_kind=kind, **_figures(f)) for kind, f in kinds.items()],
+        )
+
     # --- configuration ------------------------------------------------------------------------------
 
     async def headline(self, session: AsyncReadSession, tenant_id: str, *, today: date) -> Headline:
@@ -582,6 +639,15 @@ class MetricsService:
             changes.add_footprint(tenant_id, activity)
         await repo.reset_activity(tenant_id)
         await changes.save(repo)
+
+
+def _order(data: RedemptionChanged) -> redemptions.OrderFacts:
+    return redemptions.OrderFacts(data.reward_id, data.reward_kind, data.points, data.value, data.currency)
+
+
+def _figures(figures: redemptions.Figures) -> dict[str, Any]:
+    values = [schemas.RedemptionValue(currency=c, value=v) for c, v in sorted(figures.values.items())]
+    return {**dict(zip(redemptions.COUNTERS, figures.counts, strict=True)), "values": values}
 
 
 def _year_before(day: date) -> date:
