@@ -218,6 +218,25 @@ class TestCustomerCatalogue:
         assert {i["reward"]["reward_id"]: i["redeemable"] for i in listing["items"]}["b-gold"] is True
         await call(client, "GET", "/v1/customers/nobody/rewards", keys.read, status=404)
 
+    async def test_the_listing_pages_by_reward_id_and_an_empty_catalogue_still_gives_the_balance(
+        self, client: httpx.AsyncClient, keys: Keys
+    ) -> None:
+        await earn(client, keys, "acme", 250)
+        empty = await call(client, "GET", "/v1/customers/acme/rewards", keys.read, status=200)
+        assert (empty["available"], empty["items"], empty["next_cursor"]) == (250, [], None)
+        for reward_id in ("r-3", "r-1", "r-5", "r-2", "r-4"):
+            await reward(client, keys, reward_id, points=100)
+        await call(client, "DELETE", "/v1/rewards/r-4", keys.admin, status=200)  # deleted: never listed
+        pages, cursor = [], ""
+        while True:
+            page = await call(client, "GET", f"/v1/customers/acme/rewards?limit=2{cursor}", keys.read, status=200)
+            assert page["available"] == 250
+            pages.append([item["reward"]["reward_id"] for item in page["items"]])
+            if page["next_cursor"] is None:
+                break
+            cursor = f"&cursor={page['next_cursor']}"
+        assert pages == [["r-1", "r-2"], ["r-3", "r-5"]]
+
 
 class TestRedemptionOrders:
     async def test_reserve_confirm_cancel_move_points_and_stock_and_publish(

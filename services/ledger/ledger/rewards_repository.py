@@ -37,9 +37,9 @@ from shared.repository import RepositoryBase
 TERMS = [name for name in RewardTerms.__dataclass_fields__]
 _REWARD_COLUMNS = [c.name for c in Reward.__table__.columns if c.name != "tenant_id"]
 _COUNTED = "('reserved', 'confirmed', 'refunded')"
-# The listing for one customer is the hottest rewards read: two fixed statements straight on the driver,
-# the customer's whole context (balance, tier, redeemers, the programme's settings, redemptions per reward
-# and day) in the first.
+# The customer's whole context (balance, tier, redeemers, the programme's settings, redemptions per reward
+# and day), read with the rewards by the listing (the hottest rewards read) and by a redemption: each one
+# fixed statement straight on the driver.
 _CONTEXT = f"""
     SELECT b.available,
         (SELECT t.tier FROM ledger.customer_tiers t WHERE t.tenant_id = :tenant AND t.customer_id = :customer) AS tier,
@@ -55,7 +55,19 @@ _CONTEXT = f"""
     FROM ledger.balances b LEFT JOIN ledger.reward_settings s ON s.tenant_id = b.tenant_id
     WHERE b.tenant_id = :tenant AND b.account_id = :customer AND b.kind = 'customer'
 """
-_CUSTOMER_CONTEXT = _Sql(_CONTEXT)
+# The listing: the customer's context with a page of the active rewards, one row per reward (the context
+# repeated; one row with no reward when the page is empty, none without an account).
+_CATALOGUE = _Sql(
+    f"""
+    SELECT c.*, r.reward_id IS NOT NULL AS r_found, {", ".join(f"r.{c} AS r_{c}" for c in _REWARD_COLUMNS)}
+    FROM ({_CONTEXT}) AS c LEFT JOIN LATERAL (
+        SELECT {", ".join(_REWARD_COLUMNS)} FROM ledger.rewards
+        WHERE tenant_id = :tenant AND status = 'active' AND reward_id > :after
+        ORDER BY reward_id LIMIT :limit
+    ) AS r ON true
+    ORDER BY r.reward_id
+    """
+)
 # A redemption reads the reward with the customer's context: one round trip (the account is locked, so
 # the context's row exists; the reward's columns are null when there is no such reward).
 _REDEMPTION_CONTEXT = _Sql(
@@ -82,13 +94,6 @@ _PLACE_ORDER = _Sql(
     UPDATE ledger.rewards SET stock = stock - 1
     WHERE tenant_id = :tenant_id AND reward_id = :reward_id AND stock > 0 AND CAST(:take AS boolean)
     RETURNING stock
-    """
-)
-_ACTIVE_REWARDS = _Sql(
-    f"""
-    SELECT {", ".join(_REWARD_COLUMNS)} FROM ledger.rewards
-    WHERE tenant_id = :tenant AND status = 'active' AND reward_id > :after
-    ORDER BY reward_id LIMIT :limit
     """
 )
 
@@ -204,15 +209,17 @@ class RewardsRepository(RepositoryBase[SessionT]):
         )
         await self.session.execute(stmt)
 
-    async def customer_context(self, tenant_id: str, customer_id: str) -> tuple[RewardsConfig, CustomerContext] | None:
-        """The programme's settings and the customer's context in one statement; None without an account."""
-        params = {"tenant": tenant_id, "customer": customer_id}
-        found = await _CUSTOMER_CONTEXT.fetch(self, params, begin=False)
-        return _context(found[0]) if found else None
-
-    async def active_rewards(self, tenant_id: str, *, after: str | None, limit: int) -> list[dict[str, Any]]:
-        params = {"tenant": tenant_id, "after": after or "", "limit": limit}
-        return [dict(r) for r in await _ACTIVE_REWARDS.fetch(self, params, begin=False)]
+    async def catalogue(
+        self, tenant_id: str, customer_id: str, *, after: str | None, limit: int
+    ) -> tuple[RewardsConfig, CustomerContext, list[dict[str, Any]]] | None:
+        """The programme's settings, the customer's context and up to `limit` active rewards after `after` (by
+        id) in one statement; None without an account."""
+        params = {"tenant": tenant_id, "customer": customer_id, "after": after or "", "limit": limit}
+        found = await _CATALOGUE.fetch(self, params, begin=False)
+        if not found:
+            return None
+        rewards = [{c: row[f"r_{c}"] for c in _REWARD_COLUMNS} for row in found if row["r_found"]]
+        return (*_context(found[0]), rewards)
 
     # --- customers: tiers and redeemers -----------------------------------------------------------
 

@@ -226,11 +226,10 @@ class RewardsService(LedgerService):
     ) -> rs.CustomerCatalogue:
         now = now or utcnow()
         repo = RewardsRepository.from_session(session)
-        context = await repo.customer_context(tenant_id, customer_id)
-        if context is None:
+        found = await repo.catalogue(tenant_id, customer_id, after=cursor, limit=limit + 1)
+        if found is None:
             raise AccountNotFound(customer_id)
-        config, customer = context
-        rows = await repo.active_rewards(tenant_id, after=cursor, limit=limit + 1)
+        config, customer, rows = found
         items = []
         for row in rows[:limit]:
             reward = terms(row)
