@@ -9,8 +9,9 @@
    and the catalogue listing for one customer (GET /v1/customers/{id}/rewards, 20 rewards with tiers,
    limits and windows to evaluate) per second.
 
-Runs against the dev database (`loyalty_ledger`, migrated by `make db-migrate`) and the local broker,
-on a fresh tenant and a fresh topic namespace, so it leaves the real topics alone.
+Runs against the database `LEDGER_DATABASE_URL` names (`make bench-ledger`: `loyalty_ledger_bench`, created
+afresh each run; migrated here) and the local broker, on a fresh tenant and a fresh topic namespace, so it
+leaves the real topics alone.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 import uvloop
 from aiokafka import AIOKafkaProducer
 from cpumeter import CpuMeter
+from sqlalchemy import text
 
 from ledger.config import Settings
 from ledger.consumers import commands_consumer
@@ -39,8 +41,10 @@ from ledger.models import api_keys
 from ledger.repository import LedgerRepository
 from ledger.tasks import start as start_background
 from shared.auth import generate_key, store_key
+from shared.db import create_engine
 from shared.events import EarnPoints, make_event
 from shared.kafka import delete_topics, ensure_topics
+from shared.migrations import upgrade
 from shared.runtime import Runtime
 from shared.topics import ALL_TOPICS, POINTS_COMMANDS
 
@@ -354,6 +358,20 @@ async def catalogue_reads(token: str, servers: list[int]) -> None:
     )
 
 
+async def settle(settings: Settings) -> None:
+    """Vacuums and analyzes what the earlier phases wrote, so the next phase measures the service rather than
+    autovacuum catching up with them (its analyze of the entries and commands took a core for ~2 s, on two
+    cores). As the tables' owner: the service role may not vacuum them (PostgreSQL skips them with a warning)."""
+    tables = "ledger.outbox, ledger.balances, ledger.lots, ledger.entries, ledger.commands, ledger.idempotency_keys"
+    owner = create_engine(settings.migration_url, pool_size=1)
+    try:
+        async with owner.connect() as conn:
+            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await autocommit.execute(text(f"VACUUM (ANALYZE) {tables}"))
+    finally:
+        await owner.dispose()
+
+
 async def main() -> None:
     namespace = f"bench{uuid.uuid4().hex[:6]}."
     tenant = f"bench-{uuid.uuid4().hex[:8]}"
@@ -377,21 +395,7 @@ async def main() -> None:
         print(f"[1] earn commands from Kafka (batches of up to {BATCH} commands per DB transaction)")
         await earn_from_kafka(settings, tenant)
 
-        from sqlalchemy import text
-
-        from shared.db import create_engine
-
-        # Settle the database after the bulk load (the relay just deleted every outbox row), so the
-        # REST phases measure the service rather than autovacuum catching up: every table the load wrote
-        # (autovacuum's analyze of the entries and commands alone took a core for ~2 s, a minute later).
-        # As the tables' owner: the service role may not vacuum them (PostgreSQL skips them with a warning).
-        owner = create_engine(settings.migration_url, pool_size=1)
-        async with owner.connect() as conn:
-            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await autocommit.execute(
-                text("VACUUM (ANALYZE) ledger.outbox, ledger.balances, ledger.lots, ledger.entries, ledger.commands")
-            )
-        await owner.dispose()
+        await settle(settings)
         engine = create_engine(settings.database_url, pool_size=1)
         key = generate_key()
         await store_key(engine, api_keys, key, tenant_id=tenant, name="bench", scopes=["points:read", "points:write"])
@@ -422,6 +426,7 @@ async def main() -> None:
         await balance_reads(key.token, pids)
 
         print(f"[4] rewards: POST redemption at {REDEMPTION_RATE} req/s, then the catalogue for one customer")
+        await settle(settings)
         await setup_rewards(admin.token)
         await redemption_latency(key.token, REDEMPTION_RATE, pids, report=False)
         await redemption_latency(key.token, REDEMPTION_RATE, pids)
@@ -436,6 +441,9 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    # Migrations run as the owner role; the service role gets its rows (as `loyalty migrate` does).
+    owner = Settings()
+    upgrade(str(ROOT / "services" / "ledger" / "alembic.ini"), owner.migration_url, service_role=owner.service_role)
     # The same event loop as the service gets from uvicorn (`--loop auto` picks uvloop when installed):
     # the Kafka phase runs the real consumer and relay in this process, and the load generator gets cheaper.
     uvloop.run(main())

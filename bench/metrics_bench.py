@@ -9,9 +9,10 @@
    GET /v1/kpis (8 quarters, 24 months), /v1/kpis/lifetime (now and as of a past day), /v1/kpis/cohorts,
    sequentially over keep-alive HTTP; p50 and p95, and the service's RSS.
 
-The database is `METRICS_DATABASE_URL` (default the dev database `loyalty_metrics`), migrated to head
-first; topics get a fresh namespace, deleted at the end. Sizes: BENCH_PURCHASES (ingestion, 50,000),
-BENCH_QUERY_PURCHASES (1,000,000), BENCH_QUERY_CUSTOMERS (50,000), BENCH_REQUESTS (100 per query).
+The database is `METRICS_DATABASE_URL` (`make bench-metrics`: `loyalty_metrics_bench`, created afresh each
+run), migrated to head first; topics get a fresh namespace, deleted at the end. Sizes: BENCH_PURCHASES
+(ingestion, 50,000), BENCH_QUERY_PURCHASES (1,000,000), BENCH_QUERY_CUSTOMERS (50,000), BENCH_REQUESTS (100
+per query).
 """
 
 from __future__ import annotations

@@ -51,12 +51,9 @@ for _ in $(seq 1 30); do psql_admin "-c 'select 1'" >/dev/null 2>&1 && break; sl
 # Server settings for this write-heavy workload (every consumer batch writes thousands of rows). The defaults
 # (128 MB of buffers, a checkpoint per GB of WAL) made backends evict dirty pages themselves and logged a full
 # page image for most pages touched after each checkpoint: 7.5 KB of WAL per purchase, 4 KB with these.
-# Autovacuum paced at a fifth of its default speed (10 ms sleeps, not 2 ms): at full speed its analyze of the
-# big ledger tables took a whole core for 1-2 s, and on two cores REST requests queued behind it (p99 of a
-# redemption at 200 req/s 30-80 ms instead of 15-20 ms); it is no less thorough, only spread out.
 # LOYALTY_PG_TUNE=0 leaves the server's configuration alone (an external or shared server).
 if [ "${LOYALTY_PG_TUNE:-1}" = 1 ]; then
-  for setting in ${LOYALTY_PG_SETTINGS:-shared_buffers=4GB max_wal_size=8GB checkpoint_timeout=15min autovacuum_vacuum_cost_delay=10ms}; do
+  for setting in ${LOYALTY_PG_SETTINGS:-shared_buffers=4GB max_wal_size=8GB checkpoint_timeout=15min}; do
     name=${setting%%=*} value=${setting#*=}
     if [ "$(psql_admin "-c \"select current_setting('$name') = '$value'\"")" != t ]; then
       log "setting $name = $value"
@@ -86,6 +83,14 @@ if [ "$(psql_admin "-c \"select 1 from pg_roles where rolname = '$reader'\"")" !
   psql_admin "-c \"create role $reader login password '$reader_password' nosuperuser nocreatedb nocreaterole\""
 fi
 for db in $databases; do
+  # LOYALTY_DB_FRESH=1 drops each listed database first, so it is created empty: benchmarks measure on
+  # databases of their own, not on what earlier runs left. Only names ending in _bench are ever dropped.
+  if [ "${LOYALTY_DB_FRESH:-0}" = 1 ]; then
+    case "$db" in
+      *_bench) log "dropping database $db (fresh)"; psql_admin "-c \"drop database if exists $db with (force)\"" ;;
+      *) log "LOYALTY_DB_FRESH drops only *_bench databases, not $db"; exit 1 ;;
+    esac
+  fi
   if [ "$(psql_admin "-c \"select 1 from pg_database where datname = '$db'\"")" != 1 ]; then
     log "creating database $db"
     psql_admin "-c \"create database $db owner $owner\""
