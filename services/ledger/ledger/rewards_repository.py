@@ -55,11 +55,13 @@ _CONTEXT = f"""
     FROM ledger.balances b LEFT JOIN ledger.reward_settings s ON s.tenant_id = b.tenant_id
     WHERE b.tenant_id = :tenant AND b.account_id = :customer AND b.kind = 'customer'
 """
+# The customer's context joined with reward rows: a reward's columns prefixed `r_` (`_reward_of` reads them back).
+_REWARD_AS_R = "r.reward_id IS NOT NULL AS r_found, " + ", ".join(f"r.{c} AS r_{c}" for c in _REWARD_COLUMNS)
 # The listing: the customer's context with a page of the active rewards, one row per reward (the context
 # repeated; one row with no reward when the page is empty, none without an account).
 _CATALOGUE = _Sql(
     f"""
-    SELECT c.*, r.reward_id IS NOT NULL AS r_found, {", ".join(f"r.{c} AS r_{c}" for c in _REWARD_COLUMNS)}
+    SELECT c.*, {_REWARD_AS_R}
     FROM ({_CONTEXT}) AS c LEFT JOIN LATERAL (
         SELECT {", ".join(_REWARD_COLUMNS)} FROM ledger.rewards
         WHERE tenant_id = :tenant AND status = 'active' AND reward_id > :after
@@ -72,7 +74,7 @@ _CATALOGUE = _Sql(
 # the context's row exists; the reward's columns are null when there is no such reward).
 _REDEMPTION_CONTEXT = _Sql(
     f"""
-    SELECT c.*, r.reward_id IS NOT NULL AS r_found, {", ".join(f"r.{c} AS r_{c}" for c in _REWARD_COLUMNS)}
+    SELECT c.*, {_REWARD_AS_R}
     FROM ({_CONTEXT}) AS c LEFT JOIN ledger.rewards r ON r.tenant_id = :tenant AND r.reward_id = :reward
     """
 )
@@ -103,6 +105,11 @@ def terms(row: Reward | dict[str, Any]) -> RewardTerms:
     if isinstance(row, dict):
         return RewardTerms(**{name: row[name] for name in TERMS})
     return RewardTerms(**{name: getattr(row, name) for name in TERMS})
+
+
+def _reward_of(row: Any) -> dict[str, Any] | None:
+    """The reward a `_REWARD_AS_R` row carries, or None (no such reward, or an empty page)."""
+    return {c: row[f"r_{c}"] for c in _REWARD_COLUMNS} if row["r_found"] else None
 
 
 def _context(row: Any) -> tuple[RewardsConfig, CustomerContext]:
@@ -189,8 +196,7 @@ class RewardsRepository(RepositoryBase[SessionT]):
         if not found:
             return None
         row = found[0]
-        reward = {c: row[f"r_{c}"] for c in _REWARD_COLUMNS} if row["r_found"] else None
-        return (reward, *_context(row))
+        return (_reward_of(row), *_context(row))
 
     async def place_order(
         self: RewardsRepository[AsyncSession], values: dict[str, Any], event: tuple[bytes, bytes], *, take: bool
@@ -218,7 +224,7 @@ class RewardsRepository(RepositoryBase[SessionT]):
         found = await _CATALOGUE.fetch(self, params, begin=False)
         if not found:
             return None
-        rewards = [{c: row[f"r_{c}"] for c in _REWARD_COLUMNS} for row in found if row["r_found"]]
+        rewards = [reward for reward in map(_reward_of, found) if reward is not None]
         return (*_context(found[0]), rewards)
 
     # --- customers: tiers and redeemers -----------------------------------------------------------
