@@ -15,16 +15,16 @@ from typing import Any, cast
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ledger.app import create_app
-from ledger.models import Balance, Coupon, RedemptionOrder, Reward, RewardsOutbox
+from ledger.models import STOCK_SHARDS, Balance, Coupon, RedemptionOrder, Reward, RewardsOutbox, RewardStock
 from ledger.rewards_service import rewards_service
 from ledger.tasks import expire_redemptions
 from shared.consumer import Inbound
 from shared.db import AsyncSession, transaction
-from shared.events import CloudEvent, PurchaseRefunded, RefundedLine, TierChanged, decode_event, make_event
+from shared.events import MAX_POINTS, CloudEvent, PurchaseRefunded, RefundedLine, TierChanged, decode_event, make_event
 from tests.conftest import create_api_key, running_app, service_settings
 from tests.ledger.conftest import check_books
 
@@ -599,6 +599,101 @@ class TestConcurrency:
         for customer, (available, on_hold) in held.items():
             assert (available, on_hold) == ((50, 100) if customer in winners else (150, 0))
         await check_books(db, keys.tenant)
+
+
+async def shares(db: async_sessionmaker[AsyncSession], tenant: str, reward_id: str) -> list[int]:
+    async with db() as session:
+        found = await session.execute(
+            select(RewardStock.units)
+            .where(RewardStock.tenant_id == tenant, RewardStock.reward_id == reward_id)
+            .order_by(RewardStock.shard)
+        )
+        return list(found.scalars())
+
+
+async def blocked_by(db: async_sessionmaker[AsyncSession], pid: int, task: asyncio.Task[Any]) -> bool:
+    """True once some backend waits for a lock the backend `pid` holds; False if `task` finished first."""
+    query = text("SELECT count(*) FROM pg_stat_activity WHERE CAST(:pid AS int) = ANY(pg_blocking_pids(pid))")
+    while not task.done():
+        async with db() as session:
+            if (await session.execute(query, {"pid": pid})).scalar_one():
+                return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+class TestStockShares:
+    """A stocked reward's units are spread over `STOCK_SHARDS` rows: a redemption takes a unit from a share no
+    other transaction holds, and waits for a held one only when no other share has units left."""
+
+    async def test_stock_is_spread_evenly_and_set_anew(
+        self, client: httpx.AsyncClient, keys: Keys, db: async_sessionmaker[AsyncSession]
+    ) -> None:
+        assert STOCK_SHARDS == 8  # the figures below are worked out for 8 shares
+        await reward(client, keys, "mug", stock=10)
+        assert await shares(db, keys.tenant, "mug") == [2, 2, 1, 1, 1, 1, 1, 1]
+
+        async def put(**fields: Any) -> Any:
+            body = {"name": "Mug", "points": 100, **fields}
+            return await call(client, "PUT", "/v1/rewards/mug", keys.admin, body, status=200)
+
+        assert (await put(stock=3))["stock"] == 3
+        assert await shares(db, keys.tenant, "mug") == [1, 1, 1, 0, 0, 0, 0, 0]
+        assert (await put())["stock"] is None  # unlimited: no shares at all
+        assert await shares(db, keys.tenant, "mug") == []
+        assert (await put(stock=0))["stock"] == 0
+        assert await shares(db, keys.tenant, "mug") == [0] * 8
+        assert (await put(stock=MAX_POINTS))["stock"] == MAX_POINTS
+        largest = await shares(db, keys.tenant, "mug")
+        assert sum(largest) == MAX_POINTS
+        assert max(largest) - min(largest) <= 1
+        listed = await call(client, "GET", "/v1/rewards", keys.read, status=200)
+        assert [(r["reward_id"], r["stock"]) for r in listed["items"]] == [("mug", MAX_POINTS)]
+        assert (await call(client, "DELETE", "/v1/rewards/mug", keys.admin, status=200))["outcome"] == "deleted"
+        assert await shares(db, keys.tenant, "mug") == []
+
+    async def test_a_held_share_does_not_block_a_redemption(
+        self, client: httpx.AsyncClient, keys: Keys, db: async_sessionmaker[AsyncSession]
+    ) -> None:
+        await reward(client, keys, "mug", points=10, stock=16)
+        await earn(client, keys, "acme", 100)
+        async with db() as session, session.begin():
+            # Another transaction holds the first share, as a redemption between its take and its commit does.
+            held = select(RewardStock).where(
+                RewardStock.tenant_id == keys.tenant, RewardStock.reward_id == "mug", RewardStock.shard == 0
+            )
+            await session.execute(held.with_for_update())
+            # Were it to wait for the held share, this would time out.
+            await asyncio.wait_for(redeem(client, keys, "acme", "mug"), timeout=30)
+            left = await shares(db, keys.tenant, "mug")
+            assert (left[0], sorted(left)) == (2, [1, 2, 2, 2, 2, 2, 2, 2])  # taken from another share
+        assert (await call(client, "GET", "/v1/rewards/mug", keys.read, status=200))["stock"] == 15
+
+    @pytest.mark.parametrize("holder_commits", [True, False])
+    async def test_when_every_share_with_units_is_held_a_redemption_waits_for_it(
+        self, client: httpx.AsyncClient, keys: Keys, db: async_sessionmaker[AsyncSession], holder_commits: bool
+    ) -> None:
+        await reward(client, keys, "mug", points=10, stock=1)
+        await earn(client, keys, "acme", 100)
+        async with db() as session:
+            async with session.begin():
+                # Another transaction takes the last unit and has not committed yet.
+                pid = (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+                await session.execute(
+                    update(RewardStock)
+                    .where(RewardStock.tenant_id == keys.tenant, RewardStock.reward_id == "mug", RewardStock.units > 0)
+                    .values(units=RewardStock.units - 1)
+                )
+                status = 409 if holder_commits else 201
+                waiting = asyncio.create_task(redeem(client, keys, "acme", "mug", status=status))
+                assert await asyncio.wait_for(blocked_by(db, pid, waiting), timeout=30), await waiting
+                if not holder_commits:
+                    await session.rollback()
+            answer = await asyncio.wait_for(waiting, timeout=30)
+        # Taken by the other transaction: out of stock. Given back (rolled back): the waiting redemption has it.
+        assert answer["error"] == "OutOfStock" if holder_commits else answer["state"] == "reserved"
+        assert await shares(db, keys.tenant, "mug") == [0] * 8
+        assert (await balance(client, keys, "acme"))["available"] == (100 if holder_commits else 90)
 
 
 class TestOutboxRows:

@@ -8,21 +8,26 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     DateTime,
+    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
     Numeric,
     Sequence,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
     Uuid,
+    cast,
     func,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
 
 from shared.auth import api_keys_table
 from shared.db import make_metadata
@@ -204,8 +209,31 @@ class RewardSettings(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 
 
+# A stocked reward's units are spread over this many rows, so that concurrent redemptions take them from
+# different rows instead of queuing on one row's lock until each one commits.
+STOCK_SHARDS = 8
+
+
+class RewardStock(Base):
+    """A share of a stocked reward's units; the reward's stock is the sum of its shares (no row: unlimited)."""
+
+    __tablename__ = "reward_stock"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["tenant_id", "reward_id"], ["ledger.rewards.tenant_id", "ledger.rewards.reward_id"], ondelete="CASCADE"
+        ),
+        CheckConstraint("units >= 0", name="units_not_negative"),
+    )
+
+    tenant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    reward_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    units: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
 class Reward(Base):
-    """One reward of a programme's catalogue; `stock` is what is left (null: unlimited)."""
+    """One reward of a programme's catalogue; `stock` is what is left, the sum of its `RewardStock` shares
+    (null: unlimited)."""
 
     __tablename__ = "rewards"
 
@@ -217,7 +245,6 @@ class Reward(Base):
     points: Mapped[int] = mapped_column(BigInteger, nullable=False)
     value: Mapped[Decimal | None] = mapped_column(Numeric(20, 4), nullable=True)
     currency: Mapped[str | None] = mapped_column(String(3), nullable=True)
-    stock: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     available_from: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     available_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     min_tier: Mapped[str | None] = mapped_column(String(200), nullable=True)
@@ -229,6 +256,12 @@ class Reward(Base):
     status: Mapped[str] = mapped_column(String(10), nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    stock: Mapped[int | None] = column_property(
+        select(cast(func.sum(RewardStock.units), BigInteger))
+        .where(RewardStock.tenant_id == tenant_id, RewardStock.reward_id == reward_id)
+        .correlate_except(RewardStock)
+        .scalar_subquery()
+    )
 
 
 class CustomerTier(Base):

@@ -1,8 +1,13 @@
 """The rewards' SQL: catalogue, settings, tiers, redeemers, orders, coupons, entitlements, the rewards outbox.
 
+A stocked reward's units are spread over `STOCK_SHARDS` rows of ledger.reward_stock (its stock is their
+sum): a redemption takes a unit from a share no other transaction holds (SKIP LOCKED), waiting for one only
+when every share with units left is held, so concurrent redemptions of one reward do not queue on one row.
+
 Lock order, with the ledger's (ledger/service.py): a customer's account, then its hold, then the
-redemption order, then the reward row, then coupon rows, then the system accounts. Redeeming takes the
-account, then the reward (pooled coupons with SKIP LOCKED, so never waiting on one)."""
+redemption order, then the reward row, then coupon rows, then stock shares, then the system accounts.
+Redeeming takes the account, then pooled coupons and one stock share (SKIP LOCKED: never waiting on one
+while another is free); an admin's stock change takes the reward row, then every share in order."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from sqlalchemy import delete, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 
 from ledger.models import (
+    STOCK_SHARDS,
     Coupon,
     CustomerRedeemers,
     CustomerTier,
@@ -25,6 +31,7 @@ from ledger.models import (
     Reward,
     RewardSettings,
     RewardsOutbox,
+    RewardStock,
     outbox_quarantine,
 )
 from ledger.repository import _Sql
@@ -36,6 +43,14 @@ from shared.repository import RepositoryBase
 
 TERMS = [name for name in RewardTerms.__dataclass_fields__]
 _REWARD_COLUMNS = [c.name for c in Reward.__table__.columns if c.name != "tenant_id"]
+# A reward's fields as the statements below read them: its columns and its stock, the sum of its shares.
+_REWARD_FIELDS = [*_REWARD_COLUMNS, "stock"]
+_REWARDS = f"""
+    SELECT {", ".join(_REWARD_COLUMNS)}, (
+        SELECT CAST(sum(s.units) AS bigint) FROM ledger.reward_stock s
+        WHERE s.tenant_id = rewards.tenant_id AND s.reward_id = rewards.reward_id) AS stock
+    FROM ledger.rewards
+"""
 _COUNTED = "('reserved', 'confirmed', 'refunded')"
 # The customer's whole context (balance, tier, redeemers, the programme's settings, redemptions per reward
 # and day), read with the rewards by the listing (the hottest rewards read) and by a redemption: each one
@@ -56,15 +71,14 @@ _CONTEXT = f"""
     WHERE b.tenant_id = :tenant AND b.account_id = :customer AND b.kind = 'customer'
 """
 # The customer's context joined with reward rows: a reward's columns prefixed `r_` (`_reward_of` reads them back).
-_REWARD_AS_R = "r.reward_id IS NOT NULL AS r_found, " + ", ".join(f"r.{c} AS r_{c}" for c in _REWARD_COLUMNS)
+_REWARD_AS_R = "r.reward_id IS NOT NULL AS r_found, " + ", ".join(f"r.{c} AS r_{c}" for c in _REWARD_FIELDS)
 # The listing: the customer's context with a page of the active rewards, one row per reward (the context
 # repeated; one row with no reward when the page is empty, none without an account).
 _CATALOGUE = _Sql(
     f"""
     SELECT c.*, {_REWARD_AS_R}
     FROM ({_CONTEXT}) AS c LEFT JOIN LATERAL (
-        SELECT {", ".join(_REWARD_COLUMNS)} FROM ledger.rewards
-        WHERE tenant_id = :tenant AND status = 'active' AND reward_id > :after
+        {_REWARDS} WHERE tenant_id = :tenant AND status = 'active' AND reward_id > :after
         ORDER BY reward_id LIMIT :limit
     ) AS r ON true
     ORDER BY r.reward_id
@@ -75,7 +89,7 @@ _CATALOGUE = _Sql(
 _REDEMPTION_CONTEXT = _Sql(
     f"""
     SELECT c.*, {_REWARD_AS_R}
-    FROM ({_CONTEXT}) AS c LEFT JOIN ledger.rewards r ON r.tenant_id = :tenant AND r.reward_id = :reward
+    FROM ({_CONTEXT}) AS c LEFT JOIN LATERAL ({_REWARDS} WHERE tenant_id = :tenant AND reward_id = :reward) AS r ON true
     """
 )
 _ORDER_COLUMNS = [c.name for c in RedemptionOrder.__table__.columns]
@@ -83,8 +97,20 @@ _ADD_OUTBOX = _Sql(
     "INSERT INTO ledger.rewards_outbox (key, value) "
     "SELECT * FROM unnest(CAST(:keys AS bytea[]), CAST(:values AS bytea[]))"
 )
+
+
+# The share of a reward's stock a statement changes: the first one (meeting `condition`, counting from the
+# share `:start`, so that writers spread over them) that no other transaction holds, else the first one,
+# waiting for it (PostgreSQL evaluates the second subquery only when the first finds nothing; after the wait
+# it re-checks the condition and moves on to the next share if need be).
+def _share(condition: str) -> str:
+    shares = f"""FROM ledger.reward_stock WHERE tenant_id = :tenant_id AND reward_id = :reward_id {condition}
+        ORDER BY (shard + CAST(:start AS int)) % {STOCK_SHARDS} LIMIT 1"""
+    return f"shard = COALESCE((SELECT shard {shares} FOR UPDATE SKIP LOCKED), (SELECT shard {shares} FOR UPDATE))"
+
+
 # A new order, its event and (for a stocked reward, `take`) a unit of stock in one statement, the
-# redemption's last: the reward's row stays locked only from here to the commit.
+# redemption's last: the stock share stays locked only from here to the commit.
 _PLACE_ORDER = _Sql(
     f"""
     WITH placed AS (
@@ -93,9 +119,26 @@ _PLACE_ORDER = _Sql(
     ), event AS (
         INSERT INTO ledger.rewards_outbox (key, value) VALUES (:event_key, :event_value)
     )
-    UPDATE ledger.rewards SET stock = stock - 1
-    WHERE tenant_id = :tenant_id AND reward_id = :reward_id AND stock > 0 AND CAST(:take AS boolean)
-    RETURNING stock
+    UPDATE ledger.reward_stock SET units = units - 1
+    WHERE tenant_id = :tenant_id AND reward_id = :reward_id AND units > 0 AND CAST(:take AS boolean)
+        AND {_share("AND units > 0")}
+    RETURNING units
+    """
+)
+_RETURN_UNIT = _Sql(
+    f"""
+    UPDATE ledger.reward_stock SET units = units + 1
+    WHERE tenant_id = :tenant_id AND reward_id = :reward_id AND {_share("")}
+    """
+)
+# What is left, spread evenly over the shares (their rows locked in order, so two changes never deadlock).
+_SET_STOCK = _Sql(
+    f"""
+    INSERT INTO ledger.reward_stock (tenant_id, reward_id, shard, units)
+    SELECT CAST(:tenant_id AS text), CAST(:reward_id AS text), s,
+        n / {STOCK_SHARDS} + CAST(s < n % {STOCK_SHARDS} AS int)
+    FROM generate_series(0, {STOCK_SHARDS - 1}) AS s, CAST(:stock AS bigint) AS n
+    ON CONFLICT (tenant_id, reward_id, shard) DO UPDATE SET units = excluded.units
     """
 )
 
@@ -109,7 +152,7 @@ def terms(row: Reward | dict[str, Any]) -> RewardTerms:
 
 def _reward_of(row: Any) -> dict[str, Any] | None:
     """The reward a `_REWARD_AS_R` row carries, or None (no such reward, or an empty page)."""
-    return {c: row[f"r_{c}"] for c in _REWARD_COLUMNS} if row["r_found"] else None
+    return {c: row[f"r_{c}"] for c in _REWARD_FIELDS} if row["r_found"] else None
 
 
 def _context(row: Any) -> tuple[RewardsConfig, CustomerContext]:
@@ -148,8 +191,25 @@ class RewardsRepository(RepositoryBase[SessionT]):
         await self.session.execute(stmt.on_conflict_do_update(index_elements=[RewardSettings.tenant_id], set_=values))
 
     async def create_reward(self: RewardsRepository[AsyncSession], tenant_id: str, values: dict[str, Any]) -> bool:
-        stmt = insert(Reward).values(tenant_id=tenant_id, **values).on_conflict_do_nothing().returning(Reward.reward_id)
-        return (await self.session.execute(stmt)).first() is not None
+        """Inserts the reward and its stock (`values["stock"]`, None: unlimited); False when it exists."""
+        terms = {k: v for k, v in values.items() if k != "stock"}
+        stmt = insert(Reward).values(tenant_id=tenant_id, **terms).on_conflict_do_nothing().returning(Reward.reward_id)
+        if (await self.session.execute(stmt)).first() is None:
+            return False
+        await self.set_stock(tenant_id, values["reward_id"], values.get("stock"))
+        return True
+
+    async def set_stock(
+        self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str, stock: int | None
+    ) -> None:
+        """Sets what is left of a reward (None: unlimited), waiting for the redemptions that hold a share."""
+        params = {"tenant_id": tenant_id, "reward_id": reward_id, "stock": stock}
+        if stock is None:
+            await self.session.execute(
+                delete(RewardStock).where(RewardStock.tenant_id == tenant_id, RewardStock.reward_id == reward_id)
+            )
+        else:
+            await _SET_STOCK.fetch(self, params)
 
     async def get_reward(self, tenant_id: str, reward_id: str, *, lock: bool = False) -> Reward | None:
         stmt = select(Reward).where(Reward.tenant_id == tenant_id, Reward.reward_id == reward_id)
@@ -171,9 +231,13 @@ class RewardsRepository(RepositoryBase[SessionT]):
     async def update_reward(
         self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str, values: dict[str, Any]
     ) -> None:
+        """Updates the reward's terms; with a "stock" value, sets what is left too."""
+        terms = {k: v for k, v in values.items() if k != "stock"}
         await self.session.execute(
-            update(Reward).where(Reward.tenant_id == tenant_id, Reward.reward_id == reward_id).values(**values)
+            update(Reward).where(Reward.tenant_id == tenant_id, Reward.reward_id == reward_id).values(**terms)
         )
+        if "stock" in values:
+            await self.set_stock(tenant_id, reward_id, values["stock"])
 
     async def reward_in_use(self, tenant_id: str, reward_id: str) -> bool:
         orders = select(RedemptionOrder.order_id).where(
@@ -203,17 +267,16 @@ class RewardsRepository(RepositoryBase[SessionT]):
     ) -> bool:
         """Inserts the order and its event; with `take`, takes a unit of the reward's stock. False when
         `take` found no unit left (the caller rolls back)."""
-        params = {**values, "event_key": event[0], "event_value": event[1], "take": take}
+        start = values["order_id"].int % STOCK_SHARDS  # a random id: the takers spread over the shares
+        params = {**values, "event_key": event[0], "event_value": event[1], "take": take, "start": start}
         return bool(await _PLACE_ORDER.fetch(self, params)) or not take
 
-    async def return_unit(self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str) -> None:
-        stmt = (
-            update(Reward)
-            .where(Reward.tenant_id == tenant_id, Reward.reward_id == reward_id, Reward.stock.is_not(None))
-            .values(stock=Reward.stock + 1)
-            .execution_options(synchronize_session=False)
-        )
-        await self.session.execute(stmt)
+    async def return_unit(
+        self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str, order_id: uuid.UUID
+    ) -> None:
+        """Gives the order's unit back to a stocked reward (an unlimited one has no shares: nothing to do)."""
+        start = order_id.int % STOCK_SHARDS
+        await _RETURN_UNIT.fetch(self, {"tenant_id": tenant_id, "reward_id": reward_id, "start": start})
 
     async def catalogue(
         self, tenant_id: str, customer_id: str, *, after: str | None, limit: int

@@ -299,9 +299,9 @@ class RewardsService(LedgerService):
         customer_id = body.customer_id
         check_customer_account(customer_id)
         repo = RewardsRepository.from_session(session)
-        # The account's lock makes the balance and the customer's limits exact. The reward's stock is taken
-        # by the transaction's last statement (a conditional decrement): its row is locked only from there
-        # to the commit, so redemptions of one reward queue on it as briefly as possible.
+        # The account's lock makes the balance and the customer's limits exact. A unit of stock is taken by
+        # the transaction's last statement (a conditional decrement of a share no other transaction holds):
+        # the share is locked only from there to the commit, and concurrent redemptions take other shares.
         # The reward, the customer's context and the policy's hold timeout come in one statement.
         book = await self._open(session, tenant_id, [customer_id], now=now, lots_of=[customer_id], policy=False)
         context = await repo.redemption_context(tenant_id, customer_id, body.reward_id)
@@ -500,7 +500,7 @@ class RewardsService(LedgerService):
         if row.coupon_code is not None:
             # A code once shown to a customer is never issued again.
             await repo.update_coupon(row.tenant_id, row.coupon_code, {"status": "void"})
-        await repo.return_unit(row.tenant_id, row.reward_id)
+        await repo.return_unit(row.tenant_id, row.reward_id, row.order_id)
 
     async def due_orders(
         self, session: AsyncReadSession, *, now: datetime, limit: int = 1000
