@@ -401,6 +401,8 @@ async def _programme_of_a(world: World, raw_producer: AIOKafkaProducer) -> None:
         redeemed = await c["metrics"].get("/v1/kpis/redemptions", params=window, headers=metrics)
         return (
             state.status_code == account.status_code == applied.status_code == kpis.status_code == 200
+            # The purchase's segment comes back from metrics (segment.changed) to rules: the snapshot's last change.
+            and state.json()["segment"] is not None
             and kpis.json()["items"][0]["orders"] == 1
             and summary.status_code == shopper.status_code == 200
             and summary.json()["orders"] == 1
