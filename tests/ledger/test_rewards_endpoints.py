@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -675,6 +676,8 @@ class TestStockShares:
     ) -> None:
         await reward(client, keys, "mug", points=10, stock=1)
         await earn(client, keys, "acme", 100)
+        labels = {"kind": "gift", "change": "reserved"}
+        counted = REGISTRY.get_sample_value("ledger_redemption_changes_total", labels) or 0
         async with db() as session:
             async with session.begin():
                 # Another transaction takes the last unit and has not committed yet.
@@ -694,6 +697,8 @@ class TestStockShares:
         assert answer["error"] == "OutOfStock" if holder_commits else answer["state"] == "reserved"
         assert await shares(db, keys.tenant, "mug") == [0] * 8
         assert (await balance(client, keys, "acme"))["available"] == (100 if holder_commits else 90)
+        # A redemption refused at its last statement (everything rolled back) is not counted as reserved.
+        assert REGISTRY.get_sample_value("ledger_redemption_changes_total", labels) == counted + (not holder_commits)
 
 
 class TestOutboxRows:

@@ -77,6 +77,8 @@ def _order(row: RedemptionOrder) -> Order:
 
 
 def _changed(row: RedemptionOrder, change: str, now: datetime) -> tuple[bytes, bytes]:
+    """The `redemption.changed` event of an order's change, as an outbox row (key, value); the caller counts the
+    change (`REDEMPTIONS`) once it is written, so that a refused one is not counted."""
     data = RedemptionChanged(
         order_id=str(row.order_id),
         customer_id=row.customer_id,
@@ -93,7 +95,6 @@ def _changed(row: RedemptionOrder, change: str, now: datetime) -> tuple[bytes, b
         occurred_at=now,
     )
     event = make_event("redemption.changed", data, tenant_id=row.tenant_id, source=EVENT_SOURCE, time=now)
-    REDEMPTIONS.labels(row.kind, change).inc()
     return event.key, event.to_bytes()
 
 
@@ -370,6 +371,7 @@ class RewardsService(LedgerService):
         values = {c.name: getattr(order, c.name) for c in RedemptionOrder.__table__.columns}
         if not await repo.place_order(values, _changed(order, "reserved", book.now), take=row["stock"] is not None):
             raise OutOfStock(reward.reward_id)  # taken meanwhile: everything above rolls back
+        REDEMPTIONS.labels(order.kind, "reserved").inc()
         return response
 
     async def _issue_coupon(
@@ -415,6 +417,7 @@ class RewardsService(LedgerService):
         repo = RewardsRepository.from_session(session)
         await repo.flush()
         await repo.add_outbox([_changed(row, change, book.now)])
+        REDEMPTIONS.labels(row.kind, change).inc()
         return rs.Redemption.model_validate(row)
 
     async def _capture(
