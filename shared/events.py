@@ -622,10 +622,15 @@ def business_id(event: CloudEvent[Any]) -> tuple[str, str] | None:
         # A survey is answered by many: what counts once is one respondent's answer. JSON: ids may hold
         # any character, and no two triples may read the same.
         answer = json.dumps([data.survey_id, data.customer_id, data.member_id], separators=(",", ":"))
-        if len(answer) > MAX_BUSINESS_ID:
-            answer = f"survey-{hashlib.sha256(answer.encode()).hexdigest()[:32]}"
-        return ("survey_answer", answer)
+        return ("survey_answer", _bounded(answer, "survey"))
     return None
+
+
+def _bounded(composite: str, prefix: str) -> str:
+    """A composite business id as it is, or, longer than the tracking rows hold, `prefix` and its hash."""
+    if len(composite) > MAX_BUSINESS_ID:
+        return f"{prefix}-{hashlib.sha256(composite.encode()).hexdigest()[:32]}"
+    return composite
 
 
 def _redemption_change(data: RedemptionChanged) -> tuple[str, str] | None:
@@ -633,7 +638,4 @@ def _redemption_change(data: RedemptionChanged) -> tuple[str, str] | None:
     # (the ledger's state machine); partial refunds repeat and carry no id of their own.
     if data.change == "refunded" and data.state != "refunded":
         return None
-    change = f"{data.change}:{data.order_id}"
-    if len(change) > MAX_BUSINESS_ID:
-        change = f"{data.change}-{hashlib.sha256(change.encode()).hexdigest()[:32]}"
-    return ("redemption_change", change)
+    return ("redemption_change", _bounded(f"{data.change}:{data.order_id}", data.change))

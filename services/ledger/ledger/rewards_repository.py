@@ -192,9 +192,9 @@ class RewardsRepository(RepositoryBase[SessionT]):
 
     async def create_reward(self: RewardsRepository[AsyncSession], tenant_id: str, values: dict[str, Any]) -> bool:
         """Inserts the reward and its stock (`values["stock"]`, None: unlimited); False when it exists."""
-        terms = {k: v for k, v in values.items() if k != "stock"}
-        stmt = insert(Reward).values(tenant_id=tenant_id, **terms).on_conflict_do_nothing().returning(Reward.reward_id)
-        if (await self.session.execute(stmt)).first() is None:
+        columns = {k: v for k, v in values.items() if k != "stock"}
+        stmt = insert(Reward).values(tenant_id=tenant_id, **columns).on_conflict_do_nothing()
+        if (await self.session.execute(stmt.returning(Reward.reward_id))).first() is None:
             return False
         await self.set_stock(tenant_id, values["reward_id"], values.get("stock"))
         return True
@@ -203,13 +203,12 @@ class RewardsRepository(RepositoryBase[SessionT]):
         self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str, stock: int | None
     ) -> None:
         """Sets what is left of a reward (None: unlimited), waiting for the redemptions that hold a share."""
-        params = {"tenant_id": tenant_id, "reward_id": reward_id, "stock": stock}
         if stock is None:
             await self.session.execute(
                 delete(RewardStock).where(RewardStock.tenant_id == tenant_id, RewardStock.reward_id == reward_id)
             )
         else:
-            await _SET_STOCK.fetch(self, params)
+            await _SET_STOCK.fetch(self, {"tenant_id": tenant_id, "reward_id": reward_id, "stock": stock})
 
     async def get_reward(self, tenant_id: str, reward_id: str, *, lock: bool = False) -> Reward | None:
         stmt = select(Reward).where(Reward.tenant_id == tenant_id, Reward.reward_id == reward_id)
@@ -232,9 +231,9 @@ class RewardsRepository(RepositoryBase[SessionT]):
         self: RewardsRepository[AsyncSession], tenant_id: str, reward_id: str, values: dict[str, Any]
     ) -> None:
         """Updates the reward's terms; with a "stock" value, sets what is left too."""
-        terms = {k: v for k, v in values.items() if k != "stock"}
+        columns = {k: v for k, v in values.items() if k != "stock"}
         await self.session.execute(
-            update(Reward).where(Reward.tenant_id == tenant_id, Reward.reward_id == reward_id).values(**terms)
+            update(Reward).where(Reward.tenant_id == tenant_id, Reward.reward_id == reward_id).values(**columns)
         )
         if "stock" in values:
             await self.set_stock(tenant_id, reward_id, values["stock"])
